@@ -1,0 +1,315 @@
+"""The post-restore pass: source NVFP4 leaves -> the leaves inference reads.
+
+`prepare` is a pure tree-to-tree function, run once after a checkpoint or
+Orbax restore. For each NVFP4 linear node it derives
+
+  alpha           = input_scale * weight_scale_2      (float32 scalar)
+  input_scale_inv = 1 / input_scale                   (float32 scalar)
+  block_scale     = swizzle_128x4(weight_scale)       (the one copy)
+
+keeps `weight`, and removes `weight_scale`, `weight_scale_2` and
+`input_scale`. A weight-only node (no `input_scale`) gets
+`alpha = weight_scale_2` and no `input_scale_inv`. Weight-only kernels read
+`weight_scale_2` back as `alpha * input_scale_inv`, which is within one ulp
+(far below bf16 output rounding).
+
+MoE `experts` nodes (`w13_*`, `w2_*`, stacked over experts) get per-expert
+`alpha [E]`, `input_scale_inv [E]` and per-expert swizzled block scales;
+`w13_alpha_up` appears only where gate and up `weight_scale_2` differ.
+
+Reload: derived leaves are a function of all source leaves, so to load new
+weights restore the whole source set again and rerun `prepare`; never patch
+one leaf of a prepared tree (SGLang PR #25107 -> #25190). A node that holds
+source leaves is always re-derived from them, and any stale derived leaves in
+it are replaced; an already prepared node passes through unchanged.
+"""
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp4jax import errors
+from fp4jax.format import nvfp4, swizzle
+
+SOURCE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale")
+DERIVED_LEAVES = ("block_scale", "alpha", "input_scale_inv")
+MOE_PREFIXES = ("w13_", "w2_")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRecord:
+  """One leaf the pass removed or created."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  nbytes: int
+
+  @classmethod
+  def of(cls, path: str, x) -> "LeafRecord":
+    shape = tuple(int(d) for d in x.shape)
+    return cls(path, shape, str(x.dtype), _nbytes(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareReport:
+  """What `prepare` removed and created, with bytes."""
+
+  removed: tuple[LeafRecord, ...] = ()
+  created: tuple[LeafRecord, ...] = ()
+
+  @property
+  def freed_bytes(self) -> int:
+    """Bytes of the removed leaves (released when `donate=True`)."""
+    return sum(r.nbytes for r in self.removed)
+
+  @property
+  def created_bytes(self) -> int:
+    return sum(r.nbytes for r in self.created)
+
+  def by_kind(self) -> dict[str, tuple[int, int, int]]:
+    """Leaf name -> (count removed or created, bytes removed, bytes created)."""
+    kinds: dict[str, list[int]] = {}
+    for records, col in ((self.removed, 1), (self.created, 2)):
+      for r in records:
+        row = kinds.setdefault(r.path.rsplit("/", 1)[-1], [0, 0, 0])
+        row[0] += 1
+        row[col] += r.nbytes
+    return {k: tuple(v) for k, v in sorted(kinds.items())}
+
+  def table(self) -> str:
+    """A plain-text table of leaf kinds with bytes removed and created."""
+    lines = [f"{'leaf':<24}{'count':>8}{'removed B':>14}{'created B':>14}"]
+    for name, (count, removed, created) in self.by_kind().items():
+      lines.append(f"{name:<24}{count:>8}{removed:>14,}{created:>14,}")
+    lines.append(
+      f"{'total':<24}{'':>8}{self.freed_bytes:>14,}{self.created_bytes:>14,}"
+    )
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def _nbytes(x) -> int:
+  return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+  if not ok:
+    raise errors.TransformError(f"{path}: {message}")
+
+
+def _check_dtype(path: str, x, dtype) -> None:
+  _check(
+    np.dtype(x.dtype) == np.dtype(dtype),
+    path,
+    f"expected dtype {np.dtype(dtype)}, got {x.dtype}",
+  )
+
+
+@jax.jit
+def _per_tensor(weight_scale_2, input_scale):
+  alpha = input_scale * weight_scale_2
+  inv = nvfp4._true_divide(jnp.float32(1.0), input_scale)
+  return alpha, inv
+
+
+@jax.jit
+def _swizzle(weight_scale):
+  return swizzle.swizzle_block_scale(weight_scale)
+
+
+def _check_scales(path: str, **scales) -> None:
+  """Host-side check of per-tensor scales: finite and positive."""
+  for name, value in scales.items():
+    v = np.asarray(value, np.float32)
+    _check(
+      bool(np.all(np.isfinite(v)) and np.all(v > 0)),
+      f"{path}/{name}",
+      f"must be finite and > 0, got {v.ravel()[:8]}",
+    )
+
+
+def _derive_linear(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
+  """Derived leaves of one linear node in source state."""
+  missing = [
+    k for k in ("weight", "weight_scale", "weight_scale_2") if k not in node
+  ]
+  _check(not missing, path, f"NVFP4 linear is missing source leaves {missing}")
+  w, ws, ws2 = node["weight"], node["weight_scale"], node["weight_scale_2"]
+  _check_dtype(f"{path}/weight", w, jnp.uint8)
+  _check_dtype(f"{path}/weight_scale", ws, jnp.float8_e4m3fn)
+  _check_dtype(f"{path}/weight_scale_2", ws2, jnp.float32)
+  *lead, n, half_k = w.shape
+  _check(
+    ws.shape == (*lead, n, 2 * half_k // nvfp4.BLOCK_SIZE)
+    and (2 * half_k) % nvfp4.BLOCK_SIZE == 0,
+    path,
+    f"weight {w.shape} and weight_scale {ws.shape} disagree"
+    f" (K = {2 * half_k} must be a multiple of 16, scales [.., N, K/16])",
+  )
+  out = {"weight": w, "block_scale": _swizzle(ws)}
+  if "input_scale" in node:
+    inp = node["input_scale"]
+    _check_dtype(f"{path}/input_scale", inp, jnp.float32)
+    _check_scales(path, weight_scale_2=ws2, input_scale=inp)
+    out["alpha"], out["input_scale_inv"] = _per_tensor(ws2, inp)
+  else:
+    _check_scales(path, weight_scale_2=ws2)
+    out["alpha"] = ws2
+  return out
+
+
+def _derive_experts(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
+  """Derived leaves of one stacked MoE `experts` node in source state."""
+  out = {}
+  for prefix in MOE_PREFIXES:
+    sub = {k[len(prefix) :]: v for k, v in node.items() if k.startswith(prefix)}
+    if "weight_scale" not in sub:
+      _check(
+        not any(k in sub for k in SOURCE_LEAVES),
+        path,
+        f"{prefix}weight_scale is missing",
+      )
+      out.update({prefix + k: v for k, v in sub.items()})
+      continue
+    ws2 = sub.get("weight_scale_2")
+    _check(ws2 is not None, path, f"{prefix}weight_scale_2 is missing")
+    n_experts = sub["weight"].shape[0]
+    gated = prefix == "w13_"
+    want = (n_experts, 2) if gated else (n_experts,)
+    _check(
+      ws2.shape == want,
+      f"{path}/{prefix}weight_scale_2",
+      f"expected shape {want}, got {ws2.shape}",
+    )
+    inp = sub.get("input_scale")
+    if inp is not None:
+      _check(
+        inp.shape == want,
+        f"{path}/{prefix}input_scale",
+        f"expected shape {want}, got {inp.shape}",
+      )
+      if gated:
+        inp = _gate_up_input_scale(f"{path}/{prefix}input_scale", inp)
+    gate_scale, up_scale = (ws2[:, 0], ws2[:, 1]) if gated else (ws2, None)
+    # The expert node reuses the linear derivation on stacked leaves.
+    derived = _derive_linear(
+      f"{path}/{prefix}*",
+      {
+        "weight": sub["weight"],
+        "weight_scale": sub["weight_scale"],
+        "weight_scale_2": gate_scale,
+        **({} if inp is None else {"input_scale": inp}),
+      },
+    )
+    if gated and not np.array_equal(
+      np.asarray(gate_scale), np.asarray(up_scale)
+    ):
+      _check_scales(path, up_weight_scale_2=up_scale)
+      derived["alpha_up"] = (
+        up_scale if inp is None else _per_tensor(up_scale, inp)[0]
+      )
+    out.update({prefix + k: v for k, v in derived.items()})
+  return out
+
+
+def _gate_up_input_scale(path: str, input_scale: jax.Array) -> jax.Array:
+  """One activation scale per expert for the shared gate/up input.
+
+  ModelOpt equalises them at export. If a checkpoint's differ, the max is
+  used (coarser, never clipping) and alpha is computed from it, so the math
+  stays exact; only activation rounding changes.
+  """
+  both = np.asarray(input_scale)
+  if not np.array_equal(both[:, 0], both[:, 1]):
+    warnings.warn(
+      f"{path}: gate and up input_scale differ; using their max per expert",
+      stacklevel=4,
+    )
+  return jnp.max(input_scale, axis=-1)
+
+
+def _is_linear_source(node: Mapping[str, Any]) -> bool:
+  return any(k in node for k in SOURCE_LEAVES)
+
+
+def _is_experts_source(node: Mapping[str, Any]) -> bool:
+  return any(p + k in node for p in MOE_PREFIXES for k in SOURCE_LEAVES)
+
+
+def _records(path: str, leaves: Mapping[str, Any]) -> list[LeafRecord]:
+  return [LeafRecord.of(f"{path}/{k}", v) for k, v in leaves.items()]
+
+
+def _owned_leaves(experts: bool) -> set[str]:
+  """Leaf names the pass derives from, or derives, in one node."""
+  names = SOURCE_LEAVES + DERIVED_LEAVES + ("alpha_up",)
+  if experts:
+    return {p + n for p in MOE_PREFIXES for n in names}
+  return set(names)
+
+
+def _prepare_node(path, node, donate, removed, created):
+  experts = _is_experts_source(node)
+  if not (experts or _is_linear_source(node)):
+    return {
+      k: (
+        _prepare_node(
+          f"{path}/{k}" if path else str(k), v, donate, removed, created
+        )
+        if isinstance(v, Mapping)
+        else v
+      )
+      for k, v in node.items()
+    }
+  derived = (_derive_experts if experts else _derive_linear)(path, node)
+  owned = _owned_leaves(experts)
+  # Stale derived leaves from an earlier pass count as removed: everything
+  # owned is rebuilt from the source leaves.
+  gone = {
+    k: v for k, v in node.items() if k in owned and derived.get(k) is not v
+  }
+  new = {k: v for k, v in derived.items() if node.get(k) is not v}
+  removed.extend(_records(path, gone))
+  created.extend(_records(path, new))
+  if donate:
+    jax.block_until_ready(list(new.values()))
+    alive = {id(v) for v in derived.values()}
+    for v in gone.values():
+      if isinstance(v, jax.Array) and id(v) not in alive and not v.is_deleted():
+        v.delete()
+  out = {k: v for k, v in node.items() if k not in owned and k not in derived}
+  out.update(derived)
+  return out
+
+
+def prepare(params: Mapping[str, Any], *, donate: bool = False):
+  """Derives inference leaves and drops the NVFP4 source leaves.
+
+  Args:
+    params: nested dict as `fp4jax.checkpoint.load_modelopt` or an Orbax
+      restore returns it. Non-NVFP4 leaves pass through untouched.
+    donate: delete the removed source buffers as soon as each node's new
+      leaves exist, so peak memory stays within one node's new leaves of the
+      source tree. The caller must not use those arrays afterwards.
+
+  Returns:
+    `(prepared, report)`: a new nested dict (the input is not mutated) and a
+    `PrepareReport` of removed and created leaves.
+
+  Raises:
+    TransformError: a node with missing, mistyped or misshapen source leaves,
+      or with non-finite or non-positive per-tensor scales.
+  """
+  removed: list[LeafRecord] = []
+  created: list[LeafRecord] = []
+  prepared = _prepare_node("", params, donate, removed, created)
+  return prepared, PrepareReport(tuple(removed), tuple(created))
