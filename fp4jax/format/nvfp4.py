@@ -197,7 +197,8 @@ def quantize_activation(
 
   Args:
     x: activations, bf16 or f16 (f32 works too); K a multiple of 16.
-    input_scale_inv: float32 scalar, `1 / input_scale` = 2688 / act_amax.
+    input_scale_inv: float32, `1 / input_scale` = 2688 / act_amax: a scalar,
+      or one per row (`[..., M]`).
 
   Returns:
     `(packed, block_scale)`: uint8 `[..., M, K/2]` and float8_e4m3fn
@@ -205,6 +206,8 @@ def quantize_activation(
     `dequantize_blocks`; the matmul epilogue multiplies by `alpha`.
   """
   gs = jnp.asarray(input_scale_inv, jnp.float32)
+  if gs.ndim:  # one scale per row, e.g. rows routed to different experts
+    gs = gs[..., None]
   blocks = _blocks(x)
   block_max = jnp.max(jnp.abs(blocks), axis=-1).astype(jnp.float32)
   sf = _to_e4m3(gs * (block_max * np.float32(1.0 / 6.0)))

@@ -1,0 +1,68 @@
+"""`nvfp4_moe`: pick an implementation, fall through on NotImplementedError."""
+
+from collections.abc import Callable, Mapping
+
+import jax
+
+from pallas_kernels.nvfp4_moe import base
+
+
+def _pallas(x, router_logits, experts, **kwargs):
+  del x, router_logits, experts, kwargs
+  raise NotImplementedError(
+    "the Pallas Mosaic GPU NVFP4 MoE is not implemented yet"
+  )
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {
+  "pallas": _pallas,
+  "xla": base.reference_moe,
+}
+DEFAULT_ORDER = ("pallas", "xla")
+
+
+def nvfp4_moe(
+  x: jax.Array,
+  router_logits: jax.Array,
+  experts: Mapping,
+  *,
+  top_k: int,
+  renormalize: bool = True,
+  scoring: str = "softmax",
+  activation: str = "bf16",
+  implementation: str | None = None,
+) -> jax.Array:
+  """Routes `x[T, H]` to its top-k experts and combines their outputs.
+
+  Args:
+    x: tokens `[T, H]`.
+    router_logits: `[T, E]`.
+    experts: a prepared experts node (`w13_*`, `w2_*`; see fp4jax.transform).
+    top_k: experts per token.
+    renormalize: rescale the top-k weights to sum to one.
+    scoring: "softmax".
+    activation: "bf16" (W4A16) or "nvfp4" (W4A4, quantized GEMM inputs).
+    implementation: None (fastest available), "xla" or "pallas".
+
+  Returns:
+    `[T, H]` in x.dtype.
+  """
+  kwargs = dict(
+    top_k=top_k,
+    renormalize=renormalize,
+    scoring=scoring,
+    activation=activation,
+  )
+  if implementation is not None:
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(
+        f"{implementation=} must be None or one of {tuple(IMPLEMENTATIONS)}"
+      )
+    return IMPLEMENTATIONS[implementation](x, router_logits, experts, **kwargs)
+  failures = []
+  for name in DEFAULT_ORDER:
+    try:
+      return IMPLEMENTATIONS[name](x, router_logits, experts, **kwargs)
+    except NotImplementedError as e:
+      failures.append(e)
+  raise ExceptionGroup("no NVFP4 MoE implementation ran", failures)

@@ -1,0 +1,173 @@
+"""The NVFP4 MoE interface and its pure-jnp reference (implementation "xla").
+
+Per token t and each of its top-k experts e (router weight applied after the
+down projection, as SGLang and vLLM do):
+  g, u = split(x_t @ W13_e.T)          # [gate; up] rows, scaled per expert
+  h    = silu(g) * u                    # rounded to x.dtype, as kernels do
+  y_t += weight[t, e] * (h @ W2_e.T)
+With activation="nvfp4" the GEMM inputs (x_t, then h) are quantized to NVFP4
+with each expert's `input_scale_inv`, as SGLang's W4A4 MoE does.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax.format import nvfp4, swizzle
+
+SCORINGS = ("softmax",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackedLinear:
+  """One prepared projection stacked over experts (`w13_*` or `w2_*`)."""
+
+  weight: jax.Array  # uint8 [E, N, K/2]
+  block_scale: jax.Array  # e4m3 [E, ceil128(N), ceil4(K/16)], swizzled
+  alpha: jax.Array  # f32 [E]
+  alpha_up: jax.Array | None  # f32 [E]: w13 up rows, when it differs
+  input_scale_inv: jax.Array | None  # f32 [E]; None if weight-only
+
+  @classmethod
+  def from_mapping(cls, node: Mapping, prefix: str) -> "StackedLinear":
+    keys = [prefix + k for k in ("weight", "block_scale", "alpha")]
+    missing = [k for k in keys if k not in node]
+    if missing:
+      raise ValueError(
+        f"experts node is missing {missing}; prepare it with"
+        " fp4jax.transform.prepare"
+      )
+    w, bs = node[prefix + "weight"], node[prefix + "block_scale"]
+    if w.dtype != jnp.uint8 or w.ndim != 3:
+      raise ValueError(
+        f"{prefix}weight must be uint8 [E, N, K/2], got {w.dtype}{w.shape}"
+      )
+    e, n, k = w.shape[0], w.shape[1], 2 * w.shape[2]
+    want = (e, *swizzle.padded_shape(n, k // nvfp4.BLOCK_SIZE))
+    if bs.dtype != jnp.float8_e4m3fn or tuple(bs.shape) != want:
+      raise ValueError(
+        f"{prefix}block_scale must be float8_e4m3fn {want}, got"
+        f" {bs.dtype}{bs.shape}"
+      )
+    return cls(
+      weight=w,
+      block_scale=bs,
+      alpha=node[prefix + "alpha"],
+      alpha_up=node.get(prefix + "alpha_up"),
+      input_scale_inv=node.get(prefix + "input_scale_inv"),
+    )
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """(E, N, K) of the unpacked stack."""
+    e, n, half_k = self.weight.shape
+    return e, n, 2 * half_k
+
+  def dequantized_blocks(self) -> jax.Array:
+    """`e2m1 * f32(block_scale)` for all experts, f32 `[E, N, K]`."""
+    _, n, k = self.shape
+    scale = swizzle.unswizzle_block_scale(
+      self.block_scale, n, k // nvfp4.BLOCK_SIZE
+    )
+    return nvfp4.dequantize_blocks(self.weight, scale)
+
+  def epilogue_scales(self, activation: str) -> tuple[jax.Array, jax.Array]:
+    """Per-expert factors for the first and second halves of the N rows."""
+    first = self.alpha
+    second = self.alpha if self.alpha_up is None else self.alpha_up
+    if activation == "bf16" and self.input_scale_inv is not None:
+      # W4A16 multiplies by weight_scale_2 = alpha * input_scale_inv.
+      first, second = (s * self.input_scale_inv for s in (first, second))
+    return first, second
+
+
+def route(
+  router_logits: jax.Array,
+  *,
+  top_k: int,
+  renormalize: bool = True,
+  scoring: str = "softmax",
+) -> tuple[jax.Array, jax.Array]:
+  """Softmax top-k routing: (weights f32 `[T, k]`, expert ids int32 `[T, k]`)."""
+  if scoring not in SCORINGS:
+    raise NotImplementedError(f"{scoring=} is not supported yet ({SCORINGS})")
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  weights, ids = jax.lax.top_k(probs, top_k)
+  if renormalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, ids.astype(jnp.int32)
+
+
+def _grouped_matmul(rows, row_expert, group_sizes, proj, activation):
+  """Rows sorted by expert times their expert's weights, f32 `[R, N]`."""
+  e, n, _ = proj.shape
+  w = proj.dequantized_blocks()
+  if activation == "nvfp4":
+    if proj.input_scale_inv is None:
+      raise ValueError("activation='nvfp4' needs input_scale_inv per expert")
+    packed, sf = nvfp4.quantize_activation(
+      rows, proj.input_scale_inv[row_expert]
+    )
+    rows = nvfp4.dequantize_blocks(packed, sf)
+  acc = jax.lax.ragged_dot(
+    rows.astype(jnp.float32),
+    jnp.swapaxes(w, 1, 2),
+    group_sizes,
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
+  )
+  first, second = proj.epilogue_scales(activation)
+  half = n // 2
+  col = jnp.arange(n)
+  scale = jnp.where(
+    col[None, :] < half, first[row_expert][:, None], second[row_expert][:, None]
+  )
+  return acc * scale
+
+
+def reference_moe(
+  x: jax.Array,
+  router_logits: jax.Array,
+  experts: Mapping,
+  *,
+  top_k: int,
+  renormalize: bool = True,
+  scoring: str = "softmax",
+  activation: str = "bf16",
+) -> jax.Array:
+  """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against."""
+  if activation not in ("bf16", "nvfp4"):
+    raise ValueError(f"{activation=} must be 'bf16' or 'nvfp4'")
+  w13 = StackedLinear.from_mapping(experts, "w13_")
+  w2 = StackedLinear.from_mapping(experts, "w2_")
+  n_experts, two_i, hidden = w13.shape
+  if x.ndim != 2 or x.shape[-1] != hidden:
+    raise ValueError(f"x must be [T, {hidden}], got {x.shape}")
+  if router_logits.shape != (x.shape[0], n_experts):
+    raise ValueError(
+      f"router_logits must be {(x.shape[0], n_experts)}, got"
+      f" {router_logits.shape}"
+    )
+  if w2.shape != (n_experts, hidden, two_i // 2):
+    raise ValueError(f"w2 shape {w2.shape} does not match w13 {w13.shape}")
+  if not 1 <= top_k <= n_experts:
+    raise ValueError(f"{top_k=} must be in [1, {n_experts}]")
+
+  weights, ids = route(
+    router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring
+  )
+  flat_ids = ids.reshape(-1)
+  order = jnp.argsort(flat_ids, stable=True)
+  token = order // top_k
+  row_expert = flat_ids[order]
+  group_sizes = jnp.bincount(flat_ids, length=n_experts).astype(jnp.int32)
+
+  h = _grouped_matmul(x[token], row_expert, group_sizes, w13, activation)
+  gate, up = h[:, : two_i // 2], h[:, two_i // 2 :]
+  act = (jax.nn.silu(gate) * up).astype(x.dtype)
+  y = _grouped_matmul(act, row_expert, group_sizes, w2, activation)
+  y = y * weights.reshape(-1)[order][:, None]
+  out = jnp.zeros((x.shape[0], hidden), jnp.float32).at[token].add(y)
+  return out.astype(x.dtype)
