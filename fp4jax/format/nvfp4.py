@@ -8,6 +8,7 @@ kernel in `pallas_kernels` is tested against these functions.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -128,16 +129,21 @@ def quantize(w: jax.Array, *, global_scale=None) -> NVFP4Tensor:
   if w.ndim < 2:
     raise errors.NVFP4Error(f"expected [..., N, K] weights, got {w.shape=}")
   _check_finite("weights", w)
-  w = jnp.asarray(w).astype(jnp.float32)
+  if global_scale is not None:
+    _check_finite("global_scale", global_scale)
+    global_scale = jnp.asarray(global_scale, jnp.float32)
+  return _quantize(jnp.asarray(w), global_scale)
+
+
+@jax.jit
+def _quantize(w: jax.Array, global_scale: jax.Array | None) -> NVFP4Tensor:
+  w = w.astype(jnp.float32)
   batch = w.shape[:-2]
   if global_scale is None:
     amax = jnp.max(jnp.abs(w), axis=(-2, -1))
     global_scale = global_scale_from_amax(amax)
   else:
-    _check_finite("global_scale", global_scale)
-    global_scale = jnp.broadcast_to(
-      jnp.asarray(global_scale, jnp.float32), batch
-    )
+    global_scale = jnp.broadcast_to(global_scale, batch)
   gs = global_scale[..., None, None]  # per matrix -> per block
 
   blocks = _blocks(w)
@@ -156,6 +162,7 @@ def quantize(w: jax.Array, *, global_scale=None) -> NVFP4Tensor:
   )
 
 
+@jax.jit
 def dequantize_blocks(packed: jax.Array, block_scale: jax.Array) -> jax.Array:
   """`e2m1(code) * f32(block_scale)` as float32 `[..., K]`, no global scale.
 
@@ -166,6 +173,7 @@ def dequantize_blocks(packed: jax.Array, block_scale: jax.Array) -> jax.Array:
   return (_blocks(values) * scale[..., None]).reshape(values.shape)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
   """ModelOpt's dequantization: `e2m1(code) * (f32(block_scale) * gs)`.
 
@@ -179,6 +187,7 @@ def dequantize(t: NVFP4Tensor, dtype=jnp.float32) -> jax.Array:
   return out.reshape(values.shape).astype(dtype)
 
 
+@jax.jit
 def quantize_activation(
   x: jax.Array, input_scale_inv: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
