@@ -44,7 +44,7 @@ def test_quantize_under_jit_matches_eager(rng):
   w = jnp.asarray(hard_weights(rng))
   eager = fp4jax.quantize(w)
   jitted = jax.jit(fp4jax.quantize)(w)
-  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
     np.testing.assert_array_equal(
       np.asarray(a).reshape(-1).view(np.uint8),
       np.asarray(b).reshape(-1).view(np.uint8),
