@@ -1,0 +1,294 @@
+"""The post-restore transform: derived leaves, removal, memory, reload."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fp4jax
+from fp4jax import transform
+from tests import numpy_reference as ref
+
+
+def linear_source(rng, n, k, *, weight_only=False):
+  t = fp4jax.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
+  node = {
+    "weight": t.packed,
+    "weight_scale": t.block_scale,
+    "weight_scale_2": t.global_scale,
+  }
+  if not weight_only:
+    node["input_scale"] = jnp.float32(rng.uniform(1e-3, 1e-1))
+  return node
+
+
+def experts_source(rng, e, hidden, inter, *, equal_gate_up=True):
+  def stack(n, k):
+    w = jnp.asarray(rng.standard_normal((e, n, k)), jnp.float32)
+    return fp4jax.quantize(w)
+
+  w13, w2 = stack(2 * inter, hidden), stack(hidden, inter)
+  up_scale = w13.global_scale
+  if not equal_gate_up:
+    up_scale = up_scale * jnp.float32(1.5)
+  inp = jnp.asarray(rng.uniform(1e-3, 1e-1, e), jnp.float32)
+  return {
+    "w13_weight": w13.packed,
+    "w13_weight_scale": w13.block_scale,
+    "w13_weight_scale_2": jnp.stack([w13.global_scale, up_scale], -1),
+    "w13_input_scale": jnp.stack([inp, inp], -1),
+    "w2_weight": w2.packed,
+    "w2_weight_scale": w2.block_scale,
+    "w2_weight_scale_2": w2.global_scale,
+    "w2_input_scale": jnp.asarray(rng.uniform(1e-3, 1e-1, e), jnp.float32),
+  }
+
+
+def model_source(rng, *, equal_gate_up=True):
+  return {
+    "model": {
+      "embed_tokens": {"weight": jnp.ones((8, 64), jnp.bfloat16)},
+      "layers": {
+        "0": {
+          "self_attn": {
+            "q_proj": linear_source(rng, 64, 64),
+            "o_proj": linear_source(rng, 200, 48),  # N, K/16 unaligned
+          },
+          "mlp": {
+            "gate": {"weight": jnp.ones((4, 64), jnp.bfloat16)},
+            "experts": experts_source(
+              rng, 4, 64, 32, equal_gate_up=equal_gate_up
+            ),
+          },
+        },
+      },
+    },
+    "lm_head": {"weight": jnp.ones((8, 64), jnp.bfloat16)},
+  }
+
+
+def leaves_by_path(tree) -> dict[str, jax.Array]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(p.key) for p in path): v for path, v in flat}
+
+
+def nbytes(x) -> int:
+  return x.size * x.dtype.itemsize
+
+
+def test_prepared_tree_has_no_source_leaves_and_exact_derived_leaves(rng):
+  params = model_source(rng)
+  prepared, report = fp4jax.prepare(params)
+  names = {p.rsplit("/", 1)[-1] for p in leaves_by_path(prepared)}
+  assert not names & {"weight_scale", "weight_scale_2", "input_scale"}
+  assert not any(
+    n.endswith(("_weight_scale", "_weight_scale_2", "_input_scale"))
+    for n in names
+  )
+
+  for name in ("q_proj", "o_proj"):
+    src = params["model"]["layers"]["0"]["self_attn"][name]
+    out = prepared["model"]["layers"]["0"]["self_attn"][name]
+    assert set(out) == {"weight", "block_scale", "alpha", "input_scale_inv"}
+    assert out["weight"] is src["weight"]
+    inp, ws2 = np.float32(src["input_scale"]), np.float32(src["weight_scale_2"])
+    assert np.asarray(out["alpha"]) == np.float32(inp * ws2)
+    assert np.asarray(out["input_scale_inv"]) == np.float32(1) / inp
+    n, kb = src["weight_scale"].shape
+    flat = np.asarray(out["block_scale"]).view(np.uint8).ravel()
+    np.testing.assert_array_equal(
+      flat[ref.swizzle_offsets(n, kb)],
+      np.asarray(src["weight_scale"]).view(np.uint8),
+    )
+    assert out["block_scale"].shape == (-(-n // 128) * 128, -(-kb // 4) * 4)
+
+  # Untouched leaves pass through as the same arrays.
+  assert prepared["lm_head"]["weight"] is params["lm_head"]["weight"]
+
+  removed = leaves_by_path(params)
+  want_freed = sum(
+    nbytes(v)
+    for p, v in removed.items()
+    if p.endswith(("weight_scale", "weight_scale_2", "input_scale"))
+  )
+  assert report.freed_bytes == want_freed
+  created = leaves_by_path(prepared)
+  want_created = sum(
+    nbytes(v)
+    for p, v in created.items()
+    if p.endswith(("block_scale", "alpha", "input_scale_inv"))
+  )
+  assert report.created_bytes == want_created
+  assert "block_scale" in report.table()
+
+
+def test_experts_derived_per_expert(rng):
+  params = {"experts": experts_source(rng, 4, 64, 32)}
+  src = params["experts"]
+  out, _ = fp4jax.prepare(params)
+  out = out["experts"]
+  assert "w13_alpha_up" not in out
+  inp13 = np.asarray(src["w13_input_scale"])[:, 0]
+  np.testing.assert_array_equal(
+    np.asarray(out["w13_alpha"]),
+    inp13 * np.asarray(src["w13_weight_scale_2"])[:, 0],
+  )
+  np.testing.assert_array_equal(
+    np.asarray(out["w13_input_scale_inv"]), np.float32(1) / inp13
+  )
+  np.testing.assert_array_equal(
+    np.asarray(out["w2_alpha"]),
+    np.asarray(src["w2_input_scale"]) * np.asarray(src["w2_weight_scale_2"]),
+  )
+  e, n, kb = src["w2_weight_scale"].shape
+  offsets = ref.swizzle_offsets(n, kb)
+  for i in range(e):
+    flat = np.asarray(out["w2_block_scale"][i]).view(np.uint8).ravel()
+    np.testing.assert_array_equal(
+      flat[offsets], np.asarray(src["w2_weight_scale"][i]).view(np.uint8)
+    )
+
+
+def test_unequal_gate_up_scales_get_alpha_up(rng):
+  params = {"experts": experts_source(rng, 3, 32, 16, equal_gate_up=False)}
+  src = params["experts"]
+  out, report = fp4jax.prepare(params)
+  inp = np.asarray(src["w13_input_scale"])[:, 0]
+  np.testing.assert_array_equal(
+    np.asarray(out["experts"]["w13_alpha_up"]),
+    inp * np.asarray(src["w13_weight_scale_2"])[:, 1],
+  )
+  assert any(r.path.endswith("w13_alpha_up") for r in report.created)
+
+
+def test_unequal_gate_up_input_scales_use_max_and_warn(rng):
+  params = {"experts": experts_source(rng, 3, 32, 16)}
+  inp = params["experts"]["w13_input_scale"]
+  params["experts"]["w13_input_scale"] = inp.at[1, 1].multiply(2.0)
+  with pytest.warns(UserWarning, match="input_scale differ"):
+    out, _ = fp4jax.prepare(params)
+  want = np.float32(1) / np.asarray(inp)[1, 0] / np.float32(2)
+  assert np.asarray(out["experts"]["w13_input_scale_inv"])[1] == want
+
+
+def test_weight_only_layer(rng):
+  src = linear_source(rng, 32, 64, weight_only=True)
+  out, _ = fp4jax.prepare({"l": src})
+  assert set(out["l"]) == {"weight", "block_scale", "alpha"}
+  assert np.asarray(out["l"]["alpha"]) == np.asarray(src["weight_scale_2"])
+
+
+def test_prepare_is_idempotent_and_pure(rng):
+  params = model_source(rng)
+  before = {p: v for p, v in leaves_by_path(params).items()}
+  once, _ = fp4jax.prepare(params)
+  assert leaves_by_path(params).keys() == before.keys()  # input not mutated
+  twice, report = fp4jax.prepare(once)
+  assert report.removed == () and report.created == ()
+  assert leaves_by_path(twice) == leaves_by_path(once)
+
+
+def assert_trees_bit_equal(a, b):
+  la, lb = leaves_by_path(a), leaves_by_path(b)
+  assert la.keys() == lb.keys()
+  for path in la:
+    x, y = np.asarray(la[path]), np.asarray(lb[path])
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    np.testing.assert_array_equal(
+      x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8), path
+    )
+
+
+def test_reload_into_prepared_tree_equals_fresh_load(rng):
+  # A weight update restores the full source set for a layer into a tree
+  # that still holds derived leaves from the old weights: prepare must
+  # rebuild from the new sources, not keep the stale alpha or block_scale.
+  old = model_source(rng)
+  new = model_source(rng)
+  prepared_old, _ = fp4jax.prepare(old)
+  mixed = jax.tree.map(lambda x: x, prepared_old)
+  for name, node in new["model"]["layers"]["0"]["self_attn"].items():
+    mixed["model"]["layers"]["0"]["self_attn"][name].update(node)
+  mixed["model"]["layers"]["0"]["mlp"]["experts"].update(
+    new["model"]["layers"]["0"]["mlp"]["experts"]
+  )
+  reloaded, report = fp4jax.prepare(mixed)
+  fresh, _ = fp4jax.prepare(new)
+  assert_trees_bit_equal(reloaded, fresh)
+  assert any(r.path.endswith("/alpha") for r in report.removed)
+
+
+def live_bytes() -> int:
+  return sum(nbytes(a) for a in jax.live_arrays() if not a.is_deleted())
+
+
+def test_donate_frees_exactly_the_report(rng):
+  params = model_source(rng)
+  sources = [
+    v
+    for p, v in leaves_by_path(params).items()
+    if p.endswith(("weight_scale", "weight_scale_2", "input_scale"))
+  ]
+  jax.block_until_ready(params)
+  before = live_bytes()
+  prepared, report = fp4jax.prepare(params, donate=True)
+  jax.block_until_ready(prepared)
+  after = live_bytes()
+  assert all(s.is_deleted() for s in sources)
+  assert after == before - report.freed_bytes + report.created_bytes
+  assert report.freed_bytes > 0
+
+
+def test_hundred_reload_cycles_do_not_grow_memory(rng):
+  host = jax.tree.map(np.asarray, model_source(rng))
+  fresh, _ = fp4jax.prepare(jax.tree.map(jnp.asarray, host))
+  del fresh
+  baseline = None
+  for cycle in range(100):
+    params = jax.tree.map(jnp.asarray, host)  # "restore" from disk
+    prepared, _ = fp4jax.prepare(params, donate=True)
+    del params
+    jax.block_until_ready(prepared)
+    used = live_bytes()
+    baseline = used if baseline is None else baseline
+    assert used == baseline, f"cycle {cycle}: {used} != {baseline}"
+    del prepared
+
+
+@pytest.mark.parametrize(
+  "edit, match",
+  [
+    (lambda n: n.pop("weight_scale_2"), "missing source leaves"),
+    (lambda n: n.pop("weight"), "missing source leaves"),
+    (lambda n: n.update(weight=n["weight"].astype(jnp.int8)), "uint8"),
+    (lambda n: n.update(weight_scale=n["weight_scale"][:, :1]), "disagree"),
+    (lambda n: n.update(input_scale=jnp.float32(jnp.nan)), "finite"),
+    (lambda n: n.update(weight_scale_2=jnp.float32(0)), "finite and > 0"),
+    (lambda n: n.update(input_scale=jnp.float32(jnp.inf)), "finite"),
+    (
+      lambda n: n.update(weight_scale=n["weight_scale"].astype(jnp.float32)),
+      "float8_e4m3fn",
+    ),
+  ],
+)
+def test_bad_source_leaves_name_the_path(rng, edit, match):
+  node = linear_source(rng, 32, 64)
+  edit(node)
+  with pytest.raises(fp4jax.TransformError, match=match) as info:
+    fp4jax.prepare({"model": {"layers": {"3": {"q_proj": node}}}})
+  assert "model/layers/3/q_proj" in str(info.value)
+
+
+def test_bad_experts_shapes_name_the_path(rng):
+  node = experts_source(rng, 2, 32, 16)
+  node["w13_weight_scale_2"] = node["w13_weight_scale_2"][:, 0]
+  with pytest.raises(fp4jax.TransformError, match="mlp/experts"):
+    fp4jax.prepare({"mlp": {"experts": node}})
+
+
+def test_report_totals(rng):
+  _, report = transform.prepare({"l": linear_source(rng, 16, 32)})
+  kinds = report.by_kind()
+  assert kinds["weight_scale"] == (1, 16 * 2, 0)
+  assert kinds["block_scale"] == (1, 0, 128 * 4)
+  assert report.freed_bytes == 16 * 2 + 4 + 4
