@@ -8,6 +8,7 @@ weight_scale_2 = alpha * input_scale_inv (within one ulp; see transform).
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -111,6 +112,12 @@ def reference_matmul(
 ) -> jax.Array:
   """Pure-jnp NVFP4 matmul: the numbers every kernel is tested against."""
   check_inputs(x, layer, activation)
+  return _reference(x, dataclasses.asdict(layer), activation=activation)
+
+
+@functools.partial(jax.jit, static_argnames="activation")
+def _reference(x, leaves, *, activation):
+  layer = PreparedLinear(**leaves)
   w = nvfp4.dequantize_blocks(layer.weight, layer.row_major_block_scale())
   if activation == "bf16":
     acc = _dot_f32(x, w)

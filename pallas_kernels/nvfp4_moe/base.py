@@ -10,6 +10,7 @@ with each expert's `input_scale_inv`, as SGLang's W4A4 MoE does.
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -127,6 +128,9 @@ def _grouped_matmul(rows, row_expert, group_sizes, proj, activation):
   return acc * scale
 
 
+@functools.partial(
+  jax.jit, static_argnames=("top_k", "renormalize", "scoring", "activation")
+)
 def reference_moe(
   x: jax.Array,
   router_logits: jax.Array,

@@ -1,0 +1,140 @@
+"""The shared NVFP4 MoE suite; each implementation subclasses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fp4jax
+import pallas_kernels
+from tests import numpy_reference as ref
+
+
+def make_experts(rng, e, hidden, inter, *, unequal_gate_up=False):
+  """A prepared experts node from fresh random weights, and its sources."""
+
+  def stack(n, k):
+    w = rng.standard_normal((e, n, k)).astype(np.float32) * 0.05
+    return fp4jax.quantize(jnp.asarray(w))
+
+  w13, w2 = stack(2 * inter, hidden), stack(hidden, inter)
+  up = w13.global_scale * (1.25 if unequal_gate_up else 1.0)
+  in13 = jnp.asarray(rng.uniform(2, 6, e) / 2688, jnp.float32)
+  src = {
+    "w13_weight": w13.packed,
+    "w13_weight_scale": w13.block_scale,
+    "w13_weight_scale_2": jnp.stack([w13.global_scale, up], -1),
+    "w13_input_scale": jnp.stack([in13, in13], -1),
+    "w2_weight": w2.packed,
+    "w2_weight_scale": w2.block_scale,
+    "w2_weight_scale_2": w2.global_scale,
+    "w2_input_scale": jnp.asarray(rng.uniform(0.5, 2, e) / 2688, jnp.float32),
+  }
+  prepared, _ = fp4jax.prepare({"experts": src})
+  return prepared["experts"], jax.tree.map(np.asarray, src)
+
+
+def numpy_moe(x, logits, src, top_k, renormalize, activation):
+  """Dense per-token loop in numpy (float64 GEMMs), the MoE oracle."""
+  x = np.asarray(x, np.float32)
+  logits = np.asarray(logits, np.float32)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  out = np.zeros(x.shape, np.float64)
+  inter = src["w13_weight"].shape[1] // 2
+
+  def gemm(a, prefix, e):
+    w = ref.dequantize(
+      src[prefix + "weight"][e], src[prefix + "weight_scale"][e], np.float32(1)
+    ).astype(np.float64)
+    if activation == "nvfp4":
+      inp = np.float32(src[prefix + "input_scale"][e].max())
+      packed, sf = ref.quantize_activation(a[None], np.float32(1) / inp)
+      a = ref.dequantize(packed, sf, np.float32(inp))[0]
+    return a.astype(np.float64) @ w.T
+
+  for t in range(x.shape[0]):
+    top = np.argsort(-probs[t], kind="stable")[:top_k]
+    weights = probs[t, top] / (probs[t, top].sum() if renormalize else 1)
+    for e, wt in zip(top, weights, strict=True):
+      h = gemm(x[t], "w13_", e)
+      ws2 = src["w13_weight_scale_2"][e].astype(np.float64)
+      gate, up = h[:inter] * ws2[0], h[inter:] * ws2[1]
+      act = gate / (1 + np.exp(-gate)) * up
+      act = np.asarray(jnp.asarray(act, jnp.bfloat16), np.float32)
+      y = gemm(act, "w2_", e) * np.float64(src["w2_weight_scale_2"][e])
+      out[t] += wt * y
+  return out
+
+
+class NVFP4MoETestBase:
+  IMPLEMENTATION: str | None = None
+  RTOL = 2.0**-6
+
+  def moe(self, x, logits, experts, **kwargs):
+    return pallas_kernels.nvfp4_moe(
+      x, logits, experts, implementation=self.IMPLEMENTATION, **kwargs
+    )
+
+  def check(self, out, want):
+    out = np.asarray(out, np.float64)
+    assert out.shape == want.shape
+    assert np.all(np.isfinite(out)), "NaN/inf in the output"
+    scale = np.abs(want).max() + 1e-30
+    err = np.abs(out - want)
+    assert np.all(err <= self.RTOL * (np.abs(want) + 0.05 * scale)), (
+      f"max error {err.max():.3g} vs scale {scale:.3g}"
+    )
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  @pytest.mark.parametrize(
+    "tokens, e, top_k, renormalize",
+    [(1, 4, 2, True), (9, 8, 3, False), (16, 4, 4, True), (5, 6, 1, True)],
+  )
+  def test_matches_dense_loop(
+    self, rng, tokens, e, top_k, renormalize, activation
+  ):
+    experts, src = make_experts(rng, e, 64, 32)
+    x = jnp.asarray(rng.standard_normal((tokens, 64)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32)
+    out = self.moe(
+      x,
+      logits,
+      experts,
+      top_k=top_k,
+      renormalize=renormalize,
+      activation=activation,
+    )
+    assert out.dtype == jnp.bfloat16
+    want = numpy_moe(x, logits, src, top_k, renormalize, activation)
+    self.check(out, want)
+
+  def test_all_tokens_on_one_expert_and_empty_experts(self, rng):
+    experts, src = make_experts(rng, 8, 32, 16)
+    x = jnp.asarray(rng.standard_normal((12, 32)), jnp.bfloat16)
+    logits = np.full((12, 8), -10.0, np.float32)
+    logits[:, 5] = 10.0
+    logits[:, 2] = 5.0
+    out = self.moe(x, jnp.asarray(logits), experts, top_k=2)
+    self.check(out, numpy_moe(x, logits, src, 2, True, "bf16"))
+
+  def test_unequal_gate_up_scales(self, rng):
+    experts, src = make_experts(rng, 4, 32, 16, unequal_gate_up=True)
+    assert "w13_alpha_up" in experts
+    x = jnp.asarray(rng.standard_normal((6, 32)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+    for activation in ("bf16", "nvfp4"):
+      out = self.moe(x, logits, experts, top_k=2, activation=activation)
+      self.check(out, numpy_moe(x, logits, src, 2, True, activation))
+
+  def test_rejects_bad_inputs(self, rng):
+    experts, _ = make_experts(rng, 4, 32, 16)
+    x = jnp.ones((3, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match="router_logits"):
+      self.moe(x, jnp.ones((3, 5)), experts, top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+      self.moe(x, jnp.ones((3, 4)), experts, top_k=5)
+    with pytest.raises(ValueError, match="x must be"):
+      self.moe(
+        jnp.ones((3, 48), jnp.bfloat16), jnp.ones((3, 4)), experts, top_k=2
+      )
