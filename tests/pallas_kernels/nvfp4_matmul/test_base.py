@@ -96,7 +96,7 @@ class NVFP4MatmulTestBase:
   def test_under_jit(self, rng):
     layer, src = make_layer(rng, 48, 64)
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
-    out = jax.jit(lambda x, l: self.matmul(x, l, "nvfp4"))(x, layer)
+    out = jax.jit(lambda x, lay: self.matmul(x, lay, "nvfp4"))(x, layer)
     self.check(out, numpy_matmul(x.astype(jnp.float32), src, "nvfp4"))
 
   def test_rejects_bad_inputs(self, rng):
