@@ -84,5 +84,6 @@ class NVFP4Linear(_prepared.NVFP4Leaves):
       x, layer, activation=self.activation, implementation=self.implementation
     )
     if self.bias is not None:
-      y = (y.astype(jnp.float32) + self.bias[...]).astype(y.dtype)
+      bias = self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
+      y = (y.astype(jnp.float32) + bias).astype(y.dtype)
     return y
