@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import warnings
 
@@ -841,3 +842,38 @@ def test_save_refuses_to_overwrite(tmp_path, rng):
   modelopt.save_modelopt(tmp_path, params, hf_config, quant)
   with pytest.raises(FileExistsError):
     modelopt.save_modelopt(tmp_path, params, hf_config, quant)
+
+
+# ------------------------------------------------------------ real exports
+
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "modelopt"
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_moe"])
+def test_real_modelopt_export_round_trips(tmp_path, model):
+  """A ModelOpt 0.47 export loads quietly and saves back to the same bytes."""
+  source = FIXTURES / model
+  params, config = _load(source)
+  modelopt.save_modelopt(
+    tmp_path, params, config.hf_config, config.quantization
+  )
+  want = safetensors_io.open_tensors(source / modelopt.SINGLE_FILE)
+  got = safetensors_io.open_tensors(tmp_path / modelopt.SINGLE_FILE)
+  assert set(got) == set(want)
+  for name, value in want.items():
+    assert got[name].dtype == value.dtype, name
+    assert got[name].shape == value.shape, name
+    assert got[name].tobytes() == value.tobytes(), name
+
+  # Both config forms match ModelOpt's own, up to the producer stamp.
+  def read(directory, file):
+    return json.loads((directory / file).read_text())
+
+  ours, theirs = (read(d, modelopt.CONFIG_FILE) for d in (tmp_path, source))
+  quant = [c.pop("quantization_config") for c in (ours, theirs)]
+  quant += [read(d, modelopt.LEGACY_CONFIG_FILE) for d in (tmp_path, source)]
+  for q in quant:
+    del q["producer"]
+  assert ours == theirs
+  assert quant[0] == quant[1]
+  assert quant[2] == quant[3]
