@@ -185,7 +185,9 @@ def run(out_dir: pathlib.Path, seed: int, tokens: int) -> dict:
   )
   loaded, _ = checkpoint.load_modelopt(hf_dir, progress=False)
   checkpoint.save_params(orbax_dir, loaded)
-  abstract = jax.eval_shape(lambda: loaded)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded
+  )
   restored = checkpoint.restore_params(orbax_dir, abstract_params=abstract)
 
   model_abstract = nnx.eval_shape(lambda: DemoModel(nnx.Rngs(0)))
