@@ -5,7 +5,7 @@ Tensors of one NVFP4 linear ``<m>`` with N outputs and K inputs (format spec
 
 | tensor | dtype | shape | meaning |
 |---|---|---|---|
-| ``<m>.weight`` | uint8 | ``[N, K/2]`` | packed E2M1, even k in the low nibble |
+| ``<m>.weight`` | uint8 | ``[N, K/2]`` | packed E2M1, even k in low nibble |
 | ``<m>.weight_scale`` | float8_e4m3fn | ``[N, K/16]`` | per-16 block scale |
 | ``<m>.weight_scale_2`` | float32 | ``[]`` | per-tensor scale, amax_w / 2688 |
 | ``<m>.input_scale`` | float32 | ``[]`` | activation scale, amax_x / 2688 |
@@ -44,8 +44,9 @@ Choices:
   bug, but the tensors are still valid.
 * Weight-only checkpoints (NVFP4A16) have no ``input_scale`` at all; a
   checkpoint where only some NVFP4 modules have one is rejected.
-* ``quant_algo`` must be ``NVFP4`` (or ``W4A16_NVFP4``, ModelOpt's weight-only
-  name) with ``group_size`` 16; FP8 and mixed checkpoints are refused.
+* ``quant_algo`` must be ``NVFP4`` (or ``W4A16_NVFP4``, the weight-only name
+  vLLM accepts from ModelOpt) with ``group_size`` 16; FP8 and mixed
+  checkpoints are refused.
 * Every bad input raises `errors.CheckpointError` naming the tensor or file;
   structure (names, dtypes, shapes) is checked from the headers before any
   data is read, values (NaN/negative scales) as each tensor is loaded.
@@ -166,9 +167,9 @@ def _kv_from_scheme(scheme: Any, source: str) -> str | None:
   if scheme is None:
     return None
   if isinstance(scheme, dict) and scheme.get("type") == "float":
-    algo = {8: "FP8", 4: "NVFP4"}.get(scheme.get("num_bits"))
-    if algo is not None:
-      return algo
+    bits = scheme.get("num_bits")
+    if bits == 8 or bits == 4:
+      return "FP8" if bits == 8 else "NVFP4"
   raise CheckpointError(f"{source}: unsupported kv_cache_scheme {scheme!r}")
 
 
@@ -1135,4 +1136,6 @@ def save_modelopt(
   flat, legacy = _quantization_configs(quantization, has_input_scale)
   config = {**hf_config, "quantization_config": flat}
   (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-  (directory / LEGACY_CONFIG_FILE).write_text(json.dumps(legacy, indent=2))
+  (directory / LEGACY_CONFIG_FILE).write_text(
+    json.dumps(legacy, indent=2) + "\n"
+  )

@@ -1,6 +1,7 @@
 """Tests for fp4jax.checkpoint.safetensors_io."""
 
 import json
+import mmap
 import pathlib
 
 import hypothesis
@@ -77,6 +78,8 @@ def test_round_trip_all_dtypes(tmp_path, rng):
     )
     assert _same_bytes(loaded[name], expected), name
     assert not loaded[name].flags.writeable
+  # Views over the file's memory map, not copies.
+  assert isinstance(loaded["t.uint8"].base, mmap.mmap)
 
 
 def test_official_library_reads_our_file(tmp_path, rng):
