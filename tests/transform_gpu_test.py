@@ -56,5 +56,13 @@ def test_hundred_reloads_keep_device_memory_flat(rng):
     jax.block_until_ready(prepared)
     used.append(bytes_in_use())
     del prepared
-  print(f"bytes_in_use over 100 reloads: min {min(used):,} max {max(used):,}")
-  assert max(used) == min(used)
+  print(
+    f"bytes_in_use over 100 reloads: min {min(used):,} max {max(used):,};"
+    f" first 10 {used[:10]}; last 10 {used[-10:]}"
+  )
+  # The allocator sometimes still holds one buffer whose free is in flight
+  # when we read the counter, so single readings wiggle by about one leaf.
+  # What must not happen is growth: later cycles stay within the early ones.
+  largest_leaf = max(x.nbytes for x in jax.tree.leaves(host))
+  assert max(used[50:]) <= max(used[:50])
+  assert max(used) - min(used) <= 2 * largest_leaf

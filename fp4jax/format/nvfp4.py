@@ -76,14 +76,18 @@ class NVFP4Tensor:
 
 
 def _true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-  """IEEE float32 division that XLA cannot turn into `num * (1 / den)`.
+  """Correctly rounded float32 division, on every backend, under jit too.
 
-  XLA's simplifier rewrites division by a broadcast or constant divisor into
-  a reciprocal multiply, which moves some codes and scales by one step (format
-  doc §1.5). A full-shape divisor behind an optimization barrier keeps it.
+  XLA does not give IEEE f32 division: its simplifier turns division by a
+  broadcast or constant into a reciprocal multiply (format doc §1.5), and its
+  GPU backend lowers f32 division to `div.full` (up to 2 ulp off). Either
+  moves codes and block scales. Float64 division is IEEE on CPU and GPU, and
+  rounding a float64 quotient of two float32 values to float32 gives the
+  correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits).
   """
-  den = jnp.broadcast_to(den, jnp.broadcast_shapes(num.shape, den.shape))
-  return num / jax.lax.optimization_barrier(den)
+  with jax.enable_x64(True):
+    q = num.astype(jnp.float64) / jnp.asarray(den).astype(jnp.float64)
+    return q.astype(jnp.float32)
 
 
 def _blocks(x: jax.Array) -> jax.Array:
@@ -222,7 +226,10 @@ def quantize_activation(
   sf = _to_e4m3(gs * (block_max * np.float32(1.0 / 6.0)))
   sf32 = sf.astype(jnp.float32)
   safe = jnp.where(sf32 == 0, 1.0, sf32)
-  out_scale = jnp.where(sf32 == 0, 0.0, 1.0 / (safe * (1.0 / gs)))
+  one = jnp.float32(1.0)
+  out_scale = jnp.where(
+    sf32 == 0, 0.0, _true_divide(one, safe * _true_divide(one, gs))
+  )
   scaled = blocks.astype(jnp.float32) * out_scale[..., None]
   codes = e2m1.encode(scaled).reshape(x.shape)
   return e2m1.pack(codes), sf
