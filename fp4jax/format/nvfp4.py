@@ -83,11 +83,17 @@ def _true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
   GPU backend lowers f32 division to `div.full` (up to 2 ulp off). Either
   moves codes and block scales. Float64 division is IEEE on CPU and GPU, and
   rounding a float64 quotient of two float32 values to float32 gives the
-  correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits).
+  correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits). The barriers
+  keep the float64 division in its own kernel: fused, LLVM narrows
+  `fptrunc(fdiv(fpext a, fpext b))` back to an f32 `div.full` (seen on the
+  H200).
   """
   with jax.enable_x64(True):
-    q = num.astype(jnp.float64) / jnp.asarray(den).astype(jnp.float64)
-    return q.astype(jnp.float32)
+    num64, den64 = jax.lax.optimization_barrier(
+      (num.astype(jnp.float64), jnp.asarray(den).astype(jnp.float64))
+    )
+    quotient = jax.lax.optimization_barrier(num64 / den64)
+    return quotient.astype(jnp.float32)
 
 
 def _blocks(x: jax.Array) -> jax.Array:
