@@ -84,16 +84,18 @@ def _true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
   moves codes and block scales. Float64 division is IEEE on CPU and GPU, and
   rounding a float64 quotient of two float32 values to float32 gives the
   correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits). The barriers
-  keep the float64 division in its own kernel: fused, LLVM narrows
-  `fptrunc(fdiv(fpext a, fpext b))` back to an f32 `div.full` (seen on the
-  H200).
+  keep that exact, both seen on the H200: fused, LLVM narrows
+  `fptrunc(fdiv(fpext a, fpext b))` back to an f32 `div.full`; and unless
+  the f32 result is materialized, XLA's GPU fusion compares the unrounded
+  float64 quotient with the E2M1 thresholds (excess precision), which moves
+  every value that rounds onto a threshold.
   """
   with jax.enable_x64(True):
     num64, den64 = jax.lax.optimization_barrier(
       (num.astype(jnp.float64), jnp.asarray(den).astype(jnp.float64))
     )
     quotient = jax.lax.optimization_barrier(num64 / den64)
-    return quotient.astype(jnp.float32)
+    return jax.lax.optimization_barrier(quotient.astype(jnp.float32))
 
 
 def _blocks(x: jax.Array) -> jax.Array:
