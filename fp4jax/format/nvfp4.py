@@ -107,8 +107,15 @@ def _blocks(x: jax.Array) -> jax.Array:
 
 
 def _to_e4m3(x: jax.Array) -> jax.Array:
-  # Round to nearest even, saturating at 448 (XLA maps overflow to NaN).
-  return jnp.minimum(x, E4M3_MAX).astype(jnp.float8_e4m3fn)
+  """Rounds to E4M3 (nearest even), saturating at 448.
+
+  XLA maps overflow to NaN, hence the clamp. The barrier keeps the rounding:
+  XLA's GPU pipeline drops an f32 -> e4m3 -> f32 round trip as "excess
+  precision", so later math would use the unrounded scale (seen on the H200).
+  """
+  return jax.lax.optimization_barrier(
+    jnp.minimum(x, E4M3_MAX).astype(jnp.float8_e4m3fn)
+  )
 
 
 def _check_finite(name: str, x) -> None:
