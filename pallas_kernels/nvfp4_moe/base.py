@@ -176,7 +176,9 @@ def reference_moe(
 
   h = _grouped_matmul(x[token], row_expert, group_sizes, w13, activation)
   gate, up = h[:, : two_i // 2], h[:, two_i // 2 :]
-  act = (silu(gate) * up).astype(x.dtype)
+  # Kernels feed GEMM 2 a bf16 intermediate; the barrier keeps that rounding
+  # (XLA's GPU pipeline drops an f32 -> bf16 -> f32 round trip otherwise).
+  act = jax.lax.optimization_barrier((silu(gate) * up).astype(x.dtype))
   y = _grouped_matmul(act, row_expert, group_sizes, w2, activation)
   y = y * weights.reshape(-1)[order][:, None]
   out = jnp.zeros((x.shape[0], hidden), jnp.float32).at[token].add(y)

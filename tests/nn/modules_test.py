@@ -61,8 +61,16 @@ def test_linear_matches_the_op(rng, activation):
   np.testing.assert_allclose(
     np.asarray(layer(x), np.float32), np.asarray(want), rtol=1e-2, atol=1e-2
   )
+  # Under one jit XLA may fuse the bias add into the matmul's epilogue and
+  # skip the bf16 rounding in between: equal up to bf16 rounding.
   jitted = nnx.jit(lambda m, x: m(x))(layer, x)
-  np.testing.assert_array_equal(np.asarray(jitted), np.asarray(layer(x)))
+  eager = np.asarray(layer(x), np.float32)
+  np.testing.assert_allclose(
+    np.asarray(jitted, np.float32),
+    eager,
+    rtol=2**-7,
+    atol=2**-7 * np.abs(eager).max(),
+  )
 
 
 def test_restore_into_abstract_module_then_prepare(rng):
