@@ -4,18 +4,11 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from pallas_kernels import _dispatch
 from pallas_kernels.nvfp4_matmul import base
 
-
-def _pallas(x, layer, *, activation):
-  del x, layer, activation
-  raise NotImplementedError(
-    "the Pallas Mosaic GPU NVFP4 matmul is not implemented yet"
-  )
-
-
 IMPLEMENTATIONS: dict[str, Callable] = {
-  "pallas": _pallas,
+  "pallas": _dispatch.not_implemented("the Pallas Mosaic GPU NVFP4 matmul"),
   "xla": base.reference_matmul,
 }
 # Tried in this order when implementation=None; the reference comes last.
@@ -49,16 +42,12 @@ def nvfp4_matmul(
   """
   prepared = base.PreparedLinear.from_mapping(layer)
   base.check_inputs(x, prepared, activation)
-  if implementation is not None:
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(
-        f"{implementation=} must be None or one of {tuple(IMPLEMENTATIONS)}"
-      )
-    return IMPLEMENTATIONS[implementation](x, prepared, activation=activation)
-  failures = []
-  for name in DEFAULT_ORDER:
-    try:
-      return IMPLEMENTATIONS[name](x, prepared, activation=activation)
-    except NotImplementedError as e:
-      failures.append(e)
-  raise ExceptionGroup("no NVFP4 matmul implementation ran", failures)
+  return _dispatch.dispatch(
+    "NVFP4 matmul",
+    IMPLEMENTATIONS,
+    DEFAULT_ORDER,
+    implementation,
+    x,
+    prepared,
+    activation=activation,
+  )

@@ -4,18 +4,11 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from pallas_kernels import _dispatch
 from pallas_kernels.nvfp4_moe import base
 
-
-def _pallas(x, router_logits, experts, **kwargs):
-  del x, router_logits, experts, kwargs
-  raise NotImplementedError(
-    "the Pallas Mosaic GPU NVFP4 MoE is not implemented yet"
-  )
-
-
 IMPLEMENTATIONS: dict[str, Callable] = {
-  "pallas": _pallas,
+  "pallas": _dispatch.not_implemented("the Pallas Mosaic GPU NVFP4 MoE"),
   "xla": base.reference_moe,
 }
 DEFAULT_ORDER = ("pallas", "xla")
@@ -47,22 +40,16 @@ def nvfp4_moe(
   Returns:
     `[T, H]` in x.dtype.
   """
-  kwargs = dict(
+  return _dispatch.dispatch(
+    "NVFP4 MoE",
+    IMPLEMENTATIONS,
+    DEFAULT_ORDER,
+    implementation,
+    x,
+    router_logits,
+    experts,
     top_k=top_k,
     renormalize=renormalize,
     scoring=scoring,
     activation=activation,
   )
-  if implementation is not None:
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(
-        f"{implementation=} must be None or one of {tuple(IMPLEMENTATIONS)}"
-      )
-    return IMPLEMENTATIONS[implementation](x, router_logits, experts, **kwargs)
-  failures = []
-  for name in DEFAULT_ORDER:
-    try:
-      return IMPLEMENTATIONS[name](x, router_logits, experts, **kwargs)
-    except NotImplementedError as e:
-      failures.append(e)
-  raise ExceptionGroup("no NVFP4 MoE implementation ran", failures)
