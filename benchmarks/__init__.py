@@ -1,0 +1,1 @@
+"""Benchmarks: every implementation and its anchors under one timer."""

@@ -1,0 +1,224 @@
+"""NVFP4 matmul benchmark: fp4jax against JAX's own paths, one timer.
+
+  python -m benchmarks.matmul [--ci] [--out results.json] [--time-budget S]
+
+Times, in the same run: fp4jax Pallas W4A16 and W4A4 (when implemented),
+XLA's bf16 dot on bf16 weights, XLA dequantize-then-dot from packed FP4 and
+`jax.nn.scaled_dot_general` with the nvfp4 config; plus the two ceilings (a
+device-to-device copy and a bf16 8192^3 dot). Each timed call runs the op
+over several weight sets that together exceed L2; the median of 7 trials is
+reported. Render the JSON with `python -m benchmarks.report`.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import fp4jax
+import pallas_kernels
+from benchmarks import arg_specs, timing
+from fp4jax.format import e2m1, nvfp4, swizzle
+
+IMPLEMENTATIONS = (
+  "xla_bf16",
+  "xla_dequant_dot",
+  "scaled_dot_general",
+  "fp4jax_pallas_w4a16",
+  "fp4jax_pallas_w4a4",
+)
+
+
+def measure_ceilings() -> dict:
+  """HBM copy bandwidth and bf16 matmul rate, measured now."""
+  n = (1 << 30) if timing.on_gpu() else (1 << 20)
+  src = jnp.ones((n,), jnp.bfloat16)
+  us, _, _ = timing.median_us(lambda a: a + 1, src)
+  copy_bw = 2 * src.nbytes / (us * 1e-6)
+  size = 8192 if timing.on_gpu() else 256
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
+  us, _, _ = timing.median_us(
+    lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(
+      jnp.bfloat16
+    ),
+    a,
+    b,
+  )
+  return {
+    "copy_bytes_per_s": copy_bw,
+    "bf16_flops_per_s": 2 * size**3 / (us * 1e-6),
+    "bf16_ceiling_size": size,
+  }
+
+
+def make_weights(k: int, n: int, sets: int):
+  """`sets` copies (distinct buffers) of one random layer in three forms."""
+  w = (jax.random.normal(jax.random.key(k * 7 + n), (n, k)) * 0.02).astype(
+    jnp.bfloat16
+  )
+  t = fp4jax.quantize(w)
+  src = {
+    "weight": t.packed,
+    "weight_scale": t.block_scale,
+    "weight_scale_2": t.global_scale,
+    "input_scale": jnp.float32(4.0 / 2688),
+  }
+  prepared, _ = fp4jax.prepare({"l": src})
+  row_major = {"packed": t.packed, "scale": t.block_scale, "gs": t.global_scale}
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+  return (
+    [copy(w) for _ in range(sets)],
+    [copy(prepared["l"]) for _ in range(sets)],
+    [copy(row_major) for _ in range(sets)],
+  )
+
+
+def dequant_dot(x, packed, scale, gs):
+  """What a JAX user writes today: decode to bf16 in XLA, then a bf16 dot."""
+  values = jnp.asarray(e2m1.E2M1_VALUES)[e2m1.unpack(packed).astype(jnp.int32)]
+  blocks = values.reshape(*scale.shape, nvfp4.BLOCK_SIZE)
+  w = (blocks * scale.astype(jnp.float32)[..., None]).astype(jnp.bfloat16)
+  w = w.reshape(packed.shape[0], -1)
+  y = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)
+  return (y * gs).astype(jnp.bfloat16)
+
+
+def scaled_dot(x, w):
+  config = jax.nn.get_scaled_dot_general_config("nvfp4")
+  return jax.nn.scaled_dot_general(
+    x,
+    w,
+    (((1,), (1,)), ((), ())),
+    preferred_element_type=jnp.bfloat16,
+    configs=[config, config, config],
+  )
+
+
+def runner(impl: str, bf16_sets, prepared_sets, row_major_sets):
+  """`(fn, args)` timing one call per weight set, or a reason it can't run."""
+  if impl == "xla_bf16":
+
+    def fn(x, ws):
+      return [
+        jnp.einsum(
+          "mk,nk->mn", x, w, preferred_element_type=jnp.float32
+        ).astype(jnp.bfloat16)
+        for w in ws
+      ]
+
+    return fn, bf16_sets
+  if impl == "xla_dequant_dot":
+    return (
+      lambda x, ws: [
+        dequant_dot(x, w["packed"], w["scale"], w["gs"]) for w in ws
+      ],
+      row_major_sets,
+    )
+  if impl == "scaled_dot_general":
+    return lambda x, ws: [scaled_dot(x, w) for w in ws], bf16_sets
+  activation = "bf16" if impl.endswith("w4a16") else "nvfp4"
+  return (
+    lambda x, ws: [
+      pallas_kernels.nvfp4_matmul(
+        x, w, activation=activation, implementation="pallas"
+      )
+      for w in ws
+    ],
+    prepared_sets,
+  )
+
+
+def run(shapes, tokens, time_budget: float) -> dict:
+  start = time.monotonic()
+  ceilings = measure_ceilings()
+  layers = {}
+  for k, n in shapes:
+    # Packed weight plus block scales as a kernel reads them (swizzled).
+    fp4_bytes = n * k // 2 + math.prod(swizzle.padded_shape(n, k // 16))
+    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / fp4_bytes))
+    if not timing.on_gpu():
+      sets = 3  # the host fallback only exercises the harness
+    layers[k, n] = (fp4_bytes, sets, make_weights(k, n, sets))
+  rows = []
+  # Tokens outer: with a time budget, every shape gets the decode sizes.
+  for m in tokens:
+    for (k, n), (fp4_bytes, sets, weights) in layers.items():
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      flops = 2 * m * n * k
+      roofline_s = max(
+        (fp4_bytes + 2 * m * (k + n)) / ceilings["copy_bytes_per_s"],
+        flops / ceilings["bf16_flops_per_s"],
+      )
+      bf16_us = None
+      for impl in IMPLEMENTATIONS:
+        row = {"K": k, "N": n, "M": m, "impl": impl, "sets": sets}
+        if time.monotonic() - start > time_budget:
+          rows.append({**row, "status": "skipped: time budget"})
+          continue
+        fn, ws = runner(impl, *weights)
+        try:
+          us, samples, timer = timing.median_us(fn, x, ws, calls_per_trial=sets)
+        except NotImplementedError as e:
+          rows.append({**row, "status": f"not implemented: {e}"})
+          continue
+        except Exception as e:  # an anchor that fails is recorded, not fatal
+          rows.append(
+            {**row, "status": f"failed: {type(e).__name__}: {e}"[:300]}
+          )
+          continue
+        if impl == "xla_bf16":
+          bf16_us = us
+        rows.append(
+          {
+            **row,
+            "status": "ok",
+            "timer": timer,
+            "us": us,
+            "samples_us": samples,
+            "fp4_tb_per_s": fp4_bytes / (us * 1e-6) / 1e12,
+            "tflop_per_s": flops / (us * 1e-6) / 1e12,
+            "speedup_vs_xla_bf16": None if bf16_us is None else bf16_us / us,
+            "fraction_of_roofline": roofline_s / (us * 1e-6),
+          }
+        )
+        print(
+          f"K={k:6d} N={n:6d} M={m:5d} {impl:22s} {us:10.1f} us"
+          f" {rows[-1]['fp4_tb_per_s']:6.2f} TB/s(fp4)"
+          f" {rows[-1]['tflop_per_s']:7.1f} TFLOP/s",
+          flush=True,
+        )
+  return {
+    "meta": {
+      "date": datetime.date.today().isoformat(),
+      "device": jax.devices()[0].device_kind,
+      "jax": jax.__version__,
+      "command": "python -m benchmarks.matmul " + " ".join(sys.argv[1:]),
+      "timer": "cupti" if timing.on_gpu() else "host",
+      **ceilings,
+    },
+    "rows": rows,
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--ci", action="store_true", help="tiny shapes")
+  parser.add_argument("--out", default="matmul_results.json")
+  parser.add_argument("--time-budget", type=float, default=float("inf"))
+  args = parser.parse_args(argv)
+  shapes = arg_specs.CI_MATMUL_SHAPES if args.ci else arg_specs.MATMUL_SHAPES
+  tokens = arg_specs.CI_MATMUL_TOKENS if args.ci else arg_specs.MATMUL_TOKENS
+  result = run(shapes, tokens, args.time_budget)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

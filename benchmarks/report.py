@@ -1,0 +1,131 @@
+"""Renders benchmark JSON into BENCHMARKS.md and a plot.
+
+  python -m benchmarks.report matmul_results.json [--markdown BENCHMARKS.md]
+      [--plot benchmarks/results/matmul.png]
+
+The section between `<!-- matmul:begin -->` and `<!-- matmul:end -->` in the
+markdown file is replaced; the rest of the file is kept.
+"""
+
+import argparse
+import json
+import pathlib
+import re
+
+LABELS = {
+  "xla_bf16": "XLA bf16 dot",
+  "xla_dequant_dot": "XLA dequantize-then-dot",
+  "scaled_dot_general": "jax.nn.scaled_dot_general nvfp4",
+  "fp4jax_pallas_w4a16": "fp4jax Pallas W4A16",
+  "fp4jax_pallas_w4a4": "fp4jax Pallas W4A4",
+}
+
+
+TIMERS = {
+  "cupti": "CUPTI kernel time (jax's Mosaic GPU profiler)",
+  "host": "host clock around synchronized calls (no GPU: harness check only)",
+}
+
+
+def _fmt(value, spec):
+  return "" if value is None else format(value, spec)
+
+
+def markdown(result: dict, plot_path: str | None = None) -> str:
+  meta = result["meta"]
+  lines = [
+    f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
+    f" `{meta['command']}`. Timer: {TIMERS[meta['timer']]}, median of 7"
+    " trials, each over rotating weight sets larger than L2. Ceilings"
+    " measured in the same run: copy"
+    f" {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 dot"
+    f" {meta['bf16_ceiling_size']}^3"
+    f" {meta['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s. TB/s counts"
+    " the FP4 bytes (packed weight + swizzled block scales); the roofline is"
+    " max(bytes / copy rate, flops / bf16 rate).",
+    "",
+  ]
+  if plot_path:
+    lines += [f"![matmul]({plot_path})", ""]
+  shapes = list(dict.fromkeys((r["K"], r["N"]) for r in result["rows"]))
+  for k, n in shapes:
+    lines += [
+      f"**K={k}, N={n}**",
+      "",
+      "| M | implementation | µs | TB/s (FP4) | TFLOP/s | x XLA bf16 |"
+      " of roofline |",
+      "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+      if (r["K"], r["N"]) != (k, n):
+        continue
+      name = LABELS.get(r["impl"], r["impl"])
+      if r["status"] != "ok":
+        lines.append(f"| {r['M']} | {name} | {r['status']} | | | | |")
+        continue
+      lines.append(
+        f"| {r['M']} | {name} | {r['us']:.1f} | {r['fp4_tb_per_s']:.2f} |"
+        f" {r['tflop_per_s']:.1f} | {_fmt(r['speedup_vs_xla_bf16'], '.2f')} |"
+        f" {r['fraction_of_roofline']:.0%} |"
+      )
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  shapes = list(dict.fromkeys((r["K"], r["N"]) for r in result["rows"]))
+  fig, axes = plt.subplots(
+    1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False
+  )
+  for ax, (k, n) in zip(axes[0], shapes, strict=True):
+    for impl, label in LABELS.items():
+      pts = [
+        (r["M"], r["us"])
+        for r in result["rows"]
+        if (r["K"], r["N"], r["impl"]) == (k, n, impl) and r["status"] == "ok"
+      ]
+      if pts:
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set(
+      xscale="log",
+      yscale="log",
+      xlabel="tokens M",
+      ylabel="µs",
+      title=f"K={k} N={n}",
+    )
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
+def update_section(text: str, name: str, body: str) -> str:
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  block = f"{begin}\n{body}\n{end}"
+  if begin in text:
+    pattern = re.escape(begin) + r".*?" + re.escape(end)
+    return re.sub(pattern, lambda _: block, text, flags=re.S)
+  return text.rstrip() + "\n\n" + block + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("results")
+  parser.add_argument("--markdown", default="BENCHMARKS.md")
+  parser.add_argument("--plot", default="benchmarks/results/matmul.png")
+  args = parser.parse_args(argv)
+  result = json.loads(pathlib.Path(args.results).read_text())
+  plot(result, pathlib.Path(args.plot))
+  md = pathlib.Path(args.markdown)
+  text = md.read_text() if md.exists() else "# Benchmarks\n"
+  md.write_text(update_section(text, "matmul", markdown(result, args.plot)))
+  print(f"updated {md} and {args.plot}")
+
+
+if __name__ == "__main__":
+  main()

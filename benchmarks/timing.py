@@ -1,0 +1,46 @@
+"""One timer for every implementation: CUPTI kernel time on GPU.
+
+On a GPU, `jax.experimental.mosaic.gpu.profiler.measure` sums the device
+time of every kernel a call launches (CUPTI), which excludes host dispatch;
+host-timed loops understated XLA's bf16 dot by up to 17% on the H200. On CPU
+the harness falls back to a synchronized host timer, only so that it can be
+exercised without a GPU.
+"""
+
+import statistics
+import time
+
+import jax
+
+
+def on_gpu() -> bool:
+  return jax.devices()[0].platform == "gpu"
+
+
+def median_us(fn, *args, trials: int = 7, calls_per_trial: int = 1):
+  """Median over `trials` of the time of one call of `fn(*args)`, in µs.
+
+  `fn` is jitted here; one warm-up call compiles it. When `fn` runs the op
+  `calls_per_trial` times (over rotating inputs), the time is divided by it.
+
+  Returns:
+    `(median_us, samples_us, timer_name)`.
+  """
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  if on_gpu():
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, per_trial_ms = profiler.measure(fn, iterations=trials)(*args)
+    if per_trial_ms is None:
+      raise RuntimeError("CUPTI recorded no kernel")
+    samples = [ms * 1e3 / calls_per_trial for ms in per_trial_ms]
+    timer = "cupti"
+  else:
+    samples = []
+    for _ in range(trials):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      samples.append((time.perf_counter() - start) * 1e6 / calls_per_trial)
+    timer = "host"
+  return statistics.median(samples), samples, timer
