@@ -42,7 +42,8 @@ def markdown(result: dict, plot_path: str | None = None) -> str:
     f" {meta['bf16_ceiling_size']}^3"
     f" {meta['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s. TB/s counts"
     " the FP4 bytes (packed weight + swizzled block scales); the roofline is"
-    " max(bytes / copy rate, flops / bf16 rate).",
+    " max(bytes / 4.8 TB/s (datasheet HBM), flops / the measured bf16"
+    " rate).",
     "",
   ]
   if plot_path:
