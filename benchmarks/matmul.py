@@ -22,8 +22,11 @@ import jax.numpy as jnp
 
 import fp4jax
 import pallas_kernels
-from benchmarks import arg_specs, timing
-from fp4jax.format import e2m1, nvfp4, swizzle
+from benchmarks import arg_specs
+from benchmarks import timing
+from fp4jax.format import e2m1
+from fp4jax.format import nvfp4
+from fp4jax.format import swizzle
 
 # The roofline's bandwidth: the H200's datasheet HBM rate. XLA's own bf16 dot
 # streams 4.2 TB/s at M=1, above the copy rate we measure, so a measured

@@ -17,7 +17,9 @@ import numpy as np
 from flax import nnx
 
 import fp4jax
-from fp4jax import checkpoint, nn, ptq
+from fp4jax import checkpoint
+from fp4jax import nn
+from fp4jax import ptq
 
 HIDDEN, INTERMEDIATE = 256, 512
 EXPERTS, TOP_K, MOE_INTERMEDIATE = 8, 2, 128

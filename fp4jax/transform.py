@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fp4jax import errors
-from fp4jax.format import nvfp4, swizzle
+from fp4jax.format import nvfp4
+from fp4jax.format import swizzle
 
 SOURCE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale")
 DERIVED_LEAVES = ("block_scale", "alpha", "input_scale_inv")

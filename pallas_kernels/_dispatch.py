@@ -1,6 +1,8 @@
 """Implementation registry shared by the ops' `api.py` files."""
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 
 def not_implemented(name: str) -> Callable:

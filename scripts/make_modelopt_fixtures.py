@@ -301,7 +301,8 @@ def _calib_batches(vocab, gen, n=4, bsz=4, seqlen=32):
 
 
 def _build(kind):
-  from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
+  from transformers import LlamaForCausalLM
+  from transformers import Qwen3MoeForCausalLM
 
   torch.manual_seed(SEED)
   if kind == "llama":
@@ -414,7 +415,8 @@ def make(kind, out_dir):
   import modelopt.torch.quantization as mtq
   import transformers
   from modelopt.torch.export import export_hf_checkpoint
-  from safetensors.torch import load_file, save_file
+  from safetensors.torch import load_file
+  from safetensors.torch import save_file
   from transformers import GenerationConfig
 
   print(f"== {kind} -> {out_dir}")

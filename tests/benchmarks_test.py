@@ -4,7 +4,8 @@ import json
 
 import jax
 
-from benchmarks import matmul, report
+from benchmarks import matmul
+from benchmarks import report
 
 
 def test_matmul_harness_and_report(tmp_path):

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fp4jax import checkpoint, ptq
+from fp4jax import checkpoint
+from fp4jax import ptq
 from fp4jax.checkpoint import safetensors_io
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "modelopt"

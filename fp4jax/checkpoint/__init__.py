@@ -1,9 +1,7 @@
 """Reading and writing NVFP4 checkpoints: safetensors, ModelOpt HF, Orbax."""
 
 from fp4jax.checkpoint.modelopt import CheckpointConfig as CheckpointConfig
-from fp4jax.checkpoint.modelopt import (
-  QuantizationConfig as QuantizationConfig,
-)
+from fp4jax.checkpoint.modelopt import QuantizationConfig as QuantizationConfig
 from fp4jax.checkpoint.modelopt import is_excluded as is_excluded
 from fp4jax.checkpoint.modelopt import load_modelopt as load_modelopt
 from fp4jax.checkpoint.modelopt import (

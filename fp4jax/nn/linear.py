@@ -6,7 +6,8 @@ from flax import nnx
 
 import pallas_kernels
 from fp4jax.format import nvfp4
-from fp4jax.nn import _prepared, variables
+from fp4jax.nn import _prepared
+from fp4jax.nn import variables
 
 default_kernel_init = nnx.initializers.lecun_normal()
 

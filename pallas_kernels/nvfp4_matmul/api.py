@@ -1,6 +1,7 @@
 """`nvfp4_matmul`: pick an implementation, fall through on NotImplementedError."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 
 import jax
 

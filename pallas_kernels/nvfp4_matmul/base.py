@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax.format import nvfp4, swizzle
+from fp4jax.format import nvfp4
+from fp4jax.format import swizzle
 
 ACTIVATIONS = ("bf16", "nvfp4")
 

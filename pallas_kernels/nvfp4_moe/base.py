@@ -16,7 +16,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from fp4jax.format import nvfp4, swizzle
+from fp4jax.format import nvfp4
+from fp4jax.format import swizzle
 
 SCORINGS = ("softmax",)
 

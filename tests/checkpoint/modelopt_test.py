@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from fp4jax import errors
-from fp4jax.checkpoint import modelopt, safetensors_io, synthetic
+from fp4jax.checkpoint import modelopt
+from fp4jax.checkpoint import safetensors_io
+from fp4jax.checkpoint import synthetic
 
 CheckpointError = errors.CheckpointError
 E4M3 = ml_dtypes.float8_e4m3fn

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fp4jax import errors
-from fp4jax.checkpoint import modelopt, orbax_io, synthetic
+from fp4jax.checkpoint import modelopt
+from fp4jax.checkpoint import orbax_io
+from fp4jax.checkpoint import synthetic
 
 CheckpointError = errors.CheckpointError
 P = jax.sharding.PartitionSpec

@@ -8,7 +8,8 @@ import numpy as np
 
 import fp4jax
 import pallas_kernels
-from fp4jax import checkpoint, demo
+from fp4jax import checkpoint
+from fp4jax import demo
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "modelopt"
 
