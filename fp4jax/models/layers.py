@@ -1,0 +1,235 @@
+"""Decoder building blocks with Hugging Face leaf names."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fp4jax import nn
+from fp4jax.models import config as config_lib
+
+
+class Linear(nnx.Module):
+  """An unquantized linear with HF's `weight [N, K]` (excluded modules)."""
+
+  def __init__(
+    self,
+    in_features,
+    out_features,
+    *,
+    use_bias=False,
+    param_dtype=jnp.bfloat16,
+    dtype=None,
+    rngs,
+  ):
+    init = nnx.initializers.lecun_normal()
+    self.weight = nnx.Param(
+      init(rngs.params(), (out_features, in_features), param_dtype)
+    )
+    self.bias = (
+      nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    )
+    self.dtype = dtype
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    y = jnp.einsum(
+      "...k,nk->...n",
+      x.astype(dtype),
+      self.weight[...].astype(dtype),
+      preferred_element_type=jnp.float32,
+    )
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32).reshape(
+        (1,) * (y.ndim - 1) + (-1,)
+      )
+    return y.astype(dtype)
+
+
+def linear(
+  quantized: bool,
+  in_features,
+  out_features,
+  *,
+  use_bias=False,
+  activation="bf16",
+  implementation=None,
+  dtype=None,
+  rngs,
+):
+  """An NVFP4 or an unquantized linear, as the checkpoint stores it."""
+  if quantized:
+    return nn.NVFP4Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      activation=activation,
+      implementation=implementation,
+      dtype=dtype,
+      rngs=rngs,
+    )
+  return Linear(
+    in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs
+  )
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.bfloat16):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + self.eps)
+    w = self.weight[...].astype(jnp.float32)
+    return (y * w.reshape((1,) * (y.ndim - 1) + (-1,))).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: config_lib.ModelConfig) -> np.ndarray:
+  """Inverse frequencies, with the `rope_scaling` variants HF Llama uses."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  scaling = cfg.rope_scaling
+  if not scaling:
+    return inv.astype(np.float32)
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind == "linear":
+    return (inv / scaling["factor"]).astype(np.float32)
+  if kind == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    mid = (wavelen <= old / low) & (wavelen >= old / high)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    return np.where(mid, blended, scaled).astype(np.float32)
+  raise NotImplementedError(f"rope_scaling type {kind!r} is not supported")
+
+
+def apply_rope(x, positions, inv_freq):
+  """HF's rotate-half RoPE on `x [B, T, heads, D]` at `positions [B, T]`."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  half = xf.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with a KV cache; q/k/v/o HF names."""
+
+  def __init__(
+    self,
+    cfg: config_lib.ModelConfig,
+    quantized: dict,
+    *,
+    activation,
+    implementation,
+    dtype,
+    rngs,
+  ):
+    h, d = cfg.hidden_size, cfg.head_dim
+    self.num_heads = cfg.num_attention_heads
+    self.num_kv_heads = cfg.num_key_value_heads
+    self.head_dim = d
+    common = dict(
+      use_bias=cfg.attention_bias,
+      activation=activation,
+      implementation=implementation,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.q_proj = linear(quantized["q_proj"], h, self.num_heads * d, **common)
+    self.k_proj = linear(
+      quantized["k_proj"], h, self.num_kv_heads * d, **common
+    )
+    self.v_proj = linear(
+      quantized["v_proj"], h, self.num_kv_heads * d, **common
+    )
+    common["use_bias"] = False
+    self.o_proj = linear(quantized["o_proj"], self.num_heads * d, h, **common)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+    else:
+      self.q_norm = self.k_norm = None
+    # Static (a tuple of floats), so it is not a leaf of the param state.
+    self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg))
+
+  def __call__(self, x, positions, cache):
+    """x `[B, T, H]`; cache `(k, v)` of `[B, S, KVH, D]` or None."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cache is None:
+      keys, values, key_pos = k, v, positions
+    else:
+      # Write this step's k/v at its positions; attend over the whole cache
+      # with positions beyond the current one masked.
+      cache_k, cache_v = cache
+      start = positions[0, 0]
+      keys = jax.lax.dynamic_update_slice_in_dim(
+        cache_k, k.astype(cache_k.dtype), start, axis=1
+      )
+      values = jax.lax.dynamic_update_slice_in_dim(
+        cache_v, v.astype(cache_v.dtype), start, axis=1
+      )
+      cache = (keys, values)
+      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+    groups = self.num_heads // self.num_kv_heads
+    qf = q.astype(jnp.float32).reshape(
+      b, t, self.num_kv_heads, groups, self.head_dim
+    )
+    scores = jnp.einsum("btkgd,bskd->bkgts", qf, keys.astype(jnp.float32))
+    scores = scores / np.float32(math.sqrt(self.head_dim))
+    allowed = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(jnp.float32))
+    out = out.reshape(b, t, self.num_heads * self.head_dim).astype(x.dtype)
+    return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+  def __init__(
+    self,
+    hidden,
+    intermediate,
+    quantized: dict,
+    *,
+    activation,
+    implementation,
+    dtype,
+    rngs,
+  ):
+    common = dict(
+      activation=activation,
+      implementation=implementation,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.gate_proj = linear(
+      quantized["gate_proj"], hidden, intermediate, **common
+    )
+    self.up_proj = linear(quantized["up_proj"], hidden, intermediate, **common)
+    self.down_proj = linear(
+      quantized["down_proj"], intermediate, hidden, **common
+    )
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
