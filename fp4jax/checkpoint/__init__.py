@@ -3,6 +3,7 @@
 from fp4jax.checkpoint.modelopt import CheckpointConfig as CheckpointConfig
 from fp4jax.checkpoint.modelopt import QuantizationConfig as QuantizationConfig
 from fp4jax.checkpoint.modelopt import is_excluded as is_excluded
+from fp4jax.checkpoint.modelopt import list_tensors as list_tensors
 from fp4jax.checkpoint.modelopt import load_modelopt as load_modelopt
 from fp4jax.checkpoint.modelopt import (
   parse_quantization_config as parse_quantization_config,

@@ -275,6 +275,7 @@ def read_checkpoint_config(path: PathLike) -> CheckpointConfig:
       `parse_quantization_config`.
   """
   directory = pathlib.Path(path)
+  _require(directory.is_dir(), f"{directory}: not a checkpoint directory")
   hf_config = {}
   parsed = {}
   config_path = directory / CONFIG_FILE
@@ -438,6 +439,16 @@ def _collect_tensors(directory: pathlib.Path) -> dict[str, _Ref]:
       )
       tensors[name] = _Ref(name, file, entry["dtype"], tuple(entry["shape"]))
   return tensors
+
+
+def list_tensors(path: PathLike) -> list[tuple[str, str, str, tuple[int, ...]]]:
+  """Every tensor of a checkpoint directory from its headers (no data read).
+
+  Returns:
+    `(name, file, safetensors dtype, shape)` sorted by name.
+  """
+  tensors = _collect_tensors(pathlib.Path(path))
+  return sorted((r.name, r.file, r.dtype, r.shape) for r in tensors.values())
 
 
 # ---------------------------------------------------------------- planning
