@@ -4,7 +4,10 @@ A small seeded bf16 network (a dense SwiGLU MLP layer and an MoE layer, each
 with a residual) is calibrated, quantized as ModelOpt would, written as a
 ModelOpt-format Hugging Face checkpoint, imported, saved to Orbax, restored,
 prepared and run. It prints what `prepare` removed and created, and the error
-of the NVFP4 model against the bf16 one. Run: `python -m fp4jax.demo`.
+of the NVFP4 model against the bf16 one. Then a small seeded bf16 Llama-style
+decoder goes the same way as a weight-only NVFP4 checkpoint through
+`fp4jax.models.from_pretrained` and generates tokens next to its bf16 self.
+Run: `python -m fp4jax.demo`.
 """
 
 import argparse
@@ -18,8 +21,12 @@ from flax import nnx
 
 import fp4jax
 from fp4jax import checkpoint
+from fp4jax import models
 from fp4jax import nn
 from fp4jax import ptq
+from fp4jax import transform
+from fp4jax.models import causal_lm
+from fp4jax.models import config as config_lib
 
 HIDDEN, INTERMEDIATE = 256, 512
 EXPERTS, TOP_K, MOE_INTERMEDIATE = 8, 2, 128
@@ -215,6 +222,87 @@ def run(out_dir: pathlib.Path, seed: int, tokens: int) -> dict:
   return dict(report=report, before=before, after=after, errors=errors)
 
 
+LLAMA_CONFIG = {
+  "model_type": "llama",
+  "vocab_size": 512,
+  "hidden_size": 256,
+  "intermediate_size": 512,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "head_dim": 64,
+  "rms_norm_eps": 1e-5,
+  "rope_theta": 10000.0,
+  "tie_word_embeddings": False,
+}
+
+
+def _str_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def run_model(out_dir: pathlib.Path, seed: int, new_tokens: int) -> dict:
+  """bf16 decoder -> weight-only NVFP4 checkpoint -> from_pretrained."""
+  cfg = config_lib.ModelConfig.from_hf(LLAMA_CONFIG)
+  bf16_model = causal_lm.CausalLM(
+    cfg, lambda name: False, dtype=jnp.bfloat16, rngs=nnx.Rngs(seed)
+  )
+  weights = _str_keys(nnx.to_pure_dict(nnx.state(bf16_model)))
+  linears = {
+    f"model.layers.{i}.{block}.{name}": 0.0
+    for i in range(cfg.num_hidden_layers)
+    for block, names in (
+      ("self_attn", causal_lm.ATTENTION),
+      ("mlp", causal_lm.MLP),
+    )
+    for name in names
+  }
+  quantized = ptq.quantize_params(weights, linears, weight_only=True)
+  path = out_dir / "llama_nvfp4a16"
+  checkpoint.save_modelopt(
+    path,
+    quantized,
+    LLAMA_CONFIG,
+    checkpoint.QuantizationConfig(
+      "NVFP4", 16, ("lm_head", "model.embed_tokens"), None
+    ),
+  )
+  loaded, _ = checkpoint.load_modelopt(path, progress=False)
+  _, report = transform.prepare(loaded)
+  model = models.from_pretrained(
+    path,
+    dtype=jnp.float32,
+    orbax_cache=out_dir / "llama_orbax",
+    progress=False,
+  )
+  # The same decoder, unquantized, holding the dequantized NVFP4 weights.
+  graphdef, state = nnx.split(
+    causal_lm.CausalLM(
+      cfg, lambda name: False, dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+  )
+  nnx.replace_by_pure_dict(
+    state,
+    jax.tree.map(
+      lambda x: x.astype(jnp.float32), dequantized_weights(quantized)
+    ),
+  )
+  dequantized_model = nnx.merge(graphdef, state)
+  prompt = jax.random.randint(
+    jax.random.key(seed + 3), (1, 8), 0, cfg.vocab_size
+  )
+  got, _ = model(prompt)
+  return dict(
+    report=report,
+    logits_error=rel_error(got, bf16_model(prompt)[0]),
+    logits_error_dequantized=rel_error(got, dequantized_model(prompt)[0]),
+    tokens=models.generate(model, prompt, new_tokens),
+    dequantized_tokens=models.generate(dequantized_model, prompt, new_tokens),
+  )
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -225,10 +313,12 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--tokens", type=int, default=64)
+  parser.add_argument("--new-tokens", type=int, default=16)
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or pathlib.Path(tmp)
     result = run(out, args.seed, args.tokens)
+    model_result = run_model(out, args.seed, args.new_tokens)
   report = result["report"]
   print("Leaves removed and created by fp4jax.prepare (bytes):")
   print(report.table())
@@ -248,6 +338,26 @@ def main(argv=None) -> None:
   for activation, (err, err_deq) in result["errors"].items():
     name = {"bf16": "bf16 (W4A16)", "nvfp4": "nvfp4 (W4A4)"}[activation]
     print(f"{name:<16}{err:>10.4f}{err_deq:>16.4f}")
+
+  print(
+    "\nA Llama-style decoder (2 layers, hidden 256) as a weight-only NVFP4"
+    "\nModelOpt checkpoint -> Orbax cache -> from_pretrained -> generate."
+    "\nLeaves removed and created by prepare (bytes):"
+  )
+  print(model_result["report"].table())
+  print(
+    "relative L2 error of its logits: vs the bf16 decoder"
+    f" {model_result['logits_error']:.4f}, vs the same decoder run with the"
+    f" dequantized weights {model_result['logits_error_dequantized']:.2e}"
+  )
+  tokens = model_result["tokens"][0].tolist()
+  reference = model_result["dequantized_tokens"][0].tolist()
+  same = sum(a == b for a, b in zip(tokens[8:], reference[8:], strict=True))
+  print(f"prompt                 {tokens[:8]}")
+  print(f"NVFP4 greedy           {tokens[8:]}")
+  print(
+    f"dequantized reference  {reference[8:]}  ({same}/{len(tokens) - 8} same)"
+  )
 
 
 if __name__ == "__main__":

@@ -18,18 +18,10 @@ class DecoderLayer(nnx.Module):
     index: int,
     quantized,
     *,
-    activation,
-    implementation,
-    dtype,
+    options: layers.NVFP4Options,
     rngs,
   ):
     prefix = f"model.layers.{index}"
-    common = dict(
-      activation=activation,
-      implementation=implementation,
-      dtype=dtype,
-      rngs=rngs,
-    )
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.post_attention_layernorm = layers.RMSNorm(
       cfg.hidden_size, cfg.rms_norm_eps
@@ -37,7 +29,8 @@ class DecoderLayer(nnx.Module):
     self.self_attn = layers.Attention(
       cfg,
       {p: quantized(f"{prefix}.self_attn.{p}") for p in ATTENTION},
-      **common,
+      options=options,
+      rngs=rngs,
     )
     if cfg.is_moe_layer(index):
       block = f"{prefix}.{cfg.moe_block_name}.experts"
@@ -51,7 +44,11 @@ class DecoderLayer(nnx.Module):
         cfg.num_experts,
         cfg.num_experts_per_tok,
         renormalize=cfg.norm_topk_prob,
-        **common,
+        activation=options.activation,
+        implementation=options.implementation,
+        weight_only=options.weight_only,
+        dtype=options.dtype,
+        rngs=rngs,
       )
       setattr(self, cfg.moe_block_name, moe)
       self.ffn_name = cfg.moe_block_name
@@ -60,7 +57,8 @@ class DecoderLayer(nnx.Module):
         cfg.hidden_size,
         cfg.intermediate_size,
         {p: quantized(f"{prefix}.mlp.{p}") for p in MLP},
-        **common,
+        options=options,
+        rngs=rngs,
       )
       self.ffn_name = "mlp"
 
@@ -69,6 +67,38 @@ class DecoderLayer(nnx.Module):
     x = x + h
     ffn = getattr(self, self.ffn_name)
     return x + ffn(self.post_attention_layernorm(x)), cache
+
+
+class Embedding(nnx.Module):
+  def __init__(self, vocab, hidden, *, rngs):
+    init = nnx.initializers.normal(0.02)
+    self.weight = nnx.Param(init(rngs.params(), (vocab, hidden), jnp.bfloat16))
+
+  def __call__(self, ids, dtype):
+    return self.weight[...][ids].astype(dtype)
+
+
+class Decoder(nnx.Module):
+  """`model.*` of a HF checkpoint: embeddings, layers, final norm."""
+
+  def __init__(self, cfg, quantized, *, options: layers.NVFP4Options, rngs):
+    self.dtype = options.dtype
+    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+    self.layers = nnx.List(
+      [
+        DecoderLayer(cfg, i, quantized, options=options, rngs=rngs)
+        for i in range(cfg.num_hidden_layers)
+      ]
+    )
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+  def __call__(self, input_ids, positions, cache):
+    x = self.embed_tokens(input_ids, self.dtype)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, None if cache is None else cache[i])
+      new_cache.append(layer_cache)
+    return self.norm(x), (None if cache is None else new_cache)
 
 
 class CausalLM(nnx.Module):
@@ -84,8 +114,9 @@ class CausalLM(nnx.Module):
     cfg: config_lib.ModelConfig,
     quantized,
     *,
-    activation="bf16",
-    implementation=None,
+    activation: str = "bf16",
+    implementation: str | None = None,
+    weight_only: bool = False,
     dtype=jnp.bfloat16,
     rngs: nnx.Rngs,
   ):
@@ -97,19 +128,19 @@ class CausalLM(nnx.Module):
         module (dotted HF name) in NVFP4.
       activation: "bf16" (W4A16) or "nvfp4" (W4A4) for the NVFP4 layers.
       implementation: kernel backend (see `pallas_kernels`).
+      weight_only: NVFP4 layers have no `input_scale` (NVFP4A16).
       dtype: compute dtype of activations.
       rngs: random keys.
     """
-    self.cfg = cfg
-    self.dtype = dtype
-    self.model = Decoder(
-      cfg,
-      quantized,
+    options = layers.NVFP4Options(
       activation=activation,
       implementation=implementation,
+      weight_only=weight_only,
       dtype=dtype,
-      rngs=rngs,
     )
+    self.cfg = cfg
+    self.dtype = dtype
+    self.model = Decoder(cfg, quantized, options=options, rngs=rngs)
     if cfg.tie_word_embeddings:
       self.lm_head = None
     else:
@@ -117,9 +148,7 @@ class CausalLM(nnx.Module):
         quantized("lm_head"),
         cfg.hidden_size,
         cfg.vocab_size,
-        activation=activation,
-        implementation=implementation,
-        dtype=dtype,
+        options=options,
         rngs=rngs,
       )
 
@@ -144,43 +173,3 @@ class CausalLM(nnx.Module):
       (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
       for _ in range(self.cfg.num_hidden_layers)
     ]
-
-
-class Embedding(nnx.Module):
-  def __init__(self, vocab, hidden, *, rngs):
-    init = nnx.initializers.normal(0.02)
-    self.weight = nnx.Param(init(rngs.params(), (vocab, hidden), jnp.bfloat16))
-
-  def __call__(self, ids, dtype):
-    return self.weight[...][ids].astype(dtype)
-
-
-class Decoder(nnx.Module):
-  def __init__(
-    self, cfg, quantized, *, activation, implementation, dtype, rngs
-  ):
-    self.dtype = dtype
-    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-    self.layers = nnx.List(
-      [
-        DecoderLayer(
-          cfg,
-          i,
-          quantized,
-          activation=activation,
-          implementation=implementation,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(cfg.num_hidden_layers)
-      ]
-    )
-    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-  def __call__(self, input_ids, positions, cache):
-    x = self.embed_tokens(input_ids, self.dtype)
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, None if cache is None else cache[i])
-      new_cache.append(layer_cache)
-    return self.norm(x), (None if cache is None else new_cache)

@@ -1,6 +1,8 @@
 """Decoder building blocks with Hugging Face leaf names."""
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,16 +50,25 @@ class Linear(nnx.Module):
     return y.astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NVFP4Options:
+  """How a model's NVFP4 layers run, shared by all of them.
+
+  Attributes:
+    activation: "bf16" (W4A16) or "nvfp4" (W4A4).
+    implementation: kernel backend (see `pallas_kernels`).
+    weight_only: the checkpoint has no `input_scale` (NVFP4A16).
+    dtype: compute dtype of activations.
+  """
+
+  activation: str = "bf16"
+  implementation: str | None = None
+  weight_only: bool = False
+  dtype: Any = jnp.bfloat16
+
+
 def linear(
-  quantized: bool,
-  in_features,
-  out_features,
-  *,
-  use_bias=False,
-  activation="bf16",
-  implementation=None,
-  dtype=None,
-  rngs,
+  quantized: bool, in_features, out_features, *, options, use_bias=False, rngs
 ):
   """An NVFP4 or an unquantized linear, as the checkpoint stores it."""
   if quantized:
@@ -65,13 +76,14 @@ def linear(
       in_features,
       out_features,
       use_bias=use_bias,
-      activation=activation,
-      implementation=implementation,
-      dtype=dtype,
+      activation=options.activation,
+      implementation=options.implementation,
+      weight_only=options.weight_only,
+      dtype=options.dtype,
       rngs=rngs,
     )
   return Linear(
-    in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs
+    in_features, out_features, use_bias=use_bias, dtype=options.dtype, rngs=rngs
   )
 
 
@@ -130,31 +142,20 @@ class Attention(nnx.Module):
     cfg: config_lib.ModelConfig,
     quantized: dict,
     *,
-    activation,
-    implementation,
-    dtype,
+    options: NVFP4Options,
     rngs,
   ):
     h, d = cfg.hidden_size, cfg.head_dim
     self.num_heads = cfg.num_attention_heads
     self.num_kv_heads = cfg.num_key_value_heads
     self.head_dim = d
-    common = dict(
-      use_bias=cfg.attention_bias,
-      activation=activation,
-      implementation=implementation,
-      dtype=dtype,
-      rngs=rngs,
+    qkv = dict(use_bias=cfg.attention_bias, options=options, rngs=rngs)
+    self.q_proj = linear(quantized["q_proj"], h, self.num_heads * d, **qkv)
+    self.k_proj = linear(quantized["k_proj"], h, self.num_kv_heads * d, **qkv)
+    self.v_proj = linear(quantized["v_proj"], h, self.num_kv_heads * d, **qkv)
+    self.o_proj = linear(
+      quantized["o_proj"], self.num_heads * d, h, options=options, rngs=rngs
     )
-    self.q_proj = linear(quantized["q_proj"], h, self.num_heads * d, **common)
-    self.k_proj = linear(
-      quantized["k_proj"], h, self.num_kv_heads * d, **common
-    )
-    self.v_proj = linear(
-      quantized["v_proj"], h, self.num_kv_heads * d, **common
-    )
-    common["use_bias"] = False
-    self.o_proj = linear(quantized["o_proj"], self.num_heads * d, h, **common)
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -207,29 +208,12 @@ class MLP(nnx.Module):
   """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
   def __init__(
-    self,
-    hidden,
-    intermediate,
-    quantized: dict,
-    *,
-    activation,
-    implementation,
-    dtype,
-    rngs,
+    self, hidden, intermediate, quantized: dict, *, options: NVFP4Options, rngs
   ):
-    common = dict(
-      activation=activation,
-      implementation=implementation,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.gate_proj = linear(
-      quantized["gate_proj"], hidden, intermediate, **common
-    )
-    self.up_proj = linear(quantized["up_proj"], hidden, intermediate, **common)
-    self.down_proj = linear(
-      quantized["down_proj"], intermediate, hidden, **common
-    )
+    kw = dict(options=options, rngs=rngs)
+    self.gate_proj = linear(quantized["gate_proj"], hidden, intermediate, **kw)
+    self.up_proj = linear(quantized["up_proj"], hidden, intermediate, **kw)
+    self.down_proj = linear(quantized["down_proj"], intermediate, hidden, **kw)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -62,12 +62,19 @@ def from_pretrained(
     if cache is not None:
       checkpoint.save_params(cache, params)
   quantized = _quantized_modules(params)
+  # Weight-only (NVFP4A16) checkpoints carry no input_scale at all; the
+  # loader refuses a mix.
+  weight_only = not any(
+    path[-1].key.endswith("input_scale")
+    for path, _ in jax.tree_util.tree_leaves_with_path(params)
+  )
   abstract = nnx.eval_shape(
     lambda: causal_lm.CausalLM(
       cfg,
       lambda name: name in quantized,
       activation=activation,
       implementation=implementation,
+      weight_only=weight_only,
       dtype=dtype,
       rngs=nnx.Rngs(0),
     )

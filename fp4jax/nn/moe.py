@@ -41,7 +41,13 @@ class NVFP4Experts(_prepared.NVFP4Leaves):
   """
 
   def __init__(
-    self, hidden: int, intermediate: int, num_experts: int, *, rngs: nnx.Rngs
+    self,
+    hidden: int,
+    intermediate: int,
+    num_experts: int,
+    *,
+    weight_only: bool = False,
+    rngs: nnx.Rngs,
   ):
     for name, dim in (("hidden", hidden), ("intermediate", intermediate)):
       if dim % nvfp4.BLOCK_SIZE:
@@ -59,8 +65,9 @@ class NVFP4Experts(_prepared.NVFP4Leaves):
         "weight": t.packed,
         "weight_scale": t.block_scale,
         "weight_scale_2": scale_2,
-        "input_scale": jnp.ones(scale_2.shape, jnp.float32),
       }
+      if not weight_only:
+        leaves["input_scale"] = jnp.ones(scale_2.shape, jnp.float32)
       for name, value in leaves.items():
         setattr(self, prefix + name, variables.NVFP4Param(value))
 
@@ -82,6 +89,7 @@ class NVFP4MoE(nnx.Module):
     renormalize: bool = True,
     activation: str = "bf16",
     implementation: str | None = None,
+    weight_only: bool = False,
     dtype=None,
     router_dtype=jnp.bfloat16,
     rngs: nnx.Rngs,
@@ -97,6 +105,7 @@ class NVFP4MoE(nnx.Module):
         `norm_topk_prob`, Mixtral).
       activation: "bf16" (W4A16) or "nvfp4" (W4A4).
       implementation: see `pallas_kernels.nvfp4_moe`.
+      weight_only: experts have no `input_scale` (NVFP4A16 checkpoints).
       dtype: compute dtype; None keeps x.dtype.
       router_dtype: storage dtype of the router weight.
       rngs: random keys.
@@ -109,7 +118,11 @@ class NVFP4MoE(nnx.Module):
     self.implementation = implementation
     self.dtype = dtype
     self.gate = Router(hidden, num_experts, param_dtype=router_dtype, rngs=rngs)
-    self.experts = NVFP4Experts(hidden, intermediate, num_experts, rngs=rngs)
+    if activation == "nvfp4" and weight_only:
+      raise ValueError("activation='nvfp4' needs input_scale (weight_only)")
+    self.experts = NVFP4Experts(
+      hidden, intermediate, num_experts, weight_only=weight_only, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     experts = self.experts.require_prepared()

@@ -62,3 +62,14 @@ def test_demo_pipeline(tmp_path):
   assert w4a16 < 0.3
   assert result["errors"]["nvfp4"][0] < 0.4
   assert (tmp_path / "hf_checkpoint" / "model.safetensors").exists()
+
+
+def test_demo_model_path(tmp_path):
+  result = demo.run_model(tmp_path, seed=2, new_tokens=6)
+  assert result["report"].freed_bytes > 0
+  # Same weights, dequantized, in float32: only rounding may differ.
+  assert result["logits_error_dequantized"] < 1e-4
+  np.testing.assert_array_equal(
+    np.asarray(result["tokens"]), np.asarray(result["dequantized_tokens"])
+  )
+  assert (tmp_path / "llama_orbax").is_dir()
