@@ -100,16 +100,56 @@ class RMSNorm(nnx.Module):
     return (y * w.reshape((1,) * (y.ndim - 1) + (-1,))).astype(x.dtype)
 
 
-def rope_inv_freq(cfg: config_lib.ModelConfig) -> np.ndarray:
-  """Inverse frequencies, with the `rope_scaling` variants HF Llama uses."""
+def _yarn(cfg, scaling, inv: np.ndarray) -> tuple[np.ndarray, float]:
+  """YaRN (arXiv 2309.00071): blend interpolated and original frequencies
+  over a ramp of dimensions, and scale cos/sin by an attention factor."""
+  d, base = cfg.head_dim, cfg.rope_theta
+  factor = scaling["factor"]
+  original = scaling["original_max_position_embeddings"]
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention = scaling.get("attention_factor")
+  if attention is None:
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention = (
+      mscale(factor, m) / mscale(factor, m_all)
+      if m and m_all
+      else mscale(factor)
+    )
+
+  def dim_of(rotations):  # the dimension that turns `rotations` times
+    return (
+      d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    )
+
+  low = dim_of(scaling.get("beta_fast") or 32)
+  high = dim_of(scaling.get("beta_slow") or 1)
+  if scaling.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, d - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(d // 2) - low) / (high - low), 0, 1)
+  keep = 1 - ramp  # 1: keep the original frequency (fast dimensions)
+  return inv / factor * (1 - keep) + inv * keep, float(attention)
+
+
+def rope_parameters(cfg: config_lib.ModelConfig) -> tuple[np.ndarray, float]:
+  """Inverse frequencies and the cos/sin scale, for the `rope_scaling`
+  variants these models use: none, linear, llama3 and yarn."""
   d = cfg.head_dim
   inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
   scaling = cfg.rope_scaling
   if not scaling:
-    return inv.astype(np.float32)
+    return inv.astype(np.float32), 1.0
   kind = scaling.get("rope_type", scaling.get("type"))
   if kind == "linear":
-    return (inv / scaling["factor"]).astype(np.float32)
+    return (inv / scaling["factor"]).astype(np.float32), 1.0
+  if kind == "yarn":
+    inv, attention = _yarn(cfg, scaling, inv)
+    return inv.astype(np.float32), attention
   if kind == "llama3":
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -119,15 +159,15 @@ def rope_inv_freq(cfg: config_lib.ModelConfig) -> np.ndarray:
     scaled = np.where(wavelen > old / low, inv / factor, inv)
     mid = (wavelen <= old / low) & (wavelen >= old / high)
     blended = (1 - smooth) * inv / factor + smooth * inv
-    return np.where(mid, blended, scaled).astype(np.float32)
+    return np.where(mid, blended, scaled).astype(np.float32), 1.0
   raise NotImplementedError(f"rope_scaling type {kind!r} is not supported")
 
 
-def apply_rope(x, positions, inv_freq):
+def apply_rope(x, positions, inv_freq, scale=1.0):
   """HF's rotate-half RoPE on `x [B, T, heads, D]` at `positions [B, T]`."""
   angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None]
-  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
-  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :] * scale
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :] * scale
   xf = x.astype(jnp.float32)
   half = xf.shape[-1] // 2
   rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
@@ -161,8 +201,9 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
     else:
       self.q_norm = self.k_norm = None
-    # Static (a tuple of floats), so it is not a leaf of the param state.
-    self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg))
+    # Static (floats), so they are not leaves of the param state.
+    inv_freq, self.rope_scale = rope_parameters(cfg)
+    self.inv_freq = tuple(float(f) for f in inv_freq)
 
   def __call__(self, x, positions, cache):
     """x `[B, T, H]`; cache `(k, v)` of `[B, S, KVH, D]` or None."""
@@ -173,8 +214,8 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = apply_rope(q, positions, inv_freq, self.rope_scale)
+    k = apply_rope(k, positions, inv_freq, self.rope_scale)
     if cache is None:
       keys, values, key_pos = k, v, positions
     else:

@@ -1,5 +1,6 @@
 """Decoder models against transformers (fixtures) and on all architectures."""
 
+import json
 import pathlib
 
 import jax.numpy as jnp
@@ -110,7 +111,7 @@ def test_checkpoint_that_does_not_match_the_config(tmp_path, rng):
     models.from_pretrained(tmp_path / "c", progress=False)
 
 
-def test_config_parsing_and_rope_variants():
+def test_config_parsing():
   hf = {
     "model_type": "llama",
     "vocab_size": 32,
@@ -118,29 +119,53 @@ def test_config_parsing_and_rope_variants():
     "intermediate_size": 128,
     "num_hidden_layers": 1,
     "num_attention_heads": 4,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-      "rope_type": "llama3",
-      "factor": 8.0,
-      "low_freq_factor": 1.0,
-      "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 8192,
-    },
   }
   cfg = config_lib.ModelConfig.from_hf(hf)
   assert cfg.head_dim == 16 and cfg.num_key_value_heads == 4
-  inv = layers.rope_inv_freq(cfg)
-  plain = 1 / 500000.0 ** (np.arange(0, 16, 2) / 16)
-  wavelen = 2 * np.pi / plain
-  # Long wavelengths are divided by the factor, short ones kept.
-  np.testing.assert_allclose(
-    inv[wavelen > 8192], plain[wavelen > 8192] / 8, rtol=1e-6
-  )
-  np.testing.assert_allclose(
-    inv[wavelen < 2048], plain[wavelen < 2048], rtol=1e-6
-  )
+  assert cfg.rope_scaling is None and cfg.rope_theta == 10000.0
   with pytest.raises(NotImplementedError, match="gpt2"):
     config_lib.ModelConfig.from_hf({**hf, "model_type": "gpt2"})
-  yarn = dict(hf, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-  with pytest.raises(NotImplementedError, match="yarn"):
-    layers.rope_inv_freq(config_lib.ModelConfig.from_hf(yarn))
+  longrope = dict(hf, rope_scaling={"rope_type": "longrope", "factor": 4.0})
+  with pytest.raises(NotImplementedError, match="longrope"):
+    layers.rope_parameters(config_lib.ModelConfig.from_hf(longrope))
+
+
+@pytest.mark.parametrize("name", ["yarn_qwen3", "yarn_mscale", "llama3"])
+def test_rope_scaling_matches_transformers(name):
+  golden = json.loads(
+    (pathlib.Path(__file__).parent / "rope_golden.json").read_text()
+  )[name]
+  cfg = config_lib.ModelConfig.from_hf(
+    {
+      "model_type": "qwen3",
+      "vocab_size": 32,
+      "hidden_size": 512,
+      "intermediate_size": 128,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 4,
+      "head_dim": 128,
+      "max_position_embeddings": 131072,
+      "rope_parameters": {"rope_theta": 1000000.0, **golden["rope_scaling"]},
+    }
+  )
+  inv, scale = layers.rope_parameters(cfg)
+  np.testing.assert_allclose(inv, golden["inv_freq"], rtol=1e-6)
+  assert scale == pytest.approx(golden["attention_factor"], rel=1e-12)
+
+
+def test_tied_embeddings(tmp_path, rng):
+  params, hf, quant = synthetic.tiny_model(rng)
+  del params["lm_head"]
+  hf["tie_word_embeddings"] = True
+  checkpoint.save_modelopt(tmp_path / "c", params, hf, quant)
+  model = models.from_pretrained(
+    tmp_path / "c", dtype=jnp.float32, progress=False
+  )
+  ids = jnp.asarray([[1, 2, 3]], jnp.int32)
+  logits, _ = model(ids)
+  assert model.lm_head is None and logits.shape == (1, 3, 96)
+  h, _ = model.model(ids, jnp.asarray([[0, 1, 2]]), None)
+  emb = np.asarray(params["model"]["embed_tokens"]["weight"], np.float32)
+  np.testing.assert_allclose(
+    np.asarray(logits), np.asarray(h) @ emb.T, rtol=1e-4, atol=1e-5
+  )
