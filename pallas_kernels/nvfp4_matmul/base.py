@@ -17,6 +17,7 @@ import numpy as np
 
 from fp4jax.format import nvfp4
 from fp4jax.format import swizzle
+from pallas_kernels import common
 
 ACTIVATIONS = ("bf16", "nvfp4")
 
@@ -46,17 +47,7 @@ class PreparedLinear:
       hint = " (run fp4jax.transform.prepare first)" if stale else ""
       raise ValueError(f"layer is missing {missing}{hint}")
     w, bs = layer["weight"], layer["block_scale"]
-    if w.dtype != jnp.uint8 or w.ndim != 2:
-      raise ValueError(f"weight must be uint8 [N, K/2], got {w.dtype}{w.shape}")
-    n, k = w.shape[0], 2 * w.shape[1]
-    if k % nvfp4.BLOCK_SIZE:
-      raise ValueError(f"K={k} must be a multiple of {nvfp4.BLOCK_SIZE}")
-    want = swizzle.padded_shape(n, k // nvfp4.BLOCK_SIZE)
-    if bs.dtype != jnp.float8_e4m3fn or tuple(bs.shape) != want:
-      raise ValueError(
-        f"block_scale must be float8_e4m3fn {want} for weight {w.shape},"
-        f" got {bs.dtype}{bs.shape}"
-      )
+    common.check_packed("", w, bs, batch_dims=0)
     return cls(
       weight=w,
       block_scale=bs,

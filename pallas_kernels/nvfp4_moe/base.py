@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
 from fp4jax.format import swizzle
+from pallas_kernels import common
 
 SCORINGS = ("softmax",)
 
@@ -42,17 +43,7 @@ class StackedLinear:
         " fp4jax.transform.prepare"
       )
     w, bs = node[prefix + "weight"], node[prefix + "block_scale"]
-    if w.dtype != jnp.uint8 or w.ndim != 3:
-      raise ValueError(
-        f"{prefix}weight must be uint8 [E, N, K/2], got {w.dtype}{w.shape}"
-      )
-    e, n, k = w.shape[0], w.shape[1], 2 * w.shape[2]
-    want = (e, *swizzle.padded_shape(n, k // nvfp4.BLOCK_SIZE))
-    if bs.dtype != jnp.float8_e4m3fn or tuple(bs.shape) != want:
-      raise ValueError(
-        f"{prefix}block_scale must be float8_e4m3fn {want}, got"
-        f" {bs.dtype}{bs.shape}"
-      )
+    common.check_packed(prefix, w, bs, batch_dims=1)
     return cls(
       weight=w,
       block_scale=bs,

@@ -1,0 +1,36 @@
+"""Checks and helpers shared by the ops."""
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax.format import nvfp4
+from fp4jax.format import swizzle
+
+
+def check_packed(
+  name: str, weight: jax.Array, block_scale: jax.Array, batch_dims: int
+) -> tuple[int, int]:
+  """Validates a prepared `[*batch, N, K/2]` weight and its swizzled scales.
+
+  Returns:
+    (N, K) of the unpacked matrices.
+  """
+  ndim = batch_dims + 2
+  if weight.dtype != jnp.uint8 or weight.ndim != ndim:
+    dims = "[" + "E, " * batch_dims + "N, K/2]"
+    raise ValueError(
+      f"{name}weight must be uint8 {dims}, got {weight.dtype}{weight.shape}"
+    )
+  n, k = weight.shape[-2], 2 * weight.shape[-1]
+  if k % nvfp4.BLOCK_SIZE:
+    raise ValueError(f"{name}weight: K={k} must be a multiple of 16")
+  want = (
+    *weight.shape[:batch_dims],
+    *swizzle.padded_shape(n, k // nvfp4.BLOCK_SIZE),
+  )
+  if block_scale.dtype != jnp.float8_e4m3fn or tuple(block_scale.shape) != want:
+    raise ValueError(
+      f"{name}block_scale must be float8_e4m3fn {want} for weight"
+      f" {weight.shape}, got {block_scale.dtype}{block_scale.shape}"
+    )
+  return n, k
