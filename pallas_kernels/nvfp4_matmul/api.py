@@ -7,13 +7,24 @@ import jax
 
 from pallas_kernels import _dispatch
 from pallas_kernels.nvfp4_matmul import base
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 
-IMPLEMENTATIONS: dict[str, Callable] = {
-  "pallas": _dispatch.not_implemented("the Pallas Mosaic GPU NVFP4 matmul"),
-  "xla": base.reference_matmul,
-}
-# Tried in this order when implementation=None; the reference comes last.
-DEFAULT_ORDER = ("pallas", "xla")
+
+def _pallas(x, layer, *, activation, config):
+  return pallas_mosaic_gpu.nvfp4_matmul(
+    x, layer, activation=activation, config=config
+  )
+
+
+def _xla(x, layer, *, activation, config):
+  del config  # the reference has no tiles
+  return base.reference_matmul(x, layer, activation=activation)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {"pallas": _pallas, "xla": _xla}
+# Tried in this order when implementation=None. The Pallas kernel joins once
+# it has passed the GPU tier on an H200 (it is validated on CPU only).
+DEFAULT_ORDER = ("xla",)
 
 
 def nvfp4_matmul(
@@ -22,6 +33,7 @@ def nvfp4_matmul(
   *,
   activation: str = "bf16",
   implementation: str | None = None,
+  config=None,
 ) -> jax.Array:
   """`x @ W.T` for a prepared NVFP4 layer, float32 accumulation.
 
@@ -33,6 +45,8 @@ def nvfp4_matmul(
       them first with the layer's `input_scale_inv` (W4A4).
     implementation: None picks the fastest that supports the inputs; "xla" is
       the pure-jnp reference; "pallas" the Mosaic GPU kernel.
+    config: tiles for "pallas" (`pallas_kernels.nvfp4_matmul.config.Config`);
+      None uses the heuristic.
 
   Returns:
     `[..., M, N]` in x.dtype.
@@ -51,4 +65,5 @@ def nvfp4_matmul(
     x,
     prepared,
     activation=activation,
+    config=config,
   )

@@ -1,0 +1,107 @@
+"""The Pallas Mosaic GPU backend of `nvfp4_matmul`: checks, layout, dispatch.
+
+Picks the kernel body by GPU generation: sm90 (Hopper) decodes FP4 in
+registers for bf16 wgmma (`pallas_mosaic_gpu_kernel_sm90`). A Blackwell body
+using the native block-scaled MMA (tcgen05, which reads the 128x4 swizzled
+scales as they are) belongs beside it as `..._kernel_sm100.py`.
+
+Status: v0. Correct in Mosaic GPU's CPU interpreter and lowers for sm_90;
+not yet run or timed on an H200, so `implementation=None` does not pick it.
+Block scales are unswizzled and widened to f32 per call (XLA) instead of
+being read from the swizzled layout inside the kernel, and N % 64, K % 128
+are required.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax.format import nvfp4
+from pallas_kernels.nvfp4_matmul import base
+from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
+
+
+def _check_device(interpret: bool) -> None:
+  if interpret:
+    return
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    raise NotImplementedError(
+      "the Mosaic GPU NVFP4 matmul needs an NVIDIA GPU"
+      f" (found {device.platform}); interpret=True runs it on CPU"
+    )
+  major = str(device.compute_capability).split(".")[0]
+  if major != "9":
+    raise NotImplementedError(
+      f"no NVFP4 Mosaic GPU kernel for compute capability"
+      f" {device.compute_capability} yet (sm90 only)"
+    )
+
+
+def nvfp4_matmul(
+  x: jax.Array,
+  layer: base.PreparedLinear,
+  *,
+  activation: str = "bf16",
+  config: config_lib.Config | None = None,
+  interpret: bool = False,
+) -> jax.Array:
+  """`x @ W.T` on the Mosaic GPU kernel; see `api.nvfp4_matmul`.
+
+  Raises:
+    NotImplementedError: no suitable GPU (and not `interpret`), or a shape
+      this version does not tile (N % 64, K % 128).
+  """
+  base.check_inputs(x, layer, activation)
+  _check_device(interpret)
+  n, k = layer.n, layer.k
+  if n % config_lib.WGMMA_ROWS or k % 128:
+    raise NotImplementedError(
+      f"N={n} must be a multiple of 64 and K={k} of 128 (no padding yet)"
+    )
+  m = x.size // k
+  config = config or config_lib.heuristic(m, n, k)
+  if n % config.block_n or k % config.block_k:
+    raise ValueError(f"{config} does not tile N={n}, K={k}")
+  return _run(
+    x,
+    dataclasses.asdict(layer),
+    activation=activation,
+    config=config,
+    interpret=interpret,
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("activation", "config", "interpret")
+)
+def _run(x, leaves, *, activation, config, interpret):
+  layer = base.PreparedLinear(**leaves)
+  lead, k = x.shape[:-1], x.shape[-1]
+  rows = x.reshape(-1, k)
+  m = rows.shape[0]
+  if activation == "nvfp4":
+    packed, scale = nvfp4.quantize_activation(rows, layer.input_scale_inv)
+    # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
+    # activations exactly; alpha supplies both tensor scales.
+    rows = nvfp4.dequantize_blocks(packed, scale)
+    factor = layer.alpha
+  else:
+    factor = layer.weight_scale_2()
+  rows = rows.astype(jnp.bfloat16)
+  padded = -(-m // config.block_m) * config.block_m
+  rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
+  scales_t = layer.row_major_block_scale().astype(jnp.float32).T
+  out = sm90.matmul(
+    layer.weight,
+    rows[:, 0::2],
+    rows[:, 1::2],
+    scales_t,
+    config=config,
+    interpret=interpret,
+  )
+  y = out[:, :m].T * factor
+  return y.astype(x.dtype).reshape(*lead, layer.n)
