@@ -8,6 +8,8 @@ import pytest
 import fp4jax
 from fp4jax import transform
 from tests import numpy_reference as ref
+from tests import sources
+from tests import trees
 
 
 def linear_source(rng, n, k, *, weight_only=False):
@@ -23,25 +25,9 @@ def linear_source(rng, n, k, *, weight_only=False):
 
 
 def experts_source(rng, e, hidden, inter, *, equal_gate_up=True):
-  def stack(n, k):
-    w = jnp.asarray(rng.standard_normal((e, n, k)), jnp.float32)
-    return fp4jax.quantize(w)
-
-  w13, w2 = stack(2 * inter, hidden), stack(hidden, inter)
-  up_scale = w13.global_scale
-  if not equal_gate_up:
-    up_scale = up_scale * jnp.float32(1.5)
-  inp = jnp.asarray(rng.uniform(1e-3, 1e-1, e), jnp.float32)
-  return {
-    "w13_weight": w13.packed,
-    "w13_weight_scale": w13.block_scale,
-    "w13_weight_scale_2": jnp.stack([w13.global_scale, up_scale], -1),
-    "w13_input_scale": jnp.stack([inp, inp], -1),
-    "w2_weight": w2.packed,
-    "w2_weight_scale": w2.block_scale,
-    "w2_weight_scale_2": w2.global_scale,
-    "w2_input_scale": jnp.asarray(rng.uniform(1e-3, 1e-1, e), jnp.float32),
-  }
+  return sources.experts_source(
+    rng, e, hidden, inter, up_factor=1.0 if equal_gate_up else 1.5
+  )
 
 
 def model_source(rng, *, equal_gate_up=True):
@@ -188,17 +174,6 @@ def test_prepare_is_idempotent_and_pure(rng):
   assert leaves_by_path(twice) == leaves_by_path(once)
 
 
-def assert_trees_bit_equal(a, b):
-  la, lb = leaves_by_path(a), leaves_by_path(b)
-  assert la.keys() == lb.keys()
-  for path in la:
-    x, y = np.asarray(la[path]), np.asarray(lb[path])
-    assert x.dtype == y.dtype and x.shape == y.shape, path
-    np.testing.assert_array_equal(
-      x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8), path
-    )
-
-
 def test_reload_into_prepared_tree_equals_fresh_load(rng):
   # A weight update restores the full source set for a layer into a tree
   # that still holds derived leaves from the old weights: prepare must
@@ -214,7 +189,7 @@ def test_reload_into_prepared_tree_equals_fresh_load(rng):
   )
   reloaded, report = fp4jax.prepare(mixed)
   fresh, _ = fp4jax.prepare(new)
-  assert_trees_bit_equal(reloaded, fresh)
+  trees.assert_bit_equal(fresh, reloaded)
   assert any(r.path.endswith("/alpha") for r in report.removed)
 
 

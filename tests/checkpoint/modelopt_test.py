@@ -16,24 +16,10 @@ from fp4jax import errors
 from fp4jax.checkpoint import modelopt
 from fp4jax.checkpoint import safetensors_io
 from fp4jax.checkpoint import synthetic
+from tests import trees
 
 CheckpointError = errors.CheckpointError
 E4M3 = ml_dtypes.float8_e4m3fn
-
-
-def _assert_same_tree(expected, actual):
-  """Same structure, dtypes, shapes and bytes (bit equality)."""
-  assert jax.tree.structure(expected) == jax.tree.structure(actual)
-  for (path, want), got in zip(
-    jax.tree_util.tree_leaves_with_path(expected),
-    jax.tree.leaves(actual),
-    strict=True,
-  ):
-    want, got = np.asarray(want), np.asarray(got)
-    where = jax.tree_util.keystr(path)
-    assert got.dtype == want.dtype, where
-    assert got.shape == want.shape, where
-    assert got.tobytes() == want.tobytes(), where
 
 
 def _load(directory, **kwargs):
@@ -71,7 +57,7 @@ def test_round_trip(tmp_path, rng, model_type, options, max_shard_bytes):
   assert (tmp_path / modelopt.SINGLE_FILE).exists() != sharded
 
   loaded, config = _load(tmp_path)
-  _assert_same_tree(params, loaded)
+  trees.assert_bit_equal(params, loaded)
   assert config.quantization == quant
   assert config.hf_config["model_type"] == model_type
   assert config.hf_config["quantization_config"]["quant_method"] == "modelopt"
@@ -231,7 +217,7 @@ def test_warns_when_qkv_input_scales_differ(tmp_path, rng):
   modelopt.save_modelopt(tmp_path, params, hf_config, quant)
   with pytest.warns(UserWarning, match=r"layers\.0\.self_attn: q_proj/k_"):
     loaded, _ = modelopt.load_modelopt(tmp_path, progress=False)
-  _assert_same_tree(params, loaded)  # Kept as stored.
+  trees.assert_bit_equal(params, loaded)  # Kept as stored.
 
 
 def test_warns_when_expert_gate_up_input_scales_differ(tmp_path, rng):
@@ -243,7 +229,7 @@ def test_warns_when_expert_gate_up_input_scales_differ(tmp_path, rng):
   modelopt.save_modelopt(tmp_path, params, hf_config, quant)
   with pytest.warns(UserWarning, match=r"0\.mlp\.experts: gate and up.*\[2\]"):
     loaded, _ = modelopt.load_modelopt(tmp_path, progress=False)
-  _assert_same_tree(params, loaded)
+  trees.assert_bit_equal(params, loaded)
 
 
 # ------------------------------------------------------------ configs
@@ -390,7 +376,7 @@ def test_config_from_either_file(tmp_path, rng, keep):
     (tmp_path / modelopt.LEGACY_CONFIG_FILE).unlink()
   loaded, config = _load(tmp_path)
   assert config.quantization == quant
-  _assert_same_tree(params, loaded)
+  trees.assert_bit_equal(params, loaded)
 
 
 def test_config_files_disagree(tmp_path, rng):

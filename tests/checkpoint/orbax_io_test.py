@@ -11,23 +11,10 @@ from fp4jax import errors
 from fp4jax.checkpoint import modelopt
 from fp4jax.checkpoint import orbax_io
 from fp4jax.checkpoint import synthetic
+from tests import trees
 
 CheckpointError = errors.CheckpointError
 P = jax.sharding.PartitionSpec
-
-
-def _assert_same_tree(expected, actual):
-  assert jax.tree.structure(expected) == jax.tree.structure(actual)
-  for (path, want), got in zip(
-    jax.tree_util.tree_leaves_with_path(expected),
-    jax.tree.leaves(actual),
-    strict=True,
-  ):
-    where = jax.tree_util.keystr(path)
-    assert isinstance(got, jax.Array), where
-    want, got = np.asarray(want), np.asarray(got)
-    assert (got.dtype, got.shape) == (want.dtype, want.shape), where
-    assert got.tobytes() == want.tobytes(), where
 
 
 def _params(rng):
@@ -60,14 +47,14 @@ def test_round_trip_through_abstract_tree(tmp_path, rng):
   restored = orbax_io.restore_params(
     tmp_path / "ckpt", abstract_params=abstract
   )
-  _assert_same_tree(params, restored)
+  trees.assert_bit_equal(params, restored, device_arrays=True)
 
 
 def test_round_trip_from_stored_metadata(tmp_path, rng):
   params = _params(rng)
   orbax_io.save_params(str(tmp_path / "ckpt"), params)
   restored = orbax_io.restore_params(str(tmp_path / "ckpt"))
-  _assert_same_tree(params, restored)
+  trees.assert_bit_equal(params, restored, device_arrays=True)
   device = jax.devices()[0]
   for leaf in jax.tree.leaves(restored):
     assert leaf.sharding == jax.sharding.SingleDeviceSharding(device)
@@ -83,7 +70,7 @@ def test_one_sharding_for_all_leaves(tmp_path, rng):
   orbax_io.save_params(tmp_path / "ckpt", params)
   sharding = jax.sharding.NamedSharding(_mesh(), P())
   restored = orbax_io.restore_params(tmp_path / "ckpt", sharding=sharding)
-  _assert_same_tree(params, restored)
+  trees.assert_bit_equal(params, restored, device_arrays=True)
   for leaf in jax.tree.leaves(restored):
     assert leaf.sharding == sharding
 
@@ -104,7 +91,7 @@ def test_tree_of_shardings(tmp_path, rng):
   restored = orbax_io.restore_params(
     tmp_path / "ckpt", abstract_params=abstract, sharding=shardings
   )
-  _assert_same_tree(params, restored)
+  trees.assert_bit_equal(params, restored, device_arrays=True)
   for got, want in zip(
     jax.tree.leaves(restored), jax.tree.leaves(shardings), strict=True
   ):
@@ -130,7 +117,9 @@ def test_relative_paths(tmp_path, rng, monkeypatch):
   params = _params(rng)
   orbax_io.save_params("ckpt", params)
   assert (tmp_path / "ckpt").is_dir()
-  _assert_same_tree(params, orbax_io.restore_params(pathlib.Path("ckpt")))
+  trees.assert_bit_equal(
+    params, orbax_io.restore_params(pathlib.Path("ckpt")), device_arrays=True
+  )
 
 
 def test_refuses_bad_paths_and_trees(tmp_path, rng):
@@ -157,4 +146,4 @@ def test_modelopt_to_orbax_and_back(tmp_path, rng):
   restored = orbax_io.restore_params(
     tmp_path / "orbax", abstract_params=jax.eval_shape(lambda: loaded)
   )
-  _assert_same_tree(params, restored)
+  trees.assert_bit_equal(params, restored, device_arrays=True)

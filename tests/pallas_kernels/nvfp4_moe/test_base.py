@@ -8,29 +8,23 @@ import pytest
 import fp4jax
 import pallas_kernels
 from tests import numpy_reference as ref
+from tests import sources
 from tests import tolerance
 
 
 def make_experts(rng, e, hidden, inter, *, unequal_gate_up=False):
   """A prepared experts node from fresh random weights, and its sources."""
-
-  def stack(n, k):
-    w = rng.standard_normal((e, n, k)).astype(np.float32) * 0.05
-    return fp4jax.quantize(jnp.asarray(w))
-
-  w13, w2 = stack(2 * inter, hidden), stack(hidden, inter)
-  up = w13.global_scale * (1.25 if unequal_gate_up else 1.0)
-  in13 = jnp.asarray(rng.uniform(2, 6, e) / 2688, jnp.float32)
-  src = {
-    "w13_weight": w13.packed,
-    "w13_weight_scale": w13.block_scale,
-    "w13_weight_scale_2": jnp.stack([w13.global_scale, up], -1),
-    "w13_input_scale": jnp.stack([in13, in13], -1),
-    "w2_weight": w2.packed,
-    "w2_weight_scale": w2.block_scale,
-    "w2_weight_scale_2": w2.global_scale,
-    "w2_input_scale": jnp.asarray(rng.uniform(0.5, 2, e) / 2688, jnp.float32),
-  }
+  src = sources.experts_source(
+    rng,
+    e,
+    hidden,
+    inter,
+    weight_std=0.05,
+    up_factor=1.25 if unequal_gate_up else 1.0,
+    # Activation amaxes of a few units, like real calibrations.
+    w13_input_scale=(2 / 2688, 6 / 2688),
+    w2_input_scale=(0.5 / 2688, 2 / 2688),
+  )
   prepared, _ = fp4jax.prepare({"experts": src})
   return prepared["experts"], jax.tree.map(np.asarray, src)
 
