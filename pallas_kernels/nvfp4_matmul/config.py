@@ -1,46 +1,79 @@
-"""Tile configuration of the Mosaic GPU NVFP4 matmul."""
+"""Tile configuration of the Mosaic GPU NVFP4 matmul, and its heuristic."""
 
 import dataclasses
-
-from fp4jax.format import nvfp4
+import math
 
 WGMMA_ROWS = 64  # rows of the A operand one warpgroup issues
+TILE_ROWS = 2 * WGMMA_ROWS  # weight rows per CTA (two compute warpgroups)
+H200_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   """Tiles of the sm90 kernel.
 
+  A CTA always covers 128 weight rows (two compute warpgroups of 64, one
+  128-row tile of swizzled block scales).
+
   Attributes:
-    block_n: weight rows per CTA (the MMA's M side); a multiple of 64.
-    block_k: K per pipeline step; a multiple of 128 (two packed halves of
-      64 bytes, each a 128-byte swizzled bf16 row after decoding).
+    block_k: K per pipeline step: 64, 128 or 256.
     block_m: tokens per CTA (the MMA's N side); a multiple of 8, <= 256.
     num_stages: pipeline depth (concurrent TMA loads).
+    splits: CTAs that share one output tile's K range (split-K), so that
+      small token counts still give every SM weights to stream.
   """
 
-  block_n: int = 64
   block_k: int = 128
   block_m: int = 16
-  num_stages: int = 2
+  num_stages: int = 4
+  splits: int = 1
 
   def __post_init__(self):
-    if self.block_n % WGMMA_ROWS:
-      raise ValueError(f"{self.block_n=} must be a multiple of 64")
-    if self.block_k % 128:
-      raise ValueError(f"{self.block_k=} must be a multiple of 128")
+    if self.block_k not in (64, 128, 256):
+      raise ValueError(f"{self.block_k=} must be 64, 128 or 256")
     if self.block_m % 8 or not 8 <= self.block_m <= 256:
       raise ValueError(f"{self.block_m=} must be a multiple of 8 in [8, 256]")
     if self.num_stages < 1:
       raise ValueError(f"{self.num_stages=} must be >= 1")
+    if self.splits < 1:
+      raise ValueError(f"{self.splits=} must be >= 1")
 
-  @property
-  def blocks_per_step(self) -> int:
-    return self.block_k // nvfp4.BLOCK_SIZE
+  def smem_bytes(self) -> int:
+    per_stage = (
+      TILE_ROWS * self.block_k // 2  # packed weights
+      + 2 * self.block_m * self.block_k  # even and odd bf16 activations
+      + TILE_ROWS * self.block_k // 16  # block scales
+    )
+    epilogue = 2 * WGMMA_ROWS * self.block_m * 4
+    return self.num_stages * per_stage + epilogue
 
 
-def heuristic(m: int, n: int, k: int) -> Config:
-  """A first guess per shape (not tuned on hardware yet)."""
-  del n, k
-  block_m = min(128, -(-m // 8) * 8)
-  return Config(block_m=block_m)
+SMEM_LIMIT = 227 * 1024
+
+
+def heuristic(m: int, n: int, k: int, num_sms: int = H200_SMS) -> Config:
+  """A config per shape: tokens per CTA, K step, and split-K for decode."""
+  block_m = 128 if m >= 128 else max(8, -(-m // 8) * 8)
+  block_k = next(bk for bk in (256, 128, 64) if k % bk == 0)
+  if block_m > 64 and block_k == 256:
+    block_k = 128
+  tiles = (n // TILE_ROWS) * -(-m // block_m)
+  k_steps = k // block_k
+  best, best_eff = 1, 0.0
+  # Split K only while the output tiles alone leave SMs idle: partial sums
+  # cost float32 traffic that grows with M.
+  max_splits = 1 if tiles >= 2 * num_sms else 16
+  for splits in range(1, max_splits + 1):
+    if k_steps % splits or k_steps // splits < 2:
+      continue
+    units = tiles * splits
+    eff = units / (math.ceil(units / num_sms) * num_sms)
+    if eff > best_eff + 0.02:
+      best, best_eff = splits, eff
+  stages = 4
+  config = Config(
+    block_k=block_k, block_m=block_m, num_stages=stages, splits=best
+  )
+  while config.smem_bytes() > SMEM_LIMIT and config.num_stages > 2:
+    config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+  return config

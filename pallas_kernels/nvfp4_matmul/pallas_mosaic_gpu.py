@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from fp4jax.format import nvfp4
 from pallas_kernels.nvfp4_matmul import base
@@ -58,14 +59,14 @@ def nvfp4_matmul(
   base.check_inputs(x, layer, activation)
   _check_device(interpret)
   n, k = layer.n, layer.k
-  if n % config_lib.WGMMA_ROWS or k % 128:
+  if n % config_lib.TILE_ROWS or k % 64:
     raise NotImplementedError(
-      f"N={n} must be a multiple of 64 and K={k} of 128 (no padding yet)"
+      f"N={n} must be a multiple of 128 and K={k} of 64 (no padding yet)"
     )
   m = x.size // k
-  config = config or config_lib.heuristic(m, n, k)
-  if n % config.block_n or k % config.block_k:
-    raise ValueError(f"{config} does not tile N={n}, K={k}")
+  config = config or config_lib.heuristic(m, n, k, _num_sms(interpret))
+  if k % config.block_k or (k // config.block_k) % config.splits:
+    raise ValueError(f"{config} does not tile K={k}")
   return _run(
     x,
     dataclasses.asdict(layer),
@@ -75,10 +76,17 @@ def nvfp4_matmul(
   )
 
 
+def _num_sms(interpret: bool) -> int:
+  if interpret:
+    return 4
+  return getattr(jax.devices()[0], "core_count", config_lib.H200_SMS)
+
+
 @functools.partial(
   jax.jit, static_argnames=("activation", "config", "interpret")
 )
 def _run(x, leaves, *, activation, config, interpret):
+  splits = config.splits
   layer = base.PreparedLinear(**leaves)
   lead, k = x.shape[:-1], x.shape[-1]
   rows = x.reshape(-1, k)
@@ -94,14 +102,23 @@ def _run(x, leaves, *, activation, config, interpret):
   rows = rows.astype(jnp.bfloat16)
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
-  scales_t = layer.row_major_block_scale().astype(jnp.float32).T
+  factor = jnp.asarray(factor, jnp.float32).reshape(1)
   out = sm90.matmul(
     layer.weight,
     rows[:, 0::2],
     rows[:, 1::2],
-    scales_t,
+    _scale_words(layer.block_scale),
+    factor,
     config=config,
     interpret=interpret,
   )
-  y = out[:, :m].T * factor
+  if splits > 1:
+    out = out.sum(axis=0).T * (factor[0] * 2.0**-sm90.PRODUCT_EXPONENT)
+  y = out[:m]
   return y.astype(x.dtype).reshape(*lead, layer.n)
+
+
+def _scale_words(block_scale: jax.Array) -> jax.Array:
+  """Swizzled E4M3 scales as int32 words `[tiles * chunks, 128]` (a view)."""
+  as_bytes = lax.bitcast_convert_type(block_scale, jnp.uint8).reshape(-1, 4)
+  return lax.bitcast_convert_type(as_bytes, jnp.int32).reshape(-1, 128)

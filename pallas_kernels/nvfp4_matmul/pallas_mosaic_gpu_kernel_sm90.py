@@ -1,171 +1,392 @@
 """The sm90 (Hopper) NVFP4 x bf16 matmul body: decode in registers, bf16 wgmma.
 
-Hopper has no FP4 MMA, so each pipeline step decodes a packed weight tile
-into bf16 and feeds wgmma with float32 accumulation. Weights are the MMA's A
-side (rows = output features), tokens its N side, so small token counts
-still fill the MMA.
+Hopper has no FP4 MMA, so every pipeline step decodes a packed weight tile
+into bf16 in registers and feeds it to wgmma as the A operand, with float32
+accumulation. Weights are the MMA's M side (rows = output features) and
+tokens its N side, so even one token fills the MMA's rows.
 
-Natural NVFP4 order packs k = 2j in the low nibble and k = 2j + 1 in the
-high one. Rather than interleave in registers, the kernel decodes the two
-nibble planes into two A tiles and multiplies them with the even and the odd
-activation columns (split outside, cheap at decode sizes): two wgmmas into
-one accumulator. Within a plane, the 16 values of a block scale are 8
-adjacent columns.
+Layout choices, all made so that no weight byte is moved or repacked:
+- Natural NVFP4 order packs k = 2j in the low nibble and k = 2j + 1 in the
+  high one. The kernel decodes the low and the high nibble plane into two A
+  tiles and multiplies them with the even and the odd activation columns
+  (`x_even`, `x_odd`, split by the caller): two wgmmas into one accumulator.
+  In a plane, the 16 values of one block scale are 8 adjacent columns, which
+  is exactly one register column group of the WGMMA layout.
+- Block scales are read from the checkpoint's 128x4 swizzled layout as
+  int32 words: word `(r % 32) * 4 + r // 32` of a 512-byte chunk holds the
+  four E4M3 scales of row `r` for four consecutive K blocks.
+- Two compute warpgroups take 64 weight rows each of a 128-row tile (one
+  swizzle tile of scales); a third warpgroup issues the TMA loads
+  (`emit_pipeline_warp_specialized`).
+- Small token counts split K across CTAs (`splits`) so that all SMs stream
+  weights; partial sums come back in float32 and the caller adds them.
 
-Codes decode exactly through the f16 bit pattern `(c & 8) << 12 |
-(c & 7) << 9` times 2**14 (no subnormals, so it is also exact where interpret
-mode flushes them); a block-scale multiply in bf16 is exact (2 x 4
-significant bits).
+Decoding (GPU, inline PTX per register, see `_decode_ptx`): the E2M1 code's
+sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
+(a subnormal for 0.5, exact on the GPU) and multiplied by the block scale
+times `2**118`, so products carry a `2**-8` factor that the epilogue removes
+together with the tensor scale. Every E2M1 x E4M3 product is exact in bf16.
+
+Mosaic GPU's CPU interpreter cannot run inline PTX or register-A wgmma, so
+with `interpret=True` the same kernel decodes with jnp ops into SMEM and
+runs wgmma from there (`_decode_jnp`); tiling, pipelining, the scale layout,
+split-K and the epilogues are the same code in both modes.
 """
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.nvfp4_matmul import config as config_lib
 
-_PLANE_COLUMNS_PER_BLOCK = 8  # 16 values of one block scale, one nibble plane
+WG_ROWS = config_lib.WGMMA_ROWS  # weight rows per compute warpgroup
+TILE_ROWS = 2 * WG_ROWS  # rows per CTA = one 128-row tile of swizzled scales
+PLANE_COLUMNS_PER_BLOCK = 8  # 16 values of a block scale in one nibble plane
+SCALE_CHUNK_K = 64  # K covered by one 512-byte chunk (4 blocks of 16)
+PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 
 
-def _swizzled(bits: int, swizzle: int):
+def _swizzled(bits: int, row_bytes: int):
+  swizzle = min(128, row_bytes)
   return (
     plgpu.TilingTransform((8, swizzle * 8 // bits)),
     plgpu.SwizzleTransform(swizzle),
   )
 
 
-def _decode(codes):
-  """uint16 E2M1 codes -> exact bf16 values."""
-  bits = ((codes & 8) << 12) | ((codes & 7) << 9)
-  half = lax.bitcast_convert_type(bits, jnp.float16) * jnp.float16(2.0**14)
-  return half.astype(jnp.bfloat16)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static geometry of one call."""
+
+  n: int
+  k: int
+  m: int  # padded token count
+  splits: int
+  config: config_lib.Config
+
+  @property
+  def k_steps(self) -> int:
+    return self.k // self.config.block_k
+
+  @property
+  def steps_per_split(self) -> int:
+    return self.k_steps // self.splits
+
+  @property
+  def plane_k(self) -> int:
+    return self.config.block_k // 2
+
+  @property
+  def scale_chunks(self) -> int:
+    return self.config.block_k // SCALE_CHUNK_K
 
 
+# ----------------------------------------------------------------- decoding
+def _decode_ptx(w, s_smem, plan: Plan):
+  """u8 [64, plane_k] (WGMMA) -> scaled bf16 (lo plane, hi plane) via PTX."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  from jax._src.lib.mlir.dialects import memref
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  bf16_type = plgpu.ShapeDtypeStruct(
+    (WG_ROWS, plan.plane_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA
+  )
+
+  @plgpu.inline_mgpu(
+    arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+    return_type=(bf16_type, bf16_type),
+  )
+  def decode(_, codes, scales):
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+
+    def const(v):
+      return arith.constant(i32, v)
+
+    tid = mgpu_utils.thread_idx()
+    # Row of this thread inside the 128-row tile, for row half 0 and 1.
+    wg = arith.divui(tid, const(128))
+    in_wg = arith.remui(tid, const(128))
+    row = arith.addi(
+      arith.addi(
+        arith.muli(wg, const(WG_ROWS)),
+        arith.muli(arith.divui(in_wg, const(32)), const(16)),
+      ),
+      arith.divui(arith.remui(in_wg, const(32)), const(4)),
+    )
+
+    def word_index(r):
+      return arith.index_castui(
+        index,
+        arith.addi(
+          arith.muli(arith.remui(r, const(32)), const(4)),
+          arith.divui(r, const(32)),
+        ),
+      )
+
+    words = {}
+    for half in range(2):
+      slot = word_index(arith.addi(row, const(8 * half)))
+      for chunk in range(plan.scale_chunks):
+        chunk_idx = arith.constant(index, chunk)
+        words[half, chunk] = memref.load(scales, [chunk_idx, slot])
+
+    def splat_scales(word):
+      """One int32 of 4 E4M3 scales -> 4 bf16x2 {s, s} * 2**118."""
+      return mgpu_utils.inline_ptx(
+        """{
+        .reg .b16 lo, hi;
+        .reg .b32 h01, h23, b01, b23, two115;
+        mov.b32 {lo, hi}, $4;
+        mov.b32 two115, 0x79007900;
+        cvt.rn.f16x2.e4m3x2 h01, lo;
+        cvt.rn.f16x2.e4m3x2 h23, hi;
+        // f16 -> bf16 bits: exponent rebias by shifting (scales are >= 0
+        // and have no low mantissa bits), worth s * 2**-112; then twice
+        // * 2**115 (2**230 is beyond bf16).
+        shr.b32 b01, h01, 3;
+        shr.b32 b23, h23, 3;
+        and.b32 b01, b01, 0x0FFF0FFF;
+        and.b32 b23, b23, 0x0FFF0FFF;
+        mul.rn.bf16x2 b01, b01, two115;
+        mul.rn.bf16x2 b23, b23, two115;
+        mul.rn.bf16x2 b01, b01, two115;
+        mul.rn.bf16x2 b23, b23, two115;
+        prmt.b32 $0, b01, b01, 0x1010;
+        prmt.b32 $1, b01, b01, 0x3232;
+        prmt.b32 $2, b23, b23, 0x1010;
+        prmt.b32 $3, b23, b23, 0x3232;
+        }""",
+        word,
+        result_types=[i32] * 4,
+      )
+
+    scale_regs = {}
+    for (half, chunk), word in words.items():
+      for q, reg in enumerate(splat_scales(word)):
+        scale_regs[half, chunk * 4 + q] = reg
+
+    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+    lo_regs = np.empty(codes.registers.shape, dtype=object)
+    hi_regs = np.empty(codes.registers.shape, dtype=object)
+    for idx, reg in np.ndenumerate(codes.registers):
+      column_group, half = idx[1], idx[4]
+      packed = mgpu_utils.bitcast(reg, ir.IntegerType.get_signless(16))
+      packed = arith.extui(i32, packed)
+      lo, hi = mgpu_utils.inline_ptx(
+        """{
+        .reg .b32 x, y, m;
+        // bytes b0, b0, b1, b1: each 16-bit half has one code on top.
+        prmt.b32 x, $2, $2, 0x1100;
+        shl.b32 y, x, 4;
+        and.b32 m, x, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, x, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $1, m, $3;
+        and.b32 m, y, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, y, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $0, m, $3;
+        }""",
+        packed,
+        scale_regs[half, column_group],
+        result_types=[i32, i32],
+      )
+      lo_regs[idx] = mgpu_utils.bitcast(lo, bf16x2)
+      hi_regs[idx] = mgpu_utils.bitcast(hi, bf16x2)
+
+    def array(regs):
+      return mgpu.FragmentedArray(
+        _registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None
+      )
+
+    return array(lo_regs), array(hi_regs)
+
+  return decode(w, s_smem)
+
+
+def _decode_jnp(w, s_smem, wg, plan: Plan):
+  """The same numbers with jnp ops, for the CPU interpreter."""
+  codes = w.astype(jnp.int32)
+  words = s_smem[...]  # int32 [chunks, 128]
+  scale_bytes = lax.bitcast_convert_type(words, jnp.uint8)  # [c, 128, 4]
+  # word (rr * 4 + q) of a chunk is row q * 32 + rr.
+  scale_bytes = scale_bytes.reshape(plan.scale_chunks, 32, 4, 4)
+  scale_bytes = scale_bytes.transpose(2, 1, 0, 3).reshape(TILE_ROWS, -1)
+  scale_bytes = lax.dynamic_slice_in_dim(scale_bytes, wg * WG_ROWS, WG_ROWS)
+  scales = lax.bitcast_convert_type(scale_bytes, jnp.float8_e4m3fn)
+  scales = jnp.repeat(
+    scales.astype(jnp.float32), PLANE_COLUMNS_PER_BLOCK, axis=1
+  )
+
+  def plane(c):
+    # f16 bit pattern of the code times 2**14 (flush-safe on CPU).
+    bits = ((c & 8) << 12) | ((c & 7) << 9)
+    half = lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16)
+    value = half.astype(jnp.float32) * 2.0**14
+    return (value * scales * 2.0**PRODUCT_EXPONENT).astype(jnp.bfloat16)
+
+  return plane(codes & 0xF), plane(codes >> 4)
+
+
+# ------------------------------------------------------------------- kernel
 def matmul(
   packed: jax.Array,  # uint8 [N, K/2]
   x_even: jax.Array,  # bf16 [M, K/2], columns k = 0, 2, 4, ...
   x_odd: jax.Array,  # bf16 [M, K/2], columns k = 1, 3, 5, ...
-  scales_t: jax.Array,  # float32 [K/16, N], block scales transposed
+  scale_words: jax.Array,  # int32 [N/128 * K/64, 128], swizzled block scales
+  factor: jax.Array,  # float32 [1]: tensor scale (alpha or weight_scale_2)
   *,
   config: config_lib.Config,
   interpret: bool = False,
 ) -> jax.Array:
-  """Returns `[N, M]` float32: `deq(W) @ x.T` without the tensor scale."""
+  """`x @ deq(W).T * factor`.
+
+  Returns bf16 `[M, N]` when `splits == 1`, else float32 partial sums
+  `[splits, N, M]` without `factor` (the caller adds them and scales).
+  """
   n, half_k = packed.shape
-  m = x_even.shape[0]
+  splits = config.splits
+  plan = Plan(
+    n=n, k=2 * half_k, m=x_even.shape[0], splits=splits, config=config
+  )
   cfg = config
-  if n % cfg.block_n or (2 * half_k) % cfg.block_k or m % cfg.block_m:
+  if (
+    n % TILE_ROWS
+    or plan.k % cfg.block_k
+    or plan.m % cfg.block_m
+    or plan.k_steps % splits
+  ):
     raise ValueError(
-      f"shapes {packed.shape}, {x_even.shape} not tiled by {cfg}"
+      f"shapes {packed.shape}, {x_even.shape} not tiled by {cfg}, {splits=}"
     )
-  plane_k = cfg.block_k // 2
-  k_steps = 2 * half_k // cfg.block_k
-  wg_tiles = cfg.block_n // config_lib.WGMMA_ROWS
+  n_tiles, m_tiles = n // TILE_ROWS, plan.m // cfg.block_m
+  steps = plan.steps_per_split
+  chunks_per_row_tile = plan.k // SCALE_CHUNK_K
+  a_in_smem = interpret
 
-  w_swizzle = min(128, plane_k)  # bytes per packed row in one step
-
-  def body(w_gmem, xe_gmem, xo_gmem, s_gmem, o_gmem, a_smem, o_smem):
+  def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, o_gmem, *scratch):
+    o_smem, a_smem = scratch[0], (scratch[1] if a_in_smem else None)
     ni = lax.axis_index("n")
     mi = lax.axis_index("m")
+    si = lax.axis_index("split")
+    k0 = si * steps
 
-    def acc_scope(*accs):
-      def step(_, w_smem, xe_smem, xo_smem, s_smem):
-        for t, acc in enumerate(accs):
-          rows = pl.ds(t * config_lib.WGMMA_ROWS, config_lib.WGMMA_ROWS)
-          w = plgpu.load(w_smem.at[rows], layout=plgpu.Layout.WGMMA)
-          w = w.astype(jnp.uint16)
-          for plane, codes in enumerate((w & 0xF, w >> 4)):
-            a_smem[t, plane] = _scaled(_decode(codes), s_smem, rows)
+    def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, acc_ref):
+      wg = lax.axis_index("wg")
+      w = plgpu.load(
+        w_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)], (), layout=plgpu.Layout.WGMMA
+      )
+      if a_in_smem:
+        lo, hi = _decode_jnp(w, s_smem, wg, plan)
+        a_smem[wg, 0] = lo
+        a_smem[wg, 1] = hi
+        plgpu.commit_smem()
+        lo, hi = a_smem.at[wg, 0], a_smem.at[wg, 1]
+      else:
+        lo, hi = _decode_ptx(w, s_smem, plan)
+      plgpu.wgmma(acc_ref, lo, xe_smem.T)
+      plgpu.wgmma(acc_ref, hi, xo_smem.T)
+      plgpu.wgmma_wait(0)
+      return acc_ref
+
+    def compute_context(eval_pipeline):
+      wg = lax.axis_index("wg")
+
+      @functools.partial(
+        pl.run_scoped, acc_ref=plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
+      )
+      def _(acc_ref):
+        eval_pipeline(acc_ref)
+        acc = acc_ref[...]
+        rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
+        tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
+        if splits == 1:
+          scale = f_gmem[0] * (2.0**-PRODUCT_EXPONENT)
+          o_smem.at[wg].T[...] = (acc * scale).astype(jnp.bfloat16)
           plgpu.commit_smem()
-          plgpu.wgmma(acc, a_smem.at[t, 0], xe_smem.T)
-          plgpu.wgmma(acc, a_smem.at[t, 1], xo_smem.T)
-        # The next step overwrites a_smem: finish reading it first.
-        plgpu.wgmma_wait(0)
+          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
+        else:
+          o_smem[wg] = acc
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
+        plgpu.wait_smem_to_gmem(0)
 
-      plgpu.emit_pipeline(
-        step,
-        grid=(k_steps,),
-        in_specs=[
-          plgpu.BlockSpec(
-            (cfg.block_n, plane_k),
-            lambda k: (ni, k),
-            transforms=_swizzled(8, w_swizzle),
-          ),
-          plgpu.BlockSpec(
-            (cfg.block_m, plane_k),
-            lambda k: (mi, k),
-            transforms=_swizzled(16, 128),
-          ),
-          plgpu.BlockSpec(
-            (cfg.block_m, plane_k),
-            lambda k: (mi, k),
-            transforms=_swizzled(16, 128),
-          ),
-          plgpu.BlockSpec(
-            (cfg.blocks_per_step, cfg.block_n), lambda k: (k, ni)
-          ),
-        ],
-        max_concurrent_steps=cfg.num_stages,
-      )(w_gmem, xe_gmem, xo_gmem, s_gmem)
-      for t, acc in enumerate(accs):
-        rows = pl.ds(t * config_lib.WGMMA_ROWS, config_lib.WGMMA_ROWS)
-        o_smem[rows] = acc[...]
-
-    pl.run_scoped(
-      acc_scope,
-      *[
-        plgpu.ACC((config_lib.WGMMA_ROWS, cfg.block_m), jnp.float32)
-        for _ in range(wg_tiles)
-      ],
-    )
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(
-      o_smem,
-      o_gmem.at[
-        pl.ds(ni * cfg.block_n, cfg.block_n),
-        pl.ds(mi * cfg.block_m, cfg.block_m),
-      ],
-    )
-    plgpu.wait_smem_to_gmem(0)
-
-  def _scaled(values, s_smem, rows):
-    """Multiplies each 8-column group by its block scale, per row."""
-    parts = []
-    for b in range(cfg.blocks_per_step):
-      scale = plgpu.load(
-        s_smem.at[b, rows], layout=plgpu.Layout.WGMMA.reduce(1)
-      ).astype(jnp.bfloat16)
-      scale = plgpu.layout_cast(
-        lax.broadcast_in_dim(
-          scale, (config_lib.WGMMA_ROWS, _PLANE_COLUMNS_PER_BLOCK), (0,)
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+      mma_body,
+      grid=(steps,),
+      memory_registers=40,
+      in_specs=[
+        plgpu.BlockSpec(
+          (TILE_ROWS, plan.plane_k),
+          lambda k: (ni, k0 + k),
+          transforms=_swizzled(8, plan.plane_k),
         ),
-        plgpu.Layout.WGMMA,
-      )
-      cols = slice(
-        b * _PLANE_COLUMNS_PER_BLOCK, (b + 1) * _PLANE_COLUMNS_PER_BLOCK
-      )
-      parts.append(values[:, cols] * scale)
-    return jnp.concatenate(parts, axis=1)
+        plgpu.BlockSpec(
+          (cfg.block_m, plan.plane_k),
+          lambda k: (mi, k0 + k),
+          transforms=_swizzled(16, 2 * plan.plane_k),
+        ),
+        plgpu.BlockSpec(
+          (cfg.block_m, plan.plane_k),
+          lambda k: (mi, k0 + k),
+          transforms=_swizzled(16, 2 * plan.plane_k),
+        ),
+        plgpu.BlockSpec(
+          (plan.scale_chunks, 128),
+          lambda k: (
+            ni * (chunks_per_row_tile // plan.scale_chunks) + k0 + k,
+            0,
+          ),
+        ),
+      ],
+      wg_axis="wg",
+      num_compute_wgs=2,
+      max_concurrent_steps=cfg.num_stages,
+      compute_context=compute_context,
+    )
+    pipeline(w_gmem, xe_gmem, xo_gmem, s_gmem)
 
-  kernel = plgpu.kernel(
-    body,
-    out_type=jax.ShapeDtypeStruct((n, m), jnp.float32),
-    grid=(n // cfg.block_n, m // cfg.block_m),
-    grid_names=("n", "m"),
-    scratch_types=[
+  if splits == 1:
+    out_type = jax.ShapeDtypeStruct((plan.m, n), jnp.bfloat16)
+    o_smem = plgpu.SMEM(
+      (2, cfg.block_m, WG_ROWS),
+      jnp.bfloat16,
+      transforms=_swizzled(16, 2 * WG_ROWS),
+    )
+  else:
+    out_type = jax.ShapeDtypeStruct((splits, n, plan.m), jnp.float32)
+    o_smem = plgpu.SMEM((2, WG_ROWS, cfg.block_m), jnp.float32)
+  scratch = [o_smem]
+  if a_in_smem:
+    scratch.append(
       plgpu.SMEM(
-        (wg_tiles, 2, config_lib.WGMMA_ROWS, plane_k),
+        (2, 2, WG_ROWS, plan.plane_k),
         jnp.bfloat16,
-        transforms=_swizzled(16, 128),
-      ),
-      plgpu.SMEM((cfg.block_n, cfg.block_m), jnp.float32),
-    ],
+        transforms=_swizzled(16, 2 * plan.plane_k),
+      )
+    )
+  call = plgpu.kernel(
+    kernel,
+    out_type=out_type,
+    grid=(n_tiles, m_tiles, splits),
+    grid_names=("n", "m", "split"),
+    num_threads=3,
+    thread_name="wg",
+    scratch_types=scratch,
   )
+  args = (packed, x_even, x_odd, scale_words, factor)
   if interpret:
     # Mosaic GPU's CPU interpreter (plgpu.kernel(interpret=True) cannot
     # discharge the pipeline's TMA copies).
     with plgpu.force_gpu_interpret_mode():
-      return kernel(packed, x_even, x_odd, scales_t)
-  return kernel(packed, x_even, x_odd, scales_t)
+      return call(*args)
+  return call(*args)

@@ -1,0 +1,128 @@
+"""Tries tile configs of the Pallas NVFP4 matmul per shape; checks and times.
+
+  python -m benchmarks.tune_matmul [--out tuning.json] [--quick]
+
+Each config's output is compared with the XLA reference first (a config
+that is wrong is reported, never timed), then timed with the same timer and
+rotating weight sets as `benchmarks.matmul`. The JSON lists every config;
+the best per shape is what `config.heuristic` should pick.
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from benchmarks import arg_specs
+from benchmarks import matmul as matmul_bench
+from benchmarks import timing
+from pallas_kernels.nvfp4_matmul import config as config_lib
+
+SHAPES = ((8192, 28672), (28672, 8192), (4096, 14336), (7168, 2048))
+TOKENS = (1, 16, 64, 256, 2048, 8192)
+
+
+def candidates(m: int, n: int, k: int):
+  base = config_lib.heuristic(m, n, k)
+  seen = {base}
+  yield base
+  block_ms = (base.block_m, 64, 256) if m >= 256 else (base.block_m,)
+  for block_m, block_k, stages, splits in itertools.product(
+    block_ms, (256, 128, 64), (4, 3, 6, 2), sorted({base.splits, 1, 2, 4})
+  ):
+    try:
+      cfg = dataclasses.replace(
+        base,
+        block_m=block_m,
+        block_k=block_k,
+        num_stages=stages,
+        splits=splits,
+      )
+    except ValueError:
+      continue
+    if (
+      cfg in seen
+      or k % block_k
+      or (k // block_k) % splits
+      or cfg.smem_bytes() > config_lib.SMEM_LIMIT
+    ):
+      continue
+    seen.add(cfg)
+    yield cfg
+
+
+def tune(shapes, tokens, max_configs: int) -> list[dict]:
+  rows = []
+  for k, n in shapes:
+    _, prepared_sets, _ = matmul_bench.make_weights(k, n, 1)
+    fp4_bytes = prepared_sets[0]["weight"].nbytes
+    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / fp4_bytes))
+    layers = [jax.tree.map(jnp.copy, prepared_sets[0]) for _ in range(sets)]
+    for m in tokens:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      want = pallas_kernels.nvfp4_matmul(x, layers[0], implementation="xla")
+      want = want.astype(jnp.float32)
+      for i, cfg in enumerate(candidates(m, n, k)):
+        if i >= max_configs:
+          break
+        row = {"K": k, "N": n, "M": m, "config": dataclasses.asdict(cfg)}
+        run = lambda x, ws, cfg=cfg: [  # noqa: E731
+          pallas_kernels.nvfp4_matmul(x, w, implementation="pallas", config=cfg)
+          for w in ws
+        ]
+        try:
+          got = run(x, layers[:1])[0].astype(jnp.float32)
+          err = float(
+            jnp.max(jnp.abs(got - want))
+            / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
+          )
+          row["rel_err"] = err
+          if not err < 2.0**-7:
+            rows.append({**row, "status": "wrong"})
+            print(k, n, m, cfg, "WRONG", err, flush=True)
+            continue
+          us, _, timer = timing.median_us(run, x, layers, calls_per_trial=sets)
+        except Exception as e:  # a config that fails to build is recorded
+          rows.append(
+            {**row, "status": f"failed: {type(e).__name__}: {e}"[:300]}
+          )
+          print(k, n, m, cfg, "FAILED", str(e)[:200], flush=True)
+          continue
+        tb = (fp4_bytes * 1.125) / (us * 1e-6) / 1e12
+        rows.append(
+          {**row, "status": "ok", "us": us, "timer": timer, "fp4_tb_per_s": tb}
+        )
+        print(
+          f"K={k} N={n} M={m} {cfg} {us:9.1f} us {tb:5.2f} TB/s", flush=True
+        )
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--max-configs", type=int, default=6)
+  parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+  parser.add_argument(
+    "--shapes", default=None, help="K:N pairs, e.g. 8192:28672,7168:2048"
+  )
+  args = parser.parse_args(argv)
+  shapes = SHAPES
+  if args.shapes:
+    shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")]
+  tokens = [int(t) for t in args.tokens.split(",")]
+  rows = tune(shapes, tokens, args.max_configs)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(
+        {"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1
+      )
+
+
+if __name__ == "__main__":
+  main()
