@@ -31,7 +31,7 @@ def candidates(m: int, n: int, k: int):
   base = config_lib.heuristic(m, n, k)
   seen = {base}
   yield base
-  block_ms = (base.block_m, 64, 256) if m >= 256 else (base.block_m,)
+  block_ms = (base.block_m, 256, 64) if m >= 256 else (base.block_m,)
   for block_m, block_k, stages, splits in itertools.product(
     block_ms, (256, 128, 64), (4, 3, 6, 2), sorted({base.splits, 1, 2, 4})
   ):

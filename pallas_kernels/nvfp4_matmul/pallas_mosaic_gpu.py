@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from fp4jax.format import nvfp4
 from pallas_kernels.nvfp4_matmul import base
@@ -103,11 +102,14 @@ def _run(x, leaves, *, activation, config, interpret):
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
   factor = jnp.asarray(factor, jnp.float32).reshape(1)
+  x_even, x_odd = _planes_in_a_order(rows)
   out = sm90.matmul(
     layer.weight,
-    rows[:, 0::2],
-    rows[:, 1::2],
-    _scale_words(layer.block_scale),
+    x_even,
+    x_odd,
+    # A free reshape: [tile, 2, 256] holds one 128x4 tile (512 bytes) of
+    # the layout (TMA boxes take at most 256 elements per dimension).
+    layer.block_scale.reshape(-1, 2, 256),
     factor,
     config=config,
     interpret=interpret,
@@ -118,7 +120,12 @@ def _run(x, leaves, *, activation, config, interpret):
   return y.astype(x.dtype).reshape(*lead, layer.n)
 
 
-def _scale_words(block_scale: jax.Array) -> jax.Array:
-  """Swizzled E4M3 scales as int32 words `[tiles * chunks, 128]` (a view)."""
-  as_bytes = lax.bitcast_convert_type(block_scale, jnp.uint8).reshape(-1, 4)
-  return lax.bitcast_convert_type(as_bytes, jnp.int32).reshape(-1, 128)
+def _planes_in_a_order(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Even and odd K columns, each group of 16 in the kernel's A order."""
+  m, k = rows.shape
+  # [m, group, plane column (s, e, h), nibble] with plane column 4s + 2e + h;
+  # A column 8h + 2t + e holds s = SIGMA[t].
+  x = rows.reshape(m, k // 32, 4, 2, 2, 2)
+  x = jnp.take(x, jnp.asarray(sm90.SIGMA), axis=2)
+  x = x.transpose(5, 0, 1, 4, 2, 3).reshape(2, m, k // 2)
+  return x[0], x[1]

@@ -88,11 +88,31 @@ class Plan:
 
 
 # ----------------------------------------------------------------- decoding
+# Weights load in WGMMA_8BIT layout: one 32-bit register holds 4 adjacent
+# packed bytes of a row, at plane columns 16j + 4 * SIGMA[t] + (0..3) for
+# lane t % 4 = t. Each register decodes into two bf16x2 registers of each
+# plane's A tile, which fixes the order of K inside every 16-column group of
+# A: A column 8h + 2t + e holds plane column 4 * SIGMA[t] + 2e + h. The
+# activations are permuted the same way (`a_column_order`), so the products
+# are unchanged; the order never leaves this module and its caller.
+SIGMA = (0, 2, 1, 3)
+
+
+def a_column_order() -> np.ndarray:
+  """Plane column held by A column a, inside each group of 16."""
+  order = np.empty(16, np.int32)
+  for h in range(2):
+    for t in range(4):
+      for e in range(2):
+        order[8 * h + 2 * t + e] = 4 * SIGMA[t] + 2 * e + h
+  return order
+
+
 def _decode_ptx(w, s_smem, plan: Plan):
-  """u8 [64, plane_k] (WGMMA) -> scaled bf16 (lo plane, hi plane) via PTX."""
+  """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles, PTX."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
-  from jax._src.lib.mlir.dialects import memref
+  from jax._src.lib.mlir.dialects import llvm
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
@@ -101,107 +121,118 @@ def _decode_ptx(w, s_smem, plan: Plan):
   )
 
   @plgpu.inline_mgpu(
-    arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+    arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.RefType()),
     return_type=(bf16_type, bf16_type),
   )
   def decode(_, codes, scales):
     i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
+    i8 = ir.IntegerType.get_signless(8)
 
     def const(v):
       return arith.constant(i32, v)
 
     tid = mgpu_utils.thread_idx()
-    # Row of this thread inside the 128-row tile, for row half 0 and 1.
-    wg = arith.divui(tid, const(128))
     in_wg = arith.remui(tid, const(128))
+    # Row of this thread inside the 128-row tile (row half 0; half 1 is +8).
     row = arith.addi(
       arith.addi(
-        arith.muli(wg, const(WG_ROWS)),
+        arith.muli(arith.divui(tid, const(128)), const(WG_ROWS)),
         arith.muli(arith.divui(in_wg, const(32)), const(16)),
       ),
       arith.divui(arith.remui(in_wg, const(32)), const(4)),
     )
+    # Lane t holds blocks 2j + (t & 1): bytes (t & 1) and 2 + (t & 1) of a
+    # word of 4 scales, picked into one 16-bit pair by prmt.
+    odd_lane = arith.andi(in_wg, const(1))
+    pick = arith.addi(const(0x4420), arith.muli(odd_lane, const(0x11)))
+    base = mgpu_utils.memref_ptr(scales)
 
-    def word_index(r):
-      return arith.index_castui(
-        index,
-        arith.addi(
-          arith.muli(arith.remui(r, const(32)), const(4)),
-          arith.divui(r, const(32)),
-        ),
+    def load_word(r, chunk):
+      word = arith.addi(
+        arith.muli(arith.remui(r, const(32)), const(4)),
+        arith.divui(r, const(32)),
       )
+      offset = arith.addi(arith.muli(word, const(4)), const(chunk * 512))
+      ptr = mgpu_utils.getelementptr(base, [offset], i8)
+      return llvm.load(i32, ptr)
 
-    words = {}
-    for half in range(2):
-      slot = word_index(arith.addi(row, const(8 * half)))
-      for chunk in range(plan.scale_chunks):
-        chunk_idx = arith.constant(index, chunk)
-        words[half, chunk] = memref.load(scales, [chunk_idx, slot])
-
-    def splat_scales(word):
-      """One int32 of 4 E4M3 scales -> 4 bf16x2 {s, s} * 2**118."""
+    def pair_scales(word):
+      """-> bf16x2 {s, s} * 2**118 for the even and the odd j of a chunk."""
       return mgpu_utils.inline_ptx(
         """{
         .reg .b16 lo, hi;
-        .reg .b32 h01, h23, b01, b23, two115;
-        mov.b32 {lo, hi}, $4;
+        .reg .b32 p, h, b, two115, zero;
         mov.b32 two115, 0x79007900;
-        cvt.rn.f16x2.e4m3x2 h01, lo;
-        cvt.rn.f16x2.e4m3x2 h23, hi;
+        mov.b32 zero, 0;
+        prmt.b32 p, $2, zero, $3;
+        mov.b32 {lo, hi}, p;
+        cvt.rn.f16x2.e4m3x2 h, lo;
         // f16 -> bf16 bits: exponent rebias by shifting (scales are >= 0
-        // and have no low mantissa bits), worth s * 2**-112; then twice
+        // and have no low mantissa bits): worth s * 2**-112; then twice
         // * 2**115 (2**230 is beyond bf16).
-        shr.b32 b01, h01, 3;
-        shr.b32 b23, h23, 3;
-        and.b32 b01, b01, 0x0FFF0FFF;
-        and.b32 b23, b23, 0x0FFF0FFF;
-        mul.rn.bf16x2 b01, b01, two115;
-        mul.rn.bf16x2 b23, b23, two115;
-        mul.rn.bf16x2 b01, b01, two115;
-        mul.rn.bf16x2 b23, b23, two115;
-        prmt.b32 $0, b01, b01, 0x1010;
-        prmt.b32 $1, b01, b01, 0x3232;
-        prmt.b32 $2, b23, b23, 0x1010;
-        prmt.b32 $3, b23, b23, 0x3232;
+        shr.b32 b, h, 3;
+        and.b32 b, b, 0x0FFF0FFF;
+        mul.rn.bf16x2 b, b, two115;
+        mul.rn.bf16x2 b, b, two115;
+        prmt.b32 $0, b, b, 0x1010;
+        prmt.b32 $1, b, b, 0x3232;
         }""",
         word,
-        result_types=[i32] * 4,
+        pick,
+        result_types=[i32, i32],
       )
 
     scale_regs = {}
-    for (half, chunk), word in words.items():
-      for q, reg in enumerate(splat_scales(word)):
-        scale_regs[half, chunk * 4 + q] = reg
+    for half in range(2):
+      r = arith.addi(row, const(8 * half))
+      for chunk in range(plan.scale_chunks):
+        even, odd = pair_scales(load_word(r, chunk))
+        scale_regs[half, 2 * chunk] = even
+        scale_regs[half, 2 * chunk + 1] = odd
 
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-    lo_regs = np.empty(codes.registers.shape, dtype=object)
-    hi_regs = np.empty(codes.registers.shape, dtype=object)
+    shape = list(codes.registers.shape)
+    out_shape = shape.copy()
+    out_shape[1] *= 2
+    lo_regs = np.empty(out_shape, dtype=object)
+    hi_regs = np.empty(out_shape, dtype=object)
     for idx, reg in np.ndenumerate(codes.registers):
-      column_group, half = idx[1], idx[4]
-      packed = mgpu_utils.bitcast(reg, ir.IntegerType.get_signless(16))
-      packed = arith.extui(i32, packed)
-      lo, hi = mgpu_utils.inline_ptx(
+      j, half = idx[1], idx[4]
+      word = mgpu_utils.bitcast(reg, i32)
+      # Each 16-bit half's top nibble is one code: move its sign to bit 15
+      # and its magnitude to bits 6..8 (a bf16 worth code * 2**-126).
+      hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
         """{
-        .reg .b32 x, y, m;
-        // bytes b0, b0, b1, b1: each 16-bit half has one code on top.
-        prmt.b32 x, $2, $2, 0x1100;
-        shl.b32 y, x, 4;
-        and.b32 m, x, 0x70007000;
+        .reg .b32 q4, q8, q12, m;
+        shl.b32 q4, $4, 4;
+        shl.b32 q8, $4, 8;
+        shl.b32 q12, $4, 12;
+        and.b32 m, $4, 0x70007000;
         shr.b32 m, m, 6;
-        lop3.b32 m, x, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $1, m, $3;
-        and.b32 m, y, 0x70007000;
+        lop3.b32 m, $4, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $0, m, $5;
+        and.b32 m, q4, 0x70007000;
         shr.b32 m, m, 6;
-        lop3.b32 m, y, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $0, m, $3;
+        lop3.b32 m, q4, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $1, m, $5;
+        and.b32 m, q8, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, q8, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $2, m, $5;
+        and.b32 m, q12, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, q12, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $3, m, $5;
         }""",
-        packed,
-        scale_regs[half, column_group],
-        result_types=[i32, i32],
+        word,
+        scale_regs[half, j],
+        result_types=[i32] * 4,
       )
-      lo_regs[idx] = mgpu_utils.bitcast(lo, bf16x2)
-      hi_regs[idx] = mgpu_utils.bitcast(hi, bf16x2)
+      for sub, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1))):
+        out_idx = list(idx)
+        out_idx[1] = 2 * j + sub
+        lo_regs[tuple(out_idx)] = mgpu_utils.bitcast(lo, bf16x2)
+        hi_regs[tuple(out_idx)] = mgpu_utils.bitcast(hi, bf16x2)
 
     def array(regs):
       return mgpu.FragmentedArray(
@@ -214,11 +245,12 @@ def _decode_ptx(w, s_smem, plan: Plan):
 
 
 def _decode_jnp(w, s_smem, wg, plan: Plan):
-  """The same numbers with jnp ops, for the CPU interpreter."""
+  """The same numbers and column order with jnp ops, for the interpreter."""
   codes = w.astype(jnp.int32)
-  words = s_smem[...]  # int32 [chunks, 128]
-  scale_bytes = lax.bitcast_convert_type(words, jnp.uint8)  # [c, 128, 4]
-  # word (rr * 4 + q) of a chunk is row q * 32 + rr.
+  scale_bytes = lax.bitcast_convert_type(s_smem[...], jnp.uint8)
+  scale_bytes = scale_bytes.reshape(plan.scale_chunks, 512)
+  # Byte 4 * (rr * 4 + r // 32) + q of a chunk: row r = 32 * (r // 32) + rr,
+  # block q of the chunk.
   scale_bytes = scale_bytes.reshape(plan.scale_chunks, 32, 4, 4)
   scale_bytes = scale_bytes.transpose(2, 1, 0, 3).reshape(TILE_ROWS, -1)
   scale_bytes = lax.dynamic_slice_in_dim(scale_bytes, wg * WG_ROWS, WG_ROWS)
@@ -232,7 +264,12 @@ def _decode_jnp(w, s_smem, wg, plan: Plan):
     bits = ((c & 8) << 12) | ((c & 7) << 9)
     half = lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16)
     value = half.astype(jnp.float32) * 2.0**14
-    return (value * scales * 2.0**PRODUCT_EXPONENT).astype(jnp.bfloat16)
+    value = value * scales * 2.0**PRODUCT_EXPONENT
+    # plane column 4s + 2e + h -> A column 8h + 2t + e, s = SIGMA[t]
+    value = value.reshape(WG_ROWS, -1, 4, 2, 2)
+    value = jnp.concatenate([value[:, :, s : s + 1] for s in SIGMA], axis=2)
+    value = value.transpose(0, 1, 4, 2, 3)
+    return value.reshape(WG_ROWS, -1).astype(jnp.bfloat16)
 
   return plane(codes & 0xF), plane(codes >> 4)
 
@@ -240,9 +277,9 @@ def _decode_jnp(w, s_smem, wg, plan: Plan):
 # ------------------------------------------------------------------- kernel
 def matmul(
   packed: jax.Array,  # uint8 [N, K/2]
-  x_even: jax.Array,  # bf16 [M, K/2], columns k = 0, 2, 4, ...
-  x_odd: jax.Array,  # bf16 [M, K/2], columns k = 1, 3, 5, ...
-  scale_words: jax.Array,  # int32 [N/128 * K/64, 128], swizzled block scales
+  x_even: jax.Array,  # bf16 [M, K/2]: k = 0, 2, 4, ... in A column order
+  x_odd: jax.Array,  # bf16 [M, K/2]: k = 1, 3, 5, ... in A column order
+  scale_chunks: jax.Array,  # e4m3 [N/128 * K/64, 2, 256]: swizzled scales
   factor: jax.Array,  # float32 [1]: tensor scale (alpha or weight_scale_2)
   *,
   config: config_lib.Config,
@@ -283,7 +320,8 @@ def matmul(
     def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, acc_ref):
       wg = lax.axis_index("wg")
       w = plgpu.load(
-        w_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)], (), layout=plgpu.Layout.WGMMA
+        w_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
+        layout=plgpu.Layout.WGMMA_8BIT,
       )
       if a_in_smem:
         lo, hi = _decode_jnp(w, s_smem, wg, plan)
@@ -341,9 +379,10 @@ def matmul(
           transforms=_swizzled(16, 2 * plan.plane_k),
         ),
         plgpu.BlockSpec(
-          (plan.scale_chunks, 128),
+          (plan.scale_chunks, 2, 256),
           lambda k: (
             ni * (chunks_per_row_tile // plan.scale_chunks) + k0 + k,
+            0,
             0,
           ),
         ),
@@ -383,7 +422,7 @@ def matmul(
     thread_name="wg",
     scratch_types=scratch,
   )
-  args = (packed, x_even, x_odd, scale_words, factor)
+  args = (packed, x_even, x_odd, scale_chunks, factor)
   if interpret:
     # Mosaic GPU's CPU interpreter (plgpu.kernel(interpret=True) cannot
     # discharge the pipeline's TMA copies).
