@@ -126,6 +126,7 @@ def _planes_in_a_order(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
   # [m, group, plane column (s, e, h), nibble] with plane column 4s + 2e + h;
   # A column 8h + 2t + e holds s = SIGMA[t].
   x = rows.reshape(m, k // 32, 4, 2, 2, 2)
-  x = jnp.take(x, jnp.asarray(sm90.SIGMA), axis=2)
+  if sm90.SIGMA != (0, 1, 2, 3):
+    x = jnp.take(x, jnp.asarray(sm90.SIGMA), axis=2)
   x = x.transpose(5, 0, 1, 4, 2, 3).reshape(2, m, k // 2)
   return x[0], x[1]
