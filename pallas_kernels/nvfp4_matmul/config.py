@@ -62,7 +62,7 @@ def heuristic(m: int, n: int, k: int, num_sms: int = H200_SMS) -> Config:
   best, best_eff = 1, 0.0
   # Split K only while the output tiles alone leave SMs idle: partial sums
   # cost float32 traffic that grows with M.
-  max_splits = 1 if tiles >= 2 * num_sms else 16
+  max_splits = 1 if tiles >= num_sms else 16
   for splits in range(1, max_splits + 1):
     if k_steps % splits or k_steps // splits < 2:
       continue
