@@ -64,5 +64,7 @@ def test_hundred_reloads_keep_device_memory_flat(rng):
   # when we read the counter, so single readings wiggle by about one leaf.
   # What must not happen is growth: later cycles stay within the early ones.
   largest_leaf = max(x.nbytes for x in jax.tree.leaves(host))
-  assert max(used[50:]) <= max(used[:50])
+  # No upward trend: a leak would add one reload (~27 MB) per cycle; the
+  # allocator's readings wobble by a few 256-byte granules.
+  assert max(used[50:]) <= max(used[:50]) + 64 * 1024
   assert max(used) - min(used) <= 2 * largest_leaf
