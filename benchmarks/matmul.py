@@ -60,6 +60,11 @@ def measure_ceilings() -> dict:
   }
 
 
+def fp4_bytes(k: int, n: int) -> int:
+  """Packed weight plus block scales as a kernel reads them (swizzled)."""
+  return n * k // 2 + math.prod(swizzle.padded_shape(n, k // 16))
+
+
 def make_weights(k: int, n: int, sets: int):
   """`sets` copies (distinct buffers) of one random layer in three forms."""
   w = (jax.random.normal(jax.random.key(k * 7 + n), (n, k)) * 0.02).astype(
@@ -132,20 +137,19 @@ def run(shapes, tokens, time_budget: float) -> dict:
   ceilings = measure_ceilings()
   layers = {}
   for k, n in shapes:
-    # Packed weight plus block scales as a kernel reads them (swizzled).
-    fp4_bytes = n * k // 2 + math.prod(swizzle.padded_shape(n, k // 16))
-    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / fp4_bytes))
+    layer_bytes = fp4_bytes(k, n)
+    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
     if not timing.on_gpu():
       sets = 3  # the host fallback only exercises the harness
-    layers[k, n] = (fp4_bytes, sets, make_weights(k, n, sets))
+    layers[k, n] = (layer_bytes, sets, make_weights(k, n, sets))
   rows = []
   # Tokens outer: with a time budget, every shape gets the decode sizes.
   for m in tokens:
-    for (k, n), (fp4_bytes, sets, weights) in layers.items():
+    for (k, n), (layer_bytes, sets, weights) in layers.items():
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       flops = 2 * m * n * k
       roofline_s = max(
-        (fp4_bytes + 2 * m * (k + n)) / HBM_BYTES_PER_S,
+        (layer_bytes + 2 * m * (k + n)) / HBM_BYTES_PER_S,
         flops / ceilings["bf16_flops_per_s"],
       )
       bf16_us = None
@@ -174,7 +178,7 @@ def run(shapes, tokens, time_budget: float) -> dict:
             "timer": timer,
             "us": us,
             "samples_us": samples,
-            "fp4_tb_per_s": fp4_bytes / (us * 1e-6) / 1e12,
+            "fp4_tb_per_s": layer_bytes / (us * 1e-6) / 1e12,
             "tflop_per_s": flops / (us * 1e-6) / 1e12,
             "speedup_vs_xla_bf16": None if bf16_us is None else bf16_us / us,
             "fraction_of_roofline": roofline_s / (us * 1e-6),

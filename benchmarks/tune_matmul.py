@@ -60,8 +60,8 @@ def tune(shapes, tokens, max_configs: int) -> list[dict]:
   rows = []
   for k, n in shapes:
     _, prepared_sets, _ = matmul_bench.make_weights(k, n, 1)
-    fp4_bytes = prepared_sets[0]["weight"].nbytes
-    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / fp4_bytes))
+    layer_bytes = matmul_bench.fp4_bytes(k, n)
+    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
     layers = [jax.tree.map(jnp.copy, prepared_sets[0]) for _ in range(sets)]
     for m in tokens:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -93,7 +93,7 @@ def tune(shapes, tokens, max_configs: int) -> list[dict]:
           )
           print(k, n, m, cfg, "FAILED", str(e)[:200], flush=True)
           continue
-        tb = (fp4_bytes * 1.125) / (us * 1e-6) / 1e12
+        tb = layer_bytes / (us * 1e-6) / 1e12
         rows.append(
           {**row, "status": "ok", "us": us, "timer": timer, "fp4_tb_per_s": tb}
         )

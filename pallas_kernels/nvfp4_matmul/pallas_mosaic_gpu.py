@@ -101,7 +101,7 @@ def _run(x, leaves, *, activation, config, interpret):
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
   factor = jnp.asarray(factor, jnp.float32).reshape(1)
-  x_even, x_odd = _planes_in_a_order(rows)
+  x_even, x_odd = sm90.split_activations(rows)
   out = sm90.matmul(
     layer.weight,
     x_even,
@@ -117,15 +117,3 @@ def _run(x, leaves, *, activation, config, interpret):
     out = out.sum(axis=0).T * (factor[0] * 2.0**-sm90.PRODUCT_EXPONENT)
   y = out[:m]
   return y.astype(x.dtype).reshape(*lead, layer.n)
-
-
-def _planes_in_a_order(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Even and odd K columns, each group of 16 in the kernel's A order."""
-  m, k = rows.shape
-  # [m, group, plane column (s, e, h), nibble] with plane column 4s + 2e + h;
-  # A column 8h + 2t + e holds s = SIGMA[t].
-  x = rows.reshape(m, k // 32, 4, 2, 2, 2)
-  if sm90.SIGMA != (0, 1, 2, 3):
-    x = jnp.take(x, jnp.asarray(sm90.SIGMA), axis=2)
-  x = x.transpose(5, 0, 1, 4, 2, 3).reshape(2, m, k // 2)
-  return x[0], x[1]

@@ -40,7 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
+from jax._src.lib.mlir.dialects import llvm
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.nvfp4_matmul import config as config_lib
@@ -88,35 +93,26 @@ class Plan:
 
 
 # ----------------------------------------------------------------- decoding
-# Weights load in WGMMA_8BIT layout: one 32-bit register holds 4 adjacent
-# packed bytes of a row, at plane columns 16j + 4 * SIGMA[t] + (0..3) for
-# lane % 4 = t (measured on the H200 with one-hot activations:
-# scripts/diag_matmul.py; SIGMA is the identity). Each register decodes into two bf16x2 registers of each
-# plane's A tile, which fixes the order of K inside every 16-column group of
-# A: A column 8h + 2t + e holds plane column 4 * SIGMA[t] + 2e + h. The
-# activations are permuted the same way (`a_column_order`), so the products
-# are unchanged; the order never leaves this module and its caller.
-SIGMA = (0, 1, 2, 3)
+# Weights load in WGMMA_8BIT layout: one 32-bit register holds the 4 packed
+# bytes 16j + 4t + (0..3) of a row for lane % 4 = t (measured on the H200
+# with one-hot activations: scripts/diag_matmul.py). Each register decodes
+# into two bf16x2 registers of each plane's A tile, which fixes the order of
+# K inside every 16-column group of A: A column 8h + 2t + e holds plane
+# column 4t + 2e + h. `split_activations` orders the activations the same
+# way, so the products are unchanged; the order stays inside this module.
 
 
-def a_column_order() -> np.ndarray:
-  """Plane column held by A column a, inside each group of 16."""
-  order = np.empty(16, np.int32)
-  for h in range(2):
-    for t in range(4):
-      for e in range(2):
-        order[8 * h + 2 * t + e] = 4 * SIGMA[t] + 2 * e + h
-  return order
+def split_activations(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """bf16 `[M, K]` -> the even and the odd K columns, each in A order."""
+  m, k = rows.shape
+  # [m, group, t, e, h, nibble]: plane column 4t + 2e + h, k = 2 * it + nib.
+  x = rows.reshape(m, k // 32, 4, 2, 2, 2)
+  x = x.transpose(5, 0, 1, 4, 2, 3).reshape(2, m, k // 2)
+  return x[0], x[1]
 
 
 def _decode_ptx(w, s_smem, plan: Plan):
   """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles, PTX."""
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith
-  from jax._src.lib.mlir.dialects import llvm
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
   bf16_type = plgpu.ShapeDtypeStruct(
     (WG_ROWS, plan.plane_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA
   )
@@ -142,9 +138,8 @@ def _decode_ptx(w, s_smem, plan: Plan):
       ),
       arith.divui(arith.remui(in_wg, const(32)), const(4)),
     )
-    # Lane t holds block 2j + SIGMA[t] // 2 of register j: bytes b and
-    # 2 + b of a word of 4 scales (b = SIGMA[t] // 2 = t >> 1), picked into
-    # one 16-bit pair by prmt.
+    # Lane t holds block 2j + (t >> 1) of register j: bytes b and 2 + b of
+    # a word of 4 scales (b = t >> 1), picked into one 16-bit pair by prmt.
     upper_lane = arith.andi(arith.shrui(in_wg, const(1)), const(1))
     pick = arith.addi(const(0x4420), arith.muli(upper_lane, const(0x11)))
     base = mgpu_utils.memref_ptr(scales)
@@ -267,10 +262,8 @@ def _decode_jnp(w, s_smem, wg, plan: Plan):
     half = lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16)
     value = half.astype(jnp.float32) * 2.0**14
     value = value * scales * 2.0**PRODUCT_EXPONENT
-    # plane column 4s + 2e + h -> A column 8h + 2t + e, s = SIGMA[t]
-    value = value.reshape(WG_ROWS, -1, 4, 2, 2)
-    value = jnp.concatenate([value[:, :, s : s + 1] for s in SIGMA], axis=2)
-    value = value.transpose(0, 1, 4, 2, 3)
+    # plane column 4t + 2e + h -> A column 8h + 2t + e
+    value = value.reshape(WG_ROWS, -1, 4, 2, 2).transpose(0, 1, 4, 2, 3)
     return value.reshape(WG_ROWS, -1).astype(jnp.bfloat16)
 
   return plane(codes & 0xF), plane(codes >> 4)
