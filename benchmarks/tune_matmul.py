@@ -32,8 +32,11 @@ def candidates(m: int, n: int, k: int):
   seen = {base}
   yield base
   block_ms = (base.block_m, 256, 64) if m >= 256 else (base.block_m,)
-  for block_m, block_k, stages, splits in itertools.product(
-    block_ms, (256, 128, 64), (4, 3, 6, 2), sorted({base.splits, 1, 2, 4})
+  for block_k, block_m, stages, splits in itertools.product(
+    (base.block_k, 256, 128, 64),
+    block_ms,
+    (base.num_stages, 3, 6, 2),
+    (base.splits, *sorted({1, 2, 4} - {base.splits})),
   ):
     try:
       cfg = dataclasses.replace(
@@ -56,7 +59,7 @@ def candidates(m: int, n: int, k: int):
     yield cfg
 
 
-def tune(shapes, tokens, max_configs: int) -> list[dict]:
+def tune(shapes, tokens, max_configs: int, activation="bf16") -> list[dict]:
   rows = []
   for k, n in shapes:
     _, prepared_sets, _ = matmul_bench.make_weights(k, n, 1)
@@ -65,14 +68,24 @@ def tune(shapes, tokens, max_configs: int) -> list[dict]:
     layers = [jax.tree.map(jnp.copy, prepared_sets[0]) for _ in range(sets)]
     for m in tokens:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-      want = pallas_kernels.nvfp4_matmul(x, layers[0], implementation="xla")
+      want = pallas_kernels.nvfp4_matmul(
+        x, layers[0], activation=activation, implementation="xla"
+      )
       want = want.astype(jnp.float32)
       for i, cfg in enumerate(candidates(m, n, k)):
         if i >= max_configs:
           break
-        row = {"K": k, "N": n, "M": m, "config": dataclasses.asdict(cfg)}
+        row = {
+          "K": k,
+          "N": n,
+          "M": m,
+          "activation": activation,
+          "config": dataclasses.asdict(cfg),
+        }
         run = lambda x, ws, cfg=cfg: [  # noqa: E731
-          pallas_kernels.nvfp4_matmul(x, w, implementation="pallas", config=cfg)
+          pallas_kernels.nvfp4_matmul(
+            x, w, activation=activation, implementation="pallas", config=cfg
+          )
           for w in ws
         ]
         try:
@@ -108,6 +121,7 @@ def main(argv=None):
   parser.add_argument("--out", default=None)
   parser.add_argument("--max-configs", type=int, default=6)
   parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+  parser.add_argument("--activation", default="bf16", choices=("bf16", "nvfp4"))
   parser.add_argument(
     "--shapes", default=None, help="K:N pairs, e.g. 8192:28672,7168:2048"
   )
@@ -116,7 +130,7 @@ def main(argv=None):
   if args.shapes:
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")]
   tokens = [int(t) for t in args.tokens.split(",")]
-  rows = tune(shapes, tokens, args.max_configs)
+  rows = tune(shapes, tokens, args.max_configs, args.activation)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(

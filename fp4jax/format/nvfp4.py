@@ -233,6 +233,30 @@ def quantize_activation(
     `[..., M, K/16]` in row-major layout. Dequantize with
     `dequantize_blocks`; the matmul epilogue multiplies by `alpha`.
   """
+  blocks, sf, out_scale = _activation_scales(x, input_scale_inv)
+  scaled = blocks.astype(jnp.float32) * out_scale[..., None]
+  codes = e2m1.encode(scaled).reshape(x.shape)
+  return e2m1.pack(codes), sf
+
+
+@jax.jit
+def fake_quantize_activation(
+  x: jax.Array, input_scale_inv: jax.Array
+) -> jax.Array:
+  """`dequantize_blocks(*quantize_activation(x, input_scale_inv))`, fused.
+
+  The same float32 values, bit for bit, without packing codes: what a
+  bf16-MMA W4A4 matmul multiplies (every value is exact in bf16 too).
+  """
+  blocks, sf, out_scale = _activation_scales(x, input_scale_inv)
+  values = e2m1.round_to_values(
+    blocks.astype(jnp.float32) * out_scale[..., None]
+  )
+  return (values * sf.astype(jnp.float32)[..., None]).reshape(x.shape)
+
+
+def _activation_scales(x, input_scale_inv):
+  """-> (x as [..., K/16, 16] blocks, E4M3 block scales, output scales)."""
   gs = jnp.asarray(input_scale_inv, jnp.float32)
   if gs.ndim:  # one scale per row, e.g. rows routed to different experts
     gs = gs[..., None]
@@ -245,6 +269,4 @@ def quantize_activation(
   out_scale = jnp.where(
     sf32 == 0, 0.0, _true_divide(one, safe * _true_divide(one, gs))
   )
-  scaled = blocks.astype(jnp.float32) * out_scale[..., None]
-  codes = e2m1.encode(scaled).reshape(x.shape)
-  return e2m1.pack(codes), sf
+  return blocks, sf, out_scale

@@ -6,9 +6,11 @@ using the native block-scaled MMA (tcgen05, which reads the 128x4 swizzled
 scales as they are) belongs beside it as `..._kernel_sm100.py`.
 
 Status: v1, passes the GPU tier on the H200 and is the default on sm90.
-Numbers and the targets not yet met: BENCHMARKS.md and NOTES.md. Requires
-N % 128 and K % 64 (other shapes fall back to the reference when
-implementation=None).
+Numbers and the targets not yet met: BENCHMARKS.md and NOTES.md. Any N and
+any K (a multiple of 16) run: a partial last row tile reads zeros through
+TMA. Mosaic GPU's swizzled TMA views need K % 64 == 0 and N % 8 == 0, so
+other shapes copy a zero-padded weight per call (slow, and rare: no
+published model has them; gpt-oss's 2880 needs no copy).
 """
 
 import dataclasses
@@ -51,20 +53,16 @@ def nvfp4_matmul(
   """`x @ W.T` on the Mosaic GPU kernel; see `api.nvfp4_matmul`.
 
   Raises:
-    NotImplementedError: no suitable GPU (and not `interpret`), or a shape
-      this version does not tile (N % 64, K % 128).
+    NotImplementedError: no suitable GPU (and not `interpret`).
   """
   base.check_inputs(x, layer, activation)
   _check_device(interpret)
   n, k = layer.n, layer.k
-  if n % config_lib.TILE_ROWS or k % 64:
-    raise NotImplementedError(
-      f"N={n} must be a multiple of 128 and K={k} of 64 (no padding yet)"
-    )
   m = x.size // k
   config = config or config_lib.heuristic(m, n, k, _num_sms(interpret))
-  if k % config.block_k or (k // config.block_k) % config.splits:
-    raise ValueError(f"{config} does not tile K={k}")
+  padded_k = -(-k // K_ALIGN) * K_ALIGN
+  if padded_k % config.block_k or (padded_k // config.block_k) % config.splits:
+    raise ValueError(f"{config} does not tile K={k} (padded to {padded_k})")
   return _run(
     x,
     dataclasses.asdict(layer),
@@ -72,6 +70,10 @@ def nvfp4_matmul(
     config=config,
     interpret=interpret,
   )
+
+
+K_ALIGN = 64  # K that the swizzled TMA views take in whole steps
+N_ALIGN = 8  # weight rows per TMA tile row group
 
 
 def _num_sms(interpret: bool) -> int:
@@ -90,30 +92,35 @@ def _run(x, leaves, *, activation, config, interpret):
   rows = x.reshape(-1, k)
   m = rows.shape[0]
   if activation == "nvfp4":
-    packed, scale = nvfp4.quantize_activation(rows, layer.input_scale_inv)
     # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
     # activations exactly; alpha supplies both tensor scales.
-    rows = nvfp4.dequantize_blocks(packed, scale)
+    rows = nvfp4.fake_quantize_activation(rows, layer.input_scale_inv)
     factor = layer.alpha
   else:
     factor = layer.weight_scale_2()
   rows = rows.astype(jnp.bfloat16)
+  weight = layer.weight
+  pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
+  if pad_k or pad_n:  # a copy of the weight per call (module doc)
+    weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
   padded = -(-m // config.block_m) * config.block_m
-  rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
+  rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
   factor = jnp.asarray(factor, jnp.float32).reshape(1)
   x_even, x_odd = sm90.split_activations(rows)
+  scale_rows, padded_blocks = layer.block_scale.shape
   out = sm90.matmul(
-    layer.weight,
+    weight,
     x_even,
     x_odd,
-    # A free reshape: [tile, 2, 256] holds one 128x4 tile (512 bytes) of
-    # the layout (TMA boxes take at most 256 elements per dimension).
-    layer.block_scale.reshape(-1, 2, 256),
+    # A free reshape: [row tile, K/64 chunk, 2, 256] holds one 128x4 tile
+    # (512 bytes) of the layout per chunk (TMA boxes take at most 256
+    # elements per dimension).
+    layer.block_scale.reshape(scale_rows // 128, padded_blocks // 4, 2, 256),
     factor,
     config=config,
     interpret=interpret,
   )
   if splits > 1:
-    out = out.sum(axis=0).T * (factor[0] * 2.0**-sm90.PRODUCT_EXPONENT)
-  y = out[:m]
+    out = out[:, : layer.n].sum(axis=0).T * (factor[0] * 2.0**-sm90.PRODUCT_EXPONENT)
+  y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)

@@ -274,7 +274,7 @@ def matmul(
   packed: jax.Array,  # uint8 [N, K/2]
   x_even: jax.Array,  # bf16 [M, K/2]: k = 0, 2, 4, ... in A column order
   x_odd: jax.Array,  # bf16 [M, K/2]: k = 1, 3, 5, ... in A column order
-  scale_chunks: jax.Array,  # e4m3 [N/128 * K/64, 2, 256]: swizzled scales
+  scale_chunks: jax.Array,  # e4m3 [ceil(N/128), ceil(K/64), 2, 256]
   factor: jax.Array,  # float32 [1]: tensor scale (alpha or weight_scale_2)
   *,
   config: config_lib.Config,
@@ -282,8 +282,15 @@ def matmul(
 ) -> jax.Array:
   """`x @ deq(W).T * factor`.
 
-  Returns bf16 `[M, N]` when `splits == 1`, else float32 partial sums
-  `[splits, N, M]` without `factor` (the caller adds them and scales).
+  Returns bf16 `[M, ceil128(N)]` when `splits == 1`, else float32 partial
+  sums `[splits, ceil128(N), M]` without `factor` (the caller adds them,
+  scales and slices).
+
+  N need not fill whole 128-row tiles: the last tile reads past the weight
+  (TMA fills zeros) and its stores past N are dropped; the swizzled scales
+  are padded to whole 128x4 tiles already. Mosaic GPU's swizzled TMA views
+  need N % 8 == 0 and K in whole `block_k` steps. Outputs have `ceil128(N)`
+  rows (the caller slices).
   """
   n, half_k = packed.shape
   splits = config.splits
@@ -292,17 +299,18 @@ def matmul(
   )
   cfg = config
   if (
-    n % TILE_ROWS
+    plan.m % cfg.block_m
     or plan.k % cfg.block_k
-    or plan.m % cfg.block_m
     or plan.k_steps % splits
+    or n % 8
   ):
     raise ValueError(
       f"shapes {packed.shape}, {x_even.shape} not tiled by {cfg}, {splits=}"
     )
-  n_tiles, m_tiles = n // TILE_ROWS, plan.m // cfg.block_m
+  n_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
+  if scale_chunks.shape != (n_tiles, -(-plan.k // SCALE_CHUNK_K), 2, 256):
+    raise ValueError(f"scale chunks {scale_chunks.shape} do not match {n=}")
   steps = plan.steps_per_split
-  chunks_per_row_tile = plan.k // SCALE_CHUNK_K
   a_in_smem = interpret
 
   def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, o_gmem, *scratch):
@@ -328,6 +336,9 @@ def matmul(
         lo, hi = _decode_ptx(w, s_smem, plan)
       plgpu.wgmma(acc_ref, lo, xe_smem.T)
       plgpu.wgmma(acc_ref, hi, xo_smem.T)
+      # Waits before the next decode: register A operands must not be
+      # rewritten while a wgmma reads them (leaving one step in flight gave
+      # NaNs on the H200 at 64 tokens and more).
       plgpu.wgmma_wait(0)
       return acc_ref
 
@@ -353,33 +364,32 @@ def matmul(
           plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
         plgpu.wait_smem_to_gmem(0)
 
+    def spec(shape, index_map, transforms=()):
+      return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+
     pipeline = plgpu.emit_pipeline_warp_specialized(
       mma_body,
       grid=(steps,),
       memory_registers=40,
       in_specs=[
-        plgpu.BlockSpec(
+        spec(
           (TILE_ROWS, plan.plane_k),
           lambda k: (ni, k0 + k),
-          transforms=_swizzled(8, plan.plane_k),
+          _swizzled(8, plan.plane_k),
         ),
-        plgpu.BlockSpec(
+        spec(
           (cfg.block_m, plan.plane_k),
           lambda k: (mi, k0 + k),
-          transforms=_swizzled(16, 2 * plan.plane_k),
+          _swizzled(16, 2 * plan.plane_k),
         ),
-        plgpu.BlockSpec(
+        spec(
           (cfg.block_m, plan.plane_k),
           lambda k: (mi, k0 + k),
-          transforms=_swizzled(16, 2 * plan.plane_k),
+          _swizzled(16, 2 * plan.plane_k),
         ),
-        plgpu.BlockSpec(
-          (plan.scale_chunks, 2, 256),
-          lambda k: (
-            ni * (chunks_per_row_tile // plan.scale_chunks) + k0 + k,
-            0,
-            0,
-          ),
+        spec(
+          (None, plan.scale_chunks, 2, 256),
+          lambda k: (ni, k0 + k, 0, 0),
         ),
       ],
       wg_axis="wg",
@@ -389,15 +399,18 @@ def matmul(
     )
     pipeline(w_gmem, xe_gmem, xo_gmem, s_gmem)
 
+  # Outputs have whole row tiles: with a store lying wholly past the end of
+  # the output, N=64 came out wrong on the H200, so none is issued.
+  n_rows = n_tiles * TILE_ROWS
   if splits == 1:
-    out_type = jax.ShapeDtypeStruct((plan.m, n), jnp.bfloat16)
+    out_type = jax.ShapeDtypeStruct((plan.m, n_rows), jnp.bfloat16)
     o_smem = plgpu.SMEM(
       (2, cfg.block_m, WG_ROWS),
       jnp.bfloat16,
       transforms=_swizzled(16, 2 * WG_ROWS),
     )
   else:
-    out_type = jax.ShapeDtypeStruct((splits, n, plan.m), jnp.float32)
+    out_type = jax.ShapeDtypeStruct((splits, n_rows, plan.m), jnp.float32)
     o_smem = plgpu.SMEM((2, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
   if a_in_smem:

@@ -55,6 +55,20 @@ def test_encode_matches_modelopt_cast_on_dense_grid():
   )
 
 
+def test_round_to_values_is_decode_of_encode():
+  x = np.concatenate(
+    [
+      np.linspace(-8, 8, 64001, dtype=np.float32),
+      np.array(
+        [0.25, 0.75, 1.75, 3.5, 5.0, -0.1, -0.0, 1e9, np.nan], np.float32
+      ),
+    ]
+  )
+  got = np.asarray(e2m1.round_to_values(jnp.asarray(x)))
+  want = np.asarray(e2m1.decode(e2m1.encode(jnp.asarray(x))))
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_encode_decode_is_identity_on_representable_values():
   values = e2m1.E2M1_VALUES
   codes = np.asarray(e2m1.encode(jnp.asarray(values)))

@@ -146,6 +146,19 @@ def test_quantize_activation_per_row_scales(rng):
   )
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_fake_quantize_activation_is_quantize_then_dequantize(rng, per_row):
+  x = rng.standard_normal((24, 128)).astype(np.float32) * 4
+  x[1, :16] = 0
+  x[3] *= 1000
+  x = jnp.asarray(x, jnp.bfloat16)
+  inv = rng.uniform(10, 1000, 24) if per_row else 2688.0 / 20.0
+  inv = jnp.asarray(inv, jnp.float32)
+  got = np.asarray(nvfp4.fake_quantize_activation(x, inv))
+  want = np.asarray(nvfp4.dequantize_blocks(*nvfp4.quantize_activation(x, inv)))
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_activation_round_trip_error_is_small(rng):
   x = rng.standard_normal((16, 256)).astype(np.float32)
   inv = np.float32(2688.0 / np.abs(x).max())

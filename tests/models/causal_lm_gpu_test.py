@@ -16,12 +16,6 @@ LLAMA = (
 )
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=NotImplementedError,
-  reason="the fixture Llama's 64-row layers are below the kernel's 128-row"
-  " tile (N % 128 != 0 is not handled yet); runs with implementation=None",
-)
 def test_llama_with_the_pallas_matmul():
   ref = safetensors_io.open_tensors(LLAMA / "reference.safetensors")
   ids = jnp.asarray(ref["input_ids"], jnp.int32)

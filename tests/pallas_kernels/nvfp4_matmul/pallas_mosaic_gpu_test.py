@@ -31,7 +31,10 @@ REAL_SHAPES = [
   (3, 2048, 2880),
   (8192, 28672, 8192),
   (2048, 5120, 2048),
+  (7, 2880, 2880),  # gpt-oss: N is no multiple of 128, K of 64
 ]
+# Shapes that do not fill whole tiles (N % 128, N % 8, K % 64, M < 8).
+PARTIAL_SHAPES = [(3, 200, 64), (2, 128, 48), (5, 60, 96), (9, 192, 320)]
 
 
 def run(x, layer, activation, config=None, interpret=True):
@@ -53,6 +56,7 @@ def run(x, layer, activation, config=None, interpret=True):
     (16, 256, 512, config_lib.Config(block_k=64, block_m=8, splits=2)),
     (9, 256, 1024, config_lib.Config(block_k=128, block_m=16, splits=4)),
     (20, 128, 512, config_lib.Config(block_k=256, block_m=8, num_stages=1)),
+    (4, 320, 192, config_lib.Config(block_k=64, block_m=8, splits=3)),
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -76,8 +80,10 @@ def test_interpret_batch_dims_and_weight_only(rng):
 
 @pytest.mark.parametrize(
   "m, n, k, config",
-  [(*shape, None) for shape in REAL_SHAPES]
-  + [(256, 2048, 7168, config_lib.Config(block_k=64, block_m=256))],
+  [(*shape, None) for shape in REAL_SHAPES + PARTIAL_SHAPES]
+  + [
+    (256, 2048, 7168, config_lib.Config(block_k=64, block_m=256)),
+  ],
 )
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 def test_lowers_for_sm90(m, n, k, config, activation):
@@ -101,19 +107,27 @@ def test_lowers_for_sm90(m, n, k, config, activation):
   jax.jit(f).trace(x, layer).lower(lowering_platforms=("cuda",))
 
 
-def test_shapes_it_does_not_tile_fall_through(rng):
-  for n, k in [(200, 64), (128, 48)]:
-    layer, _ = test_base.make_layer(rng, n, k)
-    x = jnp.ones((2, k), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="multiple of 128"):
-      run(x, layer, "bf16")
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("m, n, k", PARTIAL_SHAPES)
+def test_interpret_partial_tiles(rng, m, n, k, activation):
+  # The last row tile reads past the weight (TMA fills zeros); K % 64 or
+  # N % 8 pads the weight per call.
+  layer, src = test_base.make_layer(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  out = run(x, layer, activation)
+  assert out.shape == (m, n)
+  want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
+  tolerance.assert_close(out, want, RTOL)
+
+
+def test_config_that_does_not_split_k_evenly_is_rejected(rng):
   layer, _ = test_base.make_layer(rng, 128, 192)
   with pytest.raises(ValueError, match="does not tile"):
     run(
       jnp.ones((2, 192), jnp.bfloat16),
       layer,
       "bf16",
-      config_lib.Config(block_k=128),
+      config_lib.Config(block_k=64, splits=2),
     )
 
 
@@ -126,16 +140,18 @@ def test_config_validation():
     config_lib.Config(splits=0)
 
 
-@pytest.mark.parametrize("m, n, k", REAL_SHAPES)
+@pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
 def test_heuristic_tiles_and_fits(m, n, k):
   cfg = config_lib.heuristic(m, n, k)
-  assert k % cfg.block_k == 0 and (k // cfg.block_k) % cfg.splits == 0
+  padded_k = -(-k // 64) * 64
+  assert padded_k % cfg.block_k == 0
+  assert (padded_k // cfg.block_k) % cfg.splits == 0
   assert cfg.smem_bytes() <= config_lib.SMEM_LIMIT
   assert cfg.block_m >= min(m, 128)
-  tiles = n // config_lib.TILE_ROWS * -(-m // cfg.block_m)
+  tiles = -(-n // config_lib.TILE_ROWS) * -(-m // cfg.block_m)
   if tiles >= config_lib.H200_SMS:
     assert cfg.splits == 1  # large M: no float32 partial sums
-  else:
+  elif padded_k // 64 >= 16:  # enough K steps to split
     assert tiles * cfg.splits >= min(config_lib.H200_SMS, tiles * 8) // 2
 
 
@@ -152,7 +168,7 @@ def test_named_pallas_without_a_gpu_says_why(rng):
 
 @pytest.mark.gpu
 class TestOnGPU(test_base.NVFP4MatmulTestBase):
-  """The shared suite on the H200, at the shapes this version tiles."""
+  """The shared suite on the H200, whole and partial tiles."""
 
   IMPLEMENTATION = "pallas"
 
@@ -166,6 +182,11 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       (300, 1024, 1024),
       (3, 2048, 2880),
       (2048, 5120, 2048),
+      (7, 2880, 2880),
+      (130, 200, 80),
+      (1, 64, 2048),
+      (32, 64, 128),  # one K step, no split: a whole idle warpgroup tile
+      (5, 60, 96),
     ],
   )
   def test_matches_numpy_oracle(self, rng, m, n, k, activation):
