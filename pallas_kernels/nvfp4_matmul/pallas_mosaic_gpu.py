@@ -121,6 +121,8 @@ def _run(x, leaves, *, activation, config, interpret):
     interpret=interpret,
   )
   if splits > 1:
-    out = out[:, : layer.n].sum(axis=0).T * (factor[0] * 2.0**-sm90.PRODUCT_EXPONENT)
+    out = out[:, : layer.n].sum(axis=0).T * (
+      factor[0] * 2.0**-sm90.PRODUCT_EXPONENT
+    )
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)
