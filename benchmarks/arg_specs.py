@@ -10,9 +10,20 @@ MATMUL_SHAPES = (
 )
 MATMUL_TOKENS = (1, 16, 64, 256, 2048, 8192)
 
+# MoE layers: (experts, top_k, hidden H, intermediate I).
+MOE_MODELS = {
+  "qwen3-30b-a3b": (128, 8, 2048, 768),
+  "deepseek-v3": (256, 8, 7168, 2048),
+  "mixtral-8x7b": (8, 2, 4096, 14336),
+  "gpt-oss-120b": (128, 4, 2880, 2880),
+}
+MOE_TOKENS = (1, 16, 64, 256, 4096, 16384)
+
 # Small enough for a CPU run of the harness itself (tests and CI).
 CI_MATMUL_SHAPES = ((256, 512),)
 CI_MATMUL_TOKENS = (1, 16)
+CI_MOE_MODELS = {"tiny": (8, 2, 128, 64)}
+CI_MOE_TOKENS = (1, 16)
 
 # H200 L2 is 60 MB (50 MB usable per partition pair); rotating weight sets
 # must together exceed it so no timed call reads weights from L2.

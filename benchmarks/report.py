@@ -1,9 +1,9 @@
 """Renders benchmark JSON into BENCHMARKS.md and a plot.
 
-  python -m benchmarks.report matmul_results.json [--markdown BENCHMARKS.md]
-      [--plot benchmarks/results/matmul.png]
+  python -m benchmarks.report results.json [--kind matmul|moe]
+      [--markdown BENCHMARKS.md] [--plot benchmarks/results/<kind>.png]
 
-The section between `<!-- matmul:begin -->` and `<!-- matmul:end -->` in the
+The section between `<!-- KIND:begin -->` and `<!-- KIND:end -->` in the
 markdown file is replaced; the rest of the file is kept.
 """
 
@@ -105,6 +105,90 @@ def plot(result: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=110)
 
 
+MOE_LABELS = {
+  "ragged_dot_bf16": "jax.lax.ragged_dot bf16",
+  "fp4jax_xla": "fp4jax XLA reference",
+  "fp4jax_pallas_w4a16": "fp4jax Pallas W4A16",
+}
+
+
+def moe_markdown(result: dict, plot_path: str | None = None) -> str:
+  meta = result["meta"]
+  lines = [
+    f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
+    f" `{meta['command']}`. Timer: {TIMERS[meta['timer']]}, median of 7"
+    " trials over rotating expert sets. One MoE layer: routing, both expert"
+    " GEMMs, SwiGLU, combine. TB/s counts the FP4 bytes of the experts the"
+    " tokens use; TFLOP/s counts 6 T top_k H I. Pallas output against the"
+    " reference (max error / max |reference|, 16 tokens): "
+    + ", ".join(
+      f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
+      for k, v in meta["pallas_vs_reference_rel_err"].items()
+    )
+    + ".",
+    "",
+  ]
+  if plot_path:
+    lines += [f"![moe]({plot_path})", ""]
+  for name, dims in meta["models"].items():
+    lines += [
+      f"**{name}** (E={dims['E']}, top-{dims['top_k']}, H={dims['H']},"
+      f" I={dims['I']})",
+      "",
+      "| T | implementation | µs | active experts | TB/s (FP4) | TFLOP/s |"
+      " x ragged_dot |",
+      "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    anchor = {}
+    for r in result["rows"]:
+      if r["model"] != name:
+        continue
+      label = MOE_LABELS.get(r["impl"], r["impl"])
+      if r["status"] != "ok":
+        lines.append(f"| {r['T']} | {label} | {r['status']} | | | | |")
+        continue
+      if r["impl"] == "ragged_dot_bf16":
+        anchor[r["T"]] = r["us"]
+      ratio = anchor.get(r["T"])
+      lines.append(
+        f"| {r['T']} | {label} | {r['us']:.1f} | {r['active_experts']} |"
+        f" {r['fp4_tb_per_s']:.2f} | {r['tflop_per_s']:.1f} |"
+        f" {_fmt(None if ratio is None else ratio / r['us'], '.2f')} |"
+      )
+    lines.append("")
+  return "\n".join(lines)
+
+
+def moe_plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  models = list(result["meta"]["models"])
+  fig, axes = plt.subplots(
+    1, len(models), figsize=(4 * len(models), 3.5), squeeze=False
+  )
+  for ax, name in zip(axes[0], models, strict=True):
+    for impl, label in MOE_LABELS.items():
+      pts = [
+        (r["T"], r["us"])
+        for r in result["rows"]
+        if (r["model"], r["impl"]) == (name, impl) and r["status"] == "ok"
+      ]
+      if pts:
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs")
+    ax.set_title(name)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
+RENDERERS = {"matmul": (markdown, plot), "moe": (moe_markdown, moe_plot)}
+
+
 def update_section(text: str, name: str, body: str) -> str:
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
   block = f"{begin}\n{body}\n{end}"
@@ -117,14 +201,19 @@ def update_section(text: str, name: str, body: str) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("results")
+  parser.add_argument("--kind", choices=tuple(RENDERERS), default="matmul")
   parser.add_argument("--markdown", default="BENCHMARKS.md")
-  parser.add_argument("--plot", default="benchmarks/results/matmul.png")
+  parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
+  args.plot = args.plot or f"benchmarks/results/{args.kind}.png"
   result = json.loads(pathlib.Path(args.results).read_text())
-  plot(result, pathlib.Path(args.plot))
+  render_markdown, render_plot = RENDERERS[args.kind]
+  render_plot(result, pathlib.Path(args.plot))
   md = pathlib.Path(args.markdown)
   text = md.read_text() if md.exists() else "# Benchmarks\n"
-  md.write_text(update_section(text, "matmul", markdown(result, args.plot)))
+  md.write_text(
+    update_section(text, args.kind, render_markdown(result, args.plot))
+  )
   print(f"updated {md} and {args.plot}")
 
 

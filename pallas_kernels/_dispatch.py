@@ -5,16 +5,6 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 
 
-def not_implemented(name: str) -> Callable:
-  """A backend that is not written yet: raises so dispatch falls through."""
-
-  def backend(*args, **kwargs):
-    del args, kwargs
-    raise NotImplementedError(f"{name} is not implemented yet")
-
-  return backend
-
-
 def dispatch(
   op: str,
   implementations: Mapping[str, Callable],

@@ -34,3 +34,31 @@ def check_packed(
       f" {weight.shape}, got {block_scale.dtype}{block_scale.shape}"
     )
   return n, k
+
+
+H200_SMS = 132
+INTERPRET_SMS = 4  # small, so that split-K runs in interpret-mode tests
+
+
+def check_sm90(op: str, interpret: bool) -> None:
+  """Raises NotImplementedError unless a Hopper GPU (or the interpreter)."""
+  if interpret:
+    return
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    raise NotImplementedError(
+      f"{op} needs an NVIDIA GPU (found {device.platform}); interpret=True"
+      " runs it on CPU"
+    )
+  major = str(device.compute_capability).split(".")[0]
+  if major != "9":
+    raise NotImplementedError(
+      f"no {op} kernel for compute capability {device.compute_capability}"
+      " yet (sm90 only)"
+    )
+
+
+def num_sms(interpret: bool) -> int:
+  if interpret:
+    return INTERPRET_SMS
+  return getattr(jax.devices()[0], "core_count", H200_SMS)

@@ -5,6 +5,7 @@ import json
 import jax
 
 from benchmarks import matmul
+from benchmarks import moe
 from benchmarks import report
 
 
@@ -61,3 +62,66 @@ def test_dequant_dot_anchor_matches_reference(rng):
     rtol=2e-2,
     atol=2e-2 * float(jnp.abs(want).max()),
   )
+
+
+def test_moe_harness_and_report(tmp_path):
+  out = tmp_path / "moe.json"
+  moe.main(["--ci", "--out", str(out)])
+  result = json.loads(out.read_text())
+  statuses = {r["impl"]: r["status"] for r in result["rows"]}
+  for anchor in ("ragged_dot_bf16", "fp4jax_xla"):
+    assert statuses[anchor] == "ok", statuses[anchor]
+  ok = [r for r in result["rows"] if r["status"] == "ok"]
+  assert all(r["us"] > 0 and r["active_experts"] >= 1 for r in ok)
+  md = tmp_path / "B.md"
+  md.write_text("# Benchmarks\n\nkept text\n")
+  args = [str(out), "--kind", "moe", "--markdown", str(md)]
+  report.main([*args, "--plot", str(tmp_path / "m.png")])
+  text = md.read_text()
+  assert "kept text" in text and "jax.lax.ragged_dot bf16" in text
+  assert "<!-- moe:begin -->" in text
+
+
+def test_ragged_dot_anchor_matches_reference(rng):
+  import jax.numpy as jnp
+  import numpy as np
+
+  import pallas_kernels
+  from tests.pallas_kernels.nvfp4_moe import test_base
+
+  experts, src = test_base.make_experts(rng, 4, 64, 32)
+  x = jnp.asarray(rng.standard_normal((6, 64)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+  # The anchor on the same weights, dequantized to bf16 and scaled.
+  w13 = src_dense(src, "w13_")
+  w2 = src_dense(src, "w2_")
+  got = moe.ragged_dot_moe(
+    x, logits, jnp.swapaxes(w13, 1, 2), jnp.swapaxes(w2, 1, 2), top_k=2
+  )
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=2, implementation="xla"
+  )
+  scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+  err = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))
+  assert err.max() <= 0.03 * scale  # bf16 weights and silu approximation
+
+
+def src_dense(src, prefix):
+  import jax.numpy as jnp
+
+  import fp4jax
+
+  ws2 = jnp.asarray(src[prefix + "weight_scale_2"])
+  if ws2.ndim == 2:  # [E, 2]: gate and up rows
+    n = src[prefix + "weight"].shape[1]
+    gs = jnp.where(
+      jnp.arange(n)[None, :, None] < n // 2, ws2[:, :1, None], ws2[:, 1:, None]
+    )
+  else:
+    gs = ws2[:, None, None]
+  t = fp4jax.NVFP4Tensor(
+    packed=jnp.asarray(src[prefix + "weight"]),
+    block_scale=jnp.asarray(src[prefix + "weight_scale"]),
+    global_scale=jnp.ones(ws2.shape[:1], jnp.float32),
+  )
+  return (fp4jax.dequantize(t) * gs).astype(jnp.bfloat16)

@@ -51,16 +51,31 @@ class Config:
 SMEM_LIMIT = 227 * 1024
 
 
-def heuristic(m: int, n: int, k: int, num_sms: int = H200_SMS) -> Config:
-  """A config per shape: tokens per CTA, K step, and split-K for decode."""
-  block_m = 128 if m >= 128 else max(8, -(-m // 8) * 8)
+def heuristic(
+  m: int,
+  n: int,
+  k: int,
+  num_sms: int = H200_SMS,
+  *,
+  block_m: int | None = None,
+  token_tiles: int | None = None,
+) -> Config:
+  """A config per shape: tokens per CTA, K step, and split-K for decode.
+
+  A grouped GEMM (MoE) fixes `block_m` and says how many token tiles will
+  do work (`token_tiles`); by default both follow from `m`.
+  """
+  if block_m is None:
+    block_m = 128 if m >= 128 else max(8, -(-m // 8) * 8)
   # The largest K step that divides K: Mosaic GPU's swizzled TMA views need
   # the K extent in whole steps (the caller pads K to a multiple of 64).
   k = -(-k // 64) * 64
   block_k = next(bk for bk in (256, 128, 64) if k % bk == 0)
   if block_m > 64 and block_k == 256:
     block_k = 128
-  tiles = -(-n // TILE_ROWS) * -(-m // block_m)
+  if token_tiles is None:
+    token_tiles = -(-m // block_m)
+  tiles = -(-n // TILE_ROWS) * token_tiles
   k_steps = k // block_k
   best, best_eff = 1, 0.0
   # Split K only while the output tiles alone leave SMs idle: partial sums

@@ -20,26 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
+from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
-
-
-def _check_device(interpret: bool) -> None:
-  if interpret:
-    return
-  device = jax.devices()[0]
-  if device.platform != "gpu":
-    raise NotImplementedError(
-      "the Mosaic GPU NVFP4 matmul needs an NVIDIA GPU"
-      f" (found {device.platform}); interpret=True runs it on CPU"
-    )
-  major = str(device.compute_capability).split(".")[0]
-  if major != "9":
-    raise NotImplementedError(
-      f"no NVFP4 Mosaic GPU kernel for compute capability"
-      f" {device.compute_capability} yet (sm90 only)"
-    )
 
 
 def nvfp4_matmul(
@@ -56,10 +40,10 @@ def nvfp4_matmul(
     NotImplementedError: no suitable GPU (and not `interpret`).
   """
   base.check_inputs(x, layer, activation)
-  _check_device(interpret)
+  common.check_sm90("the Mosaic GPU NVFP4 matmul", interpret)
   n, k = layer.n, layer.k
   m = x.size // k
-  config = config or config_lib.heuristic(m, n, k, _num_sms(interpret))
+  config = config or config_lib.heuristic(m, n, k, common.num_sms(interpret))
   padded_k = -(-k // K_ALIGN) * K_ALIGN
   if padded_k % config.block_k or (padded_k // config.block_k) % config.splits:
     raise ValueError(f"{config} does not tile K={k} (padded to {padded_k})")
@@ -74,12 +58,6 @@ def nvfp4_matmul(
 
 K_ALIGN = 64  # K that the swizzled TMA views take in whole steps
 N_ALIGN = 8  # weight rows per TMA tile row group
-
-
-def _num_sms(interpret: bool) -> int:
-  if interpret:
-    return 4
-  return getattr(jax.devices()[0], "core_count", config_lib.H200_SMS)
 
 
 @functools.partial(
@@ -105,24 +83,22 @@ def _run(x, leaves, *, activation, config, interpret):
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
-  factor = jnp.asarray(factor, jnp.float32).reshape(1)
   x_even, x_odd = sm90.split_activations(rows)
   scale_rows, padded_blocks = layer.block_scale.shape
+  n_tiles = scale_rows // 128
   out = sm90.matmul(
-    weight,
+    weight[None],
     x_even,
     x_odd,
-    # A free reshape: [row tile, K/64 chunk, 2, 256] holds one 128x4 tile
-    # (512 bytes) of the layout per chunk (TMA boxes take at most 256
+    # A free reshape: [1, row tile, K/64 chunk, 2, 256] holds one 128x4
+    # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).
-    layer.block_scale.reshape(scale_rows // 128, padded_blocks // 4, 2, 256),
-    factor,
+    layer.block_scale.reshape(1, n_tiles, padded_blocks // 4, 2, 256),
+    jnp.full((1, 2 * n_tiles), factor, jnp.float32),
     config=config,
     interpret=interpret,
   )
   if splits > 1:
-    out = out[:, : layer.n].sum(axis=0).T * (
-      factor[0] * 2.0**-sm90.PRODUCT_EXPONENT
-    )
+    out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)

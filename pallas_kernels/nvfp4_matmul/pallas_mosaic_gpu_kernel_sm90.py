@@ -271,29 +271,36 @@ def _decode_jnp(w, s_smem, wg, plan: Plan):
 
 # ------------------------------------------------------------------- kernel
 def matmul(
-  packed: jax.Array,  # uint8 [N, K/2]
+  packed: jax.Array,  # uint8 [E, N, K/2]: E = 1 for one layer
   x_even: jax.Array,  # bf16 [M, K/2]: k = 0, 2, 4, ... in A column order
   x_odd: jax.Array,  # bf16 [M, K/2]: k = 1, 3, 5, ... in A column order
-  scale_chunks: jax.Array,  # e4m3 [ceil(N/128), ceil(K/64), 2, 256]
-  factor: jax.Array,  # float32 [1]: tensor scale (alpha or weight_scale_2)
+  scale_chunks: jax.Array,  # e4m3 [E, ceil(N/128), ceil(K/64), 2, 256]
+  factor: jax.Array,  # float32 [E, ceil(N/64)]: per 64 rows of each weight
+  tile_expert: jax.Array | None = None,  # int32 [M / block_m]
   *,
   config: config_lib.Config,
+  float32_out: bool = False,
   interpret: bool = False,
 ) -> jax.Array:
-  """`x @ deq(W).T * factor`.
+  """`x @ deq(W[e]).T * factor[e]`, one weight matrix `e` per token tile.
 
-  Returns bf16 `[M, ceil128(N)]` when `splits == 1`, else float32 partial
-  sums `[splits, ceil128(N), M]` without `factor` (the caller adds them,
-  scales and slices).
+  `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
+  * block_m)` (grouped GEMM over experts; tokens sorted and padded per
+  expert by the caller); a negative entry skips the tile and leaves its
+  output rows undefined. None: all tiles use matrix 0 (E = 1).
+
+  Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
+  `float32_out`, else float32 partial sums `[splits, ceil128(N), M]` (the
+  caller adds them and slices), both times `factor`.
 
   N need not fill whole 128-row tiles: the last tile reads past the weight
-  (TMA fills zeros) and its stores past N are dropped; the swizzled scales
-  are padded to whole 128x4 tiles already. Mosaic GPU's swizzled TMA views
-  need N % 8 == 0 and K in whole `block_k` steps. Outputs have `ceil128(N)`
-  rows (the caller slices).
+  (TMA fills zeros); the swizzled scales are padded to whole 128x4 tiles
+  already. Mosaic GPU's swizzled TMA views need N % 8 == 0 and K in whole
+  `block_k` steps.
   """
-  n, half_k = packed.shape
+  n_mats, n, half_k = packed.shape
   splits = config.splits
+  bf16_out = splits == 1 and not float32_out
   plan = Plan(
     n=n, k=2 * half_k, m=x_even.shape[0], splits=splits, config=config
   )
@@ -308,17 +315,26 @@ def matmul(
       f"shapes {packed.shape}, {x_even.shape} not tiled by {cfg}, {splits=}"
     )
   n_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
-  if scale_chunks.shape != (n_tiles, -(-plan.k // SCALE_CHUNK_K), 2, 256):
+  chunks = -(-plan.k // SCALE_CHUNK_K)
+  if scale_chunks.shape != (n_mats, n_tiles, chunks, 2, 256):
     raise ValueError(f"scale chunks {scale_chunks.shape} do not match {n=}")
+  if factor.shape != (n_mats, 2 * n_tiles):
+    raise ValueError(f"factor {factor.shape} != {(n_mats, 2 * n_tiles)}")
+  grouped = tile_expert is not None
+  if grouped and tile_expert.shape != (m_tiles,):
+    raise ValueError(f"tile_expert {tile_expert.shape} != ({m_tiles},)")
+  if not grouped:
+    tile_expert = jnp.zeros((m_tiles,), jnp.int32)
   steps = plan.steps_per_split
   a_in_smem = interpret
 
-  def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, o_gmem, *scratch):
-    o_smem, a_smem = scratch[0], (scratch[1] if a_in_smem else None)
+  def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, o_gmem, *rest):
+    o_smem, a_smem = rest[0], (rest[1] if a_in_smem else None)
     ni = lax.axis_index("n")
     mi = lax.axis_index("m")
     si = lax.axis_index("split")
     k0 = si * steps
+    expert = e_gmem[mi]
 
     def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, acc_ref):
       wg = lax.axis_index("wg")
@@ -350,12 +366,12 @@ def matmul(
       )
       def _(acc_ref):
         eval_pipeline(acc_ref)
-        acc = acc_ref[...]
+        scale = f_gmem[expert, 2 * ni + wg] * (2.0**-PRODUCT_EXPONENT)
+        acc = acc_ref[...] * scale
         rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
         tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
-        if splits == 1:
-          scale = f_gmem[0] * (2.0**-PRODUCT_EXPONENT)
-          o_smem.at[wg].T[...] = (acc * scale).astype(jnp.bfloat16)
+        if bf16_out:
+          o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
         else:
@@ -373,8 +389,8 @@ def matmul(
       memory_registers=40,
       in_specs=[
         spec(
-          (TILE_ROWS, plan.plane_k),
-          lambda k: (ni, k0 + k),
+          (None, TILE_ROWS, plan.plane_k),
+          lambda k: (expert, ni, k0 + k),
           _swizzled(8, plan.plane_k),
         ),
         spec(
@@ -388,8 +404,8 @@ def matmul(
           _swizzled(16, 2 * plan.plane_k),
         ),
         spec(
-          (None, plan.scale_chunks, 2, 256),
-          lambda k: (ni, k0 + k, 0, 0),
+          (None, None, plan.scale_chunks, 2, 256),
+          lambda k: (expert, ni, k0 + k, 0, 0),
         ),
       ],
       wg_axis="wg",
@@ -397,12 +413,15 @@ def matmul(
       max_concurrent_steps=cfg.num_stages,
       compute_context=compute_context,
     )
-    pipeline(w_gmem, xe_gmem, xo_gmem, s_gmem)
+
+    @pl.when(expert >= 0)
+    def _():
+      pipeline(w_gmem, xe_gmem, xo_gmem, s_gmem)
 
   # Outputs have whole row tiles: with a store lying wholly past the end of
   # the output, N=64 came out wrong on the H200, so none is issued.
   n_rows = n_tiles * TILE_ROWS
-  if splits == 1:
+  if bf16_out:
     out_type = jax.ShapeDtypeStruct((plan.m, n_rows), jnp.bfloat16)
     o_smem = plgpu.SMEM(
       (2, cfg.block_m, WG_ROWS),
@@ -430,7 +449,7 @@ def matmul(
     thread_name="wg",
     scratch_types=scratch,
   )
-  args = (packed, x_even, x_odd, scale_chunks, factor)
+  args = (packed, x_even, x_odd, scale_chunks, factor, tile_expert)
   if interpret:
     # Mosaic GPU's CPU interpreter (plgpu.kernel(interpret=True) cannot
     # discharge the pipeline's TMA copies).

@@ -7,9 +7,10 @@ import jax
 
 from pallas_kernels import _dispatch
 from pallas_kernels.nvfp4_moe import base
+from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
 IMPLEMENTATIONS: dict[str, Callable] = {
-  "pallas": _dispatch.not_implemented("the Pallas Mosaic GPU NVFP4 MoE"),
+  "pallas": pallas_mosaic_gpu.nvfp4_moe,
   "xla": base.reference_moe,
 }
 DEFAULT_ORDER = ("pallas", "xla")

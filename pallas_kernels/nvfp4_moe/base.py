@@ -126,20 +126,14 @@ def _grouped_matmul(rows, row_expert, group_sizes, proj, activation):
   return acc * scale
 
 
-@functools.partial(
-  jax.jit, static_argnames=("top_k", "renormalize", "scoring", "activation")
-)
-def reference_moe(
+def check_inputs(
   x: jax.Array,
   router_logits: jax.Array,
   experts: Mapping,
-  *,
   top_k: int,
-  renormalize: bool = True,
-  scoring: str = "softmax",
-  activation: str = "bf16",
-) -> jax.Array:
-  """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against."""
+  activation: str,
+) -> tuple[StackedLinear, StackedLinear]:
+  """Validates an MoE call; returns the (w13, w2) stacks."""
   if activation not in ("bf16", "nvfp4"):
     raise ValueError(f"{activation=} must be 'bf16' or 'nvfp4'")
   w13 = StackedLinear.from_mapping(experts, "w13_")
@@ -156,6 +150,29 @@ def reference_moe(
     raise ValueError(f"w2 shape {w2.shape} does not match w13 {w13.shape}")
   if not 1 <= top_k <= n_experts:
     raise ValueError(f"{top_k=} must be in [1, {n_experts}]")
+  if activation == "nvfp4" and (
+    w13.input_scale_inv is None or w2.input_scale_inv is None
+  ):
+    raise ValueError("activation='nvfp4' needs input_scale_inv per expert")
+  return w13, w2
+
+
+@functools.partial(
+  jax.jit, static_argnames=("top_k", "renormalize", "scoring", "activation")
+)
+def reference_moe(
+  x: jax.Array,
+  router_logits: jax.Array,
+  experts: Mapping,
+  *,
+  top_k: int,
+  renormalize: bool = True,
+  scoring: str = "softmax",
+  activation: str = "bf16",
+) -> jax.Array:
+  """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against."""
+  w13, w2 = check_inputs(x, router_logits, experts, top_k, activation)
+  n_experts, two_i, hidden = w13.shape
 
   weights, ids = route(
     router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring

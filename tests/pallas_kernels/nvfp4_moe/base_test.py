@@ -15,18 +15,6 @@ class TestDefaultDispatch(test_base.NVFP4MoETestBase):
   IMPLEMENTATION = None
 
 
-def test_pallas_not_available_yet_says_so(rng):
-  experts, _ = test_base.make_experts(rng, 4, 32, 16)
-  with pytest.raises(NotImplementedError, match="not implemented"):
-    pallas_kernels.nvfp4_moe(
-      jnp.ones((2, 32), jnp.bfloat16),
-      jnp.ones((2, 4)),
-      experts,
-      top_k=2,
-      implementation="pallas",
-    )
-
-
 def test_sigmoid_scoring_is_not_supported_yet(rng):
   experts, _ = test_base.make_experts(rng, 4, 32, 16)
   with pytest.raises(NotImplementedError, match="scoring"):

@@ -1,0 +1,268 @@
+"""The Pallas Mosaic GPU backend of `nvfp4_moe`: grouped NVFP4 GEMMs.
+
+Data flow (one jitted function):
+1. route (softmax top-k, `base.route`), then sort the (token, expert) pairs
+   by expert into a buffer where each expert's rows start on a tile of
+   `block_m` rows (padding rows are zero), with one expert id per tile;
+2. GEMM 1 over `w13` with the matmul kernel's sm90 body in grouped mode:
+   each token tile reads only its own expert's weights, tiles past the used
+   rows exit at once, so a decode step streams only the active experts;
+3. `silu(gate) * up` in XLA (bf16 in and out), GEMM 2 over `w2` the same way;
+4. the router-weighted combine gathers each token's top-k rows.
+
+W4A4 (activation="nvfp4") takes GEMM 1's output in float32, so that the
+intermediate's FP4 codes are those of the reference. Not yet done here:
+SwiGLU fused into GEMM 1's epilogue (gate and up rows
+of a 64-row block sit in different CTAs), and the sigmoid / grouped top-k
+routing of DeepSeek (see `base.route`).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax.format import nvfp4
+from pallas_kernels import common
+from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
+from pallas_kernels.nvfp4_moe import base
+
+FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static tiling of one MoE call."""
+
+  tokens: int
+  top_k: int
+  experts: int
+  block_m: int
+
+  @property
+  def pairs(self) -> int:
+    return self.tokens * self.top_k
+
+  @property
+  def max_tiles(self) -> int:
+    """Token tiles that can hold the pairs with each expert's group padded."""
+    groups = min(self.experts, self.pairs)
+    return -(-(self.pairs + groups * (self.block_m - 1)) // self.block_m)
+
+  @property
+  def busy_tiles(self) -> int:
+    """Token tiles that usually do work (for the split-K heuristic)."""
+    return min(self.max_tiles, -(-self.pairs // self.block_m))
+
+
+def block_m_for(tokens: int, top_k: int, experts: int) -> int:
+  """Rows per token tile: about the mean group size, 8 to 128."""
+  mean = tokens * top_k / min(experts, tokens * top_k)
+  return int(min(128, max(8, -(-mean // 8) * 8)))
+
+
+def configs_for(
+  plan: Plan, hidden: int, inter: int, num_sms: int
+) -> tuple[config_lib.Config, config_lib.Config]:
+  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I)."""
+  return tuple(
+    config_lib.heuristic(
+      plan.max_tiles * plan.block_m,
+      n,
+      k,
+      num_sms,
+      block_m=plan.block_m,
+      token_tiles=plan.busy_tiles,
+    )
+    for n, k in ((2 * inter, hidden), (hidden, inter))
+  )
+
+
+def nvfp4_moe(
+  x: jax.Array,
+  router_logits: jax.Array,
+  experts,
+  *,
+  top_k: int,
+  renormalize: bool = True,
+  scoring: str = "softmax",
+  activation: str = "bf16",
+  block_m: int | None = None,
+  interpret: bool = False,
+) -> jax.Array:
+  """See `api.nvfp4_moe`.
+
+  Raises:
+    NotImplementedError: no suitable GPU (and not `interpret`), or expert
+      shapes this version does not tile (H or I not a multiple of 64).
+  """
+  w13, w2 = base.check_inputs(x, router_logits, experts, top_k, activation)
+  common.check_sm90("the Mosaic GPU NVFP4 MoE", interpret)
+  n_experts, two_i, hidden = w13.shape
+  if hidden % 64 or (two_i // 2) % 64:
+    raise NotImplementedError(
+      f"hidden={hidden} and intermediate={two_i // 2} must be multiples of"
+      " 64 (expert stacks are not padded per call)"
+    )
+  plan = Plan(
+    tokens=x.shape[0],
+    top_k=top_k,
+    experts=n_experts,
+    block_m=block_m or block_m_for(x.shape[0], top_k, n_experts),
+  )
+  configs = configs_for(plan, hidden, two_i // 2, common.num_sms(interpret))
+  return _run(
+    x,
+    router_logits,
+    dict(experts),
+    plan=plan,
+    configs=configs,
+    renormalize=renormalize,
+    scoring=scoring,
+    activation=activation,
+    interpret=interpret,
+  )
+
+
+def sort_by_expert(ids: jax.Array, plan: Plan):
+  """Places (token, k) pairs in expert groups padded to whole token tiles.
+
+  Args:
+    ids: int32 `[T, top_k]` expert of each pair.
+
+  Returns:
+    (position `[T, top_k]` of each pair's row, token `[rows]` of each row
+    (T for padding rows), expert `[max_tiles]` of each tile (-1: unused)).
+  """
+  flat = ids.reshape(-1)
+  counts = jnp.bincount(flat, length=plan.experts)
+  padded = -(-counts // plan.block_m) * plan.block_m
+  ends = jnp.cumsum(padded)
+  starts = ends - padded
+  order = jnp.argsort(flat, stable=True)
+  sorted_expert = flat[order]
+  first_of_group = jnp.cumsum(counts) - counts
+  rank = jnp.arange(plan.pairs) - first_of_group[sorted_expert]
+  position = (
+    jnp.zeros(plan.pairs, jnp.int32)
+    .at[order]
+    .set((starts[sorted_expert] + rank).astype(jnp.int32))
+  )
+  rows = plan.max_tiles * plan.block_m
+  token = (
+    jnp.full(rows, plan.tokens, jnp.int32)
+    .at[position]
+    .set(jnp.arange(plan.pairs, dtype=jnp.int32) // plan.top_k)
+  )
+  tile_start = jnp.arange(plan.max_tiles) * plan.block_m
+  tile_expert = jnp.searchsorted(ends, tile_start, side="right")
+  tile_expert = jnp.where(tile_start < ends[-1], tile_expert, -1)
+  return (
+    position.reshape(ids.shape),
+    token,
+    tile_expert.astype(jnp.int32),
+  )
+
+
+def _factors(proj: base.StackedLinear, activation: str) -> jax.Array:
+  """f32 `[E, ceil128(N) / 64]`: the epilogue scale of each 64-row block."""
+  _, n, _ = proj.shape
+  first, second = proj.epilogue_scales(activation)
+  blocks = -(-n // config_lib.TILE_ROWS) * config_lib.TILE_ROWS // FACTOR_ROWS
+  in_second_half = jnp.arange(blocks) * FACTOR_ROWS >= n // 2
+  return jnp.where(in_second_half[None], second[:, None], first[:, None])
+
+
+def _grouped_gemm(
+  rows,
+  row_expert,
+  tile_expert,
+  proj,
+  *,
+  activation,
+  config,
+  interpret,
+  float32_out=False,
+):
+  """`[R, N]`: each token tile of `rows` times its expert's weights."""
+  n_experts, n, k = proj.shape
+  if activation == "nvfp4":
+    rows = nvfp4.fake_quantize_activation(
+      rows, proj.input_scale_inv[row_expert]
+    )
+  x_even, x_odd = sm90.split_activations(rows.astype(jnp.bfloat16))
+  scale_rows, padded_blocks = proj.block_scale.shape[1:]
+  out = sm90.matmul(
+    proj.weight,
+    x_even,
+    x_odd,
+    proj.block_scale.reshape(
+      n_experts, scale_rows // 128, padded_blocks // 4, 2, 256
+    ),
+    _factors(proj, activation),
+    tile_expert,
+    config=config,
+    float32_out=float32_out,
+    interpret=interpret,
+  )
+  if config.splits > 1 or float32_out:
+    out = out.sum(axis=0).T
+    if not float32_out:
+      out = out.astype(jnp.bfloat16)
+  return out[:, :n]
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "plan",
+    "configs",
+    "renormalize",
+    "scoring",
+    "activation",
+    "interpret",
+  ),
+)
+def _run(
+  x,
+  router_logits,
+  experts,
+  *,
+  plan,
+  configs,
+  renormalize,
+  scoring,
+  activation,
+  interpret,
+):
+  w13 = base.StackedLinear.from_mapping(experts, "w13_")
+  w2 = base.StackedLinear.from_mapping(experts, "w2_")
+  inter = w13.shape[1] // 2
+  weights, ids = base.route(
+    router_logits, top_k=plan.top_k, renormalize=renormalize, scoring=scoring
+  )
+  position, token, tile_expert = sort_by_expert(ids, plan)
+  row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)
+  padded_x = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+  gemm = functools.partial(
+    _grouped_gemm, activation=activation, interpret=interpret
+  )
+  # W4A4 quantizes the intermediate; from float32 gate and up (as the
+  # reference) a bf16 rounding cannot move its FP4 codes.
+  h = gemm(
+    padded_x[token],
+    row_expert,
+    tile_expert,
+    w13,
+    config=configs[0],
+    float32_out=activation == "nvfp4",
+  )
+  gate = h[:, :inter].astype(jnp.float32)
+  up = h[:, inter:].astype(jnp.float32)
+  act = (base.silu(gate) * up).astype(jnp.bfloat16)
+  y = gemm(act, row_expert, tile_expert, w2, config=configs[1])
+  picked = y[position].astype(jnp.float32)  # [T, top_k, H]
+  out = jnp.einsum("tkh,tk->th", picked, weights)
+  return out.astype(x.dtype)

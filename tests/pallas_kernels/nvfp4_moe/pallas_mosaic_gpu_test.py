@@ -1,0 +1,196 @@
+"""The Mosaic GPU NVFP4 MoE: expert sorting, CPU interpreter, sm_90 lowering,
+GPU tier.
+
+As for the matmul, the interpreter decodes weights with jnp ops into SMEM
+(it cannot run inline PTX or register-A wgmma); the grouping (one expert per
+token tile, skipped tiles), routing and combine are the code the GPU runs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
+from tests import conftest
+from tests import tolerance
+from tests.pallas_kernels.nvfp4_moe import test_base
+
+# Real models: (experts, top_k, hidden, intermediate).
+QWEN3_30B = (128, 8, 2048, 768)
+DEEPSEEK_V3 = (256, 8, 7168, 2048)
+MIXTRAL = (8, 2, 4096, 14336)
+GPT_OSS = (128, 4, 2880, 2880)
+
+
+@pytest.mark.parametrize(
+  "tokens, experts, top_k, block_m",
+  [(1, 8, 2, 8), (16, 128, 8, 8), (37, 4, 3, 16), (64, 8, 8, 128)],
+)
+def test_sort_by_expert_places_every_pair_in_its_experts_tiles(
+  rng, tokens, experts, top_k, block_m
+):
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens, top_k=top_k, experts=experts, block_m=block_m
+  )
+  ids = np.stack(
+    [rng.choice(experts, top_k, replace=False) for _ in range(tokens)]
+  ).astype(np.int32)
+  if tokens > 8:
+    ids[: tokens // 2, 0] = 0  # a crowded expert
+  position, token, tile_expert = map(
+    np.asarray, pallas_mosaic_gpu.sort_by_expert(jnp.asarray(ids), plan)
+  )
+  assert len(set(position.ravel())) == tokens * top_k  # one row per pair
+  rows_tile = position // block_m
+  np.testing.assert_array_equal(tile_expert[rows_tile], ids)
+  want_token = np.broadcast_to(np.arange(tokens)[:, None], ids.shape)
+  np.testing.assert_array_equal(token[position], want_token)
+  padding = np.setdiff1d(np.arange(token.size), position.ravel())
+  assert (token[padding] == tokens).all()
+  used = tile_expert >= 0
+  # Used tiles come first, grouped by expert in increasing order.
+  assert not used[np.argmin(used) :].any() or used.all()
+  assert (np.diff(tile_expert[used]) >= 0).all()
+  assert used.sum() == sum(
+    -(-np.count_nonzero(ids == e) // block_m) for e in range(experts)
+  )
+
+
+# Like vLLM's and SGLang's MoE kernels, this one rounds gate and up and each
+# expert's output to bf16 before the next step; a sum that cancels between
+# experts keeps those roundings at the scale of the experts' outputs (up to
+# ~0.9% of max|out| seen on CPU), so near-zero outputs get a floor of 100%.
+KERNEL_FLOOR = 1.0
+
+
+class TestInterpret(test_base.NVFP4MoETestBase):
+  """The shared suite in Mosaic GPU's interpreter (CPU)."""
+
+  FLOOR = KERNEL_FLOOR
+  SHAPE = (128, 64)
+  SMALL_SHAPE = (64, 64)
+
+  def moe(self, x, logits, experts, **kwargs):
+    return pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, interpret=True, **kwargs
+    )
+
+
+def test_interpret_larger_token_tiles(rng):
+  # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per expert.
+  experts, src = test_base.make_experts(rng, 4, 256, 128)
+  x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((40, 4)), jnp.float32)
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x, logits, experts, top_k=2, block_m=16, interpret=True
+  )
+  want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
+  tolerance.assert_close(
+    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+  )
+
+
+def test_shapes_it_does_not_tile_fall_through(rng):
+  experts, _ = test_base.make_experts(rng, 4, 64, 32)
+  x = jnp.ones((2, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="multiples of 64"):
+    pallas_mosaic_gpu.nvfp4_moe(
+      x, jnp.ones((2, 4)), experts, top_k=2, interpret=True
+    )
+  # The dispatcher then runs the reference.
+  out = pallas_kernels.nvfp4_moe(x, jnp.ones((2, 4)), experts, top_k=2)
+  assert out.shape == (2, 64)
+
+
+def test_named_pallas_without_a_gpu_says_why(rng):
+  experts, _ = test_base.make_experts(rng, 4, 128, 64)
+  x = jnp.ones((2, 128), jnp.bfloat16)
+  if conftest.has_gpu():
+    out = pallas_kernels.nvfp4_moe(
+      x, jnp.ones((2, 4)), experts, top_k=2, implementation="pallas"
+    )
+    assert out.shape == (2, 128)
+  else:
+    with pytest.raises(NotImplementedError, match="needs an NVIDIA GPU"):
+      pallas_kernels.nvfp4_moe(
+        x, jnp.ones((2, 4)), experts, top_k=2, implementation="pallas"
+      )
+
+
+def abstract_experts(n_experts, hidden, inter):
+  def stack(n, k):
+    return {
+      "weight": jax.ShapeDtypeStruct((n_experts, n, k // 2), jnp.uint8),
+      "block_scale": jax.ShapeDtypeStruct(
+        (n_experts, -(-n // 128) * 128, -(-(k // 16) // 4) * 4),
+        jnp.float8_e4m3fn,
+      ),
+      "alpha": jax.ShapeDtypeStruct((n_experts,), jnp.float32),
+      "input_scale_inv": jax.ShapeDtypeStruct((n_experts,), jnp.float32),
+    }
+
+  node = {}
+  for prefix, (n, k) in (
+    ("w13_", (2 * inter, hidden)),
+    ("w2_", (hidden, inter)),
+  ):
+    node.update({prefix + key: v for key, v in stack(n, k).items()})
+  return node
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 4096])
+@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
+def test_lowers_for_sm90(model, tokens):
+  n_experts, top_k, hidden, inter = model
+  experts = abstract_experts(n_experts, hidden, inter)
+  x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
+  logits = jax.ShapeDtypeStruct((tokens, n_experts), jnp.float32)
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens,
+    top_k=top_k,
+    experts=n_experts,
+    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
+  )
+  configs = pallas_mosaic_gpu.configs_for(plan, hidden, inter, num_sms=132)
+
+  def f(x, logits, experts):
+    return pallas_mosaic_gpu._run(
+      x,
+      logits,
+      experts,
+      plan=plan,
+      configs=configs,
+      renormalize=True,
+      scoring="softmax",
+      activation="bf16",
+      interpret=False,
+    )
+
+  jax.jit(f).trace(x, logits, experts).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.gpu
+class TestOnGPU(test_base.NVFP4MoETestBase):
+  """The shared suite on the H200, then real expert shapes."""
+
+  IMPLEMENTATION = "pallas"
+  FLOOR = KERNEL_FLOOR
+  SHAPE = (256, 128)
+  SMALL_SHAPE = (128, 64)
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  @pytest.mark.parametrize("tokens", [1, 16, 300])
+  def test_qwen3_sized_experts(self, rng, tokens, activation):
+    # Qwen3-30B-A3B's hidden and intermediate sizes with 16 experts.
+    experts, _ = test_base.make_experts(rng, 16, 2048, 768)
+    x = jnp.asarray(rng.standard_normal((tokens, 2048)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((tokens, 16)), jnp.float32)
+    out = self.moe(x, logits, experts, top_k=8, activation=activation)
+    # The reference, itself checked against the numpy loop at small shapes
+    # (a float64 loop over 2400 expert GEMMs would take minutes).
+    want = pallas_kernels.nvfp4_moe(
+      x, logits, experts, top_k=8, activation=activation, implementation="xla"
+    )
+    self.check(out, want.astype(jnp.float32))
