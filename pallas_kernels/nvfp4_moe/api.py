@@ -24,6 +24,10 @@ def nvfp4_moe(
   top_k: int,
   renormalize: bool = True,
   scoring: str = "softmax",
+  correction_bias: jax.Array | None = None,
+  num_groups: int = 1,
+  top_groups: int | None = None,
+  routed_scaling: float = 1.0,
   activation: str = "bf16",
   implementation: str | None = None,
 ) -> jax.Array:
@@ -35,7 +39,12 @@ def nvfp4_moe(
     experts: a prepared experts node (`w13_*`, `w2_*`; see fp4jax.transform).
     top_k: experts per token.
     renormalize: rescale the top-k weights to sum to one.
-    scoring: "softmax".
+    scoring: "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3).
+    correction_bias: `[E]` added to the scores to choose experts, not to
+      weight them (DeepSeek-V3's `e_score_correction_bias`).
+    num_groups, top_groups: grouped top-k (DeepSeek-V3's `n_group`,
+      `topk_group`): only the best `top_groups` expert groups compete.
+    routed_scaling: multiplies the router weights (`routed_scaling_factor`).
     activation: "bf16" (W4A16) or "nvfp4" (W4A4, quantized GEMM inputs).
     implementation: None (fastest available), "xla" or "pallas".
 
@@ -53,5 +62,9 @@ def nvfp4_moe(
     top_k=top_k,
     renormalize=renormalize,
     scoring=scoring,
+    correction_bias=correction_bias,
+    num_groups=num_groups,
+    top_groups=top_groups,
+    routed_scaling=routed_scaling,
     activation=activation,
   )

@@ -20,7 +20,7 @@ from fp4jax.format import nvfp4
 from fp4jax.format import swizzle
 from pallas_kernels import common
 
-SCORINGS = ("softmax",)
+SCORINGS = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,15 +82,50 @@ def route(
   top_k: int,
   renormalize: bool = True,
   scoring: str = "softmax",
+  correction_bias: jax.Array | None = None,
+  num_groups: int = 1,
+  top_groups: int | None = None,
+  routed_scaling: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-  """Softmax top-k routing: (weights f32 `[T, k]`, expert ids int32 `[T, k]`)."""
+  """Top-k routing: (weights f32 `[T, k]`, expert ids int32 `[T, k]`).
+
+  scoring="softmax" (Mixtral, Qwen3-MoE): top-k of the softmax.
+  scoring="sigmoid" (DeepSeek-V3, Kimi-K2): scores are sigmoids; experts
+  are chosen by score + `correction_bias` but weighted by the score alone.
+  With `num_groups > 1` (either scoring) experts form equal groups, each
+  group is ranked by the sum of its two best choice scores, and only the
+  best `top_groups` groups compete (DeepSeek-V3's `n_group`, `topk_group`).
+  Renormalized weights sum to one; all are then times `routed_scaling`.
+  """
   if scoring not in SCORINGS:
-    raise NotImplementedError(f"{scoring=} is not supported yet ({SCORINGS})")
-  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-  weights, ids = jax.lax.top_k(probs, top_k)
+    raise NotImplementedError(f"{scoring=} is not supported ({SCORINGS})")
+  logits = router_logits.astype(jnp.float32)
+  n_experts = logits.shape[-1]
+  if scoring == "softmax":
+    probs = jax.nn.softmax(logits, axis=-1)
+  else:
+    probs = 1.0 / (1.0 + jnp.exp(-logits))  # exact on CPU and GPU alike
+  choice = probs
+  if correction_bias is not None:
+    choice = choice + correction_bias.astype(jnp.float32)[None]
+  if num_groups > 1:
+    top_groups = top_groups or num_groups
+    if n_experts % num_groups or not 1 <= top_groups <= num_groups:
+      raise ValueError(
+        f"{num_groups=} must divide {n_experts} experts and {top_groups=}"
+        " be in [1, num_groups]"
+      )
+    grouped = choice.reshape(*choice.shape[:-1], num_groups, -1)
+    pair = min(2, grouped.shape[-1])
+    group_score = jax.lax.top_k(grouped, pair)[0].sum(-1)
+    _, best = jax.lax.top_k(group_score, top_groups)
+    keep = jax.nn.one_hot(best, num_groups).sum(-2) > 0  # [T, groups]
+    choice = jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
+  _, ids = jax.lax.top_k(choice, top_k)
+  weights = jnp.take_along_axis(probs, ids, axis=-1)
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return weights, ids.astype(jnp.int32)
+  return weights * jnp.float32(routed_scaling), ids.astype(jnp.int32)
 
 
 def silu(x: jax.Array) -> jax.Array:
@@ -157,9 +192,17 @@ def check_inputs(
   return w13, w2
 
 
-@functools.partial(
-  jax.jit, static_argnames=("top_k", "renormalize", "scoring", "activation")
+ROUTING_OPTIONS = (
+  "top_k",
+  "renormalize",
+  "scoring",
+  "num_groups",
+  "top_groups",
+  "routed_scaling",
 )
+
+
+@functools.partial(jax.jit, static_argnames=(*ROUTING_OPTIONS, "activation"))
 def reference_moe(
   x: jax.Array,
   router_logits: jax.Array,
@@ -168,6 +211,10 @@ def reference_moe(
   top_k: int,
   renormalize: bool = True,
   scoring: str = "softmax",
+  correction_bias: jax.Array | None = None,
+  num_groups: int = 1,
+  top_groups: int | None = None,
+  routed_scaling: float = 1.0,
   activation: str = "bf16",
 ) -> jax.Array:
   """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against."""
@@ -175,7 +222,14 @@ def reference_moe(
   n_experts, two_i, hidden = w13.shape
 
   weights, ids = route(
-    router_logits, top_k=top_k, renormalize=renormalize, scoring=scoring
+    router_logits,
+    top_k=top_k,
+    renormalize=renormalize,
+    scoring=scoring,
+    correction_bias=correction_bias,
+    num_groups=num_groups,
+    top_groups=top_groups,
+    routed_scaling=routed_scaling,
   )
   flat_ids = ids.reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)

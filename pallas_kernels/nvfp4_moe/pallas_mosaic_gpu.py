@@ -10,11 +10,13 @@ Data flow (one jitted function):
 3. `silu(gate) * up` in XLA (bf16 in and out), GEMM 2 over `w2` the same way;
 4. the router-weighted combine gathers each token's top-k rows.
 
+Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
+with the reference.
+
 W4A4 (activation="nvfp4") takes GEMM 1's output in float32, so that the
 intermediate's FP4 codes are those of the reference. Not yet done here:
 SwiGLU fused into GEMM 1's epilogue (gate and up rows
-of a 64-row block sit in different CTAs), and the sigmoid / grouped top-k
-routing of DeepSeek (see `base.route`).
+of a 64-row block sit in different CTAs).
 """
 
 import dataclasses
@@ -88,6 +90,10 @@ def nvfp4_moe(
   top_k: int,
   renormalize: bool = True,
   scoring: str = "softmax",
+  correction_bias: jax.Array | None = None,
+  num_groups: int = 1,
+  top_groups: int | None = None,
+  routed_scaling: float = 1.0,
   activation: str = "bf16",
   block_m: int | None = None,
   interpret: bool = False,
@@ -113,14 +119,22 @@ def nvfp4_moe(
     block_m=block_m or block_m_for(x.shape[0], top_k, n_experts),
   )
   configs = configs_for(plan, hidden, two_i // 2, common.num_sms(interpret))
+  routing = dict(
+    top_k=top_k,
+    renormalize=renormalize,
+    scoring=scoring,
+    num_groups=num_groups,
+    top_groups=top_groups,
+    routed_scaling=routed_scaling,
+  )
   return _run(
     x,
     router_logits,
+    correction_bias,
     dict(experts),
     plan=plan,
     configs=configs,
-    renormalize=renormalize,
-    scoring=scoring,
+    routing=tuple(routing.items()),
     activation=activation,
     interpret=interpret,
   )
@@ -216,24 +230,17 @@ def _grouped_gemm(
 
 @functools.partial(
   jax.jit,
-  static_argnames=(
-    "plan",
-    "configs",
-    "renormalize",
-    "scoring",
-    "activation",
-    "interpret",
-  ),
+  static_argnames=("plan", "configs", "routing", "activation", "interpret"),
 )
 def _run(
   x,
   router_logits,
+  correction_bias,
   experts,
   *,
   plan,
   configs,
-  renormalize,
-  scoring,
+  routing,
   activation,
   interpret,
 ):
@@ -241,7 +248,7 @@ def _run(
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   inter = w13.shape[1] // 2
   weights, ids = base.route(
-    router_logits, top_k=plan.top_k, renormalize=renormalize, scoring=scoring
+    router_logits, correction_bias=correction_bias, **dict(routing)
   )
   position, token, tile_expert = sort_by_expert(ids, plan)
   row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)

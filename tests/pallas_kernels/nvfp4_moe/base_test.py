@@ -1,9 +1,10 @@
 """The pure-jnp MoE reference ("xla") on the shared suite."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-import pallas_kernels
+from pallas_kernels.nvfp4_moe import base
 from tests.pallas_kernels.nvfp4_moe import test_base
 
 
@@ -15,14 +16,29 @@ class TestDefaultDispatch(test_base.NVFP4MoETestBase):
   IMPLEMENTATION = None
 
 
-def test_sigmoid_scoring_is_not_supported_yet(rng):
-  experts, _ = test_base.make_experts(rng, 4, 32, 16)
+def test_route_matches_deepseek_numpy(rng):
+  logits = rng.standard_normal((32, 64)).astype(np.float32)
+  bias = rng.uniform(-0.1, 0.1, 64).astype(np.float32)
+  weights, ids = base.route(
+    jnp.asarray(logits),
+    top_k=8,
+    scoring="sigmoid",
+    correction_bias=jnp.asarray(bias),
+    num_groups=8,
+    top_groups=4,
+    routed_scaling=2.5,
+  )
+  want_w, want_ids = test_base.numpy_route_deepseek(logits, bias, 8, 8, 4, 2.5)
+  np.testing.assert_array_equal(np.asarray(ids), want_ids)
+  np.testing.assert_allclose(np.asarray(weights), want_w, rtol=1e-6)
+  # Only experts of the 4 chosen groups of 8 are picked.
+  assert (np.unique(np.asarray(ids) // 8, axis=None).size) <= 8
+  assert all(len(set(row // 8)) <= 4 for row in np.asarray(ids))
+
+
+def test_route_rejects_unknown_scoring_and_bad_groups():
+  logits = jnp.ones((2, 8))
   with pytest.raises(NotImplementedError, match="scoring"):
-    pallas_kernels.nvfp4_moe(
-      jnp.ones((2, 32), jnp.bfloat16),
-      jnp.ones((2, 4)),
-      experts,
-      top_k=2,
-      scoring="sigmoid",
-      implementation="xla",
-    )
+    base.route(logits, top_k=2, scoring="tanh")
+  with pytest.raises(ValueError, match="num_groups"):
+    base.route(logits, top_k=2, num_groups=3)

@@ -155,15 +155,17 @@ def test_lowers_for_sm90(model, tokens):
   )
   configs = pallas_mosaic_gpu.configs_for(plan, hidden, inter, num_sms=132)
 
+  routing = (("top_k", top_k), ("renormalize", True), ("scoring", "softmax"))
+
   def f(x, logits, experts):
     return pallas_mosaic_gpu._run(
       x,
       logits,
+      None,
       experts,
       plan=plan,
       configs=configs,
-      renormalize=True,
-      scoring="softmax",
+      routing=routing,
       activation="bf16",
       interpret=False,
     )

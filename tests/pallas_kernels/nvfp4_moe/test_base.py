@@ -29,8 +29,29 @@ def make_experts(rng, e, hidden, inter, *, unequal_gate_up=False):
   return prepared["experts"], jax.tree.map(np.asarray, src)
 
 
-def numpy_moe(x, logits, src, top_k, renormalize, activation):
-  """Dense per-token loop in numpy (float64 GEMMs), the MoE oracle."""
+def numpy_route_deepseek(logits, bias, top_k, num_groups, top_groups, scaling):
+  """DeepSeek-V3's sigmoid grouped top-k, token by token (HF's logic)."""
+  scores = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  weights, ids = [], []
+  for s in scores:
+    choice = s + bias
+    groups = choice.reshape(num_groups, -1)
+    group_score = np.sort(groups, axis=-1)[:, -2:].sum(-1)
+    best = np.argsort(-group_score, kind="stable")[:top_groups]
+    masked = np.full_like(groups, -np.inf)
+    masked[best] = groups[best]
+    top = np.argsort(-masked.ravel(), kind="stable")[:top_k]
+    w = s[top] / s[top].sum()
+    weights.append(w * scaling)
+    ids.append(top)
+  return np.array(weights), np.array(ids)
+
+
+def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
+  """Dense per-token loop in numpy (float64 GEMMs), the MoE oracle.
+
+  `routing`: optional (weights, ids) `[T, top_k]` replacing softmax top-k.
+  """
   x = np.asarray(x, np.float32)
   logits = np.asarray(logits, np.float32)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -51,6 +72,8 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation):
   for t in range(x.shape[0]):
     top = np.argsort(-probs[t], kind="stable")[:top_k]
     weights = probs[t, top] / (probs[t, top].sum() if renormalize else 1)
+    if routing is not None:
+      weights, top = routing[0][t], routing[1][t]
     for e, wt in zip(top, weights, strict=True):
       h = gemm(x[t], "w13_", e)
       ws2 = src["w13_weight_scale_2"][e].astype(np.float64)
@@ -121,6 +144,28 @@ class NVFP4MoETestBase:
     for activation in ("bf16", "nvfp4"):
       out = self.moe(x, logits, experts, top_k=2, activation=activation)
       self.check(out, numpy_moe(x, logits, src, 2, True, activation))
+
+  def test_sigmoid_grouped_routing(self, rng):
+    # DeepSeek-V3's routing: sigmoid scores, correction bias, 4 groups of
+    # 4 experts, the best 2 groups compete, weights scaled by 2.5.
+    hidden, inter = self.SMALL_SHAPE
+    experts, src = make_experts(rng, 16, hidden, inter)
+    x = jnp.asarray(rng.standard_normal((7, hidden)), jnp.bfloat16)
+    logits = rng.standard_normal((7, 16)).astype(np.float32)
+    bias = rng.uniform(-0.2, 0.2, 16).astype(np.float32)
+    out = self.moe(
+      x,
+      jnp.asarray(logits),
+      experts,
+      top_k=3,
+      scoring="sigmoid",
+      correction_bias=jnp.asarray(bias),
+      num_groups=4,
+      top_groups=2,
+      routed_scaling=2.5,
+    )
+    routing = numpy_route_deepseek(logits, bias, 3, 4, 2, 2.5)
+    self.check(out, numpy_moe(x, logits, src, 3, True, "bf16", routing))
 
   def test_rejects_bad_inputs(self, rng):
     hidden, inter = self.SMALL_SHAPE
