@@ -32,7 +32,8 @@ def candidates(m: int, n: int, k: int):
   seen = {base}
   yield base
   block_ms = (base.block_m, 256, 64) if m >= 256 else (base.block_m,)
-  for block_k, block_m, stages, splits in itertools.product(
+  for persistent, block_k, block_m, stages, splits in itertools.product(
+    (not base.persistent, base.persistent),
     (base.block_k, 256, 128, 64),
     block_ms,
     (base.num_stages, 3, 6, 2),
@@ -45,6 +46,7 @@ def candidates(m: int, n: int, k: int):
         block_k=block_k,
         num_stages=stages,
         splits=splits,
+        persistent=persistent,
       )
     except ValueError:
       continue

@@ -21,12 +21,15 @@ class Config:
     num_stages: pipeline depth (concurrent TMA loads).
     splits: CTAs that share one output tile's K range (split-K), so that
       small token counts still give every SM weights to stream.
+    persistent: one CTA per SM walks the output tiles with one set of
+      pipeline buffers (no CTA launch and pipeline fill per tile).
   """
 
   block_k: int = 128
   block_m: int = 16
   num_stages: int = 4
   splits: int = 1
+  persistent: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):

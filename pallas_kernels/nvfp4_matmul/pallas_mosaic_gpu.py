@@ -96,6 +96,7 @@ def _run(x, leaves, *, activation, config, interpret):
     layer.block_scale.reshape(1, n_tiles, padded_blocks // 4, 2, 256),
     jnp.full((1, 2 * n_tiles), factor, jnp.float32),
     config=config,
+    num_sms=common.num_sms(interpret),
     interpret=interpret,
   )
   if splits > 1:

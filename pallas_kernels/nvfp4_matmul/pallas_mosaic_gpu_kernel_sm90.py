@@ -277,9 +277,11 @@ def matmul(
   scale_chunks: jax.Array,  # e4m3 [E, ceil(N/128), ceil(K/64), 2, 256]
   factor: jax.Array,  # float32 [E, ceil(N/64)]: per 64 rows of each weight
   tile_expert: jax.Array | None = None,  # int32 [M / block_m]
+  used_tiles: jax.Array | None = None,  # int32: tiles with tile_expert >= 0
   *,
   config: config_lib.Config,
   float32_out: bool = False,
+  num_sms: int = config_lib.H200_SMS,
   interpret: bool = False,
 ) -> jax.Array:
   """`x @ deq(W[e]).T * factor[e]`, one weight matrix `e` per token tile.
@@ -287,7 +289,9 @@ def matmul(
   `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
   * block_m)` (grouped GEMM over experts; tokens sorted and padded per
   expert by the caller); a negative entry skips the tile and leaves its
-  output rows undefined. None: all tiles use matrix 0 (E = 1).
+  output rows undefined. None: all tiles use matrix 0 (E = 1). With
+  `config.persistent`, `used_tiles` (the tiles with an expert, which must
+  come first) bounds the walk: `num_sms` CTAs loop over output tiles.
 
   Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
   `float32_out`, else float32 partial sums `[splits, ceil128(N), M]` (the
@@ -328,95 +332,124 @@ def matmul(
   steps = plan.steps_per_split
   a_in_smem = interpret
 
-  def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, o_gmem, *rest):
+  def kernel(
+    w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, v_gmem, o_gmem, *rest
+  ):
     o_smem, a_smem = rest[0], (rest[1] if a_in_smem else None)
-    ni = lax.axis_index("n")
-    mi = lax.axis_index("m")
-    si = lax.axis_index("split")
-    k0 = si * steps
-    expert = e_gmem[mi]
 
-    def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, acc_ref):
-      wg = lax.axis_index("wg")
-      w = plgpu.load(
-        w_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
-        layout=plgpu.Layout.WGMMA_8BIT,
-      )
-      if a_in_smem:
-        lo, hi = _decode_jnp(w, s_smem, wg, plan)
-        a_smem[wg, 0] = lo
-        a_smem[wg, 1] = hi
-        plgpu.commit_smem()
-        lo, hi = a_smem.at[wg, 0], a_smem.at[wg, 1]
-      else:
-        lo, hi = _decode_ptx(w, s_smem, plan)
-      plgpu.wgmma(acc_ref, lo, xe_smem.T)
-      plgpu.wgmma(acc_ref, hi, xo_smem.T)
-      # Waits before the next decode: register A operands must not be
-      # rewritten while a wgmma reads them (leaving one step in flight gave
-      # NaNs on the H200 at 64 tokens and more).
-      plgpu.wgmma_wait(0)
-      return acc_ref
+    def make_pipeline(ni, mi, si, expert):
+      """The K loop of one output tile (rows ni, tokens mi, K split si)."""
+      k0 = si * steps
 
-    def compute_context(eval_pipeline):
-      wg = lax.axis_index("wg")
-
-      @functools.partial(
-        pl.run_scoped, acc_ref=plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
-      )
-      def _(acc_ref):
-        eval_pipeline(acc_ref)
-        scale = f_gmem[expert, 2 * ni + wg] * (2.0**-PRODUCT_EXPONENT)
-        acc = acc_ref[...] * scale
-        rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
-        tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
-        if bf16_out:
-          o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
+      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, acc_ref):
+        wg = lax.axis_index("wg")
+        w = plgpu.load(
+          w_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
+          layout=plgpu.Layout.WGMMA_8BIT,
+        )
+        if a_in_smem:
+          lo, hi = _decode_jnp(w, s_smem, wg, plan)
+          a_smem[wg, 0] = lo
+          a_smem[wg, 1] = hi
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
+          lo, hi = a_smem.at[wg, 0], a_smem.at[wg, 1]
         else:
-          o_smem[wg] = acc
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
-        plgpu.wait_smem_to_gmem(0)
+          lo, hi = _decode_ptx(w, s_smem, plan)
+        plgpu.wgmma(acc_ref, lo, xe_smem.T)
+        plgpu.wgmma(acc_ref, hi, xo_smem.T)
+        # Waits before the next decode: register A operands must not be
+        # rewritten while a wgmma reads them (leaving one step in flight
+        # gave NaNs on the H200 at 64 tokens and more).
+        plgpu.wgmma_wait(0)
+        return acc_ref
 
-    def spec(shape, index_map, transforms=()):
-      return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+      def compute_context(eval_pipeline):
+        wg = lax.axis_index("wg")
 
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-      mma_body,
-      grid=(steps,),
-      memory_registers=40,
-      in_specs=[
-        spec(
-          (None, TILE_ROWS, plan.plane_k),
-          lambda k: (expert, ni, k0 + k),
-          _swizzled(8, plan.plane_k),
-        ),
-        spec(
-          (cfg.block_m, plan.plane_k),
-          lambda k: (mi, k0 + k),
-          _swizzled(16, 2 * plan.plane_k),
-        ),
-        spec(
-          (cfg.block_m, plan.plane_k),
-          lambda k: (mi, k0 + k),
-          _swizzled(16, 2 * plan.plane_k),
-        ),
-        spec(
-          (None, None, plan.scale_chunks, 2, 256),
-          lambda k: (expert, ni, k0 + k, 0, 0),
-        ),
-      ],
-      wg_axis="wg",
-      num_compute_wgs=2,
-      max_concurrent_steps=cfg.num_stages,
-      compute_context=compute_context,
+        @functools.partial(
+          pl.run_scoped,
+          acc_ref=plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32),
+        )
+        def _(acc_ref):
+          eval_pipeline(acc_ref)
+          scale = f_gmem[expert, 2 * ni + wg] * (2.0**-PRODUCT_EXPONENT)
+          acc = acc_ref[...] * scale
+          rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
+          tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
+          if bf16_out:
+            o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
+          else:
+            o_smem[wg] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
+          # o_smem is rewritten by the next tile.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      def spec(shape, index_map, transforms=()):
+        return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+
+      return plgpu.emit_pipeline_warp_specialized(
+        mma_body,
+        grid=(steps,),
+        memory_registers=40,
+        in_specs=[
+          spec(
+            (None, TILE_ROWS, plan.plane_k),
+            lambda k: (expert, ni, k0 + k),
+            _swizzled(8, plan.plane_k),
+          ),
+          spec(
+            (cfg.block_m, plan.plane_k),
+            lambda k: (mi, k0 + k),
+            _swizzled(16, 2 * plan.plane_k),
+          ),
+          spec(
+            (cfg.block_m, plan.plane_k),
+            lambda k: (mi, k0 + k),
+            _swizzled(16, 2 * plan.plane_k),
+          ),
+          spec(
+            (None, None, plan.scale_chunks, 2, 256),
+            lambda k: (expert, ni, k0 + k, 0, 0),
+          ),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.num_stages,
+        compute_context=compute_context,
+      )
+
+    operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)
+    if not cfg.persistent:
+      ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
+      expert = e_gmem[mi]
+
+      @pl.when(expert >= 0)
+      def _():
+        make_pipeline(ni, mi, si, expert)(*operands)
+
+      return
+
+    # Persistent: each CTA walks output tiles (tokens outer, rows, K split)
+    # with one set of pipeline buffers, so the TMA warpgroup runs into the
+    # next tile while the compute warpgroups finish this one. Token tiles
+    # past `v_gmem[0]` (the used ones; they come first) are not visited.
+    zero = jnp.int32(0)
+    allocations = make_pipeline(zero, zero, zero, zero).get_allocations(
+      *operands
     )
 
-    @pl.when(expert >= 0)
-    def _():
-      pipeline(w_gmem, xe_gmem, xo_gmem, s_gmem)
+    @functools.partial(
+      pl.run_scoped, allocations=allocations, collective_axes="wg"
+    )
+    def _(allocations):
+      @plgpu.nd_loop((v_gmem[0], n_tiles, splits), collective_axes="sm")
+      def _(info):
+        mi, ni, si = info.index
+        expert = e_gmem[mi]
+        make_pipeline(ni, mi, si, expert)(*operands, allocations=allocations)
 
   # Outputs have whole row tiles: with a store lying wholly past the end of
   # the output, N=64 came out wrong on the H200, so none is issued.
@@ -440,16 +473,31 @@ def matmul(
         transforms=_swizzled(16, 2 * plan.plane_k),
       )
     )
+  if cfg.persistent:
+    work = m_tiles * n_tiles * splits
+    grid, grid_names = (min(num_sms, work),), ("sm",)
+  else:
+    grid, grid_names = (n_tiles, m_tiles, splits), ("n", "m", "split")
   call = plgpu.kernel(
     kernel,
     out_type=out_type,
-    grid=(n_tiles, m_tiles, splits),
-    grid_names=("n", "m", "split"),
+    grid=grid,
+    grid_names=grid_names,
     num_threads=3,
     thread_name="wg",
     scratch_types=scratch,
   )
-  args = (packed, x_even, x_odd, scale_chunks, factor, tile_expert)
+  if used_tiles is None:
+    used_tiles = jnp.full((1,), m_tiles, jnp.int32)
+  args = (
+    packed,
+    x_even,
+    x_odd,
+    scale_chunks,
+    factor,
+    tile_expert,
+    used_tiles.reshape(1),
+  )
   if interpret:
     # Mosaic GPU's CPU interpreter (plgpu.kernel(interpret=True) cannot
     # discharge the pipeline's TMA copies).

@@ -32,6 +32,7 @@ from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base
 
 FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
+PERSISTENT = False  # CTAs per SM walking the token tiles (config.persistent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +67,24 @@ def block_m_for(tokens: int, top_k: int, experts: int) -> int:
 
 
 def configs_for(
-  plan: Plan, hidden: int, inter: int, num_sms: int
+  plan: Plan,
+  hidden: int,
+  inter: int,
+  num_sms: int,
+  persistent: bool = PERSISTENT,
 ) -> tuple[config_lib.Config, config_lib.Config]:
   """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I)."""
   return tuple(
-    config_lib.heuristic(
-      plan.max_tiles * plan.block_m,
-      n,
-      k,
-      num_sms,
-      block_m=plan.block_m,
-      token_tiles=plan.busy_tiles,
+    dataclasses.replace(
+      config_lib.heuristic(
+        plan.max_tiles * plan.block_m,
+        n,
+        k,
+        num_sms,
+        block_m=plan.block_m,
+        token_tiles=plan.busy_tiles,
+      ),
+      persistent=persistent,
     )
     for n, k in ((2 * inter, hidden), (hidden, inter))
   )
@@ -96,9 +104,10 @@ def nvfp4_moe(
   routed_scaling: float = 1.0,
   activation: str = "bf16",
   block_m: int | None = None,
+  persistent: bool = PERSISTENT,
   interpret: bool = False,
 ) -> jax.Array:
-  """See `api.nvfp4_moe`.
+  """See `api.nvfp4_moe`; `block_m` and `persistent` override the tiles.
 
   Raises:
     NotImplementedError: no suitable GPU (and not `interpret`), or expert
@@ -118,7 +127,9 @@ def nvfp4_moe(
     experts=n_experts,
     block_m=block_m or block_m_for(x.shape[0], top_k, n_experts),
   )
-  configs = configs_for(plan, hidden, two_i // 2, common.num_sms(interpret))
+  configs = configs_for(
+    plan, hidden, two_i // 2, common.num_sms(interpret), persistent
+  )
   routing = dict(
     top_k=top_k,
     renormalize=renormalize,
@@ -171,7 +182,9 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
     .set(jnp.arange(plan.pairs, dtype=jnp.int32) // plan.top_k)
   )
   tile_start = jnp.arange(plan.max_tiles) * plan.block_m
-  tile_expert = jnp.searchsorted(ends, tile_start, side="right")
+  # The expert whose padded rows hold the tile's first row: one fused
+  # compare-and-count (jnp.searchsorted unrolls into ~16 tiny kernels).
+  tile_expert = jnp.sum(ends[None, :] <= tile_start[:, None], axis=1)
   tile_expert = jnp.where(tile_start < ends[-1], tile_expert, -1)
   return (
     position.reshape(ids.shape),
@@ -217,7 +230,9 @@ def _grouped_gemm(
     ),
     _factors(proj, activation),
     tile_expert,
+    jnp.sum(tile_expert >= 0, dtype=jnp.int32),
     config=config,
+    num_sms=common.num_sms(interpret),
     float32_out=float32_out,
     interpret=interpret,
   )

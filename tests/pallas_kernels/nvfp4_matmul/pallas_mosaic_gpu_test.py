@@ -57,6 +57,13 @@ def run(x, layer, activation, config=None, interpret=True):
     (9, 256, 1024, config_lib.Config(block_k=128, block_m=16, splits=4)),
     (20, 128, 512, config_lib.Config(block_k=256, block_m=8, num_stages=1)),
     (4, 320, 192, config_lib.Config(block_k=64, block_m=8, splits=3)),
+    (5, 384, 512, config_lib.Config(block_k=128, block_m=8, persistent=True)),
+    (
+      20,
+      200,
+      512,
+      config_lib.Config(block_k=64, block_m=8, splits=2, persistent=True),
+    ),
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -83,6 +90,18 @@ def test_interpret_batch_dims_and_weight_only(rng):
   [(*shape, None) for shape in REAL_SHAPES + PARTIAL_SHAPES]
   + [
     (256, 2048, 7168, config_lib.Config(block_k=64, block_m=256)),
+    (
+      8192,
+      28672,
+      8192,
+      config_lib.Config(block_k=128, block_m=128, persistent=True),
+    ),
+    (
+      1,
+      28672,
+      8192,
+      config_lib.Config(block_k=256, block_m=8, splits=2, persistent=True),
+    ),
   ],
 )
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])

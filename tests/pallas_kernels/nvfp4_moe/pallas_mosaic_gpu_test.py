@@ -78,13 +78,21 @@ class TestInterpret(test_base.NVFP4MoETestBase):
     )
 
 
-def test_interpret_larger_token_tiles(rng):
-  # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per expert.
+@pytest.mark.parametrize("persistent", [False, True])
+def test_interpret_larger_token_tiles(rng, persistent):
+  # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per
+  # expert; persistent: 4 CTAs walk only the used token tiles.
   experts, src = test_base.make_experts(rng, 4, 256, 128)
   x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
   logits = jnp.asarray(rng.standard_normal((40, 4)), jnp.float32)
   out = pallas_mosaic_gpu.nvfp4_moe(
-    x, logits, experts, top_k=2, block_m=16, interpret=True
+    x,
+    logits,
+    experts,
+    top_k=2,
+    block_m=16,
+    persistent=persistent,
+    interpret=True,
   )
   want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
   tolerance.assert_close(
@@ -140,9 +148,10 @@ def abstract_experts(n_experts, hidden, inter):
   return node
 
 
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
-def test_lowers_for_sm90(model, tokens):
+def test_lowers_for_sm90(model, tokens, persistent):
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -153,7 +162,9 @@ def test_lowers_for_sm90(model, tokens):
     experts=n_experts,
     block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
   )
-  configs = pallas_mosaic_gpu.configs_for(plan, hidden, inter, num_sms=132)
+  configs = pallas_mosaic_gpu.configs_for(
+    plan, hidden, inter, num_sms=132, persistent=persistent
+  )
 
   routing = (("top_k", top_k), ("renormalize", True), ("scoring", "softmax"))
 
