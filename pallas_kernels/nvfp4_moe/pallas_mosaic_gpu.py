@@ -32,7 +32,9 @@ from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base
 
 FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
-PERSISTENT = False  # CTAs per SM walking the token tiles (config.persistent)
+# One CTA per SM walking the used token tiles (config.persistent): 24-32%
+# faster GEMMs for Qwen3-30B-A3B at 4096 tokens on the H200, 6-12% at 1-16.
+PERSISTENT = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,14 +214,23 @@ def _grouped_gemm(
   config,
   interpret,
   float32_out=False,
+  gather=None,
 ):
-  """`[R, N]`: each token tile of `rows` times its expert's weights."""
+  """`[R, N]`: each token tile of `rows` times its expert's weights.
+
+  `gather`: row indices into `rows` (the token of each sorted row); the
+  K reorder of `split_activations` then runs on the fewer unsorted rows.
+  """
   n_experts, n, k = proj.shape
   if activation == "nvfp4":
+    if gather is not None:  # quantized with each row's expert's scale
+      rows, gather = rows[gather], None
     rows = nvfp4.fake_quantize_activation(
       rows, proj.input_scale_inv[row_expert]
     )
   x_even, x_odd = sm90.split_activations(rows.astype(jnp.bfloat16))
+  if gather is not None:
+    x_even, x_odd = x_even[gather], x_odd[gather]
   scale_rows, padded_blocks = proj.block_scale.shape[1:]
   out = sm90.matmul(
     proj.weight,
@@ -274,12 +285,13 @@ def _run(
   # W4A4 quantizes the intermediate; from float32 gate and up (as the
   # reference) a bf16 rounding cannot move its FP4 codes.
   h = gemm(
-    padded_x[token],
+    padded_x,
     row_expert,
     tile_expert,
     w13,
     config=configs[0],
     float32_out=activation == "nvfp4",
+    gather=token,
   )
   gate = h[:, :inter].astype(jnp.float32)
   up = h[:, inter:].astype(jnp.float32)
