@@ -122,7 +122,7 @@ def moe_markdown(result: dict, plot_path: str | None = None) -> str:
     " tokens use; TFLOP/s counts 6 T top_k H I. Pallas output against the"
     " reference (max error / max |reference|, 16 tokens): "
     + ", ".join(
-      f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
+      f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v[:90]}"
       for k, v in meta["pallas_vs_reference_rel_err"].items()
     )
     + ".",
@@ -145,7 +145,7 @@ def moe_markdown(result: dict, plot_path: str | None = None) -> str:
         continue
       label = MOE_LABELS.get(r["impl"], r["impl"])
       if r["status"] != "ok":
-        lines.append(f"| {r['T']} | {label} | {r['status']} | | | | |")
+        lines.append(f"| {r['T']} | {label} | {r['status'][:90]} | | | | |")
         continue
       if r["impl"] == "ragged_dot_bf16":
         anchor[r["T"]] = r["us"]
