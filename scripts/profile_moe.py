@@ -1,7 +1,7 @@
 """GPU diagnostic: where an NVFP4 MoE layer's time goes, kernel by kernel.
 
   PYTHONPATH=. python scripts/profile_moe.py [model] [tokens,...]
-      [persistent: 0,1]
+      [variants: plain,persistent,fused]
 
 Prints CUPTI time per kernel launch (name, µs) of one Pallas MoE call, for
 the benchmark's weights (`benchmarks.moe`), so that XLA glue (sorting,
@@ -24,7 +24,7 @@ from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 def main(argv):
   name = argv[0] if argv else "qwen3-30b-a3b"
   tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
-  modes = [bool(int(p)) for p in argv[2].split(",")] if len(argv) > 2 else [0]
+  variants = argv[2].split(",") if len(argv) > 2 else ["persistent"]
   n_experts, top_k, hidden, inter = arg_specs.MOE_MODELS[name]
   experts = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
   for t in tokens:
@@ -34,11 +34,16 @@ def main(argv):
     want = pallas_kernels.nvfp4_moe(
       x, logits, experts, top_k=top_k, implementation="xla"
     ).astype(jnp.float32)
-    for persistent in modes:
+    for variant in variants:
 
-      def layer(x, logits, experts, persistent=persistent):
+      def layer(x, logits, experts, variant=variant):
         return pallas_mosaic_gpu.nvfp4_moe(
-          x, logits, experts, top_k=top_k, persistent=persistent
+          x,
+          logits,
+          experts,
+          top_k=top_k,
+          persistent=variant != "plain",
+          fused_swiglu=variant == "fused",
         )
 
       got, timings = profiler.measure(jax.jit(layer), aggregate=False)(
@@ -49,7 +54,7 @@ def main(argv):
       )
       total = sum(ms for _, ms in timings)
       print(
-        f"== {name} T={t} persistent={persistent}: {len(timings)} kernels,"
+        f"== {name} T={t} {variant}: {len(timings)} kernels,"
         f" {total * 1e3:.1f} us, rel err {float(err):.2e}"
       )
       for kernel, ms in timings:

@@ -281,10 +281,17 @@ def matmul(
   *,
   config: config_lib.Config,
   float32_out: bool = False,
+  swiglu: bool = False,
   num_sms: int = config_lib.H200_SMS,
   interpret: bool = False,
 ) -> jax.Array:
   """`x @ deq(W[e]).T * factor[e]`, one weight matrix `e` per token tile.
+
+  With `swiglu`, W's rows are [gate; up] (N = 2I, I % 128 == 0) and the
+  kernel returns `silu(gate) * up`, bf16 `[M, I]`: each warpgroup keeps a
+  gate and an up accumulator for the same 64 columns (rows r and I + r of
+  W sit in the same half of their 128-row scale tiles), so the epilogue
+  needs no exchange. Needs `splits == 1`.
 
   `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
   * block_m)` (grouped GEMM over experts; tokens sorted and padded per
@@ -304,6 +311,10 @@ def matmul(
   """
   n_mats, n, half_k = packed.shape
   splits = config.splits
+  if swiglu and (splits != 1 or float32_out or n % (2 * TILE_ROWS)):
+    raise ValueError(
+      f"swiglu needs splits == 1, bf16 output and N % 256 == 0 ({n=})"
+    )
   bf16_out = splits == 1 and not float32_out
   plan = Plan(
     n=n, k=2 * half_k, m=x_even.shape[0], splits=splits, config=config
@@ -318,12 +329,15 @@ def matmul(
     raise ValueError(
       f"shapes {packed.shape}, {x_even.shape} not tiled by {cfg}, {splits=}"
     )
-  n_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
+  weight_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
+  # Output tiles; with swiglu the up rows start `up_tiles` tiles down.
+  n_tiles = weight_tiles // 2 if swiglu else weight_tiles
+  up_tiles = n_tiles
   chunks = -(-plan.k // SCALE_CHUNK_K)
-  if scale_chunks.shape != (n_mats, n_tiles, chunks, 2, 256):
+  if scale_chunks.shape != (n_mats, weight_tiles, chunks, 2, 256):
     raise ValueError(f"scale chunks {scale_chunks.shape} do not match {n=}")
-  if factor.shape != (n_mats, 2 * n_tiles):
-    raise ValueError(f"factor {factor.shape} != {(n_mats, 2 * n_tiles)}")
+  if factor.shape != (n_mats, 2 * weight_tiles):
+    raise ValueError(f"factor {factor.shape} != {(n_mats, 2 * weight_tiles)}")
   grouped = tile_expert is not None
   if grouped and tile_expert.shape != (m_tiles,):
     raise ValueError(f"tile_expert {tile_expert.shape} != ({m_tiles},)")
@@ -341,39 +355,46 @@ def matmul(
       """The K loop of one output tile (rows ni, tokens mi, K split si)."""
       k0 = si * steps
 
-      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, acc_ref):
+      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
+        *up_refs, accs = rest
         wg = lax.axis_index("wg")
-        w = plgpu.load(
-          w_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
-          layout=plgpu.Layout.WGMMA_8BIT,
-        )
-        if a_in_smem:
-          lo, hi = _decode_jnp(w, s_smem, wg, plan)
-          a_smem[wg, 0] = lo
-          a_smem[wg, 1] = hi
-          plgpu.commit_smem()
-          lo, hi = a_smem.at[wg, 0], a_smem.at[wg, 1]
+
+        def step(w_ref, s_ref, acc_ref):
+          w = plgpu.load(
+            w_ref.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
+            layout=plgpu.Layout.WGMMA_8BIT,
+          )
+          if a_in_smem:
+            lo, hi = _decode_jnp(w, s_ref, wg, plan)
+            a_smem[wg, 0] = lo
+            a_smem[wg, 1] = hi
+            plgpu.commit_smem()
+            lo, hi = a_smem.at[wg, 0], a_smem.at[wg, 1]
+          else:
+            lo, hi = _decode_ptx(w, s_ref, plan)
+          plgpu.wgmma(acc_ref, lo, xe_smem.T)
+          plgpu.wgmma(acc_ref, hi, xo_smem.T)
+          # Waits before the next decode: register A operands must not be
+          # rewritten while a wgmma reads them (leaving one step in flight
+          # gave NaNs on the H200 at 64 tokens and more).
+          plgpu.wgmma_wait(0)
+
+        if swiglu:
+          step(w_smem, s_smem, accs[0])
+          step(up_refs[0], up_refs[1], accs[1])
         else:
-          lo, hi = _decode_ptx(w, s_smem, plan)
-        plgpu.wgmma(acc_ref, lo, xe_smem.T)
-        plgpu.wgmma(acc_ref, hi, xo_smem.T)
-        # Waits before the next decode: register A operands must not be
-        # rewritten while a wgmma reads them (leaving one step in flight
-        # gave NaNs on the H200 at 64 tokens and more).
-        plgpu.wgmma_wait(0)
-        return acc_ref
+          step(w_smem, s_smem, accs)
+        return accs
 
       def compute_context(eval_pipeline):
         wg = lax.axis_index("wg")
+        acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
-        @functools.partial(
-          pl.run_scoped,
-          acc_ref=plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32),
-        )
-        def _(acc_ref):
-          eval_pipeline(acc_ref)
-          scale = f_gmem[expert, 2 * ni + wg] * (2.0**-PRODUCT_EXPONENT)
-          acc = acc_ref[...] * scale
+        def scaled(acc_ref, block):
+          scale = f_gmem[expert, 2 * block + wg] * (2.0**-PRODUCT_EXPONENT)
+          return acc_ref[...] * scale
+
+        def store(acc):
           rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
           tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
           if bf16_out:
@@ -387,9 +408,37 @@ def matmul(
           # o_smem is rewritten by the next tile.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+        if swiglu:
+
+          @functools.partial(pl.run_scoped, gate=acc_type, up=acc_type)
+          def _(gate, up):
+            eval_pipeline((gate, up))
+            g = scaled(gate, ni)
+            store(g / (1.0 + jnp.exp(-g)) * scaled(up, up_tiles + ni))
+
+        else:
+
+          @functools.partial(pl.run_scoped, acc_ref=acc_type)
+          def _(acc_ref):
+            eval_pipeline(acc_ref)
+            store(scaled(acc_ref, ni))
+
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(shape, index_map, transforms=transforms)
 
+      up_specs = []
+      if swiglu:
+        up_specs = [
+          spec(
+            (None, TILE_ROWS, plan.plane_k),
+            lambda k: (expert, up_tiles + ni, k0 + k),
+            _swizzled(8, plan.plane_k),
+          ),
+          spec(
+            (None, None, plan.scale_chunks, 2, 256),
+            lambda k: (expert, up_tiles + ni, k0 + k, 0, 0),
+          ),
+        ]
       return plgpu.emit_pipeline_warp_specialized(
         mma_body,
         grid=(steps,),
@@ -414,6 +463,7 @@ def matmul(
             (None, None, plan.scale_chunks, 2, 256),
             lambda k: (expert, ni, k0 + k, 0, 0),
           ),
+          *up_specs,
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -422,6 +472,8 @@ def matmul(
       )
 
     operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)
+    if swiglu:
+      operands += (w_gmem, s_gmem)
     if not cfg.persistent:
       ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
       expert = e_gmem[mi]

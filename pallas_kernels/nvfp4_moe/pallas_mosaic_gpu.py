@@ -35,6 +35,9 @@ FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
 # One CTA per SM walking the used token tiles (config.persistent): 24-32%
 # faster GEMMs for Qwen3-30B-A3B at 4096 tokens on the H200, 6-12% at 1-16.
 PERSISTENT = True
+# SwiGLU in GEMM 1's epilogue (I % 128 == 0): checked on CPU only so far,
+# not yet run on a GPU, hence off by default.
+FUSED_SWIGLU = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +110,11 @@ def nvfp4_moe(
   activation: str = "bf16",
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
+  fused_swiglu: bool = FUSED_SWIGLU,
   interpret: bool = False,
 ) -> jax.Array:
-  """See `api.nvfp4_moe`; `block_m` and `persistent` override the tiles.
+  """See `api.nvfp4_moe`; `block_m`, `persistent` and `fused_swiglu`
+  override the tiles (`fused_swiglu` applies where I % 128 == 0).
 
   Raises:
     NotImplementedError: no suitable GPU (and not `interpret`), or expert
@@ -132,6 +137,9 @@ def nvfp4_moe(
   configs = configs_for(
     plan, hidden, two_i // 2, common.num_sms(interpret), persistent
   )
+  swiglu = fused_swiglu and (two_i // 2) % config_lib.TILE_ROWS == 0
+  if swiglu:  # the epilogue is not linear: no split-K partial sums
+    configs = (dataclasses.replace(configs[0], splits=1), configs[1])
   routing = dict(
     top_k=top_k,
     renormalize=renormalize,
@@ -149,6 +157,7 @@ def nvfp4_moe(
     configs=configs,
     routing=tuple(routing.items()),
     activation=activation,
+    swiglu=swiglu,
     interpret=interpret,
   )
 
@@ -214,6 +223,7 @@ def _grouped_gemm(
   config,
   interpret,
   float32_out=False,
+  swiglu=False,
   gather=None,
 ):
   """`[R, N]`: each token tile of `rows` times its expert's weights.
@@ -245,8 +255,11 @@ def _grouped_gemm(
     config=config,
     num_sms=common.num_sms(interpret),
     float32_out=float32_out,
+    swiglu=swiglu,
     interpret=interpret,
   )
+  if swiglu:
+    return out
   if config.splits > 1 or float32_out:
     out = out.sum(axis=0).T
     if not float32_out:
@@ -256,7 +269,14 @@ def _grouped_gemm(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("plan", "configs", "routing", "activation", "interpret"),
+  static_argnames=(
+    "plan",
+    "configs",
+    "routing",
+    "activation",
+    "swiglu",
+    "interpret",
+  ),
 )
 def _run(
   x,
@@ -268,6 +288,7 @@ def _run(
   configs,
   routing,
   activation,
+  swiglu,
   interpret,
 ):
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
@@ -282,20 +303,32 @@ def _run(
   gemm = functools.partial(
     _grouped_gemm, activation=activation, interpret=interpret
   )
-  # W4A4 quantizes the intermediate; from float32 gate and up (as the
-  # reference) a bf16 rounding cannot move its FP4 codes.
-  h = gemm(
-    padded_x,
-    row_expert,
-    tile_expert,
-    w13,
-    config=configs[0],
-    float32_out=activation == "nvfp4",
-    gather=token,
-  )
-  gate = h[:, :inter].astype(jnp.float32)
-  up = h[:, inter:].astype(jnp.float32)
-  act = (base.silu(gate) * up).astype(jnp.bfloat16)
+  if swiglu:
+    # silu(gate) * up from the float32 accumulators, rounded to bf16 once.
+    act = gemm(
+      padded_x,
+      row_expert,
+      tile_expert,
+      w13,
+      config=configs[0],
+      swiglu=True,
+      gather=token,
+    )
+  else:
+    # W4A4 quantizes the intermediate; from float32 gate and up (as the
+    # reference) a bf16 rounding cannot move its FP4 codes.
+    h = gemm(
+      padded_x,
+      row_expert,
+      tile_expert,
+      w13,
+      config=configs[0],
+      float32_out=activation == "nvfp4",
+      gather=token,
+    )
+    gate = h[:, :inter].astype(jnp.float32)
+    up = h[:, inter:].astype(jnp.float32)
+    act = (base.silu(gate) * up).astype(jnp.bfloat16)
   y = gemm(act, row_expert, tile_expert, w2, config=configs[1])
   picked = y[position].astype(jnp.float32)  # [T, top_k, H]
   out = jnp.einsum("tkh,tk->th", picked, weights)

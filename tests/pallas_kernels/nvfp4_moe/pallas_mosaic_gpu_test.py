@@ -6,6 +6,8 @@ As for the matmul, the interpreter decodes weights with jnp ops into SMEM
 token tile, skipped tiles), routing and combine are the code the GPU runs.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +102,19 @@ def test_interpret_larger_token_tiles(rng, persistent):
   )
 
 
+class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
+  """The shared suite with SwiGLU in GEMM 1's epilogue (I % 128 == 0)."""
+
+  FLOOR = KERNEL_FLOOR
+  SHAPE = (128, 128)
+  SMALL_SHAPE = (64, 128)
+
+  def moe(self, x, logits, experts, **kwargs):
+    return pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, fused_swiglu=True, interpret=True, **kwargs
+    )
+
+
 def test_shapes_it_does_not_tile_fall_through(rng):
   experts, _ = test_base.make_experts(rng, 4, 64, 32)
   x = jnp.ones((2, 64), jnp.bfloat16)
@@ -148,10 +163,11 @@ def abstract_experts(n_experts, hidden, inter):
   return node
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
-def test_lowers_for_sm90(model, tokens, persistent):
+def test_lowers_for_sm90(model, tokens, persistent, swiglu):
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -165,6 +181,10 @@ def test_lowers_for_sm90(model, tokens, persistent):
   configs = pallas_mosaic_gpu.configs_for(
     plan, hidden, inter, num_sms=132, persistent=persistent
   )
+  if swiglu:
+    if inter % 128:
+      pytest.skip("fused SwiGLU needs I % 128 == 0 (gpt-oss: 2880)")
+    configs = (dataclasses.replace(configs[0], splits=1), configs[1])
 
   routing = (("top_k", top_k), ("renormalize", True), ("scoring", "softmax"))
 
@@ -178,6 +198,7 @@ def test_lowers_for_sm90(model, tokens, persistent):
       configs=configs,
       routing=routing,
       activation="bf16",
+      swiglu=swiglu,
       interpret=False,
     )
 
@@ -207,3 +228,16 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
       x, logits, experts, top_k=8, activation=activation, implementation="xla"
     )
     self.check(out, want.astype(jnp.float32))
+
+
+@pytest.mark.gpu
+class TestOnGPUFusedSwiGLU(TestOnGPU):
+  """The GPU suite again with SwiGLU in GEMM 1's epilogue."""
+
+  SHAPE = (256, 128)
+  SMALL_SHAPE = (128, 128)
+
+  def moe(self, x, logits, experts, **kwargs):
+    return pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, fused_swiglu=True, **kwargs
+    )
