@@ -138,8 +138,14 @@ def _check_scales(path: str, **scales) -> None:
     )
 
 
-def _derive_linear(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
-  """Derived leaves of one linear node in source state."""
+def _derive_linear(
+  path: str, node: Mapping[str, Any], swizzle_scales: bool = True
+) -> dict[str, Any]:
+  """Derived leaves of one linear node in source state.
+
+  `swizzle_scales=False` leaves `block_scale` out (fp4jax.sharding swizzles
+  per shard; everything else here runs on the host, on whole tensors).
+  """
   missing = [
     k for k in ("weight", "weight_scale", "weight_scale_2") if k not in node
   ]
@@ -156,7 +162,9 @@ def _derive_linear(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
     f"weight {w.shape} and weight_scale {ws.shape} disagree"
     f" (K = {2 * half_k} must be a multiple of 16, scales [.., N, K/16])",
   )
-  out = {"weight": w, "block_scale": _swizzle(ws)}
+  out = {"weight": w}
+  if swizzle_scales:
+    out["block_scale"] = _swizzle(ws)
   if "input_scale" in node:
     inp = node["input_scale"]
     _check_dtype(f"{path}/input_scale", inp, jnp.float32)
@@ -168,7 +176,9 @@ def _derive_linear(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _derive_experts(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
+def _derive_experts(
+  path: str, node: Mapping[str, Any], swizzle_scales: bool = True
+) -> dict[str, Any]:
   """Derived leaves of one stacked MoE `experts` node in source state."""
   out = {}
   for prefix in MOE_PREFIXES:
@@ -210,6 +220,7 @@ def _derive_experts(path: str, node: Mapping[str, Any]) -> dict[str, Any]:
         "weight_scale_2": gate_scale,
         **({} if inp is None else {"input_scale": inp}),
       },
+      swizzle_scales,
     )
     if gated and not np.array_equal(
       np.asarray(gate_scale), np.asarray(up_scale)

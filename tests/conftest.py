@@ -3,7 +3,17 @@
 import os
 import zlib
 
-import jax
+# Eight host devices for the sharding tests (before JAX starts); on a GPU
+# machine the GPUs stay the default devices.
+if "xla_force_host_platform_device_count" not in os.environ.get(
+  "XLA_FLAGS", ""
+):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 from hypothesis import settings

@@ -1,0 +1,232 @@
+"""Tensor and expert parallelism for NVFP4 params on a `jax.sharding.Mesh`.
+
+Layouts, for a mesh axis of size S (`jax.sharding.PartitionSpec` per leaf):
+
+- column-parallel linear (output features N split): `weight [N, K/2]` and
+  the row-major source `weight_scale [N, K/16]` split along N; the prepared
+  `block_scale [ceil128(N), ceil4(K/16)]` too, which hands each shard whole
+  128-row swizzle tiles (needs N/S % 128 == 0), so the sharded leaf equals
+  the single-device one.
+- row-parallel linear (input features K split): `weight` and `weight_scale`
+  split along K; the prepared `block_scale` is one swizzle per shard of its
+  own K range, stored `[S, ceil128(N), ceil4(K/16/S)]` and split along the
+  first axis (needs K/S % 64 == 0: whole 16-element blocks, whole 4-block
+  scale tiles). Each shard's kernel reads its own 128x4 tiles.
+- experts (expert-parallel): every `w13_*`/`w2_*` leaf is stacked over
+  experts and split along E; the per-expert swizzle is unchanged.
+- per-tensor scalars (`weight_scale_2`, `input_scale`, `alpha`,
+  `input_scale_inv`) are replicated.
+
+`prepare_linear` / `prepare_experts` run `fp4jax.transform`'s derivation per
+shard under `jax.jit(jax.shard_map(...))`, optionally donating the source
+leaves; `matmul` runs the NVFP4 matmul (any implementation) per shard.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from fp4jax import errors
+from fp4jax import transform
+from fp4jax.format import swizzle
+
+KINDS = ("column", "row")
+SCALARS = ("weight_scale_2", "input_scale", "alpha", "input_scale_inv")
+
+
+def linear_specs(kind: str, axis: str, *, prepared: bool) -> dict[str, P]:
+  """PartitionSpecs of a linear node's leaves (source or prepared)."""
+  if kind not in KINDS:
+    raise ValueError(f"{kind=} must be one of {KINDS}")
+  split = P(axis, None) if kind == "column" else P(None, axis)
+  specs = {name: P() for name in SCALARS}
+  specs["weight"] = split
+  if prepared:
+    specs["block_scale"] = P(axis, None) if kind == "column" else P(axis)
+  else:
+    specs["weight_scale"] = split
+  return specs
+
+
+def experts_specs(node: Mapping[str, Any], axis: str) -> dict[str, P]:
+  """Every leaf of an experts node split along its leading E axis."""
+  return {name: P(axis) for name in node}
+
+
+def _check_divisible(path, kind, n, k, size):
+  if kind == "column" and n % (128 * size):
+    raise errors.NVFP4Error(
+      f"{path}: column-parallel N={n} must split into whole 128-row swizzle"
+      f" tiles over {size} shards (N % {128 * size} == 0)"
+    )
+  if kind == "row" and k % (64 * size):
+    raise errors.NVFP4Error(
+      f"{path}: row-parallel K={k} must split into whole 64-wide scale"
+      f" tiles over {size} shards (K % {64 * size} == 0)"
+    )
+
+
+def _specs_for(node, specs):
+  return {name: specs[name] for name in node}
+
+
+def source_shardings(
+  node: Mapping[str, Any], mesh, kind: str, axis: str
+) -> dict[str, NamedSharding]:
+  """Restore targets for a source node (`fp4jax.checkpoint.restore_params`).
+
+  kind: "column" or "row" (linear) or "experts".
+  """
+  if kind == "experts":
+    specs = experts_specs(node, axis)
+  else:
+    specs = linear_specs(kind, axis, prepared=False)
+  return {name: NamedSharding(mesh, specs[name]) for name in node}
+
+
+def place(node: Mapping[str, Any], mesh, specs: Mapping[str, P]) -> dict:
+  """Puts each leaf of `node` on its NamedSharding (a no-op if it is)."""
+  return {
+    name: jax.device_put(x, NamedSharding(mesh, specs[name]))
+    for name, x in node.items()
+  }
+
+
+def _swizzle_per_shard(mesh, scales, specs, *, axis, stack, donate):
+  """Swizzles each shard's block scales (`{name: [..., N, K/16]}`).
+
+  `stack`: each shard's swizzle goes on a new leading axis split on `axis`
+  (row-parallel); else the shards' swizzles tile the global one.
+  """
+
+  def local(shards):
+    out = {k: swizzle.swizzle_block_scale(v) for k, v in shards.items()}
+    return {k: v[None] for k, v in out.items()} if stack else out
+
+  out_specs = {k: P(axis) if stack else specs[k] for k in scales}
+  run = jax.jit(
+    jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs),
+    donate_argnums=(0,) if donate else (),
+  )
+  return run(place(scales, mesh, specs))
+
+
+def prepare_linear(
+  node: Mapping[str, Any],
+  mesh,
+  kind: str,
+  *,
+  axis: str = "tp",
+  path: str = "linear",
+  donate: bool = False,
+) -> dict[str, jax.Array]:
+  """Prepares one source linear node shard by shard (see module doc).
+
+  The per-tensor leaves and every check come from `fp4jax.transform` on
+  the whole node (host side, small); the block scales are swizzled on each
+  shard, donating the source scales when `donate`.
+  """
+  size = mesh.shape[axis]
+  n, k = node["weight"].shape[0], 2 * node["weight"].shape[1]
+  _check_divisible(path, kind, n, k, size)
+  out = transform._derive_linear(path, node, swizzle_scales=False)
+  source = linear_specs(kind, axis, prepared=False)
+  prepared = linear_specs(kind, axis, prepared=True)
+  out["weight"] = place({"weight": out["weight"]}, mesh, source)["weight"]
+  scales = _swizzle_per_shard(
+    mesh,
+    {"weight_scale": node["weight_scale"]},
+    {"weight_scale": source["weight_scale"]},
+    axis=axis,
+    stack=kind == "row",
+    donate=donate,
+  )
+  out["block_scale"] = scales["weight_scale"]
+  return place(out, mesh, prepared)
+
+
+def prepare_experts(
+  node: Mapping[str, Any],
+  mesh,
+  *,
+  axis: str = "ep",
+  path: str = "experts",
+  donate: bool = False,
+) -> dict[str, jax.Array]:
+  """Prepares one source experts node with the experts split across `axis`."""
+  size = mesh.shape[axis]
+  n_experts = node["w13_weight"].shape[0]
+  if n_experts % size:
+    raise errors.NVFP4Error(
+      f"{path}: {n_experts} experts do not split over {size} shards"
+    )
+  out = transform._derive_experts(path, node, swizzle_scales=False)
+  names = [p + "weight_scale" for p in transform.MOE_PREFIXES]
+  scales = _swizzle_per_shard(
+    mesh,
+    {name: node[name] for name in names},
+    {name: P(axis) for name in names},
+    axis=axis,
+    stack=False,
+    donate=donate,
+  )
+  for prefix, name in zip(transform.MOE_PREFIXES, names, strict=True):
+    out[prefix + "block_scale"] = scales[name]
+  return place(out, mesh, experts_specs(out, axis))
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+  """Bytes each device holds of the arrays in `tree` (a per-rank report)."""
+  totals: dict[str, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      name = str(shard.device)
+      totals[name] = totals.get(name, 0) + shard.data.nbytes
+  return dict(sorted(totals.items()))
+
+
+def matmul(
+  x: jax.Array,
+  layer: Mapping[str, jax.Array],
+  mesh,
+  kind: str,
+  *,
+  axis: str = "tp",
+  **kwargs,
+) -> jax.Array:
+  """`pallas_kernels.nvfp4_matmul` on a prepared, sharded linear node.
+
+  column: `x` replicated, output split along N. row: `x` split along K, the
+  shards' partial products summed (`psum`), output replicated. `kwargs` go
+  to `nvfp4_matmul` (activation, implementation, config).
+  """
+  specs = _specs_for(layer, linear_specs(kind, axis, prepared=True))
+  lead = (None,) * (x.ndim - 1)
+  if kind == "column":
+    x_spec, out_spec = P(*lead, None), P(*lead, axis)
+  else:
+    x_spec, out_spec = P(*lead, axis), P(*lead, None)
+
+  def local(x, shard):
+    shard = dict(shard)
+    if kind == "row":
+      shard["block_scale"] = shard["block_scale"][0]
+    y = pallas_kernels.nvfp4_matmul(x, shard, **kwargs)
+    if kind == "row":
+      # Partial sums in float32, as the unsharded kernel accumulates.
+      y = jax.lax.psum(y.astype(jnp.float32), axis).astype(x.dtype)
+    return y
+
+  run = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(x_spec, specs),
+    out_specs=out_spec,
+    check_vma=False,  # Pallas kernels carry no varying-axes annotations
+  )
+  return run(x, layer)

@@ -1,0 +1,176 @@
+"""Tensor and expert parallelism on 8 host devices: sharded == unsharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import fp4jax
+import pallas_kernels
+from fp4jax import checkpoint
+from fp4jax import sharding
+from tests import sources
+
+
+def cpu_mesh(size: int, axis: str) -> Mesh:
+  devices = jax.devices("cpu")
+  if len(devices) < size:
+    pytest.skip(f"needs {size} host devices (XLA_FLAGS in tests/conftest.py)")
+  return Mesh(np.array(devices[:size]), (axis,))
+
+
+def linear_source(rng, n, k, weight_only=False):
+  w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+  t = fp4jax.quantize(w)
+  node = {
+    "weight": t.packed,
+    "weight_scale": t.block_scale,
+    "weight_scale_2": t.global_scale,
+  }
+  if not weight_only:
+    node["input_scale"] = jnp.float32(4.0 / 2688)
+  return node
+
+
+def unsharded(node):
+  prepared, _ = fp4jax.prepare({"l": node})
+  return prepared["l"]
+
+
+def test_column_parallel_prepare_equals_the_unsharded_leaves(rng):
+  mesh = cpu_mesh(4, "tp")
+  node = linear_source(rng, 512, 256)
+  got = sharding.prepare_linear(node, mesh, "column")
+  want = unsharded(node)
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(
+      np.asarray(got[name]).view(np.uint8)
+      if got[name].dtype != jnp.float32
+      else np.asarray(got[name]),
+      np.asarray(want[name]).view(np.uint8)
+      if want[name].dtype != jnp.float32
+      else np.asarray(want[name]),
+    )
+  # Each device holds a quarter of the weight and of the block scales.
+  shard = got["block_scale"].addressable_shards[0].data
+  assert shard.shape == (128, want["block_scale"].shape[1])
+
+
+def test_row_parallel_scales_are_one_swizzle_per_shard(rng):
+  mesh = cpu_mesh(4, "tp")
+  node = linear_source(rng, 128, 1024)
+  got = sharding.prepare_linear(node, mesh, "row")
+  assert got["block_scale"].shape == (4, 128, 16)  # K/4 = 256: 16 blocks
+  for s in range(4):
+    local = {
+      "weight": node["weight"][:, s * 128 : (s + 1) * 128],
+      "weight_scale": node["weight_scale"][:, s * 16 : (s + 1) * 16],
+      "weight_scale_2": node["weight_scale_2"],
+      "input_scale": node["input_scale"],
+    }
+    np.testing.assert_array_equal(
+      np.asarray(got["block_scale"][s]).view(np.uint8),
+      np.asarray(unsharded(local)["block_scale"]).view(np.uint8),
+    )
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_sharded_matmul_equals_unsharded(rng, kind, activation):
+  mesh = cpu_mesh(4, "tp")
+  node = linear_source(rng, 512, 1024)
+  layer = sharding.prepare_linear(node, mesh, kind)
+  x = jnp.asarray(rng.standard_normal((3, 5, 1024)), jnp.bfloat16)
+  got = jax.jit(
+    lambda x, layer: sharding.matmul(
+      x, layer, mesh, kind, activation=activation, implementation="xla"
+    )
+  )(x, layer)
+  want = pallas_kernels.nvfp4_matmul(
+    x, unsharded(node), activation=activation, implementation="xla"
+  )
+  assert got.shape == want.shape == (3, 5, 512)
+  if kind == "column":  # the same dot products, split by output column
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  else:  # four partial sums added: float32 summation order differs
+    want32 = np.asarray(want, np.float32)
+    err = np.abs(np.asarray(got, np.float32) - want32).max()
+    assert err <= 2.0**-7 * np.abs(want32).max()
+
+
+def test_sharded_prepare_donates_and_reports_bytes_per_device(rng):
+  mesh = cpu_mesh(4, "tp")
+  node = linear_source(rng, 512, 512)
+  placed = sharding.place(
+    node, mesh, sharding.linear_specs("column", "tp", prepared=False)
+  )
+  before = sharding.bytes_per_device(placed)
+  out = sharding.prepare_linear(placed, mesh, "column", donate=True)
+  after = sharding.bytes_per_device(out)
+  assert len(before) == len(after) == 4
+  assert placed["weight_scale"].is_deleted()  # donated source scales
+  for device, nbytes in after.items():
+    # Each rank: a quarter of the weight (512*256/4) and of the swizzled
+    # scales (512*32/4), plus the replicated scalars.
+    assert nbytes == 512 * 256 // 4 + 512 * 32 // 4 + 2 * 4
+    assert before[device] == 512 * 256 // 4 + 512 * 32 // 4 + 2 * 4
+
+
+def test_bad_splits_are_refused_with_the_path(rng):
+  mesh = cpu_mesh(4, "tp")
+  with pytest.raises(fp4jax.NVFP4Error, match="proj.*128-row"):
+    sharding.prepare_linear(
+      linear_source(rng, 256, 256), mesh, "column", path="proj"
+    )
+  with pytest.raises(fp4jax.NVFP4Error, match="64-wide"):
+    sharding.prepare_linear(linear_source(rng, 128, 128), mesh, "row")
+
+
+def test_expert_parallel_prepare_equals_the_unsharded_leaves(rng):
+  mesh = cpu_mesh(4, "ep")
+  src = sources.experts_source(rng, 8, 128, 64, up_factor=1.25)
+  got = sharding.prepare_experts(src, mesh)
+  want, _ = fp4jax.prepare({"experts": src})
+  want = want["experts"]
+  assert set(got) == set(want)
+  for name, w in want.items():
+    g = got[name]
+    assert g.sharding.spec == jax.sharding.PartitionSpec("ep")
+    np.testing.assert_array_equal(
+      np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8)
+    )
+  # The experts' outputs are the same numbers through the reference.
+  x = jnp.asarray(rng.standard_normal((6, 128)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((6, 8)), jnp.float32)
+  out = pallas_kernels.nvfp4_moe(x, logits, got, top_k=2, implementation="xla")
+  ref = pallas_kernels.nvfp4_moe(x, logits, want, top_k=2, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_orbax_restore_lands_each_shard_on_its_device(rng, tmp_path):
+  mesh = cpu_mesh(4, "tp")
+  node = linear_source(rng, 512, 512)
+  checkpoint.save_params(tmp_path / "ckpt", {"proj": node})
+  target = {"proj": sharding.source_shardings(node, mesh, "row", "tp")}
+  restored = checkpoint.restore_params(
+    tmp_path / "ckpt",
+    abstract_params=jax.eval_shape(lambda: {"proj": node}),
+    sharding=target,
+  )
+  per_device = sharding.bytes_per_device(restored)
+  # No device holds the whole tree: a quarter of the weight and scales each.
+  whole = sum(x.nbytes for x in jax.tree.leaves(restored))
+  assert len(per_device) == 4
+  assert all(
+    b == 512 * 256 // 4 + 512 * 32 // 4 + 8 for b in per_device.values()
+  )
+  assert max(per_device.values()) < whole / 3
+  layer = sharding.prepare_linear(restored["proj"], mesh, "row", donate=True)
+  x = jnp.asarray(rng.standard_normal((4, 512)), jnp.bfloat16)
+  got = sharding.matmul(x, layer, mesh, "row", implementation="xla")
+  want = pallas_kernels.nvfp4_matmul(x, unsharded(node), implementation="xla")
+  want32 = np.asarray(want, np.float32)
+  err = np.abs(np.asarray(got, np.float32) - want32).max()
+  assert err <= 2.0**-7 * np.abs(want32).max()
