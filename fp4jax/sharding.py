@@ -17,9 +17,13 @@ Layouts, for a mesh axis of size S (`jax.sharding.PartitionSpec` per leaf):
 - per-tensor scalars (`weight_scale_2`, `input_scale`, `alpha`,
   `input_scale_inv`) are replicated.
 
-`prepare_linear` / `prepare_experts` run `fp4jax.transform`'s derivation per
-shard under `jax.jit(jax.shard_map(...))`, optionally donating the source
-leaves; `matmul` runs the NVFP4 matmul (any implementation) per shard.
+`prepare_linear` / `prepare_experts` swizzle the block scales per shard
+under `jax.jit(jax.shard_map(...))`, optionally donating the source scales
+(checks and per-tensor leaves come from `fp4jax.transform` on the whole
+node); `matmul` runs the NVFP4 matmul per shard, `moe` the experts: tokens
+and routing replicated, each device runs its own experts on the tokens
+routed to them, and a `psum` adds the float32 partial outputs (measured
+against all-to-all dispatch: not yet).
 """
 
 from collections.abc import Mapping
@@ -34,6 +38,7 @@ import pallas_kernels
 from fp4jax import errors
 from fp4jax import transform
 from fp4jax.format import swizzle
+from pallas_kernels.nvfp4_moe import base as moe_base
 
 KINDS = ("column", "row")
 SCALARS = ("weight_scale_2", "input_scale", "alpha", "input_scale_inv")
@@ -230,3 +235,57 @@ def matmul(
     check_vma=False,  # Pallas kernels carry no varying-axes annotations
   )
   return run(x, layer)
+
+
+def moe(
+  x: jax.Array,
+  router_logits: jax.Array,
+  experts: Mapping[str, jax.Array],
+  mesh,
+  *,
+  top_k: int,
+  axis: str = "ep",
+  activation: str = "bf16",
+  implementation: str | None = None,
+  correction_bias: jax.Array | None = None,
+  **routing,
+) -> jax.Array:
+  """`pallas_kernels.nvfp4_moe` with the experts split across `axis`.
+
+  `routing` takes `nvfp4_moe`'s routing options (renormalize, scoring,
+  num_groups, top_groups, routed_scaling).
+  """
+  specs = experts_specs(experts, axis)
+  bias = (
+    jnp.zeros(router_logits.shape[-1], jnp.float32)
+    if correction_bias is None
+    else correction_bias
+  )
+
+  def local(x, logits, bias, shard):
+    weights, ids = moe_base.route(
+      logits,
+      top_k=top_k,
+      correction_bias=None if correction_bias is None else bias,
+      **routing,
+    )
+    local_experts = shard["w13_weight"].shape[0]
+    first = jax.lax.axis_index(axis) * local_experts
+    partial = pallas_kernels.nvfp4_moe_experts(
+      x,
+      weights,
+      ids - first,  # ids of other devices' experts fall outside [0, E/S)
+      shard,
+      activation=activation,
+      implementation=implementation,
+    )
+    return jax.lax.psum(partial, axis).astype(x.dtype)
+
+  run = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P(), P(), P(), specs),
+    out_specs=P(),
+    check_vma=False,
+  )
+  return run(x, router_logits, bias, experts)

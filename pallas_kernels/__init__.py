@@ -2,3 +2,4 @@
 
 from pallas_kernels.nvfp4_matmul.api import nvfp4_matmul as nvfp4_matmul
 from pallas_kernels.nvfp4_moe.api import nvfp4_moe as nvfp4_moe
+from pallas_kernels.nvfp4_moe.api import nvfp4_moe_experts as nvfp4_moe_experts

@@ -13,6 +13,10 @@ IMPLEMENTATIONS: dict[str, Callable] = {
   "pallas": pallas_mosaic_gpu.nvfp4_moe,
   "xla": base.reference_moe,
 }
+EXPERTS_IMPLEMENTATIONS: dict[str, Callable] = {
+  "pallas": pallas_mosaic_gpu.experts_forward,
+  "xla": base.reference_experts,
+}
 DEFAULT_ORDER = ("pallas", "xla")
 
 
@@ -66,5 +70,41 @@ def nvfp4_moe(
     num_groups=num_groups,
     top_groups=top_groups,
     routed_scaling=routed_scaling,
+    activation=activation,
+  )
+
+
+def nvfp4_moe_experts(
+  x: jax.Array,
+  weights: jax.Array,
+  ids: jax.Array,
+  experts: Mapping,
+  *,
+  activation: str = "bf16",
+  implementation: str | None = None,
+) -> jax.Array:
+  """The expert half of `nvfp4_moe`, for routing done elsewhere.
+
+  Args:
+    x: tokens `[T, H]`.
+    weights: router weights `[T, top_k]`.
+    ids: expert of each weight `[T, top_k]`; ids outside `[0, E)` (experts
+      another device holds under expert parallelism) contribute nothing.
+    experts: a prepared experts node.
+    activation, implementation: as for `nvfp4_moe`.
+
+  Returns:
+    float32 `[T, H]`: each token's weighted sum of its experts' outputs
+    (float32 so that partial sums across devices add without rounding).
+  """
+  return _dispatch.dispatch(
+    "NVFP4 MoE experts",
+    EXPERTS_IMPLEMENTATIONS,
+    DEFAULT_ORDER,
+    implementation,
+    x,
+    weights,
+    ids,
+    experts,
     activation=activation,
   )

@@ -218,9 +218,7 @@ def reference_moe(
   activation: str = "bf16",
 ) -> jax.Array:
   """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against."""
-  w13, w2 = check_inputs(x, router_logits, experts, top_k, activation)
-  n_experts, two_i, hidden = w13.shape
-
+  check_inputs(x, router_logits, experts, top_k, activation)
   weights, ids = route(
     router_logits,
     top_k=top_k,
@@ -231,7 +229,44 @@ def reference_moe(
     top_groups=top_groups,
     routed_scaling=routed_scaling,
   )
-  flat_ids = ids.reshape(-1)
+  out = reference_experts(x, weights, ids, experts, activation=activation)
+  return out.astype(x.dtype)
+
+
+def check_routing(x, weights, ids, experts, activation):
+  """Validates an experts call with given routing; returns (w13, w2)."""
+  if weights.shape != ids.shape or weights.ndim != 2:
+    raise ValueError(
+      f"weights {weights.shape} and ids {ids.shape} must both be [T, top_k]"
+    )
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"ids must be integers, got {ids.dtype}")
+  fake_logits = jax.ShapeDtypeStruct(
+    (x.shape[0], experts["w13_weight"].shape[0]), jnp.float32
+  )
+  return check_inputs(x, fake_logits, experts, 1, activation)
+
+
+@functools.partial(jax.jit, static_argnames="activation")
+def reference_experts(
+  x: jax.Array,
+  weights: jax.Array,
+  ids: jax.Array,
+  experts: Mapping,
+  *,
+  activation: str = "bf16",
+) -> jax.Array:
+  """The experts of a routed MoE: float32 `[T, H]` = sum of weighted outputs.
+
+  `ids[t, j]` outside `[0, E)` (e.g. -1, or an expert another device holds
+  under expert parallelism) contributes nothing.
+  """
+  w13, w2 = check_routing(x, weights, ids, experts, activation)
+  n_experts, two_i, hidden = w13.shape
+  top_k = ids.shape[1]
+  valid = (ids >= 0) & (ids < n_experts)
+  weights = jnp.where(valid, weights, 0.0)
+  flat_ids = jnp.where(valid, ids, 0).reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)
   token = order // top_k
   row_expert = flat_ids[order]
@@ -244,5 +279,4 @@ def reference_moe(
   act = jax.lax.optimization_barrier((silu(gate) * up).astype(x.dtype))
   y = _grouped_matmul(act, row_expert, group_sizes, w2, activation)
   y = y * weights.reshape(-1)[order][:, None]
-  out = jnp.zeros((x.shape[0], hidden), jnp.float32).at[token].add(y)
-  return out.astype(x.dtype)
+  return jnp.zeros((x.shape[0], hidden), jnp.float32).at[token].add(y)

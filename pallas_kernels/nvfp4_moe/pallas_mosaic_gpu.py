@@ -55,8 +55,9 @@ class Plan:
 
   @property
   def max_tiles(self) -> int:
-    """Token tiles that can hold the pairs with each expert's group padded."""
-    groups = min(self.experts, self.pairs)
+    """Token tiles that can hold the pairs with each expert's group padded
+    (plus one group of dropped pairs: experts another device holds)."""
+    groups = min(self.experts + 1, self.pairs)
     return -(-(self.pairs + groups * (self.block_m - 1)) // self.block_m)
 
   @property
@@ -120,9 +121,67 @@ def nvfp4_moe(
     NotImplementedError: no suitable GPU (and not `interpret`), or expert
       shapes this version does not tile (H or I not a multiple of 64).
   """
-  w13, w2 = base.check_inputs(x, router_logits, experts, top_k, activation)
+  base.check_inputs(x, router_logits, experts, top_k, activation)
+  forward = _forward_fn(
+    x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
+  )
+  routing = dict(
+    top_k=top_k,
+    renormalize=renormalize,
+    scoring=scoring,
+    num_groups=num_groups,
+    top_groups=top_groups,
+    routed_scaling=routed_scaling,
+  )
+  return _routed(
+    x,
+    router_logits,
+    correction_bias,
+    dict(experts),
+    forward=forward,
+    routing=tuple(routing.items()),
+  )
+
+
+def experts_forward(
+  x: jax.Array,
+  weights: jax.Array,
+  ids: jax.Array,
+  experts,
+  *,
+  activation: str = "bf16",
+  block_m: int | None = None,
+  persistent: bool = PERSISTENT,
+  fused_swiglu: bool = FUSED_SWIGLU,
+  interpret: bool = False,
+) -> jax.Array:
+  """The experts of a routed MoE on the kernels; see `api.nvfp4_moe_experts`.
+
+  Pairs whose id is outside `[0, E)` are dropped: sorted into a last group
+  whose tiles no kernel visits.
+  """
+  base.check_routing(x, weights, ids, experts, activation)
+  forward = _forward_fn(
+    x,
+    ids.shape[1],
+    experts,
+    activation,
+    block_m,
+    persistent,
+    fused_swiglu,
+    interpret,
+  )
+  return forward(x, weights, ids.astype(jnp.int32), dict(experts))
+
+
+def _forward_fn(
+  x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
+):
+  """Checks the GPU and shapes; -> jitted `(x, weights, ids, experts)`."""
   common.check_sm90("the Mosaic GPU NVFP4 MoE", interpret)
-  n_experts, two_i, hidden = w13.shape
+  n_experts, two_i, hidden = base.StackedLinear.from_mapping(
+    experts, "w13_"
+  ).shape
   if hidden % 64 or (two_i // 2) % 64:
     raise NotImplementedError(
       f"hidden={hidden} and intermediate={two_i // 2} must be multiples of"
@@ -140,22 +199,10 @@ def nvfp4_moe(
   swiglu = fused_swiglu and (two_i // 2) % config_lib.TILE_ROWS == 0
   if swiglu:  # the epilogue is not linear: no split-K partial sums
     configs = (dataclasses.replace(configs[0], splits=1), configs[1])
-  routing = dict(
-    top_k=top_k,
-    renormalize=renormalize,
-    scoring=scoring,
-    num_groups=num_groups,
-    top_groups=top_groups,
-    routed_scaling=routed_scaling,
-  )
-  return _run(
-    x,
-    router_logits,
-    correction_bias,
-    dict(experts),
+  return functools.partial(
+    _forward,
     plan=plan,
     configs=configs,
-    routing=tuple(routing.items()),
     activation=activation,
     swiglu=swiglu,
     interpret=interpret,
@@ -166,14 +213,16 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
   """Places (token, k) pairs in expert groups padded to whole token tiles.
 
   Args:
-    ids: int32 `[T, top_k]` expert of each pair.
+    ids: int32 `[T, top_k]` expert of each pair; ids outside `[0, E)` go to
+      a last group of dropped pairs, whose tiles are marked unused.
 
   Returns:
     (position `[T, top_k]` of each pair's row, token `[rows]` of each row
     (T for padding rows), expert `[max_tiles]` of each tile (-1: unused)).
   """
   flat = ids.reshape(-1)
-  counts = jnp.bincount(flat, length=plan.experts)
+  flat = jnp.where((flat >= 0) & (flat < plan.experts), flat, plan.experts)
+  counts = jnp.bincount(flat, length=plan.experts + 1)
   padded = -(-counts // plan.block_m) * plan.block_m
   ends = jnp.cumsum(padded)
   starts = ends - padded
@@ -196,7 +245,8 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
   # The expert whose padded rows hold the tile's first row: one fused
   # compare-and-count (jnp.searchsorted unrolls into ~16 tiny kernels).
   tile_expert = jnp.sum(ends[None, :] <= tile_start[:, None], axis=1)
-  tile_expert = jnp.where(tile_start < ends[-1], tile_expert, -1)
+  used = tile_start < ends[plan.experts - 1]  # the dropped group is last
+  tile_expert = jnp.where(used, tile_expert, -1)
   return (
     position.reshape(ids.shape),
     token,
@@ -267,36 +317,25 @@ def _grouped_gemm(
   return out[:, :n]
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    "plan",
-    "configs",
-    "routing",
-    "activation",
-    "swiglu",
-    "interpret",
-  ),
-)
-def _run(
-  x,
-  router_logits,
-  correction_bias,
-  experts,
-  *,
-  plan,
-  configs,
-  routing,
-  activation,
-  swiglu,
-  interpret,
-):
-  w13 = base.StackedLinear.from_mapping(experts, "w13_")
-  w2 = base.StackedLinear.from_mapping(experts, "w2_")
-  inter = w13.shape[1] // 2
+@functools.partial(jax.jit, static_argnames=("forward", "routing"))
+def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   weights, ids = base.route(
     router_logits, correction_bias=correction_bias, **dict(routing)
   )
+  return forward(x, weights, ids, experts).astype(x.dtype)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("plan", "configs", "activation", "swiglu", "interpret"),
+)
+def _forward(
+  x, weights, ids, experts, *, plan, configs, activation, swiglu, interpret
+):
+  """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine."""
+  w13 = base.StackedLinear.from_mapping(experts, "w13_")
+  w2 = base.StackedLinear.from_mapping(experts, "w2_")
+  inter = w13.shape[1] // 2
   position, token, tile_expert = sort_by_expert(ids, plan)
   row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)
   padded_x = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
@@ -331,5 +370,7 @@ def _run(
     act = (base.silu(gate) * up).astype(jnp.bfloat16)
   y = gemm(act, row_expert, tile_expert, w2, config=configs[1])
   picked = y[position].astype(jnp.float32)  # [T, top_k, H]
-  out = jnp.einsum("tkh,tk->th", picked, weights)
-  return out.astype(x.dtype)
+  # Dropped pairs' rows were never written (they may hold NaN): select.
+  valid = (ids >= 0) & (ids < plan.experts)
+  picked = jnp.where(valid[..., None], picked, 0.0)
+  return jnp.einsum("tkh,tk->th", picked, weights)

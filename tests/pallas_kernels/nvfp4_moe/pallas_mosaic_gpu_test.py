@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from tests import conftest
 from tests import tolerance
@@ -115,6 +116,33 @@ class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
     )
 
 
+@pytest.mark.parametrize("fused_swiglu", [False, True])
+def test_interpret_experts_forward_drops_foreign_ids(rng, fused_swiglu):
+  # Expert parallelism hands each device ids of experts it does not hold
+  # (here -1 and 9 for a node of 4 experts): they contribute nothing.
+  experts, _ = test_base.make_experts(rng, 4, 128, 128)
+  x = jnp.asarray(rng.standard_normal((10, 128)), jnp.bfloat16)
+  ids = rng.integers(-1, 6, (10, 3)).astype(np.int32)
+  ids[0] = [9, -1, 7]  # a token with no local expert
+  weights = jnp.asarray(rng.uniform(0.1, 1.0, (10, 3)), jnp.float32)
+  got = pallas_mosaic_gpu.experts_forward(
+    x,
+    weights,
+    jnp.asarray(ids),
+    experts,
+    fused_swiglu=fused_swiglu,
+    interpret=True,
+  )
+  want = base.reference_experts(x, weights, jnp.asarray(ids), experts)
+  assert got.dtype == jnp.float32 and not np.asarray(got[0]).any()
+  tolerance.assert_close(
+    got,
+    np.asarray(want, np.float64),
+    test_base.NVFP4MoETestBase.RTOL,
+    KERNEL_FLOOR,
+  )
+
+
 def test_shapes_it_does_not_tile_fall_through(rng):
   experts, _ = test_base.make_experts(rng, 4, 64, 32)
   x = jnp.ones((2, 64), jnp.bfloat16)
@@ -186,17 +214,15 @@ def test_lowers_for_sm90(model, tokens, persistent, swiglu):
       pytest.skip("fused SwiGLU needs I % 128 == 0 (gpt-oss: 2880)")
     configs = (dataclasses.replace(configs[0], splits=1), configs[1])
 
-  routing = (("top_k", top_k), ("renormalize", True), ("scoring", "softmax"))
-
   def f(x, logits, experts):
-    return pallas_mosaic_gpu._run(
+    weights, ids = base.route(logits, top_k=top_k)
+    return pallas_mosaic_gpu._forward(
       x,
-      logits,
-      None,
+      weights,
+      ids,
       experts,
       plan=plan,
       configs=configs,
-      routing=routing,
       activation="bf16",
       swiglu=swiglu,
       interpret=False,
