@@ -123,7 +123,7 @@ def check_pallas(experts, model, key) -> float:
 REFERENCE_MAX_TOKENS = 256
 
 
-def run(models: dict, tokens, time_budget: float) -> dict:
+def run(models: dict, tokens, time_budget: float, impls=IMPLEMENTATIONS):
   rows, checks = [], {}
   # Each model gets an equal share of the budget, tokens in increasing order.
   share = time_budget / len(models)
@@ -155,7 +155,7 @@ def run(models: dict, tokens, time_budget: float) -> dict:
       active = int(jnp.unique(ids).size)
       active_bytes = active * per_expert
       flops = 2 * t * top_k * 3 * hidden * inter
-      for impl in IMPLEMENTATIONS:
+      for impl in impls:
         row = {"model": name, "T": t, "impl": impl, "sets": sets}
         if time.monotonic() - start > share:
           rows.append({**row, "status": "skipped: time budget"})
@@ -230,6 +230,11 @@ def main(argv=None):
   parser.add_argument("--time-budget", type=float, default=float("inf"))
   parser.add_argument("--models", default=None)
   parser.add_argument("--tokens", default=None)
+  parser.add_argument(
+    "--impls",
+    default=",".join(IMPLEMENTATIONS),
+    help="comma-separated subset of " + ",".join(IMPLEMENTATIONS),
+  )
   args = parser.parse_args(argv)
   models = arg_specs.CI_MOE_MODELS if args.ci else arg_specs.MOE_MODELS
   if args.models:
@@ -237,7 +242,11 @@ def main(argv=None):
   tokens = arg_specs.CI_MOE_TOKENS if args.ci else arg_specs.MOE_TOKENS
   if args.tokens:
     tokens = tuple(int(t) for t in args.tokens.split(","))
-  result = run(models, tokens, args.time_budget)
+  impls = tuple(args.impls.split(","))
+  unknown = set(impls) - set(IMPLEMENTATIONS)
+  if unknown:
+    parser.error(f"unknown --impls {sorted(unknown)}")
+  result = run(models, tokens, args.time_budget, impls)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {args.out}")
