@@ -222,3 +222,45 @@ def test_expert_parallel_moe_equals_unsharded(rng, routing):
   err = np.abs(np.asarray(got, np.float32) - want32).max()
   # Partial sums of 4 devices added in float32, then rounded to bf16 once.
   assert err <= 2.0**-8 * np.abs(want32).max()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_from_pretrained_on_a_mesh_matches_one_device(
+  rng, tmp_path, model_type
+):
+  from fp4jax import models
+  from fp4jax.checkpoint import synthetic
+
+  mesh = cpu_mesh(2, "tp")
+  # Sizes that split: 128-row tiles per shard for column-parallel layers,
+  # 64-wide scale tiles per shard for row-parallel ones, 2 experts each.
+  params, hf, quant = synthetic.tiny_model(
+    rng,
+    model_type=model_type,
+    hidden=256,
+    intermediate=256,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=64,
+    vocab=128,
+  )
+  hf["num_experts_per_tok"] = 2
+  checkpoint.save_modelopt(tmp_path / "c", params, hf, quant)
+  ids = jnp.asarray(rng.integers(0, 128, (2, 7)), jnp.int32)
+  whole = models.from_pretrained(tmp_path / "c", progress=False)
+  split = models.from_pretrained(tmp_path / "c", progress=False, mesh=mesh)
+  layer = split.model.layers[0]
+  proj = layer.self_attn.o_proj
+  assert proj.parallel[1] == "row"
+  if model_type == "mixtral":
+    experts = layer.block_sparse_moe.experts
+    assert experts.parallel[1] == "experts"
+    assert experts.w13_weight[...].sharding.spec[0] == "tp"
+  assert proj.block_scale[...].shape[0] == 2  # one swizzle per shard
+  want = np.asarray(whole(ids)[0], np.float32)
+  got = np.asarray(split(ids)[0], np.float32)
+  # bf16 activations; row-parallel layers add two float32 partial sums.
+  assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+  tokens = np.asarray(models.generate(split, ids, max_new_tokens=4))
+  assert tokens.shape == (2, 11)  # prompt, then 4 cached decode steps
+  np.testing.assert_array_equal(tokens[:, :7], np.asarray(ids))

@@ -37,6 +37,8 @@ def from_pretrained(
   implementation: str | None = None,
   orbax_cache: str | os.PathLike | None = None,
   progress: bool = True,
+  mesh=None,
+  axis: str = "tp",
 ) -> causal_lm.CausalLM:
   """Loads a ModelOpt NVFP4 Hugging Face checkpoint as a prepared model.
 
@@ -48,6 +50,11 @@ def from_pretrained(
     orbax_cache: optional directory; the first call converts the checkpoint
       to Orbax there, later calls restore from it.
     progress: progress bar while reading safetensors.
+    mesh: a `jax.sharding.Mesh` to split the model over: attention and MLP
+      projections tensor parallel (q/k/v/gate/up by output features, o/down
+      by input features), MoE experts expert parallel, all along `axis`;
+      embeddings, norms, routers and lm_head stay replicated.
+    axis: the mesh axis to split along.
 
   Returns:
     A `CausalLM` in prepared state (source scale leaves dropped).
@@ -88,8 +95,29 @@ def from_pretrained(
   _check_same_leaves(state_dict, params)
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
-  prepare_lib.prepare_model(model, donate=True)
+  plan = None if mesh is None else decoder_plan(axis)
+  prepare_lib.prepare_model(model, donate=True, mesh=mesh, plan=plan)
   return model
+
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def decoder_plan(axis: str):
+  """How a decoder's NVFP4 modules split (`prepare_model`'s `plan`)."""
+
+  def plan(path: str):
+    name = path.rsplit("/", 1)[-1]
+    if name in COLUMN_PARALLEL:
+      return "column", axis
+    if name in ROW_PARALLEL:
+      return "row", axis
+    if name == "experts":
+      return "experts", axis
+    return None
+
+  return plan
 
 
 def _check_same_leaves(expected, params) -> None:

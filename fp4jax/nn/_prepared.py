@@ -17,6 +17,9 @@ class NVFP4Leaves(nnx.Module):
   """
 
   prepared: bool = False
+  # (mesh, kind, axis) once prepared shard by shard (fp4jax.sharding);
+  # None runs on one device.
+  parallel: tuple | None = None
 
   def nvfp4_leaves(self) -> dict:
     """The module's NVFP4 leaves as a plain dict of arrays."""

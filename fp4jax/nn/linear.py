@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from fp4jax import sharding
 from fp4jax.format import nvfp4
 from fp4jax.nn import _prepared
 from fp4jax.nn import variables
@@ -81,9 +82,21 @@ class NVFP4Linear(_prepared.NVFP4Leaves):
     layer = self.require_prepared()
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    y = pallas_kernels.nvfp4_matmul(
-      x, layer, activation=self.activation, implementation=self.implementation
-    )
+    if self.parallel is None:
+      y = pallas_kernels.nvfp4_matmul(
+        x, layer, activation=self.activation, implementation=self.implementation
+      )
+    else:
+      mesh, kind, axis = self.parallel
+      y = sharding.matmul(
+        x,
+        layer,
+        mesh,
+        kind,
+        axis=axis,
+        activation=self.activation,
+        implementation=self.implementation,
+      )
     if self.bias is not None:
       bias = self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
       y = (y.astype(jnp.float32) + bias).astype(y.dtype)

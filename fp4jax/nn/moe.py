@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from fp4jax import sharding
 from fp4jax.format import nvfp4
 from fp4jax.nn import _prepared
 from fp4jax.nn import variables
@@ -130,13 +131,19 @@ class NVFP4MoE(nnx.Module):
       x = x.astype(self.dtype)
     lead = x.shape[:-1]
     tokens = x.reshape(-1, x.shape[-1])
-    y = pallas_kernels.nvfp4_moe(
-      tokens,
-      self.gate(tokens),
-      experts,
+    options = dict(
       top_k=self.top_k,
       renormalize=self.renormalize,
       activation=self.activation,
       implementation=self.implementation,
     )
+    if self.experts.parallel is None:
+      y = pallas_kernels.nvfp4_moe(
+        tokens, self.gate(tokens), experts, **options
+      )
+    else:
+      mesh, _, axis = self.experts.parallel
+      y = sharding.moe(
+        tokens, self.gate(tokens), experts, mesh, axis=axis, **options
+      )
     return y.reshape(*lead, y.shape[-1])
