@@ -73,36 +73,43 @@ def markdown(result: dict, plot_path: str | None = None) -> str:
   return "\n".join(lines)
 
 
-def plot(result: dict, path: pathlib.Path) -> None:
+def _loglog_panels(result, panels, labels, x_key, path) -> None:
+  """One log-log panel of µs against tokens per `panels` entry.
+
+  panels: `(title, row filter)` pairs; one line per implementation.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  shapes = list(dict.fromkeys((r["K"], r["N"]) for r in result["rows"]))
   fig, axes = plt.subplots(
-    1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False
+    1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False
   )
-  for ax, (k, n) in zip(axes[0], shapes, strict=True):
-    for impl, label in LABELS.items():
+  for ax, (title, keep) in zip(axes[0], panels, strict=True):
+    for impl, label in labels.items():
       pts = [
-        (r["M"], r["us"])
+        (r[x_key], r["us"])
         for r in result["rows"]
-        if (r["K"], r["N"], r["impl"]) == (k, n, impl) and r["status"] == "ok"
+        if keep(r) and r["impl"] == impl and r["status"] == "ok"
       ]
       if pts:
         ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set(
-      xscale="log",
-      yscale="log",
-      xlabel="tokens M",
-      ylabel="µs",
-      title=f"K={k} N={n}",
-    )
+    ax.set(xscale="log", yscale="log", xlabel=f"tokens {x_key}", ylabel="µs")
+    ax.set_title(title)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  shapes = list(dict.fromkeys((r["K"], r["N"]) for r in result["rows"]))
+  panels = [
+    (f"K={k} N={n}", lambda r, s=(k, n): (r["K"], r["N"]) == s)
+    for k, n in shapes
+  ]
+  _loglog_panels(result, panels, LABELS, "M", path)
 
 
 MOE_LABELS = {
@@ -160,30 +167,11 @@ def moe_markdown(result: dict, plot_path: str | None = None) -> str:
 
 
 def moe_plot(result: dict, path: pathlib.Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  models = list(result["meta"]["models"])
-  fig, axes = plt.subplots(
-    1, len(models), figsize=(4 * len(models), 3.5), squeeze=False
-  )
-  for ax, name in zip(axes[0], models, strict=True):
-    for impl, label in MOE_LABELS.items():
-      pts = [
-        (r["T"], r["us"])
-        for r in result["rows"]
-        if (r["model"], r["impl"]) == (name, impl) and r["status"] == "ok"
-      ]
-      if pts:
-        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="µs")
-    ax.set_title(name)
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
+  panels = [
+    (name, lambda r, name=name: r["model"] == name)
+    for name in result["meta"]["models"]
+  ]
+  _loglog_panels(result, panels, MOE_LABELS, "T", path)
 
 
 RENDERERS = {"matmul": (markdown, plot), "moe": (moe_markdown, moe_plot)}

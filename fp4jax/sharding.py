@@ -142,7 +142,6 @@ def prepare_linear(
   out = transform._derive_linear(path, node, swizzle_scales=False)
   source = linear_specs(kind, axis, prepared=False)
   prepared = linear_specs(kind, axis, prepared=True)
-  out["weight"] = place({"weight": out["weight"]}, mesh, source)["weight"]
   scales = _swizzle_per_shard(
     mesh,
     {"weight_scale": node["weight_scale"]},

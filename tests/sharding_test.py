@@ -11,6 +11,7 @@ import pallas_kernels
 from fp4jax import checkpoint
 from fp4jax import sharding
 from tests import sources
+from tests.pallas_kernels.nvfp4_matmul import test_base as matmul_base
 
 
 def cpu_mesh(size: int, axis: str) -> Mesh:
@@ -20,17 +21,9 @@ def cpu_mesh(size: int, axis: str) -> Mesh:
   return Mesh(np.array(devices[:size]), (axis,))
 
 
-def linear_source(rng, n, k, weight_only=False):
-  w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
-  t = fp4jax.quantize(w)
-  node = {
-    "weight": t.packed,
-    "weight_scale": t.block_scale,
-    "weight_scale_2": t.global_scale,
-  }
-  if not weight_only:
-    node["input_scale"] = jnp.float32(4.0 / 2688)
-  return node
+def linear_source(rng, n, k):
+  """A source linear node (the matmul suite's random layer)."""
+  return matmul_base.make_layer(rng, n, k)[1]
 
 
 def unsharded(node):

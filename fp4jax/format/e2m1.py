@@ -33,14 +33,19 @@ def encode(x: jnp.ndarray) -> jnp.ndarray:
   negative value that rounds to zero keeps its sign (code 8).
   """
   x = x.astype(jnp.float32)
-  mag = jnp.abs(x)
-  order = jnp.zeros(x.shape, jnp.uint8)
-  for bound in _BOUNDS:
-    order += (mag > bound).astype(jnp.uint8)
-  for tie in _TIES_ROUNDED_UP:
-    order += (mag == tie).astype(jnp.uint8)
   sign = (x < 0).astype(jnp.uint8) << 3
-  return sign | order
+  return sign | _magnitude_order(x, jnp.uint8)
+
+
+def _magnitude_order(x: jnp.ndarray, dtype) -> jnp.ndarray:
+  """Index 0..7 of the E2M1 magnitude |x| rounds to (ties to even, <= 6)."""
+  mag = jnp.abs(x)
+  order = jnp.zeros(x.shape, dtype)
+  for bound in _BOUNDS:
+    order += (mag > bound).astype(dtype)
+  for tie in _TIES_ROUNDED_UP:
+    order += (mag == tie).astype(dtype)
+  return order
 
 
 def round_to_values(x: jnp.ndarray) -> jnp.ndarray:
@@ -49,12 +54,7 @@ def round_to_values(x: jnp.ndarray) -> jnp.ndarray:
   Zero stays +0.0 for negative inputs too (code 8 decodes to +0.0).
   """
   x = x.astype(jnp.float32)
-  mag = jnp.abs(x)
-  order = jnp.zeros(x.shape, jnp.float32)
-  for bound in _BOUNDS:
-    order += (mag > bound).astype(jnp.float32)
-  for tie in _TIES_ROUNDED_UP:
-    order += (mag == tie).astype(jnp.float32)
+  order = _magnitude_order(x, jnp.float32)
   # Magnitudes 0, .5, 1, 1.5 | 2, 3 | 4, 6 for order 0..3 | 4, 5 | 6, 7.
   value = jnp.where(
     order < 4, order * 0.5, jnp.where(order < 6, order - 2, 2 * order - 8)

@@ -267,6 +267,7 @@ def _grouped_gemm(
   rows,
   row_expert,
   tile_expert,
+  used_tiles,
   proj,
   *,
   activation,
@@ -301,7 +302,7 @@ def _grouped_gemm(
     ),
     _factors(proj, activation),
     tile_expert,
-    jnp.sum(tile_expert >= 0, dtype=jnp.int32),
+    used_tiles,
     config=config,
     num_sms=common.num_sms(interpret),
     float32_out=float32_out,
@@ -338,16 +339,17 @@ def _forward(
   inter = w13.shape[1] // 2
   position, token, tile_expert = sort_by_expert(ids, plan)
   row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)
+  used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
   padded_x = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
   gemm = functools.partial(
     _grouped_gemm, activation=activation, interpret=interpret
   )
+  groups = (row_expert, tile_expert, used_tiles)
   if swiglu:
     # silu(gate) * up from the float32 accumulators, rounded to bf16 once.
     act = gemm(
       padded_x,
-      row_expert,
-      tile_expert,
+      *groups,
       w13,
       config=configs[0],
       swiglu=True,
@@ -358,8 +360,7 @@ def _forward(
     # reference) a bf16 rounding cannot move its FP4 codes.
     h = gemm(
       padded_x,
-      row_expert,
-      tile_expert,
+      *groups,
       w13,
       config=configs[0],
       float32_out=activation == "nvfp4",
@@ -368,7 +369,7 @@ def _forward(
     gate = h[:, :inter].astype(jnp.float32)
     up = h[:, inter:].astype(jnp.float32)
     act = (base.silu(gate) * up).astype(jnp.bfloat16)
-  y = gemm(act, row_expert, tile_expert, w2, config=configs[1])
+  y = gemm(act, *groups, w2, config=configs[1])
   picked = y[position].astype(jnp.float32)  # [T, top_k, H]
   # Dropped pairs' rows were never written (they may hold NaN): select.
   valid = (ids >= 0) & (ids < plan.experts)
