@@ -1,6 +1,7 @@
 """Tries tile configs of the Pallas NVFP4 matmul per shape; checks and times.
 
-  python -m benchmarks.tune_matmul [--out tuning.json] [--quick]
+  python -m benchmarks.tune_matmul [--out tuning.json] [--shapes K:N,...]
+      [--tokens M,...] [--configs "wg_pairs=2;block_k=128,wg_pairs=2"]
 
 Each config's output is compared with the XLA reference first (a config
 that is wrong is reported, never timed), then timed with the same timer and
@@ -27,6 +28,50 @@ SHAPES = ((8192, 28672), (28672, 8192), (4096, 14336), (7168, 2048))
 TOKENS = (1, 16, 64, 256, 2048, 8192)
 
 
+def _valid(cfg: config_lib.Config, k: int) -> bool:
+  return (
+    not k % cfg.block_k
+    and not (k // cfg.block_k) % cfg.splits
+    and cfg.smem_bytes() <= config_lib.SMEM_LIMIT
+  )
+
+
+def overridden(m: int, n: int, k: int, overrides: list[dict]):
+  """The heuristic's config, then each override of it that tiles K."""
+  base = config_lib.heuristic(m, n, k)
+  seen = {base}
+  yield base
+  for fields in overrides:
+    try:
+      cfg = dataclasses.replace(base, **fields)
+    except ValueError:
+      continue
+    if cfg not in seen and _valid(cfg, k):
+      seen.add(cfg)
+      yield cfg
+
+
+def parse_overrides(text: str) -> list[dict]:
+  """ "a=1,b=2;c=3" -> [{"a": 1, "b": 2}, {"c": 3}] (ints and booleans)."""
+  overrides = []
+  for group in filter(None, text.split(";")):
+    fields = {}
+    for item in group.split(","):
+      key, value = item.split("=")
+      fields[key.strip()] = (
+        int(value)
+        if key != "persistent"
+        else value
+        in (
+          "1",
+          "true",
+          "True",
+        )
+      )
+    overrides.append(fields)
+  return overrides
+
+
 def candidates(m: int, n: int, k: int):
   base = config_lib.heuristic(m, n, k)
   seen = {base}
@@ -50,18 +95,15 @@ def candidates(m: int, n: int, k: int):
       )
     except ValueError:
       continue
-    if (
-      cfg in seen
-      or k % block_k
-      or (k // block_k) % splits
-      or cfg.smem_bytes() > config_lib.SMEM_LIMIT
-    ):
+    if cfg in seen or not _valid(cfg, k):
       continue
     seen.add(cfg)
     yield cfg
 
 
-def tune(shapes, tokens, max_configs: int, activation="bf16") -> list[dict]:
+def tune(
+  shapes, tokens, max_configs: int, activation="bf16", overrides=None
+) -> list[dict]:
   rows = []
   for k, n in shapes:
     _, prepared_sets, _ = matmul_bench.make_weights(k, n, 1)
@@ -74,7 +116,10 @@ def tune(shapes, tokens, max_configs: int, activation="bf16") -> list[dict]:
         x, layers[0], activation=activation, implementation="xla"
       )
       want = want.astype(jnp.float32)
-      for i, cfg in enumerate(candidates(m, n, k)):
+      configs = (
+        overridden(m, n, k, overrides) if overrides else candidates(m, n, k)
+      )
+      for i, cfg in enumerate(configs):
         if i >= max_configs:
           break
         row = {
@@ -127,12 +172,19 @@ def main(argv=None):
   parser.add_argument(
     "--shapes", default=None, help="K:N pairs, e.g. 8192:28672,7168:2048"
   )
+  parser.add_argument(
+    "--configs",
+    default=None,
+    help="overrides of the heuristic's config to time instead of the search,"
+    " e.g. 'wg_pairs=2;block_k=128,wg_pairs=2'",
+  )
   args = parser.parse_args(argv)
   shapes = SHAPES
   if args.shapes:
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")]
   tokens = [int(t) for t in args.tokens.split(",")]
-  rows = tune(shapes, tokens, args.max_configs, args.activation)
+  overrides = parse_overrides(args.configs) if args.configs else None
+  rows = tune(shapes, tokens, args.max_configs, args.activation, overrides)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(

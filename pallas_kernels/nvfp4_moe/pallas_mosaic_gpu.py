@@ -38,6 +38,9 @@ PERSISTENT = True
 # SwiGLU in GEMM 1's epilogue (I % 128 == 0): checked on CPU only so far,
 # not yet run on a GPU, hence off by default.
 FUSED_SWIGLU = False
+# Compute warpgroup pairs per CTA (config.Config.wg_pairs); 1 until the
+# second pair is measured on the H200.
+WG_PAIRS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,22 +81,33 @@ def configs_for(
   inter: int,
   num_sms: int,
   persistent: bool = PERSISTENT,
+  wg_pairs: int = WG_PAIRS,
+  swiglu: bool = False,
 ) -> tuple[config_lib.Config, config_lib.Config]:
-  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I)."""
-  return tuple(
-    dataclasses.replace(
-      config_lib.heuristic(
-        plan.max_tiles * plan.block_m,
-        n,
-        k,
-        num_sms,
-        block_m=plan.block_m,
-        token_tiles=plan.busy_tiles,
-      ),
-      persistent=persistent,
+  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I).
+
+  `wg_pairs` applies to token tiles of at most 64 rows (a pair's threads
+  have 112 registers: too few for 128-token accumulators); `swiglu` fuses
+  SwiGLU into GEMM 1 (no split-K: the epilogue is not linear).
+  """
+  configs = []
+  for n, k, fused in ((2 * inter, hidden, swiglu), (hidden, inter, False)):
+    config = config_lib.heuristic(
+      plan.max_tiles * plan.block_m,
+      n,
+      k,
+      num_sms,
+      block_m=plan.block_m,
+      token_tiles=plan.busy_tiles,
     )
-    for n, k in ((2 * inter, hidden), (hidden, inter))
-  )
+    config = dataclasses.replace(
+      config,
+      persistent=persistent,
+      wg_pairs=wg_pairs if plan.block_m <= 64 else 1,
+      splits=1 if fused else config.splits,
+    )
+    configs.append(config.fitted(fused))
+  return tuple(configs)
 
 
 def nvfp4_moe(
@@ -112,10 +126,12 @@ def nvfp4_moe(
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
   fused_swiglu: bool = FUSED_SWIGLU,
+  wg_pairs: int = WG_PAIRS,
   interpret: bool = False,
 ) -> jax.Array:
-  """See `api.nvfp4_moe`; `block_m`, `persistent` and `fused_swiglu`
-  override the tiles (`fused_swiglu` applies where I % 128 == 0).
+  """See `api.nvfp4_moe`; `block_m`, `persistent`, `fused_swiglu` and
+  `wg_pairs` override the tiles (`fused_swiglu` applies where
+  I % 128 == 0).
 
   Raises:
     NotImplementedError: no suitable GPU (and not `interpret`), or expert
@@ -123,7 +139,15 @@ def nvfp4_moe(
   """
   base.check_inputs(x, router_logits, experts, top_k, activation)
   forward = _forward_fn(
-    x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
+    x,
+    top_k,
+    experts,
+    activation,
+    block_m,
+    persistent,
+    fused_swiglu,
+    wg_pairs,
+    interpret,
   )
   routing = dict(
     top_k=top_k,
@@ -153,6 +177,7 @@ def experts_forward(
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
   fused_swiglu: bool = FUSED_SWIGLU,
+  wg_pairs: int = WG_PAIRS,
   interpret: bool = False,
 ) -> jax.Array:
   """The experts of a routed MoE on the kernels; see `api.nvfp4_moe_experts`.
@@ -169,13 +194,22 @@ def experts_forward(
     block_m,
     persistent,
     fused_swiglu,
+    wg_pairs,
     interpret,
   )
   return forward(x, weights, ids.astype(jnp.int32), dict(experts))
 
 
 def _forward_fn(
-  x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
+  x,
+  top_k,
+  experts,
+  activation,
+  block_m,
+  persistent,
+  fused_swiglu,
+  wg_pairs,
+  interpret,
 ):
   """Checks the GPU and shapes; -> jitted `(x, weights, ids, experts)`."""
   common.check_sm90("the Mosaic GPU NVFP4 MoE", interpret)
@@ -193,12 +227,16 @@ def _forward_fn(
     experts=n_experts,
     block_m=block_m or block_m_for(x.shape[0], top_k, n_experts),
   )
-  configs = configs_for(
-    plan, hidden, two_i // 2, common.num_sms(interpret), persistent
-  )
   swiglu = fused_swiglu and (two_i // 2) % config_lib.TILE_ROWS == 0
-  if swiglu:  # the epilogue is not linear: no split-K partial sums
-    configs = (dataclasses.replace(configs[0], splits=1), configs[1])
+  configs = configs_for(
+    plan,
+    hidden,
+    two_i // 2,
+    common.num_sms(interpret),
+    persistent,
+    wg_pairs,
+    swiglu,
+  )
   return functools.partial(
     _forward,
     plan=plan,
