@@ -1,7 +1,7 @@
 """GPU diagnostic: where an NVFP4 MoE layer's time goes, kernel by kernel.
 
   PYTHONPATH=. python scripts/profile_moe.py [model] [tokens,...]
-      [variants: plain,persistent,fused,pairs,fused+pairs]
+      [variants: plain,persistent,fused]
 
 Prints CUPTI time per kernel launch (name, µs) of one Pallas MoE call, for
 the benchmark's weights (`benchmarks.moe`), so that XLA glue (sorting,
@@ -43,8 +43,7 @@ def main(argv):
           experts,
           top_k=top_k,
           persistent=variant != "plain",
-          fused_swiglu="fused" in variant,
-          wg_pairs=2 if "pairs" in variant else 1,
+          fused_swiglu=variant == "fused",
         )
 
       got, timings = profiler.measure(jax.jit(layer), aggregate=False)(

@@ -23,10 +23,6 @@ class Config:
       small token counts still give every SM weights to stream.
     persistent: one CTA per SM walks the output tiles with one set of
       pipeline buffers (no CTA launch and pipeline fill per tile).
-    wg_pairs: pairs of compute warpgroups per CTA (1 or 2). With 2, the
-      second pair takes every other K step and the pairs add their sums in
-      SMEM at the end: twice the warps to hide the decode's latency, for
-      half the registers per thread (112 instead of 232).
   """
 
   block_k: int = 128
@@ -34,7 +30,6 @@ class Config:
   num_stages: int = 4
   splits: int = 1
   persistent: bool = False
-  wg_pairs: int = 1
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -45,28 +40,15 @@ class Config:
       raise ValueError(f"{self.num_stages=} must be >= 1")
     if self.splits < 1:
       raise ValueError(f"{self.splits=} must be >= 1")
-    if self.wg_pairs not in (1, 2):
-      raise ValueError(f"{self.wg_pairs=} must be 1 or 2")
 
-  def smem_bytes(self, swiglu: bool = False) -> int:
-    """SMEM of one CTA; `swiglu`: gate and up tiles (two accumulators)."""
-    weight_tiles = 2 if swiglu else 1
+  def smem_bytes(self) -> int:
     per_stage = (
-      weight_tiles * TILE_ROWS * self.block_k // 2  # packed weights
+      TILE_ROWS * self.block_k // 2  # packed weights
       + 2 * self.block_m * self.block_k  # even and odd bf16 activations
-      + weight_tiles * TILE_ROWS * self.block_k // 16  # block scales
+      + TILE_ROWS * self.block_k // 16  # block scales
     )
     epilogue = 2 * WGMMA_ROWS * self.block_m * 4
-    if self.wg_pairs > 1:  # the second pair's sums, for the first to add
-      epilogue += weight_tiles * 2 * WGMMA_ROWS * self.block_m * 4
     return self.num_stages * per_stage + epilogue
-
-  def fitted(self, swiglu: bool = False) -> "Config":
-    """This config with as many stages as fit in SMEM (at least 2)."""
-    config = self
-    while config.smem_bytes(swiglu) > SMEM_LIMIT and config.num_stages > 2:
-      config = dataclasses.replace(config, num_stages=config.num_stages - 1)
-    return config
 
 
 SMEM_LIMIT = 227 * 1024
@@ -110,6 +92,9 @@ def heuristic(
     if eff > best_eff + 0.02:
       best, best_eff = splits, eff
   stages = 4
-  return Config(
+  config = Config(
     block_k=block_k, block_m=block_m, num_stages=stages, splits=best
-  ).fitted()
+  )
+  while config.smem_bytes() > SMEM_LIMIT and config.num_stages > 2:
+    config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+  return config

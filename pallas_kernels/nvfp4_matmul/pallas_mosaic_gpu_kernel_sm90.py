@@ -130,12 +130,10 @@ def _decode_ptx(w, s_smem, plan: Plan):
 
     tid = mgpu_utils.thread_idx()
     in_wg = arith.remui(tid, const(128))
-    # Warpgroups 2w and 2w + 1 take rows 0-63 and 64-127 of the tile.
-    tile_half = arith.remui(arith.divui(tid, const(128)), const(2))
     # Row of this thread inside the 128-row tile (row half 0; half 1 is +8).
     row = arith.addi(
       arith.addi(
-        arith.muli(tile_half, const(WG_ROWS)),
+        arith.muli(arith.divui(tid, const(128)), const(WG_ROWS)),
         arith.muli(arith.divui(in_wg, const(32)), const(16)),
       ),
       arith.divui(arith.remui(in_wg, const(32)), const(4)),
@@ -243,7 +241,7 @@ def _decode_ptx(w, s_smem, plan: Plan):
   return decode(w, s_smem)
 
 
-def _decode_jnp(w, s_smem, tile_half, plan: Plan):
+def _decode_jnp(w, s_smem, wg, plan: Plan):
   """The same numbers and column order with jnp ops, for the interpreter."""
   codes = w.astype(jnp.int32)
   scale_bytes = lax.bitcast_convert_type(s_smem[...], jnp.uint8)
@@ -252,9 +250,7 @@ def _decode_jnp(w, s_smem, tile_half, plan: Plan):
   # block q of the chunk.
   scale_bytes = scale_bytes.reshape(plan.scale_chunks, 32, 4, 4)
   scale_bytes = scale_bytes.transpose(2, 1, 0, 3).reshape(TILE_ROWS, -1)
-  scale_bytes = lax.dynamic_slice_in_dim(
-    scale_bytes, tile_half * WG_ROWS, WG_ROWS
-  )
+  scale_bytes = lax.dynamic_slice_in_dim(scale_bytes, wg * WG_ROWS, WG_ROWS)
   scales = lax.bitcast_convert_type(scale_bytes, jnp.float8_e4m3fn)
   scales = jnp.repeat(
     scales.astype(jnp.float32), PLANE_COLUMNS_PER_BLOCK, axis=1
@@ -349,40 +345,27 @@ def matmul(
     tile_expert = jnp.zeros((m_tiles,), jnp.int32)
   steps = plan.steps_per_split
   a_in_smem = interpret
-  pairs = cfg.wg_pairs
-  n_accs = 2 if swiglu else 1
 
   def kernel(
     w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, v_gmem, o_gmem, *rest
   ):
-    rest = list(rest)
-    o_smem = rest.pop(0)
-    a_smem = rest.pop(0) if a_in_smem else None
-    # With two warpgroup pairs: the second pair's sums and the barriers
-    # that hand them over (full) and hand the buffer back (free).
-    sums_smem, sums_full, sums_free = rest if pairs > 1 else (None,) * 3
-
-    def warpgroup():
-      """-> (row half of the tile, pair) of this compute warpgroup."""
-      wg = lax.axis_index("wg")
-      return lax.rem(wg, 2), lax.div(wg, 2)
+    o_smem, a_smem = rest[0], (rest[1] if a_in_smem else None)
 
     def make_pipeline(ni, mi, si, expert):
       """The K loop of one output tile (rows ni, tokens mi, K split si)."""
       k0 = si * steps
 
-      def mma_body(indices, w_smem, xe_smem, xo_smem, s_smem, *rest):
+      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
         *up_refs, accs = rest
-        half, pair = warpgroup()
         wg = lax.axis_index("wg")
 
         def step(w_ref, s_ref, acc_ref):
           w = plgpu.load(
-            w_ref.at[pl.ds(half * WG_ROWS, WG_ROWS)],
+            w_ref.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
             layout=plgpu.Layout.WGMMA_8BIT,
           )
           if a_in_smem:
-            lo, hi = _decode_jnp(w, s_ref, half, plan)
+            lo, hi = _decode_jnp(w, s_ref, wg, plan)
             a_smem[wg, 0] = lo
             a_smem[wg, 1] = hi
             plgpu.commit_smem()
@@ -396,74 +379,49 @@ def matmul(
           # gave NaNs on the H200 at 64 tokens and more).
           plgpu.wgmma_wait(0)
 
-        def steps_of_this_pair():
+        if swiglu:
           step(w_smem, s_smem, accs[0])
-          if swiglu:
-            step(up_refs[0], up_refs[1], accs[1])
-
-        if pairs == 1:
-          steps_of_this_pair()
-        else:  # pair p takes the K steps k with k % pairs == p
-          pl.when(lax.rem(indices[0], pairs) == pair)(steps_of_this_pair)
+          step(up_refs[0], up_refs[1], accs[1])
+        else:
+          step(w_smem, s_smem, accs)
         return accs
 
       def compute_context(eval_pipeline):
-        half, pair = warpgroup()
+        wg = lax.axis_index("wg")
         acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
-        def scaled(acc, block):
-          scale = f_gmem[expert, 2 * block + half]
-          return acc * (scale * 2.0**-PRODUCT_EXPONENT)
+        def scaled(acc_ref, block):
+          scale = f_gmem[expert, 2 * block + wg] * (2.0**-PRODUCT_EXPONENT)
+          return acc_ref[...] * scale
 
         def store(acc):
-          rows = pl.ds(ni * TILE_ROWS + half * WG_ROWS, WG_ROWS)
+          rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
           tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
           if bf16_out:
-            o_smem.at[half].T[...] = acc.astype(jnp.bfloat16)
+            o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[half], o_gmem.at[tokens, rows])
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
           else:
-            o_smem[half] = acc
+            o_smem[wg] = acc
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-              o_smem.at[half], o_gmem.at[si, rows, tokens]
-            )
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
           # o_smem is rewritten by the next tile.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def epilogue(sums):
-          if swiglu:
-            g = scaled(sums[0], ni)
-            store(g / (1.0 + jnp.exp(-g)) * scaled(sums[1], up_tiles + ni))
-          else:
-            store(scaled(sums[0], ni))
+        if swiglu:
 
-        @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
-        def _(accs):
-          eval_pipeline(tuple(accs))
-          if pairs == 1:
-            epilogue([acc[...] for acc in accs])
-            return
+          @functools.partial(pl.run_scoped, gate=acc_type, up=acc_type)
+          def _(gate, up):
+            eval_pipeline((gate, up))
+            g = scaled(gate, ni)
+            store(g / (1.0 + jnp.exp(-g)) * scaled(up, up_tiles + ni))
 
-          @pl.when(pair == 1)
-          def _():
-            if cfg.persistent:  # the first pair has read the last tile's
-              plgpu.barrier_wait(sums_free.at[half])
-            for i, acc in enumerate(accs):
-              sums_smem[i, half] = acc[...]
-            plgpu.barrier_arrive(sums_full.at[half])
+        else:
 
-          @pl.when(pair == 0)
-          def _():
-            plgpu.barrier_wait(sums_full.at[half])
-            sums = [
-              acc[...]
-              + plgpu.load(sums_smem.at[i, half], layout=plgpu.Layout.WGMMA)
-              for i, acc in enumerate(accs)
-            ]
-            if cfg.persistent:
-              plgpu.barrier_arrive(sums_free.at[half])
-            epilogue(sums)
+          @functools.partial(pl.run_scoped, acc_ref=acc_type)
+          def _(acc_ref):
+            eval_pipeline(acc_ref)
+            store(scaled(acc_ref, ni))
 
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(shape, index_map, transforms=transforms)
@@ -508,7 +466,7 @@ def matmul(
           *up_specs,
         ],
         wg_axis="wg",
-        num_compute_wgs=2 * pairs,
+        num_compute_wgs=2,
         max_concurrent_steps=cfg.num_stages,
         compute_context=compute_context,
       )
@@ -539,23 +497,11 @@ def matmul(
       pl.run_scoped, allocations=allocations, collective_axes="wg"
     )
     def _(allocations):
-      if pairs > 1:  # the sums buffer starts free
-
-        @pl.when(lax.axis_index("wg") < 2)
-        def _():
-          plgpu.barrier_arrive(sums_free.at[lax.axis_index("wg")])
-
       @plgpu.nd_loop((v_gmem[0], n_tiles, splits), collective_axes="sm")
       def _(info):
         mi, ni, si = info.index
         expert = e_gmem[mi]
         make_pipeline(ni, mi, si, expert)(*operands, allocations=allocations)
-
-      if pairs > 1:  # observe the first pair's last hand-back
-
-        @pl.when(lax.axis_index("wg") // 2 == 1)
-        def _():
-          plgpu.barrier_wait(sums_free.at[lax.axis_index("wg") % 2])
 
   # Outputs have whole row tiles: with a store lying wholly past the end of
   # the output, N=64 came out wrong on the H200, so none is issued.
@@ -574,17 +520,11 @@ def matmul(
   if a_in_smem:
     scratch.append(
       plgpu.SMEM(
-        (2 * pairs, 2, WG_ROWS, plan.plane_k),
+        (2, 2, WG_ROWS, plan.plane_k),
         jnp.bfloat16,
         transforms=_swizzled(16, 2 * plan.plane_k),
       )
     )
-  if pairs > 1:
-    scratch += [
-      plgpu.SMEM((n_accs, 2, WG_ROWS, cfg.block_m), jnp.float32),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
-    ]
   if cfg.persistent:
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
@@ -595,7 +535,7 @@ def matmul(
     out_type=out_type,
     grid=grid,
     grid_names=grid_names,
-    num_threads=2 * pairs + 1,
+    num_threads=3,
     thread_name="wg",
     scratch_types=scratch,
   )

@@ -38,9 +38,6 @@ PERSISTENT = True
 # SwiGLU in GEMM 1's epilogue (I % 128 == 0): checked on CPU only so far,
 # not yet run on a GPU, hence off by default.
 FUSED_SWIGLU = False
-# Compute warpgroup pairs per CTA (config.Config.wg_pairs); 1 until the
-# second pair is measured on the H200.
-WG_PAIRS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,33 +78,22 @@ def configs_for(
   inter: int,
   num_sms: int,
   persistent: bool = PERSISTENT,
-  wg_pairs: int = WG_PAIRS,
-  swiglu: bool = False,
 ) -> tuple[config_lib.Config, config_lib.Config]:
-  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I).
-
-  `wg_pairs` applies to token tiles of at most 64 rows (a pair's threads
-  have 112 registers: too few for 128-token accumulators); `swiglu` fuses
-  SwiGLU into GEMM 1 (no split-K: the epilogue is not linear).
-  """
-  configs = []
-  for n, k, fused in ((2 * inter, hidden, swiglu), (hidden, inter, False)):
-    config = config_lib.heuristic(
-      plan.max_tiles * plan.block_m,
-      n,
-      k,
-      num_sms,
-      block_m=plan.block_m,
-      token_tiles=plan.busy_tiles,
-    )
-    config = dataclasses.replace(
-      config,
+  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I)."""
+  return tuple(
+    dataclasses.replace(
+      config_lib.heuristic(
+        plan.max_tiles * plan.block_m,
+        n,
+        k,
+        num_sms,
+        block_m=plan.block_m,
+        token_tiles=plan.busy_tiles,
+      ),
       persistent=persistent,
-      wg_pairs=wg_pairs if plan.block_m <= 64 else 1,
-      splits=1 if fused else config.splits,
     )
-    configs.append(config.fitted(fused))
-  return tuple(configs)
+    for n, k in ((2 * inter, hidden), (hidden, inter))
+  )
 
 
 def nvfp4_moe(
@@ -126,12 +112,10 @@ def nvfp4_moe(
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
   fused_swiglu: bool = FUSED_SWIGLU,
-  wg_pairs: int = WG_PAIRS,
   interpret: bool = False,
 ) -> jax.Array:
-  """See `api.nvfp4_moe`; `block_m`, `persistent`, `fused_swiglu` and
-  `wg_pairs` override the tiles (`fused_swiglu` applies where
-  I % 128 == 0).
+  """See `api.nvfp4_moe`; `block_m`, `persistent` and `fused_swiglu`
+  override the tiles (`fused_swiglu` applies where I % 128 == 0).
 
   Raises:
     NotImplementedError: no suitable GPU (and not `interpret`), or expert
@@ -139,15 +123,7 @@ def nvfp4_moe(
   """
   base.check_inputs(x, router_logits, experts, top_k, activation)
   forward = _forward_fn(
-    x,
-    top_k,
-    experts,
-    activation,
-    block_m,
-    persistent,
-    fused_swiglu,
-    wg_pairs,
-    interpret,
+    x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
   )
   routing = dict(
     top_k=top_k,
@@ -177,7 +153,6 @@ def experts_forward(
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
   fused_swiglu: bool = FUSED_SWIGLU,
-  wg_pairs: int = WG_PAIRS,
   interpret: bool = False,
 ) -> jax.Array:
   """The experts of a routed MoE on the kernels; see `api.nvfp4_moe_experts`.
@@ -194,22 +169,13 @@ def experts_forward(
     block_m,
     persistent,
     fused_swiglu,
-    wg_pairs,
     interpret,
   )
   return forward(x, weights, ids.astype(jnp.int32), dict(experts))
 
 
 def _forward_fn(
-  x,
-  top_k,
-  experts,
-  activation,
-  block_m,
-  persistent,
-  fused_swiglu,
-  wg_pairs,
-  interpret,
+  x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
 ):
   """Checks the GPU and shapes; -> jitted `(x, weights, ids, experts)`."""
   common.check_sm90("the Mosaic GPU NVFP4 MoE", interpret)
@@ -227,16 +193,12 @@ def _forward_fn(
     experts=n_experts,
     block_m=block_m or block_m_for(x.shape[0], top_k, n_experts),
   )
-  swiglu = fused_swiglu and (two_i // 2) % config_lib.TILE_ROWS == 0
   configs = configs_for(
-    plan,
-    hidden,
-    two_i // 2,
-    common.num_sms(interpret),
-    persistent,
-    wg_pairs,
-    swiglu,
+    plan, hidden, two_i // 2, common.num_sms(interpret), persistent
   )
+  swiglu = fused_swiglu and (two_i // 2) % config_lib.TILE_ROWS == 0
+  if swiglu:  # the epilogue is not linear: no split-K partial sums
+    configs = (dataclasses.replace(configs[0], splits=1), configs[1])
   return functools.partial(
     _forward,
     plan=plan,

@@ -6,6 +6,8 @@ As for the matmul, the interpreter decodes weights with jnp ops into SMEM
 token tile, skipped tiles), routing and combine are the code the GPU runs.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,14 +81,10 @@ class TestInterpret(test_base.NVFP4MoETestBase):
     )
 
 
-@pytest.mark.parametrize(
-  "persistent, wg_pairs, fused_swiglu",
-  [(False, 1, False), (True, 1, False), (True, 2, False), (True, 2, True)],
-)
-def test_interpret_larger_token_tiles(rng, persistent, wg_pairs, fused_swiglu):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_interpret_larger_token_tiles(rng, persistent):
   # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per
-  # expert; persistent: 4 CTAs walk only the used token tiles; two
-  # warpgroup pairs add their sums in SMEM (fused: two sums each).
+  # expert; persistent: 4 CTAs walk only the used token tiles.
   experts, src = test_base.make_experts(rng, 4, 256, 128)
   x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
   logits = jnp.asarray(rng.standard_normal((40, 4)), jnp.float32)
@@ -97,8 +95,6 @@ def test_interpret_larger_token_tiles(rng, persistent, wg_pairs, fused_swiglu):
     top_k=2,
     block_m=16,
     persistent=persistent,
-    fused_swiglu=fused_swiglu,
-    wg_pairs=wg_pairs,
     interpret=True,
   )
   want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
@@ -196,12 +192,10 @@ def abstract_experts(n_experts, hidden, inter):
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize(
-  "persistent, wg_pairs", [(False, 1), (True, 1), (True, 2)]
-)
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
-def test_lowers_for_sm90(model, tokens, persistent, wg_pairs, swiglu):
+def test_lowers_for_sm90(model, tokens, persistent, swiglu):
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -213,16 +207,12 @@ def test_lowers_for_sm90(model, tokens, persistent, wg_pairs, swiglu):
     block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
   )
   configs = pallas_mosaic_gpu.configs_for(
-    plan,
-    hidden,
-    inter,
-    num_sms=132,
-    persistent=persistent,
-    wg_pairs=wg_pairs,
-    swiglu=swiglu,
+    plan, hidden, inter, num_sms=132, persistent=persistent
   )
-  if swiglu and inter % 128:
-    pytest.skip("fused SwiGLU needs I % 128 == 0 (gpt-oss: 2880)")
+  if swiglu:
+    if inter % 128:
+      pytest.skip("fused SwiGLU needs I % 128 == 0 (gpt-oss: 2880)")
+    configs = (dataclasses.replace(configs[0], splits=1), configs[1])
 
   def f(x, logits, experts):
     weights, ids = base.route(logits, top_k=top_k)
@@ -276,22 +266,4 @@ class TestOnGPUFusedSwiGLU(TestOnGPU):
   def moe(self, x, logits, experts, **kwargs):
     return pallas_mosaic_gpu.nvfp4_moe(
       x, logits, experts, fused_swiglu=True, **kwargs
-    )
-
-
-@pytest.mark.gpu
-class TestOnGPUWarpgroupPairs(TestOnGPU):
-  """The GPU suite with two compute warpgroup pairs per CTA."""
-
-  def moe(self, x, logits, experts, **kwargs):
-    return pallas_mosaic_gpu.nvfp4_moe(x, logits, experts, wg_pairs=2, **kwargs)
-
-
-@pytest.mark.gpu
-class TestOnGPUFusedSwiGLUWarpgroupPairs(TestOnGPUFusedSwiGLU):
-  """Fused SwiGLU with two warpgroup pairs: two sums per pair to add."""
-
-  def moe(self, x, logits, experts, **kwargs):
-    return pallas_mosaic_gpu.nvfp4_moe(
-      x, logits, experts, fused_swiglu=True, wg_pairs=2, **kwargs
     )
