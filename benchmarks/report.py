@@ -1,13 +1,19 @@
 """Renders benchmark JSON into BENCHMARKS.md and a plot.
 
-  python -m benchmarks.report results.json [--kind matmul|moe]
-      [--markdown BENCHMARKS.md] [--plot benchmarks/results/<kind>.png]
+  python -m benchmarks.report results.json [more.json ...]
+      [--kind matmul|moe] [--markdown BENCHMARKS.md]
+      [--plot benchmarks/results/<kind>.png]
 
 The section between `<!-- KIND:begin -->` and `<!-- KIND:end -->` in the
-markdown file is replaced; the rest of the file is kept.
+markdown file is replaced; the rest of the file is kept. Several result
+files (runs) merge group by group: all rows of one shape and token count
+come from one run, the one that measured most of them (earlier files win
+ties), so every number sits beside anchors timed in its own run; a column
+names the run.
 """
 
 import argparse
+import collections
 import json
 import pathlib
 import re
@@ -31,13 +37,91 @@ def _fmt(value, spec):
   return "" if value is None else format(value, spec)
 
 
+GROUP_KEYS = {"matmul": ("K", "N", "M"), "moe": ("model", "T")}
+
+
+def merge(results: list[dict], kind: str) -> dict:
+  """One result from several runs; see the module doc."""
+  keys = GROUP_KEYS[kind]
+
+  def group(row):
+    return tuple(row[k] for k in keys)
+
+  best = {}
+  for run, result in enumerate(results):
+    measured = collections.Counter(
+      group(r) for r in result["rows"] if not r["status"].startswith("skipped")
+    )
+    for g, count in measured.items():
+      if g not in best or count > best[g][1]:
+        best[g] = (run, count)
+  order = list(dict.fromkeys(group(r) for res in results for r in res["rows"]))
+  # Shapes (or models) in order of appearance, token counts ascending.
+  outer = list(dict.fromkeys(g[:-1] for g in order))
+  order.sort(key=lambda g: (outer.index(g[:-1]), g[-1]))
+  rows = []
+  for g in order:
+    run = best.get(
+      g,
+      (
+        next(
+          i
+          for i, res in enumerate(results)
+          if any(group(r) == g for r in res["rows"])
+        ),
+        0,
+      ),
+    )[0]
+    rows += [
+      {**r, "run": run + 1} for r in results[run]["rows"] if group(r) == g
+    ]
+  meta = dict(results[0]["meta"])
+  meta["runs"] = [res["meta"] for res in results]
+  if kind == "moe":
+    meta["models"] = {}
+    meta["pallas_vs_reference_rel_err"] = {}
+    for res in results:
+      meta["models"].update(res["meta"]["models"])
+      for name, err in res["meta"]["pallas_vs_reference_rel_err"].items():
+        if not isinstance(meta["pallas_vs_reference_rel_err"].get(name), float):
+          meta["pallas_vs_reference_rel_err"][name] = err
+  return {"meta": meta, "rows": rows}
+
+
+def _provenance(meta: dict) -> str:
+  if len(meta.get("runs", [meta])) > 1:
+    return "Several runs, listed below with their commands."
+  return (
+    f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
+    f" `{meta['command']}`."
+  )
+
+
+def _runs(meta: dict) -> list[str]:
+  """The run list (with notes) when results come from several runs."""
+  runs = meta.get("runs", [meta])
+  if len(runs) == 1:
+    return []
+  lines = ["Runs (the `run` column):", ""]
+  for i, run in enumerate(runs, 1):
+    note = f" {run['note']}" if run.get("note") else ""
+    lines.append(
+      f"{i}. {run['date']}, {run['device']}, jax {run['jax']},"
+      f" `{run['command']}`.{note}"
+    )
+  return [*lines, ""]
+
+
+def _run_cell(row: dict) -> str:
+  return f" {row['run']} |" if "run" in row else ""
+
+
 def markdown(result: dict, plot_path: str | None = None) -> str:
   meta = result["meta"]
   lines = [
-    f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
-    f" `{meta['command']}`. Timer: {TIMERS[meta['timer']]}, median of 7"
+    f"{_provenance(meta)} Timer: {TIMERS[meta['timer']]}, median of 7"
     " trials, each over rotating weight sets larger than L2. Ceilings"
-    " measured in the same run: copy"
+    " measured in the (first) run: copy"
     f" {meta['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 dot"
     f" {meta['bf16_ceiling_size']}^3"
     f" {meta['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s. TB/s counts"
@@ -45,29 +129,34 @@ def markdown(result: dict, plot_path: str | None = None) -> str:
     " max(bytes / 4.8 TB/s (datasheet HBM), flops / the measured bf16"
     " rate).",
     "",
+    *_runs(meta),
   ]
   if plot_path:
     lines += [f"![matmul]({plot_path})", ""]
+  runs = len(meta.get("runs", [meta])) > 1
+  run_head, run_rule = (" run |", "---:|") if runs else ("", "")
   shapes = list(dict.fromkeys((r["K"], r["N"]) for r in result["rows"]))
   for k, n in shapes:
     lines += [
       f"**K={k}, N={n}**",
       "",
       "| M | implementation | µs | TB/s (FP4) | TFLOP/s | x XLA bf16 |"
-      " of roofline |",
-      "|---:|---|---:|---:|---:|---:|---:|",
+      " of roofline |" + run_head,
+      "|---:|---|---:|---:|---:|---:|---:|" + run_rule,
     ]
     for r in result["rows"]:
       if (r["K"], r["N"]) != (k, n):
         continue
       name = LABELS.get(r["impl"], r["impl"])
       if r["status"] != "ok":
-        lines.append(f"| {r['M']} | {name} | {r['status']} | | | | |")
+        lines.append(
+          f"| {r['M']} | {name} | {r['status']} | | | | |" + _run_cell(r)
+        )
         continue
       lines.append(
         f"| {r['M']} | {name} | {r['us']:.1f} | {r['fp4_tb_per_s']:.2f} |"
         f" {r['tflop_per_s']:.1f} | {_fmt(r['speedup_vs_xla_bf16'], '.2f')} |"
-        f" {r['fraction_of_roofline']:.0%} |"
+        f" {r['fraction_of_roofline']:.0%} |" + _run_cell(r)
       )
     lines.append("")
   return "\n".join(lines)
@@ -122,8 +211,7 @@ MOE_LABELS = {
 def moe_markdown(result: dict, plot_path: str | None = None) -> str:
   meta = result["meta"]
   lines = [
-    f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
-    f" `{meta['command']}`. Timer: {TIMERS[meta['timer']]}, median of 7"
+    f"{_provenance(meta)} Timer: {TIMERS[meta['timer']]}, median of 7"
     " trials over rotating expert sets. One MoE layer: routing, both expert"
     " GEMMs, SwiGLU, combine. TB/s counts the FP4 bytes of the experts the"
     " tokens use; TFLOP/s counts 6 T top_k H I. Pallas output against the"
@@ -134,33 +222,43 @@ def moe_markdown(result: dict, plot_path: str | None = None) -> str:
     )
     + ".",
     "",
+    *_runs(meta),
   ]
   if plot_path:
     lines += [f"![moe]({plot_path})", ""]
+  runs = len(meta.get("runs", [meta])) > 1
+  run_head, run_rule = (" run |", "---:|") if runs else ("", "")
   for name, dims in meta["models"].items():
     lines += [
       f"**{name}** (E={dims['E']}, top-{dims['top_k']}, H={dims['H']},"
       f" I={dims['I']})",
       "",
       "| T | implementation | µs | active experts | TB/s (FP4) | TFLOP/s |"
-      " x ragged_dot |",
-      "|---:|---|---:|---:|---:|---:|---:|",
+      " x ragged_dot |" + run_head,
+      "|---:|---|---:|---:|---:|---:|---:|" + run_rule,
     ]
-    anchor = {}
+    anchor = {
+      r["T"]: r["us"]
+      for r in result["rows"]
+      if r["model"] == name
+      and r["impl"] == "ragged_dot_bf16"
+      and r["status"] == "ok"
+    }
     for r in result["rows"]:
       if r["model"] != name:
         continue
       label = MOE_LABELS.get(r["impl"], r["impl"])
       if r["status"] != "ok":
-        lines.append(f"| {r['T']} | {label} | {r['status'][:90]} | | | | |")
+        lines.append(
+          f"| {r['T']} | {label} | {r['status'][:90]} | | | | |" + _run_cell(r)
+        )
         continue
-      if r["impl"] == "ragged_dot_bf16":
-        anchor[r["T"]] = r["us"]
       ratio = anchor.get(r["T"])
       lines.append(
         f"| {r['T']} | {label} | {r['us']:.1f} | {r['active_experts']} |"
         f" {r['fp4_tb_per_s']:.2f} | {r['tflop_per_s']:.1f} |"
         f" {_fmt(None if ratio is None else ratio / r['us'], '.2f')} |"
+        + _run_cell(r)
       )
     lines.append("")
   return "\n".join(lines)
@@ -188,13 +286,14 @@ def update_section(text: str, name: str, body: str) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("results")
+  parser.add_argument("results", nargs="+")
   parser.add_argument("--kind", choices=tuple(RENDERERS), default="matmul")
   parser.add_argument("--markdown", default="BENCHMARKS.md")
   parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
   args.plot = args.plot or f"benchmarks/results/{args.kind}.png"
-  result = json.loads(pathlib.Path(args.results).read_text())
+  results = [json.loads(pathlib.Path(p).read_text()) for p in args.results]
+  result = results[0] if len(results) == 1 else merge(results, args.kind)
   render_markdown, render_plot = RENDERERS[args.kind]
   render_plot(result, pathlib.Path(args.plot))
   md = pathlib.Path(args.markdown)

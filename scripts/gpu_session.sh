@@ -7,7 +7,10 @@
 # 400 s there; CI runs it on CPU.) Render the JSON here with
 #   python -m benchmarks.report <matmul_h200.json>
 # The MoE benchmark is slower (anchors of seconds per call); run it in its
-# own call, a few models at a time, e.g.
+# own call, one or two models at a time (4096 and 16384 tokens with
+# `--impls fp4jax_pallas_w4a16,ragged_dot_bf16`: the reference is slow),
+# then merge the runs with `python -m benchmarks.report a.json b.json
+# --kind moe`, e.g.
 #   python3 -m benchmarks.moe --models mixtral-8x7b --time-budget 400 \
 #     --out $OUT/moe_mixtral.json
 set -u

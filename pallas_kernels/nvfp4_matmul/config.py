@@ -52,6 +52,12 @@ class Config:
 
 
 SMEM_LIMIT = 227 * 1024
+# A CTA's start and pipeline fill, in K steps. This cost model reproduces
+# every split the tuner measured best on the H200 (tune_matmul_h200.json:
+# 7 splits at 7168x2048 M=1, none at 8192x28672 M=1 and 64) and stops the
+# old "fill every SM" rule from giving 4096x14336 at M=1 seven waves of two
+# K steps each (30 us, 1.1 TB/s).
+SPLIT_OVERHEAD_STEPS = 3
 
 
 def heuristic(
@@ -80,17 +86,19 @@ def heuristic(
     token_tiles = -(-m // block_m)
   tiles = -(-n // TILE_ROWS) * token_tiles
   k_steps = k // block_k
-  best, best_eff = 1, 0.0
   # Split K only while the output tiles alone leave SMs idle: partial sums
-  # cost float32 traffic that grows with M.
+  # cost float32 traffic that grows with M. With one CTA per SM, a split
+  # count costs waves x (K steps per CTA + a CTA's start and pipeline fill,
+  # about SPLIT_OVERHEAD_STEPS); the fewest splits of least cost win.
   max_splits = 1 if tiles >= num_sms else 16
+  best, best_cost = 1, math.inf
   for splits in range(1, max_splits + 1):
     if k_steps % splits or k_steps // splits < 2:
       continue
-    units = tiles * splits
-    eff = units / (math.ceil(units / num_sms) * num_sms)
-    if eff > best_eff + 0.02:
-      best, best_eff = splits, eff
+    waves = math.ceil(tiles * splits / num_sms)
+    cost = waves * (k_steps // splits + SPLIT_OVERHEAD_STEPS)
+    if cost < best_cost:
+      best, best_cost = splits, cost
   stages = 4
   config = Config(
     block_k=block_k, block_m=block_m, num_stages=stages, splits=best
