@@ -125,3 +125,42 @@ def src_dense(src, prefix):
     global_scale=jnp.ones(ws2.shape[:1], jnp.float32),
   )
   return (fp4jax.dequantize(t) * gs).astype(jnp.bfloat16)
+
+
+def test_report_merges_runs_group_by_group():
+  def run(note, rows):
+    meta = {
+      "date": "d",
+      "device": "gpu",
+      "jax": "j",
+      "command": note,
+      "note": note,
+      "timer": "cupti",
+      "models": {"m": {"E": 1, "top_k": 1, "H": 1, "I": 1}},
+      "pallas_vs_reference_rel_err": {"m": 0.1},
+    }
+    return {"meta": meta, "rows": rows}
+
+  def row(t, impl, status="ok", us=1.0):
+    return {"model": "m", "T": t, "impl": impl, "status": status, "us": us}
+
+  first = run(
+    "a", [row(16, "ragged_dot_bf16", us=9.0), row(1, "x", "skipped: time")]
+  )
+  second = run(
+    "b",
+    [
+      row(1, "ragged_dot_bf16", us=5.0),
+      row(1, "fp4jax_pallas_w4a16", us=2.0),
+      row(16, "fp4jax_pallas_w4a16", us=3.0),
+    ],
+  )
+  merged = report.merge([first, second], "moe")
+  got = [(r["T"], r["impl"], r["run"]) for r in merged["rows"]]
+  # T=1 only measured in run 2; T=16 measured once in each: run 1 wins.
+  assert got == [
+    (1, "ragged_dot_bf16", 2),
+    (1, "fp4jax_pallas_w4a16", 2),
+    (16, "ragged_dot_bf16", 1),
+  ]
+  assert [m["note"] for m in merged["meta"]["runs"]] == ["a", "b"]
