@@ -20,10 +20,16 @@ Layouts, for a mesh axis of size S (`jax.sharding.PartitionSpec` per leaf):
 `prepare_linear` / `prepare_experts` swizzle the block scales per shard
 under `jax.jit(jax.shard_map(...))`, optionally donating the source scales
 (checks and per-tensor leaves come from `fp4jax.transform` on the whole
-node); `matmul` runs the NVFP4 matmul per shard, `moe` the experts: tokens
-and routing replicated, each device runs its own experts on the tokens
-routed to them, and a `psum` adds the float32 partial outputs (measured
-against all-to-all dispatch: not yet).
+node); `matmul` runs the NVFP4 matmul per shard, `moe` the experts: each
+device runs its own experts on the tokens routed to them. Two dispatches:
+tokens replicated (a float32 `psum` adds the partial outputs: an
+all-reduce of T x H x 4 bytes), or tokens split over the expert axis
+(`tokens_sharded=True`: an all-gather of the bf16 tokens in and a
+reduce-scatter of the float32 partials out, so each device ends with its
+own tokens; T x H x 6 bytes against the all-reduce's 8, counted as ring
+traffic). All-to-all dispatch (only the rows each device's experts need)
+is not written: with top-8 routing over a few devices nearly every token
+visits every device. Neither is measured on GPUs yet.
 """
 
 from collections.abc import Mapping
@@ -247,10 +253,14 @@ def moe(
   activation: str = "bf16",
   implementation: str | None = None,
   correction_bias: jax.Array | None = None,
+  tokens_sharded: bool = False,
   **routing,
 ) -> jax.Array:
   """`pallas_kernels.nvfp4_moe` with the experts split across `axis`.
 
+  With `tokens_sharded`, `x` and `router_logits` are split over `axis`
+  along tokens (any T: padded to a multiple of the axis size) and so is
+  the result; otherwise all three are replicated (module doc).
   `routing` takes `nvfp4_moe`'s routing options (renormalize, scoring,
   num_groups, top_groups, routed_scaling).
   """
@@ -262,6 +272,9 @@ def moe(
   )
 
   def local(x, logits, bias, shard):
+    if tokens_sharded:
+      x = jax.lax.all_gather(x, axis, tiled=True)
+      logits = jax.lax.all_gather(logits, axis, tiled=True)
     weights, ids = moe_base.route(
       logits,
       top_k=top_k,
@@ -278,13 +291,24 @@ def moe(
       activation=activation,
       implementation=implementation,
     )
+    if tokens_sharded:
+      partial = jax.lax.psum_scatter(
+        partial, axis, scatter_dimension=0, tiled=True
+      )
+      return partial.astype(x.dtype)
     return jax.lax.psum(partial, axis).astype(x.dtype)
 
+  tokens = x.shape[0]
+  token_spec = P(axis) if tokens_sharded else P()
+  if tokens_sharded:  # whole rows per device; padding rows route anywhere
+    pad = -tokens % mesh.shape[axis]
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    router_logits = jnp.pad(router_logits, ((0, pad), (0, 0)))
   run = jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(P(), P(), P(), specs),
-    out_specs=P(),
+    in_specs=(token_spec, token_spec, P(), specs),
+    out_specs=token_spec,
     check_vma=False,
   )
-  return run(x, router_logits, bias, experts)
+  return run(x, router_logits, bias, experts)[:tokens]

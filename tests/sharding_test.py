@@ -182,7 +182,8 @@ def test_orbax_restore_lands_each_shard_on_its_device(rng, tmp_path):
     },
   ],
 )
-def test_expert_parallel_moe_equals_unsharded(rng, routing):
+@pytest.mark.parametrize("tokens_sharded", [False, True])
+def test_expert_parallel_moe_equals_unsharded(rng, routing, tokens_sharded):
   mesh = cpu_mesh(4, "ep")
   src = sources.experts_source(rng, 16, 128, 64)
   experts = sharding.prepare_experts(src, mesh)
@@ -200,9 +201,11 @@ def test_expert_parallel_moe_equals_unsharded(rng, routing):
       mesh,
       implementation="xla",
       correction_bias=bias,
+      tokens_sharded=tokens_sharded,
       **routing,
     )
   )(x, logits, experts)
+  assert got.shape == x.shape and got.dtype == x.dtype
   want = pallas_kernels.nvfp4_moe(
     x,
     logits,
@@ -257,3 +260,28 @@ def test_from_pretrained_on_a_mesh_matches_one_device(
   tokens = np.asarray(models.generate(split, ids, max_new_tokens=4))
   assert tokens.shape == (2, 11)  # prompt, then 4 cached decode steps
   np.testing.assert_array_equal(tokens[:, :7], np.asarray(ids))
+
+
+def test_token_sharded_moe_gathers_and_scatters():
+  # Tokens split over the expert axis: one all-gather of the tokens (and
+  # one of the logits) in, one reduce-scatter out, no all-reduce.
+  rng = np.random.default_rng(0)
+  mesh = cpu_mesh(4, "ep")
+  experts = sharding.prepare_experts(
+    sources.experts_source(rng, 8, 128, 64), mesh
+  )
+  x = jnp.zeros((16, 128), jnp.bfloat16)
+  logits = jnp.zeros((16, 8), jnp.float32)
+  hlo = (
+    jax.jit(
+      lambda x, logits, e: sharding.moe(
+        x, logits, e, mesh, top_k=2, implementation="xla", tokens_sharded=True
+      )
+    )
+    .lower(x, logits, experts)
+    .compile()
+    .as_text()
+  )
+  assert hlo.count("all-gather-start(") + hlo.count("all-gather(") == 2
+  assert "reduce-scatter(" in hlo
+  assert "all-reduce(" not in hlo and "all-reduce-start(" not in hlo
