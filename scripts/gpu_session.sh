@@ -17,13 +17,17 @@ set -u
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-budget="${1:-150}"
+budget="${1:-130}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 echo "== gpu tier"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests \
+timeout 250 python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests \
   --ignore=tests/notebooks_test.py > "$out/gpu_tier.log" 2>&1
 tail -n 5 "$out/gpu_tier.log"
+echo "== split-K heuristic (first row of each shape) against older splits"
+timeout 80 python3 -m benchmarks.tune_matmul --shapes 4096:14336,2048:5120 \
+  --tokens 1,64,256 --configs "splits=8;splits=2" \
+  --out "$out/tune_splits.json" 2>&1 | grep -E "TB/s|WRONG|FAILED"
 echo "== benchmark (budget ${budget}s)"
 timeout $((budget + 120)) python3 -m benchmarks.matmul \
   --time-budget "$budget" --out "$out/matmul_h200.json" 2>&1 \
