@@ -285,3 +285,87 @@ def test_token_sharded_moe_gathers_and_scatters():
   assert hlo.count("all-gather-start(") + hlo.count("all-gather(") == 2
   assert "reduce-scatter(" in hlo
   assert "all-reduce(" not in hlo and "all-reduce-start(" not in hlo
+
+
+@pytest.fixture
+def pallas_for_sm90(monkeypatch):
+  """Route the sharded ops to the Mosaic GPU kernels, lowered for sm_90.
+
+  Mosaic GPU's interpreter cannot run inside a multi-device shard_map (its
+  simulated shared memory is keyed by device and trips over itself), so the
+  CPU tier lowers the sharded kernels for the H200 instead: this checks
+  every shard's shapes, tiles and SMEM against the kernel; the GPU tier and
+  the two-GPU run check the numbers.
+  """
+  from pallas_kernels import common
+  from pallas_kernels.nvfp4_matmul import base as matmul_api_base
+  from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu as matmul_gpu
+  from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu as moe_gpu
+
+  def matmul(x, layer, *, activation="bf16", implementation=None, config=None):
+    assert implementation == "pallas"
+    return matmul_gpu.nvfp4_matmul(
+      x,
+      matmul_api_base.PreparedLinear.from_mapping(layer),
+      activation=activation,
+      config=config,
+    )
+
+  def experts(x, weights, ids, node, *, activation="bf16", implementation=None):
+    assert implementation == "pallas"
+    return moe_gpu.experts_forward(x, weights, ids, node, activation=activation)
+
+  monkeypatch.setattr(common, "check_sm90", lambda *args, **kwargs: None)
+  monkeypatch.setattr(common, "num_sms", lambda *args, **kwargs: 132)
+  monkeypatch.setattr(pallas_kernels, "nvfp4_matmul", matmul)
+  monkeypatch.setattr(pallas_kernels, "nvfp4_moe_experts", experts)
+
+
+def mosaic_kernels_in_lowering(fn, *args) -> int:
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return text.count("custom_call @mosaic_gpu")
+
+
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_pallas_matmul_inside_shard_map_lowers_for_sm90(
+  rng, kind, activation, pallas_for_sm90
+):
+  mesh = cpu_mesh(4, "tp")
+  layer = sharding.prepare_linear(linear_source(rng, 512, 1024), mesh, kind)
+  x = jnp.zeros((3, 1024), jnp.bfloat16)
+  count = mosaic_kernels_in_lowering(
+    lambda x, layer: sharding.matmul(
+      x, layer, mesh, kind, activation=activation, implementation="pallas"
+    ),
+    x,
+    layer,
+  )
+  assert count == 1
+
+
+@pytest.mark.parametrize("tokens_sharded", [False, True])
+def test_pallas_moe_inside_shard_map_lowers_for_sm90(
+  rng, tokens_sharded, pallas_for_sm90
+):
+  mesh = cpu_mesh(2, "ep")
+  experts = sharding.prepare_experts(
+    sources.experts_source(rng, 4, 256, 128), mesh
+  )
+  x = jnp.zeros((6, 256), jnp.bfloat16)
+  logits = jnp.zeros((6, 4), jnp.float32)
+  count = mosaic_kernels_in_lowering(
+    lambda x, logits, e: sharding.moe(
+      x,
+      logits,
+      e,
+      mesh,
+      top_k=2,
+      implementation="pallas",
+      tokens_sharded=tokens_sharded,
+    ),
+    x,
+    logits,
+    experts,
+  )
+  assert count == 2  # both grouped GEMMs
