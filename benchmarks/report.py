@@ -47,31 +47,23 @@ def merge(results: list[dict], kind: str) -> dict:
   def group(row):
     return tuple(row[k] for k in keys)
 
-  best = {}
+  # Each group's run: the first that measured most of its rows (the first
+  # that lists it, where no run measured any).
+  source, measured = {}, {}
   for run, result in enumerate(results):
-    measured = collections.Counter(
+    counts = collections.Counter(
       group(r) for r in result["rows"] if not r["status"].startswith("skipped")
     )
-    for g, count in measured.items():
-      if g not in best or count > best[g][1]:
-        best[g] = (run, count)
-  order = list(dict.fromkeys(group(r) for res in results for r in res["rows"]))
+    for g in dict.fromkeys(group(r) for r in result["rows"]):
+      if g not in source or counts[g] > measured[g]:
+        source[g], measured[g] = run, counts[g]
+  order = list(source)
   # Shapes (or models) in order of appearance, token counts ascending.
   outer = list(dict.fromkeys(g[:-1] for g in order))
   order.sort(key=lambda g: (outer.index(g[:-1]), g[-1]))
   rows = []
   for g in order:
-    run = best.get(
-      g,
-      (
-        next(
-          i
-          for i, res in enumerate(results)
-          if any(group(r) == g for r in res["rows"])
-        ),
-        0,
-      ),
-    )[0]
+    run = source[g]
     rows += [
       {**r, "run": run + 1} for r in results[run]["rows"] if group(r) == g
     ]
@@ -88,8 +80,12 @@ def merge(results: list[dict], kind: str) -> dict:
   return {"meta": meta, "rows": rows}
 
 
+def _merged(meta: dict) -> bool:
+  return len(meta.get("runs", [meta])) > 1
+
+
 def _provenance(meta: dict) -> str:
-  if len(meta.get("runs", [meta])) > 1:
+  if _merged(meta):
     return "Several runs, listed below with their commands."
   return (
     f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
@@ -99,11 +95,10 @@ def _provenance(meta: dict) -> str:
 
 def _runs(meta: dict) -> list[str]:
   """The run list (with notes) when results come from several runs."""
-  runs = meta.get("runs", [meta])
-  if len(runs) == 1:
+  if not _merged(meta):
     return []
   lines = ["Runs (the `run` column):", ""]
-  for i, run in enumerate(runs, 1):
+  for i, run in enumerate(meta["runs"], 1):
     note = f" {run['note']}" if run.get("note") else ""
     lines.append(
       f"{i}. {run['date']}, {run['device']}, jax {run['jax']},"
@@ -114,6 +109,13 @@ def _runs(meta: dict) -> list[str]:
 
 def _run_cell(row: dict) -> str:
   return f" {row['run']} |" if "run" in row else ""
+
+
+def _table_head(meta: dict, head: str, rule: str) -> list[str]:
+  """A table's header rows, with a `run` column for merged results."""
+  if _merged(meta):
+    return [head + " run |", rule + "---:|"]
+  return [head, rule]
 
 
 def markdown(result: dict, plot_path: str | None = None) -> str:
@@ -133,16 +135,17 @@ def markdown(result: dict, plot_path: str | None = None) -> str:
   ]
   if plot_path:
     lines += [f"![matmul]({plot_path})", ""]
-  runs = len(meta.get("runs", [meta])) > 1
-  run_head, run_rule = (" run |", "---:|") if runs else ("", "")
   shapes = list(dict.fromkeys((r["K"], r["N"]) for r in result["rows"]))
   for k, n in shapes:
     lines += [
       f"**K={k}, N={n}**",
       "",
-      "| M | implementation | µs | TB/s (FP4) | TFLOP/s | x XLA bf16 |"
-      " of roofline |" + run_head,
-      "|---:|---|---:|---:|---:|---:|---:|" + run_rule,
+      *_table_head(
+        meta,
+        "| M | implementation | µs | TB/s (FP4) | TFLOP/s | x XLA bf16 |"
+        " of roofline |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+      ),
     ]
     for r in result["rows"]:
       if (r["K"], r["N"]) != (k, n):
@@ -226,16 +229,17 @@ def moe_markdown(result: dict, plot_path: str | None = None) -> str:
   ]
   if plot_path:
     lines += [f"![moe]({plot_path})", ""]
-  runs = len(meta.get("runs", [meta])) > 1
-  run_head, run_rule = (" run |", "---:|") if runs else ("", "")
   for name, dims in meta["models"].items():
     lines += [
       f"**{name}** (E={dims['E']}, top-{dims['top_k']}, H={dims['H']},"
       f" I={dims['I']})",
       "",
-      "| T | implementation | µs | active experts | TB/s (FP4) | TFLOP/s |"
-      " x ragged_dot |" + run_head,
-      "|---:|---|---:|---:|---:|---:|---:|" + run_rule,
+      *_table_head(
+        meta,
+        "| T | implementation | µs | active experts | TB/s (FP4) | TFLOP/s |"
+        " x ragged_dot |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+      ),
     ]
     anchor = {
       r["T"]: r["us"]

@@ -28,77 +28,67 @@ SHAPES = ((8192, 28672), (28672, 8192), (4096, 14336), (7168, 2048))
 TOKENS = (1, 16, 64, 256, 2048, 8192)
 
 
-def _valid(cfg: config_lib.Config, k: int) -> bool:
-  return (
-    not k % cfg.block_k
-    and not (k // cfg.block_k) % cfg.splits
-    and cfg.smem_bytes() <= config_lib.SMEM_LIMIT
-  )
-
-
-def overridden(m: int, n: int, k: int, overrides: list[dict]):
-  """The heuristic's config, then each override of it that tiles K."""
-  base = config_lib.heuristic(m, n, k)
+def _variants(base: config_lib.Config, k: int, field_sets):
+  """`base`, then `base` with each set of fields replaced, once each,
+  skipping those the Config rejects or that do not tile K or fit SMEM."""
   seen = {base}
   yield base
-  for fields in overrides:
+  for fields in field_sets:
     try:
       cfg = dataclasses.replace(base, **fields)
     except ValueError:
       continue
-    if cfg not in seen and _valid(cfg, k):
-      seen.add(cfg)
-      yield cfg
+    if (
+      cfg in seen
+      or k % cfg.block_k
+      or (k // cfg.block_k) % cfg.splits
+      or cfg.smem_bytes() > config_lib.SMEM_LIMIT
+    ):
+      continue
+    seen.add(cfg)
+    yield cfg
 
 
 def parse_overrides(text: str) -> list[dict]:
-  """ "a=1,b=2;c=3" -> [{"a": 1, "b": 2}, {"c": 3}] (ints and booleans)."""
+  """ "a=1,b=2;c=3" -> [{"a": 1, "b": 2}, {"c": 3}] (persistent: 0 or 1)."""
   overrides = []
   for group in filter(None, text.split(";")):
     fields = {}
     for item in group.split(","):
-      key, value = item.split("=")
-      fields[key.strip()] = (
-        int(value)
-        if key != "persistent"
-        else value
-        in (
-          "1",
-          "true",
-          "True",
-        )
-      )
+      key, value = (part.strip() for part in item.split("="))
+      fields[key] = bool(int(value)) if key == "persistent" else int(value)
     overrides.append(fields)
   return overrides
 
 
-def candidates(m: int, n: int, k: int):
+def candidates(m: int, n: int, k: int, overrides: list[dict] | None = None):
+  """The heuristic's config and variants of it: `overrides` when given,
+  else a search over tiles, stages, splits and the persistent grid."""
   base = config_lib.heuristic(m, n, k)
-  seen = {base}
-  yield base
+  if overrides:
+    yield from _variants(base, k, overrides)
+    return
   block_ms = (base.block_m, 256, 64) if m >= 256 else (base.block_m,)
-  for persistent, block_k, block_m, stages, splits in itertools.product(
-    (not base.persistent, base.persistent),
-    (base.block_k, 256, 128, 64),
-    block_ms,
-    (base.num_stages, 3, 6, 2),
-    (base.splits, *sorted({1, 2, 4} - {base.splits})),
-  ):
-    try:
-      cfg = dataclasses.replace(
-        base,
-        block_m=block_m,
+  yield from _variants(
+    base,
+    k,
+    (
+      dict(
+        persistent=persistent,
         block_k=block_k,
+        block_m=block_m,
         num_stages=stages,
         splits=splits,
-        persistent=persistent,
       )
-    except ValueError:
-      continue
-    if cfg in seen or not _valid(cfg, k):
-      continue
-    seen.add(cfg)
-    yield cfg
+      for persistent, block_k, block_m, stages, splits in itertools.product(
+        (not base.persistent, base.persistent),
+        (base.block_k, 256, 128, 64),
+        block_ms,
+        (base.num_stages, 3, 6, 2),
+        (base.splits, *sorted({1, 2, 4} - {base.splits})),
+      )
+    ),
+  )
 
 
 def tune(
@@ -116,10 +106,7 @@ def tune(
         x, layers[0], activation=activation, implementation="xla"
       )
       want = want.astype(jnp.float32)
-      configs = (
-        overridden(m, n, k, overrides) if overrides else candidates(m, n, k)
-      )
-      for i, cfg in enumerate(configs):
+      for i, cfg in enumerate(candidates(m, n, k, overrides)):
         if i >= max_configs:
           break
         row = {

@@ -209,25 +209,18 @@ def reference_moe(
   experts: Mapping,
   *,
   top_k: int,
-  renormalize: bool = True,
-  scoring: str = "softmax",
   correction_bias: jax.Array | None = None,
-  num_groups: int = 1,
-  top_groups: int | None = None,
-  routed_scaling: float = 1.0,
   activation: str = "bf16",
+  **routing,
 ) -> jax.Array:
-  """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against."""
+  """Pure-jnp NVFP4 MoE for `x[T, H]`: the numbers kernels are tested against.
+
+  `routing`: `route`'s other options (renormalize, scoring, num_groups,
+  top_groups, routed_scaling).
+  """
   check_inputs(x, router_logits, experts, top_k, activation)
   weights, ids = route(
-    router_logits,
-    top_k=top_k,
-    renormalize=renormalize,
-    scoring=scoring,
-    correction_bias=correction_bias,
-    num_groups=num_groups,
-    top_groups=top_groups,
-    routed_scaling=routed_scaling,
+    router_logits, top_k=top_k, correction_bias=correction_bias, **routing
   )
   out = reference_experts(x, weights, ids, experts, activation=activation)
   return out.astype(x.dtype)

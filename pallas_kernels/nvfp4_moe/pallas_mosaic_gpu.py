@@ -102,20 +102,17 @@ def nvfp4_moe(
   experts,
   *,
   top_k: int,
-  renormalize: bool = True,
-  scoring: str = "softmax",
   correction_bias: jax.Array | None = None,
-  num_groups: int = 1,
-  top_groups: int | None = None,
-  routed_scaling: float = 1.0,
   activation: str = "bf16",
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
   fused_swiglu: bool = FUSED_SWIGLU,
   interpret: bool = False,
+  **routing,
 ) -> jax.Array:
   """See `api.nvfp4_moe`; `block_m`, `persistent` and `fused_swiglu`
-  override the tiles (`fused_swiglu` applies where I % 128 == 0).
+  override the tiles (`fused_swiglu` applies where I % 128 == 0);
+  `routing` takes `base.route`'s other options.
 
   Raises:
     NotImplementedError: no suitable GPU (and not `interpret`), or expert
@@ -125,21 +122,14 @@ def nvfp4_moe(
   forward = _forward_fn(
     x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
   )
-  routing = dict(
-    top_k=top_k,
-    renormalize=renormalize,
-    scoring=scoring,
-    num_groups=num_groups,
-    top_groups=top_groups,
-    routed_scaling=routed_scaling,
-  )
+  routing = dict(top_k=top_k, **routing)
   return _routed(
     x,
     router_logits,
     correction_bias,
     dict(experts),
     forward=forward,
-    routing=tuple(routing.items()),
+    routing=tuple(sorted(routing.items())),  # static: one order
   )
 
 
