@@ -1,10 +1,28 @@
 """Checks and helpers shared by the ops."""
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
+from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
+
+# Leaf name of the packed weight per bit layout (`transform.prepare`).
+WEIGHT_KEYS = {"natural": "weight", "sm90": "weight_sm90"}
+
+
+def weight_key(node: Mapping, prefix: str = "") -> tuple[str, str]:
+  """(leaf name, layout) of the packed weight a prepared node holds."""
+  if prefix + WEIGHT_KEYS["sm90"] in node:
+    return prefix + WEIGHT_KEYS["sm90"], "sm90"
+  return prefix + WEIGHT_KEYS["natural"], "natural"
+
+
+def natural_weight(weight: jax.Array, layout: str) -> jax.Array:
+  """Packed E2M1 bytes in natural order, from either layout."""
+  return sm90_layout.untwiddle(weight) if layout == "sm90" else weight
 
 
 def check_packed(

@@ -39,6 +39,7 @@ def from_pretrained(
   progress: bool = True,
   mesh=None,
   axis: str = "tp",
+  weight_layout: str = "natural",
 ) -> causal_lm.CausalLM:
   """Loads a ModelOpt NVFP4 Hugging Face checkpoint as a prepared model.
 
@@ -55,6 +56,9 @@ def from_pretrained(
       by input features), MoE experts expert parallel, all along `axis`;
       embeddings, norms, routers and lm_head stay replicated.
     axis: the mesh axis to split along.
+    weight_layout: "sm90" stores the packed weights in the bit order the
+      Hopper kernels decode fastest (`fp4jax.transform.prepare`); one
+      device only for now.
 
   Returns:
     A `CausalLM` in prepared state (source scale leaves dropped).
@@ -96,7 +100,9 @@ def from_pretrained(
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   plan = None if mesh is None else decoder_plan(axis)
-  prepare_lib.prepare_model(model, donate=True, mesh=mesh, plan=plan)
+  prepare_lib.prepare_model(
+    model, donate=True, mesh=mesh, plan=plan, weight_layout=weight_layout
+  )
   return model
 
 

@@ -15,6 +15,7 @@ def prepare_model(
   donate: bool = False,
   mesh=None,
   plan: Callable[[str], tuple[str, str] | None] | None = None,
+  weight_layout: str = "natural",
 ) -> transform.PrepareReport:
   """Prepares every NVFP4 module in `model` in place; returns the report.
 
@@ -26,7 +27,14 @@ def prepare_model(
   axis)` with kind "column", "row" or "experts" (see `fp4jax.sharding`), or
   None to keep it whole on one device. Split modules are prepared shard by
   shard and run their kernels per shard; the report lists the others.
+
+  `weight_layout` as in `fp4jax.transform.prepare` ("sm90": the bit order
+  the Hopper kernels decode fastest; not yet with a mesh).
   """
+  if mesh is not None and weight_layout != "natural":
+    raise NotImplementedError(
+      f"{weight_layout=} with a mesh: sharded prepare keeps natural order"
+    )
   targets = {
     "/".join(map(str, path)) or "<root>": module
     for path, module in nnx.iter_graph(model)
@@ -51,7 +59,9 @@ def prepare_model(
       module.replace_nvfp4_leaves(out)
       module.parallel = (mesh, kind, axis)
   sources = {path: m.nvfp4_leaves() for path, m in targets.items()}
-  prepared, report = transform.prepare(sources, donate=donate)
+  prepared, report = transform.prepare(
+    sources, donate=donate, weight_layout=weight_layout
+  )
   for path, module in targets.items():
     module.replace_nvfp4_leaves(prepared[path])
   return report

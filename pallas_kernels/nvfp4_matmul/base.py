@@ -27,33 +27,55 @@ class PreparedLinear:
   """The leaves a prepared NVFP4 linear layer holds, checked.
 
   Attributes:
-    weight: uint8 `[N, K/2]` packed E2M1.
+    weight: uint8 `[N, K/2]` packed E2M1, in `weight_layout` bit order.
     block_scale: float8_e4m3fn `[ceil128(N), ceil4(K/16)]`, 128x4 swizzled.
     alpha: float32 scalar, `input_scale * weight_scale_2`.
     input_scale_inv: float32 scalar or None (weight-only checkpoints).
+    weight_layout: "natural" (leaf `weight`) or "sm90" (leaf
+      `weight_sm90`, `fp4jax.format.sm90_layout`; see `transform.prepare`).
   """
 
   weight: jax.Array
   block_scale: jax.Array
   alpha: jax.Array
   input_scale_inv: jax.Array | None
+  weight_layout: str = "natural"
 
   @classmethod
   def from_mapping(cls, layer: Mapping) -> "PreparedLinear":
     """Validates a prepared layer dict (see `fp4jax.transform`)."""
-    missing = [k for k in ("weight", "block_scale", "alpha") if k not in layer]
+    weight_key, layout = common.weight_key(layer)
+    missing = [
+      k for k in (weight_key, "block_scale", "alpha") if k not in layer
+    ]
     if missing:
       stale = [k for k in ("weight_scale", "weight_scale_2") if k in layer]
       hint = " (run fp4jax.transform.prepare first)" if stale else ""
       raise ValueError(f"layer is missing {missing}{hint}")
-    w, bs = layer["weight"], layer["block_scale"]
+    w, bs = layer[weight_key], layer["block_scale"]
     common.check_packed("", w, bs, batch_dims=0)
     return cls(
       weight=w,
       block_scale=bs,
       alpha=layer["alpha"],
       input_scale_inv=layer.get("input_scale_inv"),
+      weight_layout=layout,
     )
+
+  def to_mapping(self) -> dict:
+    """The leaves under their prepared names (a pytree for `jax.jit`)."""
+    out = {
+      common.WEIGHT_KEYS[self.weight_layout]: self.weight,
+      "block_scale": self.block_scale,
+      "alpha": self.alpha,
+    }
+    if self.input_scale_inv is not None:
+      out["input_scale_inv"] = self.input_scale_inv
+    return out
+
+  def natural_weight(self) -> jax.Array:
+    """The packed weight in natural NVFP4 order."""
+    return common.natural_weight(self.weight, self.weight_layout)
 
   @property
   def n(self) -> int:
@@ -104,13 +126,15 @@ def reference_matmul(
 ) -> jax.Array:
   """Pure-jnp NVFP4 matmul: the numbers every kernel is tested against."""
   check_inputs(x, layer, activation)
-  return _reference(x, dataclasses.asdict(layer), activation=activation)
+  return _reference(x, layer.to_mapping(), activation=activation)
 
 
 @functools.partial(jax.jit, static_argnames="activation")
 def _reference(x, leaves, *, activation):
-  layer = PreparedLinear(**leaves)
-  w = nvfp4.dequantize_blocks(layer.weight, layer.row_major_block_scale())
+  layer = PreparedLinear.from_mapping(leaves)
+  w = nvfp4.dequantize_blocks(
+    layer.natural_weight(), layer.row_major_block_scale()
+  )
   if activation == "bf16":
     acc = _dot_f32(x, w)
     return (acc * layer.weight_scale_2()).astype(x.dtype)

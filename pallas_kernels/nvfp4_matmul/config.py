@@ -12,8 +12,10 @@ H200_SMS = 132
 class Config:
   """Tiles of the sm90 kernel.
 
-  A CTA always covers 128 weight rows (two compute warpgroups of 64, one
-  128-row tile of swizzled block scales).
+  A CTA covers `cta_rows` weight rows: 128 (two compute warpgroups of 64
+  fed by a TMA warpgroup, one 128-row tile of swizzled block scales) or 64
+  (one warpgroup that issues its own TMA loads; several such CTAs share an
+  SM, so more warps hide the decode's latency at small token counts).
 
   Attributes:
     block_k: K per pipeline step: 64, 128 or 256.
@@ -23,6 +25,12 @@ class Config:
       small token counts still give every SM weights to stream.
     persistent: one CTA per SM walks the output tiles with one set of
       pipeline buffers (no CTA launch and pipeline fill per tile).
+    cta_rows: weight rows per CTA, 128 or 64 (see above; 64 is not
+      persistent).
+    twiddled: decode weights in `fp4jax.format.sm90_layout` bit order (9
+      instead of 15 integer operations per 8 codes). Set for layers
+      prepared with `weight_layout="sm90"`; given a natural-order layer,
+      `nvfp4_matmul` rearranges its weight per call (a copy, for tuning).
   """
 
   block_k: int = 128
@@ -30,6 +38,8 @@ class Config:
   num_stages: int = 4
   splits: int = 1
   persistent: bool = False
+  cta_rows: int = TILE_ROWS
+  twiddled: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -40,14 +50,18 @@ class Config:
       raise ValueError(f"{self.num_stages=} must be >= 1")
     if self.splits < 1:
       raise ValueError(f"{self.splits=} must be >= 1")
+    if self.cta_rows not in (WGMMA_ROWS, TILE_ROWS):
+      raise ValueError(f"{self.cta_rows=} must be 64 or 128")
+    if self.cta_rows == WGMMA_ROWS and self.persistent:
+      raise ValueError("64-row CTAs have no persistent grid")
 
   def smem_bytes(self) -> int:
     per_stage = (
-      TILE_ROWS * self.block_k // 2  # packed weights
+      self.cta_rows * self.block_k // 2  # packed weights
       + 2 * self.block_m * self.block_k  # even and odd bf16 activations
-      + TILE_ROWS * self.block_k // 16  # block scales
+      + TILE_ROWS * self.block_k // 16  # block scales (a whole 128-row tile)
     )
-    epilogue = 2 * WGMMA_ROWS * self.block_m * 4
+    epilogue = self.cta_rows * self.block_m * 4
     return self.num_stages * per_stage + epilogue
 
 
@@ -99,9 +113,24 @@ def heuristic(
     cost = waves * (k_steps // splits + SPLIT_OVERHEAD_STEPS)
     if cost < best_cost:
       best, best_cost = splits, cost
+  # Decode tiles: CTAs of one warpgroup and 64 rows (several per SM); for
+  # one token tile, at least two K ranges per output tile where each keeps
+  # 16 K steps. Tuned on the H200 (NOTES.md, sm90_layout weights, kernel
+  # time): 64-row CTAs were 1-9% faster at 1-16 tokens on all five
+  # benchmark layers and 10% in the MoE; with two splits 8192x28672 at M=1
+  # went 54 -> 47 us. At 64 tokens they were 30-45% slower.
+  cta_rows = TILE_ROWS
+  if block_m <= 16:
+    cta_rows = WGMMA_ROWS
+    if best == 1 and k_steps >= 32 and token_tiles == 1:
+      best = 2
   stages = 4
   config = Config(
-    block_k=block_k, block_m=block_m, num_stages=stages, splits=best
+    block_k=block_k,
+    block_m=block_m,
+    num_stages=stages,
+    splits=best,
+    cta_rows=cta_rows,
   )
   while config.smem_bytes() > SMEM_LIMIT and config.num_stages > 2:
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)

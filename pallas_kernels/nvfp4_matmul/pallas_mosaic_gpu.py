@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
+from fp4jax.format import sm90_layout
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
@@ -47,9 +48,11 @@ def nvfp4_matmul(
   padded_k = -(-k // K_ALIGN) * K_ALIGN
   if padded_k % config.block_k or (padded_k // config.block_k) % config.splits:
     raise ValueError(f"{config} does not tile K={k} (padded to {padded_k})")
+  if layer.weight_layout == "sm90":
+    config = dataclasses.replace(config, twiddled=True)
   return _run(
     x,
-    dataclasses.asdict(layer),
+    layer.to_mapping(),
     activation=activation,
     config=config,
     interpret=interpret,
@@ -65,7 +68,7 @@ N_ALIGN = 8  # weight rows per TMA tile row group
 )
 def _run(x, leaves, *, activation, config, interpret):
   splits = config.splits
-  layer = base.PreparedLinear(**leaves)
+  layer = base.PreparedLinear.from_mapping(leaves)
   lead, k = x.shape[:-1], x.shape[-1]
   rows = x.reshape(-1, k)
   m = rows.shape[0]
@@ -81,6 +84,8 @@ def _run(x, leaves, *, activation, config, interpret):
   pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
   if pad_k or pad_n:  # a copy of the weight per call (module doc)
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
+  if config.twiddled and layer.weight_layout == "natural":
+    weight = sm90_layout.twiddle(weight)  # a copy per call (Config doc)
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
   x_even, x_odd = sm90.split_activations(rows)

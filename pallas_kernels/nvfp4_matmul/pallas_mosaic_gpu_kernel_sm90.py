@@ -48,6 +48,7 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from fp4jax.format import sm90_layout
 from pallas_kernels.nvfp4_matmul import config as config_lib
 
 WG_ROWS = config_lib.WGMMA_ROWS  # weight rows per compute warpgroup
@@ -111,8 +112,12 @@ def split_activations(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[0], x[1]
 
 
-def _decode_ptx(w, s_smem, plan: Plan):
-  """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles, PTX."""
+def _decode_ptx(w, s_smem, plan: Plan, row_base: int | None = None):
+  """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles, PTX.
+
+  The 64 rows start at `row_base` of the 128-row scale tile, or (None) at
+  64 times this thread's warpgroup index.
+  """
   bf16_type = plgpu.ShapeDtypeStruct(
     (WG_ROWS, plan.plane_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA
   )
@@ -131,11 +136,12 @@ def _decode_ptx(w, s_smem, plan: Plan):
     tid = mgpu_utils.thread_idx()
     in_wg = arith.remui(tid, const(128))
     # Row of this thread inside the 128-row tile (row half 0; half 1 is +8).
+    if row_base is None:
+      first = arith.muli(arith.divui(tid, const(128)), const(WG_ROWS))
+    else:
+      first = const(row_base)
     row = arith.addi(
-      arith.addi(
-        arith.muli(arith.divui(tid, const(128)), const(WG_ROWS)),
-        arith.muli(arith.divui(in_wg, const(32)), const(16)),
-      ),
+      arith.addi(first, arith.muli(arith.divui(in_wg, const(32)), const(16))),
       arith.divui(arith.remui(in_wg, const(32)), const(4)),
     )
     # Lane t holds block 2j + (t >> 1) of register j: bytes b and 2 + b of
@@ -196,31 +202,10 @@ def _decode_ptx(w, s_smem, plan: Plan):
     for idx, reg in np.ndenumerate(codes.registers):
       j, half = idx[1], idx[4]
       word = mgpu_utils.bitcast(reg, i32)
-      # Each 16-bit half's top nibble is one code: move its sign to bit 15
-      # and its magnitude to bits 6..8 (a bf16 worth code * 2**-126).
+      # Both decoders put each code's sign at bit 15 of its bf16 half and
+      # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
       hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
-        """{
-        .reg .b32 q4, q8, q12, m;
-        shl.b32 q4, $4, 4;
-        shl.b32 q8, $4, 8;
-        shl.b32 q12, $4, 12;
-        and.b32 m, $4, 0x70007000;
-        shr.b32 m, m, 6;
-        lop3.b32 m, $4, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $0, m, $5;
-        and.b32 m, q4, 0x70007000;
-        shr.b32 m, m, 6;
-        lop3.b32 m, q4, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $1, m, $5;
-        and.b32 m, q8, 0x70007000;
-        shr.b32 m, m, 6;
-        lop3.b32 m, q8, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $2, m, $5;
-        and.b32 m, q12, 0x70007000;
-        shr.b32 m, m, 6;
-        lop3.b32 m, q12, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $3, m, $5;
-        }""",
+        _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE,
         word,
         scale_regs[half, j],
         result_types=[i32] * 4,
@@ -241,8 +226,59 @@ def _decode_ptx(w, s_smem, plan: Plan):
   return decode(w, s_smem)
 
 
+# Natural order: each 16-bit half's top nibble is one code, so the word is
+# shifted by 4 between codes; 15 integer operations per 8 codes.
+_NATURAL_DECODE = """{
+        .reg .b32 q4, q8, q12, m;
+        shl.b32 q4, $4, 4;
+        shl.b32 q8, $4, 8;
+        shl.b32 q12, $4, 12;
+        and.b32 m, $4, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, $4, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $0, m, $5;
+        and.b32 m, q4, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, q4, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $1, m, $5;
+        and.b32 m, q8, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, q8, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $2, m, $5;
+        and.b32 m, q12, 0x70007000;
+        shr.b32 m, m, 6;
+        lop3.b32 m, q12, m, 0x80008000, 0xEC;
+        mul.rn.bf16x2 $3, m, $5;
+        }"""
+
+# `sm90_layout` order: outputs (n0, n4), (n1, n5), (n2, n6) are the word
+# rotated left by 2, 6 and 12 and masked; (n3, n7) is the word masked, with
+# its mantissa bits from the word rotated by 8 (prmt); 9 integer operations.
+_TWIDDLED_DECODE = """{
+        .reg .b32 r, mask, keep, mant;
+        mov.b32 mask, 0x81C081C0;
+        mov.b32 keep, 0x81808180;
+        mov.b32 mant, 0x00400040;
+        shf.l.wrap.b32 r, $4, $4, 2;
+        and.b32 r, r, mask;
+        mul.rn.bf16x2 $3, r, $5;
+        shf.l.wrap.b32 r, $4, $4, 6;
+        and.b32 r, r, mask;
+        mul.rn.bf16x2 $2, r, $5;
+        shf.l.wrap.b32 r, $4, $4, 12;
+        and.b32 r, r, mask;
+        mul.rn.bf16x2 $1, r, $5;
+        prmt.b32 r, $4, $4, 0x2103;
+        and.b32 keep, $4, keep;
+        lop3.b32 r, r, mant, keep, 0xEA;
+        mul.rn.bf16x2 $0, r, $5;
+        }"""
+
+
 def _decode_jnp(w, s_smem, wg, plan: Plan):
   """The same numbers and column order with jnp ops, for the interpreter."""
+  if plan.config.twiddled:
+    w = sm90_layout.untwiddle(w)
   codes = w.astype(jnp.int32)
   scale_bytes = lax.bitcast_convert_type(s_smem[...], jnp.uint8)
   scale_bytes = scale_bytes.reshape(plan.scale_chunks, 512)
@@ -345,11 +381,28 @@ def matmul(
     tile_expert = jnp.zeros((m_tiles,), jnp.int32)
   steps = plan.steps_per_split
   a_in_smem = interpret
+  single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
+  compute_wgs = 1 if single else 2
 
   def kernel(
     w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, v_gmem, o_gmem, *rest
   ):
     o_smem, a_smem = rest[0], (rest[1] if a_in_smem else None)
+
+    def store_rows(acc, wg, first_row, mi, si):
+      """Writes a warpgroup's [64, block_m] tile out from SMEM slot `wg`."""
+      rows = pl.ds(first_row, WG_ROWS)
+      tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
+      if bf16_out:
+        o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
+      else:
+        o_smem[wg] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
+      # o_smem is rewritten by the next tile.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def make_pipeline(ni, mi, si, expert):
       """The K loop of one output tile (rows ni, tokens mi, K split si)."""
@@ -395,18 +448,7 @@ def matmul(
           return acc_ref[...] * scale
 
         def store(acc):
-          rows = pl.ds(ni * TILE_ROWS + wg * WG_ROWS, WG_ROWS)
-          tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
-          if bf16_out:
-            o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
-          else:
-            o_smem[wg] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
-          # o_smem is rewritten by the next tile.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          store_rows(acc, wg, ni * TILE_ROWS + wg * WG_ROWS, mi, si)
 
         if swiglu:
 
@@ -471,9 +513,93 @@ def matmul(
         compute_context=compute_context,
       )
 
+    def one_warpgroup_pipeline(ni, mi, si, expert):
+      """The K loop of 64-row block `ni` on a CTA of one warpgroup, which
+      issues its own TMA loads (plain pipeline, no register split)."""
+      k0 = si * steps
+      tile, half = ni // 2, ni % 2
+
+      def step(w_ref, s_ref, xe_smem, xo_smem, acc_ref):
+        w = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
+        if a_in_smem:
+          lo, hi = _decode_jnp(w, s_ref, half, plan)
+          a_smem[0, 0] = lo
+          a_smem[0, 1] = hi
+          plgpu.commit_smem()
+          lo, hi = a_smem.at[0, 0], a_smem.at[0, 1]
+        else:
+          # This block's rows are the `half` of the 128-row scale tile:
+          # their scale words start 2 * half words into each chunk.
+          words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
+          lo, hi = _decode_ptx(w, words, plan, row_base=0)
+        plgpu.wgmma(acc_ref, lo, xe_smem.T)
+        plgpu.wgmma(acc_ref, hi, xo_smem.T)
+        plgpu.wgmma_wait(0)  # as in the two-warpgroup body
+
+      def spec(shape, index_map, transforms=()):
+        return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+
+      def weight_specs(row_block, scale_tile):
+        return [
+          spec(
+            (None, WG_ROWS, plan.plane_k),
+            lambda k: (expert, row_block, k0 + k),
+            _swizzled(8, plan.plane_k),
+          ),
+          spec(
+            (None, None, plan.scale_chunks, 2, 256),
+            lambda k: (expert, scale_tile, k0 + k, 0, 0),
+          ),
+        ]
+
+      w_spec, s_spec = weight_specs(ni, tile)
+      x_spec = spec(
+        (cfg.block_m, plan.plane_k),
+        lambda k: (mi, k0 + k),
+        _swizzled(16, 2 * plan.plane_k),
+      )
+      up_specs = weight_specs(2 * up_tiles + ni, up_tiles + tile)
+      acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
+      n_accs = 2 if swiglu else 1
+
+      @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
+      def _(accs):
+        def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
+          step(w_smem, s_smem, xe_smem, xo_smem, accs[0])
+          if swiglu:
+            step(up_refs[0], up_refs[1], xe_smem, xo_smem, accs[1])
+
+        plgpu.emit_pipeline(
+          body,
+          grid=(steps,),
+          in_specs=[w_spec, x_spec, x_spec, s_spec]
+          + (up_specs if swiglu else []),
+          max_concurrent_steps=cfg.num_stages,
+        )(*operands)
+
+        def scaled(acc_ref, row_block):
+          scale = f_gmem[expert, row_block] * (2.0**-PRODUCT_EXPONENT)
+          return acc_ref[...] * scale
+
+        if swiglu:
+          g = scaled(accs[0], ni)
+          acc = g / (1.0 + jnp.exp(-g)) * scaled(accs[1], 2 * up_tiles + ni)
+        else:
+          acc = scaled(accs[0], ni)
+        store_rows(acc, 0, ni * WG_ROWS, mi, si)
+
     operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)
     if swiglu:
       operands += (w_gmem, s_gmem)
+    if single:
+      ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
+      expert = e_gmem[mi]
+
+      @pl.when(expert >= 0)
+      def _():
+        one_warpgroup_pipeline(ni, mi, si, expert)
+
+      return
     if not cfg.persistent:
       ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
       expert = e_gmem[mi]
@@ -509,18 +635,18 @@ def matmul(
   if bf16_out:
     out_type = jax.ShapeDtypeStruct((plan.m, n_rows), jnp.bfloat16)
     o_smem = plgpu.SMEM(
-      (2, cfg.block_m, WG_ROWS),
+      (compute_wgs, cfg.block_m, WG_ROWS),
       jnp.bfloat16,
       transforms=_swizzled(16, 2 * WG_ROWS),
     )
   else:
     out_type = jax.ShapeDtypeStruct((splits, n_rows, plan.m), jnp.float32)
-    o_smem = plgpu.SMEM((2, WG_ROWS, cfg.block_m), jnp.float32)
+    o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
   if a_in_smem:
     scratch.append(
       plgpu.SMEM(
-        (2, 2, WG_ROWS, plan.plane_k),
+        (compute_wgs, 2, WG_ROWS, plan.plane_k),
         jnp.bfloat16,
         transforms=_swizzled(16, 2 * plan.plane_k),
       )
@@ -529,14 +655,17 @@ def matmul(
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
   else:
-    grid, grid_names = (n_tiles, m_tiles, splits), ("n", "m", "split")
+    row_blocks = n_tiles * TILE_ROWS // cfg.cta_rows
+    grid, grid_names = (row_blocks, m_tiles, splits), ("n", "m", "split")
   call = plgpu.kernel(
     kernel,
     out_type=out_type,
     grid=grid,
     grid_names=grid_names,
-    num_threads=3,
-    thread_name="wg",
+    # One warpgroup needs no thread axis (and the interpreter then wants
+    # no collective axes on the pipeline's scoped buffers).
+    num_threads=None if single else 3,
+    thread_name=None if single else "wg",
     scratch_types=scratch,
   )
   if used_tiles is None:

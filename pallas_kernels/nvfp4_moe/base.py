@@ -32,17 +32,19 @@ class StackedLinear:
   alpha: jax.Array  # f32 [E]
   alpha_up: jax.Array | None  # f32 [E]: w13 up rows, when it differs
   input_scale_inv: jax.Array | None  # f32 [E]; None if weight-only
+  weight_layout: str = "natural"  # or "sm90" (see PreparedLinear)
 
   @classmethod
   def from_mapping(cls, node: Mapping, prefix: str) -> "StackedLinear":
-    keys = [prefix + k for k in ("weight", "block_scale", "alpha")]
+    weight_key, layout = common.weight_key(node, prefix)
+    keys = [weight_key] + [prefix + k for k in ("block_scale", "alpha")]
     missing = [k for k in keys if k not in node]
     if missing:
       raise ValueError(
         f"experts node is missing {missing}; prepare it with"
         " fp4jax.transform.prepare"
       )
-    w, bs = node[prefix + "weight"], node[prefix + "block_scale"]
+    w, bs = node[weight_key], node[prefix + "block_scale"]
     common.check_packed(prefix, w, bs, batch_dims=1)
     return cls(
       weight=w,
@@ -50,6 +52,7 @@ class StackedLinear:
       alpha=node[prefix + "alpha"],
       alpha_up=node.get(prefix + "alpha_up"),
       input_scale_inv=node.get(prefix + "input_scale_inv"),
+      weight_layout=layout,
     )
 
   @property
@@ -64,7 +67,8 @@ class StackedLinear:
     scale = swizzle.unswizzle_block_scale(
       self.block_scale, n, k // nvfp4.BLOCK_SIZE
     )
-    return nvfp4.dequantize_blocks(self.weight, scale)
+    weight = common.natural_weight(self.weight, self.weight_layout)
+    return nvfp4.dequantize_blocks(weight, scale)
 
   def epilogue_scales(self, activation: str) -> tuple[jax.Array, jax.Array]:
     """Per-expert factors for the first and second halves of the N rows."""
@@ -235,7 +239,8 @@ def check_routing(x, weights, ids, experts, activation):
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"ids must be integers, got {ids.dtype}")
   fake_logits = jax.ShapeDtypeStruct(
-    (x.shape[0], experts["w13_weight"].shape[0]), jnp.float32
+    (x.shape[0], experts[common.weight_key(experts, "w13_")[0]].shape[0]),
+    jnp.float32,
   )
   return check_inputs(x, fake_logits, experts, 1, activation)
 

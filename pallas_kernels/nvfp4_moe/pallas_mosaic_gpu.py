@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
+from fp4jax.format import sm90_layout
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
@@ -78,22 +79,32 @@ def configs_for(
   inter: int,
   num_sms: int,
   persistent: bool = PERSISTENT,
+  cta_rows: int | None = None,
 ) -> tuple[config_lib.Config, config_lib.Config]:
-  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I)."""
-  return tuple(
-    dataclasses.replace(
-      config_lib.heuristic(
-        plan.max_tiles * plan.block_m,
-        n,
-        k,
-        num_sms,
-        block_m=plan.block_m,
-        token_tiles=plan.busy_tiles,
-      ),
-      persistent=persistent,
+  """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I).
+
+  `cta_rows` None takes the heuristic's (64 for decode tiles); 64-row
+  CTAs have no persistent grid.
+  """
+  configs = []
+  for n, k in ((2 * inter, hidden), (hidden, inter)):
+    config = config_lib.heuristic(
+      plan.max_tiles * plan.block_m,
+      n,
+      k,
+      num_sms,
+      block_m=plan.block_m,
+      token_tiles=plan.busy_tiles,
     )
-    for n, k in ((2 * inter, hidden), (hidden, inter))
-  )
+    rows = cta_rows or config.cta_rows
+    configs.append(
+      dataclasses.replace(
+        config,
+        persistent=persistent and rows == config_lib.TILE_ROWS,
+        cta_rows=rows,
+      )
+    )
+  return tuple(configs)
 
 
 def nvfp4_moe(
@@ -106,12 +117,14 @@ def nvfp4_moe(
   activation: str = "bf16",
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
+  cta_rows: int | None = None,
   fused_swiglu: bool = FUSED_SWIGLU,
   interpret: bool = False,
   **routing,
 ) -> jax.Array:
-  """See `api.nvfp4_moe`; `block_m`, `persistent` and `fused_swiglu`
-  override the tiles (`fused_swiglu` applies where I % 128 == 0);
+  """See `api.nvfp4_moe`; `block_m`, `persistent`, `cta_rows` and
+  `fused_swiglu` override the tiles (`config.Config`; `fused_swiglu`
+  applies where I % 128 == 0);
   `routing` takes `base.route`'s other options.
 
   Raises:
@@ -119,9 +132,8 @@ def nvfp4_moe(
       shapes this version does not tile (H or I not a multiple of 64).
   """
   base.check_inputs(x, router_logits, experts, top_k, activation)
-  forward = _forward_fn(
-    x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
-  )
+  tiles = Tiles(block_m, persistent, cta_rows, fused_swiglu)
+  forward = _forward_fn(x, top_k, experts, activation, tiles, interpret)
   routing = dict(top_k=top_k, **routing)
   return _routed(
     x,
@@ -142,6 +154,7 @@ def experts_forward(
   activation: str = "bf16",
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
+  cta_rows: int | None = None,
   fused_swiglu: bool = FUSED_SWIGLU,
   interpret: bool = False,
 ) -> jax.Array:
@@ -151,22 +164,22 @@ def experts_forward(
   whose tiles no kernel visits.
   """
   base.check_routing(x, weights, ids, experts, activation)
-  forward = _forward_fn(
-    x,
-    ids.shape[1],
-    experts,
-    activation,
-    block_m,
-    persistent,
-    fused_swiglu,
-    interpret,
-  )
+  tiles = Tiles(block_m, persistent, cta_rows, fused_swiglu)
+  forward = _forward_fn(x, ids.shape[1], experts, activation, tiles, interpret)
   return forward(x, weights, ids.astype(jnp.int32), dict(experts))
 
 
-def _forward_fn(
-  x, top_k, experts, activation, block_m, persistent, fused_swiglu, interpret
-):
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """The caller's tile overrides (None: the heuristic's)."""
+
+  block_m: int | None
+  persistent: bool
+  cta_rows: int | None
+  fused_swiglu: bool
+
+
+def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
   """Checks the GPU and shapes; -> jitted `(x, weights, ids, experts)`."""
   common.check_sm90("the Mosaic GPU NVFP4 MoE", interpret)
   n_experts, two_i, hidden = base.StackedLinear.from_mapping(
@@ -181,13 +194,18 @@ def _forward_fn(
     tokens=x.shape[0],
     top_k=top_k,
     experts=n_experts,
-    block_m=block_m or block_m_for(x.shape[0], top_k, n_experts),
+    block_m=tiles.block_m or block_m_for(x.shape[0], top_k, n_experts),
   )
   configs = configs_for(
-    plan, hidden, two_i // 2, common.num_sms(interpret), persistent
+    plan,
+    hidden,
+    two_i // 2,
+    common.num_sms(interpret),
+    tiles.persistent,
+    tiles.cta_rows,
   )
   swiglu = (
-    fused_swiglu
+    tiles.fused_swiglu
     and activation == "bf16"
     and (two_i // 2) % config_lib.TILE_ROWS == 0
   )
@@ -287,6 +305,12 @@ def _grouped_gemm(
   if gather is not None:
     x_even, x_odd = x_even[gather], x_odd[gather]
   scale_rows, padded_blocks = proj.block_scale.shape[1:]
+  if proj.weight_layout == "sm90":
+    config = dataclasses.replace(config, twiddled=True)
+  elif config.twiddled:  # natural-order experts: a copy per call (tuning)
+    proj = dataclasses.replace(
+      proj, weight=sm90_layout.twiddle(proj.weight), weight_layout="sm90"
+    )
   out = sm90.matmul(
     proj.weight,
     x_even,

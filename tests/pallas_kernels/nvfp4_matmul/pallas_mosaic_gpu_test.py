@@ -64,6 +64,16 @@ def run(x, layer, activation, config=None, interpret=True):
       512,
       config_lib.Config(block_k=64, block_m=8, splits=2, persistent=True),
     ),
+    # One-warpgroup CTAs of 64 rows: both halves of a scale tile, a
+    # partial last tile, split-K.
+    (3, 256, 512, config_lib.Config(block_k=128, block_m=8, cta_rows=64)),
+    (
+      9,
+      200,
+      512,
+      config_lib.Config(block_k=64, block_m=16, splits=2, cta_rows=64),
+    ),
+    (5, 256, 256, config_lib.Config(block_k=128, block_m=8, twiddled=True)),
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -101,6 +111,19 @@ def test_interpret_batch_dims_and_weight_only(rng):
       28672,
       8192,
       config_lib.Config(block_k=256, block_m=8, splits=2, persistent=True),
+    ),
+    (1, 28672, 8192, config_lib.Config(block_k=256, block_m=8, cta_rows=64)),
+    (
+      16,
+      8192,
+      28672,
+      config_lib.Config(block_k=256, block_m=16, twiddled=True),
+    ),
+    (
+      64,
+      2048,
+      7168,
+      config_lib.Config(block_k=256, block_m=64, splits=7, cta_rows=64),
     ),
   ],
 )
@@ -157,6 +180,10 @@ def test_config_validation():
     config_lib.Config(block_m=12)
   with pytest.raises(ValueError, match="splits"):
     config_lib.Config(splits=0)
+  with pytest.raises(ValueError, match="cta_rows"):
+    config_lib.Config(cta_rows=32)
+  with pytest.raises(ValueError, match="persistent"):
+    config_lib.Config(cta_rows=64, persistent=True)
 
 
 @pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
@@ -167,8 +194,10 @@ def test_heuristic_tiles_and_fits(m, n, k):
   assert (padded_k // cfg.block_k) % cfg.splits == 0
   assert cfg.smem_bytes() <= config_lib.SMEM_LIMIT
   assert cfg.block_m >= min(m, 128)
+  # Decode tiles run on 64-row one-warpgroup CTAs (config.heuristic).
+  assert cfg.cta_rows == (64 if cfg.block_m <= 16 else 128)
   tiles = -(-n // config_lib.TILE_ROWS) * -(-m // cfg.block_m)
-  if tiles >= config_lib.H200_SMS:
+  if tiles >= config_lib.H200_SMS and cfg.block_m > 16:
     assert cfg.splits == 1  # large M: no float32 partial sums
   elif padded_k // 64 >= 16:  # enough K steps to split
     assert tiles * cfg.splits >= min(config_lib.H200_SMS, tiles * 8) // 2

@@ -11,7 +11,9 @@ from tests import numpy_reference as ref
 from tests import tolerance
 
 
-def make_layer(rng, n, k, *, weight_only=False, act_amax=4.0):
+def make_layer(
+  rng, n, k, *, weight_only=False, act_amax=4.0, weight_layout="natural"
+):
   """A prepared layer from fresh random weights, plus its numpy pieces."""
   w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
   t = fp4jax.quantize(jnp.asarray(w))
@@ -22,7 +24,7 @@ def make_layer(rng, n, k, *, weight_only=False, act_amax=4.0):
   }
   if not weight_only:
     src["input_scale"] = jnp.float32(act_amax / 2688.0)
-  layer, _ = fp4jax.prepare({"l": src})
+  layer, _ = fp4jax.prepare({"l": src}, weight_layout=weight_layout)
   return layer["l"], src
 
 
@@ -64,6 +66,18 @@ class NVFP4MatmulTestBase:
   )
   def test_matches_numpy_oracle(self, rng, m, n, k, activation):
     layer, src = make_layer(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    out = self.matmul(x, layer, activation)
+    assert out.dtype == jnp.bfloat16 and out.shape == (m, n)
+    self.check(out, numpy_matmul(x.astype(jnp.float32), src, activation))
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  @pytest.mark.parametrize("m, n, k", [(5, 256, 512), (16, 200, 128)])
+  def test_sm90_weight_layout(self, rng, m, n, k, activation):
+    # Layers prepared with weight_layout="sm90" hold `weight_sm90`; every
+    # implementation gives the numbers of the natural layout.
+    layer, src = make_layer(rng, n, k, weight_layout="sm90")
+    assert "weight" not in layer and "weight_sm90" in layer
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     out = self.matmul(x, layer, activation)
     assert out.dtype == jnp.bfloat16 and out.shape == (m, n)

@@ -81,10 +81,13 @@ class TestInterpret(test_base.NVFP4MoETestBase):
     )
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-def test_interpret_larger_token_tiles(rng, persistent):
+@pytest.mark.parametrize(
+  "persistent, cta_rows", [(False, 128), (True, 128), (False, 64)]
+)
+def test_interpret_larger_token_tiles(rng, persistent, cta_rows):
   # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per
-  # expert; persistent: 4 CTAs walk only the used token tiles.
+  # expert; persistent: 4 CTAs walk only the used token tiles; 64-row CTAs
+  # of one warpgroup (SwiGLU fused: I = 128).
   experts, src = test_base.make_experts(rng, 4, 256, 128)
   x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
   logits = jnp.asarray(rng.standard_normal((40, 4)), jnp.float32)
@@ -95,6 +98,7 @@ def test_interpret_larger_token_tiles(rng, persistent):
     top_k=2,
     block_m=16,
     persistent=persistent,
+    cta_rows=cta_rows,
     interpret=True,
   )
   want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
@@ -192,10 +196,12 @@ def abstract_experts(n_experts, hidden, inter):
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize(
+  "persistent, cta_rows", [(False, 128), (True, 128), (False, 64)]
+)
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
-def test_lowers_for_sm90(model, tokens, persistent, swiglu):
+def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -207,7 +213,12 @@ def test_lowers_for_sm90(model, tokens, persistent, swiglu):
     block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
   )
   configs = pallas_mosaic_gpu.configs_for(
-    plan, hidden, inter, num_sms=132, persistent=persistent
+    plan,
+    hidden,
+    inter,
+    num_sms=132,
+    persistent=persistent,
+    cta_rows=cta_rows,
   )
   if swiglu:
     if inter % 128:

@@ -12,7 +12,9 @@ from tests import sources
 from tests import tolerance
 
 
-def make_experts(rng, e, hidden, inter, *, unequal_gate_up=False):
+def make_experts(
+  rng, e, hidden, inter, *, unequal_gate_up=False, weight_layout="natural"
+):
   """A prepared experts node from fresh random weights, and its sources."""
   src = sources.experts_source(
     rng,
@@ -25,7 +27,7 @@ def make_experts(rng, e, hidden, inter, *, unequal_gate_up=False):
     w13_input_scale=(2 / 2688, 6 / 2688),
     w2_input_scale=(0.5 / 2688, 2 / 2688),
   )
-  prepared, _ = fp4jax.prepare({"experts": src})
+  prepared, _ = fp4jax.prepare({"experts": src}, weight_layout=weight_layout)
   return prepared["experts"], jax.tree.map(np.asarray, src)
 
 
@@ -124,6 +126,16 @@ class NVFP4MoETestBase:
     assert out.dtype == jnp.bfloat16
     want = numpy_moe(x, logits, src, top_k, renormalize, activation)
     self.check(out, want)
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  def test_sm90_weight_layout(self, rng, activation):
+    hidden, inter = self.SHAPE
+    experts, src = make_experts(rng, 4, hidden, inter, weight_layout="sm90")
+    assert "w13_weight_sm90" in experts and "w2_weight" not in experts
+    x = jnp.asarray(rng.standard_normal((9, hidden)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)
+    out = self.moe(x, logits, experts, top_k=2, activation=activation)
+    self.check(out, numpy_moe(x, logits, src, 2, True, activation))
 
   def test_all_tokens_on_one_expert_and_empty_experts(self, rng):
     hidden, inter = self.SMALL_SHAPE

@@ -1,0 +1,78 @@
+"""A bit layout of packed E2M1 weights that the sm90 decoder undoes cheaply.
+
+The sm90 kernel turns each 32-bit register of 8 codes (4 packed bytes,
+natural NVFP4 order) into four bf16x2 registers: `(n0, n4)`, `(n1, n5)`,
+`(n2, n6)`, `(n3, n7)` for nibbles `n0..n7`. Each bf16 needs the code's
+sign at bit 15 and its magnitude bits (m, e0, e1) at bits 6..8 of its
+half. From natural order that takes 15 integer operations per register,
+and the integer pipe is what limits the decode (NOTES.md).
+
+Here the 32 bits of each 4-byte group are permuted so that output `o` is
+the word rotated left by `ROTATIONS[o]` and masked; the last output takes
+its mantissa bit from the word rotated by 8 (a byte permute) and the rest
+in place. That is 9 integer operations per register. No single rotation
+per output can serve all four ({6, 7, 8, 15} does not tile Z16); a search
+over all layouts of three rotations plus one two-source output finds none
+cheaper.
+
+The permutation stays inside 4-byte groups along K, so it commutes with
+every K split that keeps 16-element blocks whole (sharding, K steps).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+# Bit of each role (m, e0, e1, sign) in the target bf16 half.
+TARGET_BITS = (6, 7, 8, 15)
+# Left rotation that brings each role of output o into place; output 3
+# takes its mantissa bit through a rotation by 8 (one prmt) and the rest
+# unrotated.
+ROTATIONS = ((2, 2, 2, 2), (6, 6, 6, 6), (12, 12, 12, 12), (8, 0, 0, 0))
+
+
+def _sources() -> np.ndarray:
+  """[nibble 0..7, role bit 0..3] -> bit of the twiddled 32-bit word."""
+  table = np.zeros((8, 4), np.int64)
+  for nibble in range(8):
+    output, half = nibble % 4, nibble // 4
+    for role in range(4):
+      target = TARGET_BITS[role] + 16 * half
+      table[nibble, role] = (target - ROTATIONS[output][role]) % 32
+  assert sorted(table.ravel()) == list(range(32)), "not a permutation"
+  return table
+
+
+SOURCES = _sources()
+
+
+def _words(packed):
+  """uint8 [..., K/2] -> uint32 [..., K/8] (little-endian groups of 4)."""
+  b = packed.astype(jnp.uint32).reshape(*packed.shape[:-1], -1, 4)
+  return b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+
+
+def _bytes(words, shape):
+  out = jnp.stack([(words >> (8 * i)) & 0xFF for i in range(4)], axis=-1)
+  return out.astype(jnp.uint8).reshape(shape)
+
+
+def twiddle(packed: jnp.ndarray) -> jnp.ndarray:
+  """Natural packed E2M1 bytes `[..., K/2]` (K/2 % 4 == 0) -> this layout."""
+  words = _words(packed)
+  out = jnp.zeros_like(words)
+  for nibble in range(8):
+    for role in range(4):
+      bit = (words >> (4 * nibble + role)) & 1
+      out = out | bit << int(SOURCES[nibble, role])
+  return _bytes(out, packed.shape)
+
+
+def untwiddle(packed: jnp.ndarray) -> jnp.ndarray:
+  """The inverse of `twiddle`."""
+  words = _words(packed)
+  out = jnp.zeros_like(words)
+  for nibble in range(8):
+    for role in range(4):
+      bit = (words >> int(SOURCES[nibble, role])) & 1
+      out = out | bit << (4 * nibble + role)
+  return _bytes(out, packed.shape)
