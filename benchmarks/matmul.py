@@ -65,8 +65,9 @@ def fp4_bytes(k: int, n: int) -> int:
   return n * k // 2 + math.prod(swizzle.padded_shape(n, k // 16))
 
 
-def make_weights(k: int, n: int, sets: int):
-  """`sets` copies (distinct buffers) of one random layer in three forms."""
+def make_weights(k: int, n: int, sets: int, weight_layout: str = "sm90"):
+  """`sets` copies (distinct buffers) of one random layer in three forms
+  (the prepared one in `weight_layout`, see `fp4jax.prepare`)."""
   w = (jax.random.normal(jax.random.key(k * 7 + n), (n, k)) * 0.02).astype(
     jnp.bfloat16
   )
@@ -77,7 +78,7 @@ def make_weights(k: int, n: int, sets: int):
     "weight_scale_2": t.global_scale,
     "input_scale": jnp.float32(4.0 / 2688),
   }
-  prepared, _ = fp4jax.prepare({"l": src})
+  prepared, _ = fp4jax.prepare({"l": src}, weight_layout=weight_layout)
   row_major = {"packed": t.packed, "scale": t.block_scale, "gs": t.global_scale}
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
   return (
@@ -132,7 +133,7 @@ def runner(impl: str, bf16_sets, prepared_sets, row_major_sets):
   )
 
 
-def run(shapes, tokens, time_budget: float) -> dict:
+def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
   start = time.monotonic()
   ceilings = measure_ceilings()
   layers = {}
@@ -141,7 +142,11 @@ def run(shapes, tokens, time_budget: float) -> dict:
     sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
     if not timing.on_gpu():
       sets = 3  # the host fallback only exercises the harness
-    layers[k, n] = (layer_bytes, sets, make_weights(k, n, sets))
+    layers[k, n] = (
+      layer_bytes,
+      sets,
+      make_weights(k, n, sets, weight_layout),
+    )
   rows = []
   # Tokens outer: with a time budget, every shape gets the decode sizes.
   for m in tokens:
@@ -197,6 +202,7 @@ def run(shapes, tokens, time_budget: float) -> dict:
       "jax": jax.__version__,
       "command": "python -m benchmarks.matmul " + " ".join(sys.argv[1:]),
       "timer": "cupti" if timing.on_gpu() else "host",
+      "weight_layout": weight_layout,
       **ceilings,
     },
     "rows": rows,
@@ -208,10 +214,16 @@ def main(argv=None):
   parser.add_argument("--ci", action="store_true", help="tiny shapes")
   parser.add_argument("--out", default="matmul_results.json")
   parser.add_argument("--time-budget", type=float, default=float("inf"))
+  parser.add_argument(
+    "--weight-layout",
+    default="sm90",
+    choices=("natural", "sm90"),
+    help="how the fp4jax layers are prepared (fp4jax.prepare)",
+  )
   args = parser.parse_args(argv)
   shapes = arg_specs.CI_MATMUL_SHAPES if args.ci else arg_specs.MATMUL_SHAPES
   tokens = arg_specs.CI_MATMUL_TOKENS if args.ci else arg_specs.MATMUL_TOKENS
-  result = run(shapes, tokens, args.time_budget)
+  result = run(shapes, tokens, args.time_budget, args.weight_layout)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {args.out}")

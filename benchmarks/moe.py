@@ -27,6 +27,7 @@ import pallas_kernels
 from benchmarks import arg_specs
 from benchmarks import timing
 from fp4jax.format import swizzle
+from pallas_kernels import common
 from pallas_kernels.nvfp4_moe import base
 
 IMPLEMENTATIONS = ("ragged_dot_bf16", "fp4jax_xla", "fp4jax_pallas_w4a16")
@@ -40,15 +41,21 @@ def expert_fp4_bytes(hidden: int, inter: int) -> int:
   return total
 
 
-def random_experts(key, n_experts: int, hidden: int, inter: int) -> dict:
-  """A prepared experts node with random codes and sane E4M3 scales."""
+def random_experts(
+  key, n_experts: int, hidden: int, inter: int, weight_layout="sm90"
+) -> dict:
+  """A prepared experts node with random codes and sane E4M3 scales.
+
+  Random bytes are random codes in either bit layout, so `weight_layout`
+  only names the leaf (`weight` or `weight_sm90`, see `fp4jax.prepare`).
+  """
   node = {}
   for prefix, (n, k) in (
     ("w13_", (2 * inter, hidden)),
     ("w2_", (hidden, inter)),
   ):
     key, k_w, k_s = jax.random.split(key, 3)
-    node[prefix + "weight"] = jax.random.bits(
+    node[prefix + common.WEIGHT_KEYS[weight_layout]] = jax.random.bits(
       k_w, (n_experts, n, k // 2), jnp.uint8
     )
     # E4M3 bytes 0x30..0x3f: scales in [0.5, 1), never NaN.
@@ -126,7 +133,13 @@ REFERENCE_MAX_TOKENS = 256
 REFERENCE_MAX_BYTES = 32 * 2**30
 
 
-def run(models: dict, tokens, time_budget: float, impls=IMPLEMENTATIONS):
+def run(
+  models: dict,
+  tokens,
+  time_budget: float,
+  impls=IMPLEMENTATIONS,
+  weight_layout="sm90",
+):
   rows, checks = [], {}
   # Each model gets an equal share of the budget, tokens in increasing order.
   share = time_budget / len(models)
@@ -140,7 +153,9 @@ def run(models: dict, tokens, time_budget: float, impls=IMPLEMENTATIONS):
       sets = 1
     key = jax.random.key(n_experts * 31 + hidden)
     fp4_sets = [
-      random_experts(jax.random.fold_in(key, s), n_experts, hidden, inter)
+      random_experts(
+        jax.random.fold_in(key, s), n_experts, hidden, inter, weight_layout
+      )
       for s in range(sets)
     ]
     try:
@@ -221,6 +236,7 @@ def run(models: dict, tokens, time_budget: float, impls=IMPLEMENTATIONS):
       "jax": jax.__version__,
       "command": "python -m benchmarks.moe " + " ".join(sys.argv[1:]),
       "timer": "cupti" if timing.on_gpu() else "host",
+      "weight_layout": weight_layout,
       "models": {
         k: dict(zip(("E", "top_k", "H", "I"), v, strict=True))
         for k, v in models.items()
@@ -243,6 +259,12 @@ def main(argv=None):
     default=",".join(IMPLEMENTATIONS),
     help="comma-separated subset of " + ",".join(IMPLEMENTATIONS),
   )
+  parser.add_argument(
+    "--weight-layout",
+    default="sm90",
+    choices=("natural", "sm90"),
+    help="leaf layout of the fp4jax experts (fp4jax.prepare)",
+  )
   args = parser.parse_args(argv)
   models = arg_specs.CI_MOE_MODELS if args.ci else arg_specs.MOE_MODELS
   if args.models:
@@ -254,7 +276,7 @@ def main(argv=None):
   unknown = set(impls) - set(IMPLEMENTATIONS)
   if unknown:
     parser.error(f"unknown --impls {sorted(unknown)}")
-  result = run(models, tokens, args.time_budget, impls)
+  result = run(models, tokens, args.time_budget, impls, args.weight_layout)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {args.out}")

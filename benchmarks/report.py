@@ -40,8 +40,12 @@ def _fmt(value, spec):
 GROUP_KEYS = {"matmul": ("K", "N", "M"), "moe": ("model", "T")}
 
 
-def merge(results: list[dict], kind: str) -> dict:
-  """One result from several runs; see the module doc."""
+def merge(results: list[dict], kind: str, prefer_first: bool = False) -> dict:
+  """One result from several runs; see the module doc.
+
+  `prefer_first`: a group the first run measured at all comes from it (a
+  newer run of a changed kernel that timed only some implementations).
+  """
   keys = GROUP_KEYS[kind]
 
   def group(row):
@@ -55,7 +59,8 @@ def merge(results: list[dict], kind: str) -> dict:
       group(r) for r in result["rows"] if not r["status"].startswith("skipped")
     )
     for g in dict.fromkeys(group(r) for r in result["rows"]):
-      if g not in source or counts[g] > measured[g]:
+      preferred = prefer_first and source.get(g) == 0 and measured[g] > 0
+      if g not in source or (counts[g] > measured[g] and not preferred):
         source[g], measured[g] = run, counts[g]
   order = list(source)
   # Shapes (or models) in order of appearance, token counts ascending.
@@ -294,10 +299,19 @@ def main(argv=None):
   parser.add_argument("--kind", choices=tuple(RENDERERS), default="matmul")
   parser.add_argument("--markdown", default="BENCHMARKS.md")
   parser.add_argument("--plot", default=None)
+  parser.add_argument(
+    "--prefer-first",
+    action="store_true",
+    help="row groups the first run measured come from it",
+  )
   args = parser.parse_args(argv)
   args.plot = args.plot or f"benchmarks/results/{args.kind}.png"
   results = [json.loads(pathlib.Path(p).read_text()) for p in args.results]
-  result = results[0] if len(results) == 1 else merge(results, args.kind)
+  result = (
+    results[0]
+    if len(results) == 1
+    else merge(results, args.kind, args.prefer_first)
+  )
   render_markdown, render_plot = RENDERERS[args.kind]
   render_plot(result, pathlib.Path(args.plot))
   md = pathlib.Path(args.markdown)

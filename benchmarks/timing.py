@@ -17,11 +17,15 @@ def on_gpu() -> bool:
   return jax.devices()[0].platform == "gpu"
 
 
-def median_us(fn, *args, trials: int = 7, calls_per_trial: int = 1):
+def median_us(
+  fn, *args, trials: int = 7, calls_per_trial: int = 1, kernels: str = ""
+):
   """Median over `trials` of the time of one call of `fn(*args)`, in µs.
 
   `fn` is jitted here; one warm-up call compiles it. When `fn` runs the op
   `calls_per_trial` times (over rotating inputs), the time is divided by it.
+  With `kernels`, only GPU kernels whose name contains it are counted (for
+  diagnostics, e.g. "mosaic_gpu": the Pallas kernels without XLA's glue).
 
   Returns:
     `(median_us, samples_us, timer_name)`.
@@ -31,11 +35,18 @@ def median_us(fn, *args, trials: int = 7, calls_per_trial: int = 1):
   if on_gpu():
     from jax.experimental.mosaic.gpu import profiler
 
-    _, per_trial_ms = profiler.measure(fn, iterations=trials)(*args)
-    if per_trial_ms is None:
+    _, per_trial = profiler.measure(
+      fn, iterations=trials, aggregate=not kernels
+    )(*args)
+    if per_trial is None:
       raise RuntimeError("CUPTI recorded no kernel")
-    samples = [ms * 1e3 / calls_per_trial for ms in per_trial_ms]
-    timer = "cupti"
+    if kernels:
+      per_trial = [
+        sum(ms for name, ms in launches if kernels in name)
+        for launches in per_trial
+      ]
+    samples = [ms * 1e3 / calls_per_trial for ms in per_trial]
+    timer = f"cupti:{kernels}" if kernels else "cupti"
   else:
     samples = []
     for _ in range(trials):

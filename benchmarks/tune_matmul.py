@@ -50,13 +50,14 @@ def _variants(base: config_lib.Config, k: int, field_sets):
 
 
 def parse_overrides(text: str) -> list[dict]:
-  """ "a=1,b=2;c=3" -> [{"a": 1, "b": 2}, {"c": 3}] (persistent: 0 or 1)."""
+  """ "a=1,b=2;c=3" -> [{"a": 1, "b": 2}, {"c": 3}] (flags: 0 or 1)."""
   overrides = []
   for group in filter(None, text.split(";")):
     fields = {}
     for item in group.split(","):
       key, value = (part.strip() for part in item.split("="))
-      fields[key] = bool(int(value)) if key == "persistent" else int(value)
+      flag = key in ("persistent", "twiddled")
+      fields[key] = bool(int(value)) if flag else int(value)
     overrides.append(fields)
   return overrides
 
@@ -92,7 +93,12 @@ def candidates(m: int, n: int, k: int, overrides: list[dict] | None = None):
 
 
 def tune(
-  shapes, tokens, max_configs: int, activation="bf16", overrides=None
+  shapes,
+  tokens,
+  max_configs: int,
+  activation="bf16",
+  overrides=None,
+  kernels="",
 ) -> list[dict]:
   rows = []
   for k, n in shapes:
@@ -133,7 +139,9 @@ def tune(
             rows.append({**row, "status": "wrong"})
             print(k, n, m, cfg, "WRONG", err, flush=True)
             continue
-          us, _, timer = timing.median_us(run, x, layers, calls_per_trial=sets)
+          us, _, timer = timing.median_us(
+            run, x, layers, calls_per_trial=sets, kernels=kernels
+          )
         except Exception as e:  # a config that fails to build is recorded
           rows.append(
             {**row, "status": f"failed: {type(e).__name__}: {e}"[:300]}
@@ -165,13 +173,21 @@ def main(argv=None):
     help="overrides of the heuristic's config to time instead of the search,"
     " e.g. 'wg_pairs=2;block_k=128,wg_pairs=2'",
   )
+  parser.add_argument(
+    "--kernels",
+    default="",
+    help="count only GPU kernels whose name contains this (e.g. mosaic_gpu:"
+    " the Pallas kernel without per-call XLA work such as split-K sums)",
+  )
   args = parser.parse_args(argv)
   shapes = SHAPES
   if args.shapes:
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")]
   tokens = [int(t) for t in args.tokens.split(",")]
   overrides = parse_overrides(args.configs) if args.configs else None
-  rows = tune(shapes, tokens, args.max_configs, args.activation, overrides)
+  rows = tune(
+    shapes, tokens, args.max_configs, args.activation, overrides, args.kernels
+  )
   if args.out:
     with open(args.out, "w") as f:
       json.dump(

@@ -1,7 +1,7 @@
 """GPU diagnostic: where an NVFP4 MoE layer's time goes, kernel by kernel.
 
   PYTHONPATH=. python scripts/profile_moe.py [model] [tokens,...]
-      [variants: plain,persistent,fused]
+      [variants: plain,persistent,fused,rows64,rows64fused,auto,autofused]
 
 Prints CUPTI time per kernel launch (name, µs) of one Pallas MoE call, for
 the benchmark's weights (`benchmarks.moe`), so that XLA glue (sorting,
@@ -43,7 +43,9 @@ def main(argv):
           experts,
           top_k=top_k,
           persistent=variant != "plain",
-          fused_swiglu=variant == "fused",
+          # "auto*": the heuristic's CTAs; "rows64*": 64-row CTAs.
+          cta_rows={"auto": None, "rows": 64}.get(variant[:4], 128),
+          fused_swiglu=variant.endswith("fused"),
         )
 
       got, timings = profiler.measure(jax.jit(layer), aggregate=False)(
