@@ -16,6 +16,9 @@ Layouts, for a mesh axis of size S (`jax.sharding.PartitionSpec` per leaf):
   experts and split along E; the per-expert swizzle is unchanged.
 - per-tensor scalars (`weight_scale_2`, `input_scale`, `alpha`,
   `input_scale_inv`) are replicated.
+- `weight_sm90` (`weight_layout="sm90"`) splits as `weight`: its bit
+  permutation stays inside 4-byte groups along K, so every shard's bytes
+  are the permutation of its own natural bytes (twiddled per shard).
 
 `prepare_linear` / `prepare_experts` swizzle the block scales per shard
 under `jax.jit(jax.shard_map(...))`, optionally donating the source scales
@@ -43,7 +46,9 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from fp4jax import errors
 from fp4jax import transform
+from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
+from pallas_kernels import common
 from pallas_kernels.nvfp4_moe import base as moe_base
 
 KINDS = ("column", "row")
@@ -56,7 +61,7 @@ def linear_specs(kind: str, axis: str, *, prepared: bool) -> dict[str, P]:
     raise ValueError(f"{kind=} must be one of {KINDS}")
   split = P(axis, None) if kind == "column" else P(None, axis)
   specs = {name: P() for name in SCALARS}
-  specs["weight"] = split
+  specs["weight"] = specs["weight_sm90"] = split
   if prepared:
     specs["block_scale"] = P(axis, None) if kind == "column" else P(axis)
   else:
@@ -108,6 +113,20 @@ def place(node: Mapping[str, Any], mesh, specs: Mapping[str, P]) -> dict:
   }
 
 
+def _per_shard(mesh, fn, leaves, specs, out_specs, donate):
+  """`fn` on each shard of `leaves` (`{name: array}`), under jit."""
+  run = jax.jit(
+    jax.shard_map(
+      lambda shards: {k: fn(v) for k, v in shards.items()},
+      mesh=mesh,
+      in_specs=(specs,),
+      out_specs=out_specs,
+    ),
+    donate_argnums=(0,) if donate else (),
+  )
+  return run(place(leaves, mesh, specs))
+
+
 def _swizzle_per_shard(mesh, scales, specs, *, axis, stack, donate):
   """Swizzles each shard's block scales (`{name: [..., N, K/16]}`).
 
@@ -115,16 +134,28 @@ def _swizzle_per_shard(mesh, scales, specs, *, axis, stack, donate):
   (row-parallel); else the shards' swizzles tile the global one.
   """
 
-  def local(shards):
-    out = {k: swizzle.swizzle_block_scale(v) for k, v in shards.items()}
-    return {k: v[None] for k, v in out.items()} if stack else out
+  def local(scale):
+    out = swizzle.swizzle_block_scale(scale)
+    return out[None] if stack else out
 
   out_specs = {k: P(axis) if stack else specs[k] for k in scales}
-  run = jax.jit(
-    jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs),
-    donate_argnums=(0,) if donate else (),
+  return _per_shard(mesh, local, scales, specs, out_specs, donate)
+
+
+def _sm90_weights(out, node, names, specs, mesh, donate):
+  """Replaces `out`'s natural weights `names` by their per-shard sm90
+  permutation (`weight` -> `weight_sm90`), donating the natural ones."""
+  twiddled = _per_shard(
+    mesh,
+    sm90_layout.twiddle,
+    {name: node[name] for name in names},
+    {name: specs[name] for name in names},
+    {name: specs[name] for name in names},
+    donate,
   )
-  return run(place(scales, mesh, specs))
+  for name in names:
+    del out[name]
+    out[name + "_sm90"] = twiddled[name]
 
 
 def prepare_linear(
@@ -135,13 +166,16 @@ def prepare_linear(
   axis: str = "tp",
   path: str = "linear",
   donate: bool = False,
+  weight_layout: str = "natural",
 ) -> dict[str, jax.Array]:
   """Prepares one source linear node shard by shard (see module doc).
 
   The per-tensor leaves and every check come from `fp4jax.transform` on
   the whole node (host side, small); the block scales are swizzled on each
-  shard, donating the source scales when `donate`.
+  shard, donating the source scales when `donate`; with `weight_layout`
+  "sm90" each shard's weight is permuted too (`fp4jax.transform.prepare`).
   """
+  _check_layout(weight_layout)
   size = mesh.shape[axis]
   n, k = node["weight"].shape[0], 2 * node["weight"].shape[1]
   _check_divisible(path, kind, n, k, size)
@@ -157,6 +191,8 @@ def prepare_linear(
     donate=donate,
   )
   out["block_scale"] = scales["weight_scale"]
+  if weight_layout == "sm90":
+    _sm90_weights(out, node, ["weight"], source, mesh, donate)
   return place(out, mesh, prepared)
 
 
@@ -167,8 +203,11 @@ def prepare_experts(
   axis: str = "ep",
   path: str = "experts",
   donate: bool = False,
+  weight_layout: str = "natural",
 ) -> dict[str, jax.Array]:
-  """Prepares one source experts node with the experts split across `axis`."""
+  """Prepares one source experts node with the experts split across `axis`
+  (`weight_layout` as in `prepare_linear`)."""
+  _check_layout(weight_layout)
   size = mesh.shape[axis]
   n_experts = node["w13_weight"].shape[0]
   if n_experts % size:
@@ -187,7 +226,18 @@ def prepare_experts(
   )
   for prefix, name in zip(transform.MOE_PREFIXES, names, strict=True):
     out[prefix + "block_scale"] = scales[name]
+  if weight_layout == "sm90":
+    weights = [p + "weight" for p in transform.MOE_PREFIXES]
+    specs = {name: P(axis) for name in weights}
+    _sm90_weights(out, node, weights, specs, mesh, donate)
   return place(out, mesh, experts_specs(out, axis))
+
+
+def _check_layout(weight_layout: str) -> None:
+  if weight_layout not in transform.WEIGHT_LAYOUTS:
+    raise ValueError(
+      f"{weight_layout=} must be one of {transform.WEIGHT_LAYOUTS}"
+    )
 
 
 def bytes_per_device(tree: Any) -> dict[str, int]:
@@ -281,7 +331,7 @@ def moe(
       correction_bias=None if correction_bias is None else bias,
       **routing,
     )
-    local_experts = shard["w13_weight"].shape[0]
+    local_experts = shard[common.weight_key(shard, "w13_")[0]].shape[0]
     first = jax.lax.axis_index(axis) * local_experts
     partial = pallas_kernels.nvfp4_moe_experts(
       x,

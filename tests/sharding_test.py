@@ -26,16 +26,21 @@ def linear_source(rng, n, k):
   return matmul_base.make_layer(rng, n, k)[1]
 
 
-def unsharded(node):
-  prepared, _ = fp4jax.prepare({"l": node})
+def unsharded(node, weight_layout="natural"):
+  prepared, _ = fp4jax.prepare({"l": node}, weight_layout=weight_layout)
   return prepared["l"]
 
 
-def test_column_parallel_prepare_equals_the_unsharded_leaves(rng):
+@pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
+def test_column_parallel_prepare_equals_the_unsharded_leaves(
+  rng, weight_layout
+):
   mesh = cpu_mesh(4, "tp")
   node = linear_source(rng, 512, 256)
-  got = sharding.prepare_linear(node, mesh, "column")
-  want = unsharded(node)
+  got = sharding.prepare_linear(
+    node, mesh, "column", weight_layout=weight_layout
+  )
+  want = unsharded(node, weight_layout)
   assert set(got) == set(want)
   for name in want:
     np.testing.assert_array_equal(
@@ -69,12 +74,31 @@ def test_row_parallel_scales_are_one_swizzle_per_shard(rng):
     )
 
 
+def test_row_parallel_sm90_weight_is_the_unsharded_one(rng):
+  # The permutation stays inside 4-byte groups along K, so twiddling each
+  # K shard gives the slices of the whole weight's permutation.
+  mesh = cpu_mesh(4, "tp")
+  node = linear_source(rng, 128, 1024)
+  got = sharding.prepare_linear(node, mesh, "row", weight_layout="sm90")
+  assert "weight" not in got
+  assert got["weight_sm90"].sharding.spec == jax.sharding.PartitionSpec(
+    None, "tp"
+  )
+  np.testing.assert_array_equal(
+    np.asarray(got["weight_sm90"]),
+    np.asarray(unsharded(node, "sm90")["weight_sm90"]),
+  )
+
+
 @pytest.mark.parametrize("kind", ["column", "row"])
-@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-def test_sharded_matmul_equals_unsharded(rng, kind, activation):
+@pytest.mark.parametrize(
+  "activation, weight_layout",
+  [("bf16", "natural"), ("nvfp4", "natural"), ("bf16", "sm90")],
+)
+def test_sharded_matmul_equals_unsharded(rng, kind, activation, weight_layout):
   mesh = cpu_mesh(4, "tp")
   node = linear_source(rng, 512, 1024)
-  layer = sharding.prepare_linear(node, mesh, kind)
+  layer = sharding.prepare_linear(node, mesh, kind, weight_layout=weight_layout)
   x = jnp.asarray(rng.standard_normal((3, 5, 1024)), jnp.bfloat16)
   got = jax.jit(
     lambda x, layer: sharding.matmul(
@@ -121,11 +145,14 @@ def test_bad_splits_are_refused_with_the_path(rng):
     sharding.prepare_linear(linear_source(rng, 128, 128), mesh, "row")
 
 
-def test_expert_parallel_prepare_equals_the_unsharded_leaves(rng):
+@pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
+def test_expert_parallel_prepare_equals_the_unsharded_leaves(
+  rng, weight_layout
+):
   mesh = cpu_mesh(4, "ep")
   src = sources.experts_source(rng, 8, 128, 64, up_factor=1.25)
-  got = sharding.prepare_experts(src, mesh)
-  want, _ = fp4jax.prepare({"experts": src})
+  got = sharding.prepare_experts(src, mesh, weight_layout=weight_layout)
+  want, _ = fp4jax.prepare({"experts": src}, weight_layout=weight_layout)
   want = want["experts"]
   assert set(got) == set(want)
   for name, w in want.items():
@@ -220,9 +247,12 @@ def test_expert_parallel_moe_equals_unsharded(rng, routing, tokens_sharded):
   assert err <= 2.0**-8 * np.abs(want32).max()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+@pytest.mark.parametrize(
+  "model_type, weight_layout",
+  [("llama", "natural"), ("mixtral", "natural"), ("mixtral", "sm90")],
+)
 def test_from_pretrained_on_a_mesh_matches_one_device(
-  rng, tmp_path, model_type
+  rng, tmp_path, model_type, weight_layout
 ):
   from fp4jax import models
   from fp4jax.checkpoint import synthetic
@@ -244,14 +274,21 @@ def test_from_pretrained_on_a_mesh_matches_one_device(
   checkpoint.save_modelopt(tmp_path / "c", params, hf, quant)
   ids = jnp.asarray(rng.integers(0, 128, (2, 7)), jnp.int32)
   whole = models.from_pretrained(tmp_path / "c", progress=False)
-  split = models.from_pretrained(tmp_path / "c", progress=False, mesh=mesh)
+  split = models.from_pretrained(
+    tmp_path / "c", progress=False, mesh=mesh, weight_layout=weight_layout
+  )
   layer = split.model.layers[0]
   proj = layer.self_attn.o_proj
   assert proj.parallel[1] == "row"
   if model_type == "mixtral":
     experts = layer.block_sparse_moe.experts
     assert experts.parallel[1] == "experts"
-    assert experts.w13_weight[...].sharding.spec[0] == "tp"
+    w13 = (
+      experts.w13_weight_sm90
+      if weight_layout == "sm90"
+      else (experts.w13_weight)
+    )
+    assert w13[...].sharding.spec[0] == "tp"
   assert proj.block_scale[...].shape[0] == 2  # one swizzle per shard
   want = np.asarray(whole(ids)[0], np.float32)
   got = np.asarray(split(ids)[0], np.float32)

@@ -57,8 +57,7 @@ def from_pretrained(
       embeddings, norms, routers and lm_head stay replicated.
     axis: the mesh axis to split along.
     weight_layout: "sm90" stores the packed weights in the bit order the
-      Hopper kernels decode fastest (`fp4jax.transform.prepare`); one
-      device only for now.
+      Hopper kernels decode fastest (`fp4jax.transform.prepare`).
 
   Returns:
     A `CausalLM` in prepared state (source scale leaves dropped).

@@ -29,12 +29,8 @@ def prepare_model(
   shard and run their kernels per shard; the report lists the others.
 
   `weight_layout` as in `fp4jax.transform.prepare` ("sm90": the bit order
-  the Hopper kernels decode fastest; not yet with a mesh).
+  the Hopper kernels decode fastest), for split modules too.
   """
-  if mesh is not None and weight_layout != "natural":
-    raise NotImplementedError(
-      f"{weight_layout=} with a mesh: sharded prepare keeps natural order"
-    )
   targets = {
     "/".join(map(str, path)) or "<root>": module
     for path, module in nnx.iter_graph(model)
@@ -50,11 +46,22 @@ def prepare_model(
       leaves = module.nvfp4_leaves()
       if kind == "experts":
         out = sharding.prepare_experts(
-          leaves, mesh, axis=axis, path=path, donate=donate
+          leaves,
+          mesh,
+          axis=axis,
+          path=path,
+          donate=donate,
+          weight_layout=weight_layout,
         )
       else:
         out = sharding.prepare_linear(
-          leaves, mesh, kind, axis=axis, path=path, donate=donate
+          leaves,
+          mesh,
+          kind,
+          axis=axis,
+          path=path,
+          donate=donate,
+          weight_layout=weight_layout,
         )
       module.replace_nvfp4_leaves(out)
       module.parallel = (mesh, kind, axis)
