@@ -3,9 +3,12 @@
 Picks the kernel body by GPU generation: sm90 (Hopper) decodes FP4 in
 registers for bf16 wgmma (`pallas_mosaic_gpu_kernel_sm90`). A Blackwell body
 using the native block-scaled MMA (tcgen05, which reads the 128x4 swizzled
-scales as they are) belongs beside it as `..._kernel_sm100.py`.
+scales as they are) belongs beside it as `..._kernel_sm100.py`; it would
+read natural-order weights, while `weight_layout="sm90"` layers carry the
+bit order of the Hopper decoder (`fp4jax.format.sm90_layout`), so `prepare`
+picks the layout for the GPU it serves on.
 
-Status: v1, passes the GPU tier on the H200 and is the default on sm90.
+Status: passes the GPU tier on the H200 and is the default on sm90.
 Numbers and the targets not yet met: BENCHMARKS.md and NOTES.md. Any N and
 any K (a multiple of 16) run: a partial last row tile reads zeros through
 TMA. Mosaic GPU's swizzled TMA views need K % 64 == 0 and N % 8 == 0, so

@@ -5,7 +5,8 @@ into bf16 in registers and feeds it to wgmma as the A operand, with float32
 accumulation. Weights are the MMA's M side (rows = output features) and
 tokens its N side, so even one token fills the MMA's rows.
 
-Layout choices, all made so that no weight byte is moved or repacked:
+Layout choices (no weight byte moves between rows or K groups; at most the
+bits inside each 4-byte group are permuted, at prepare time):
 - Natural NVFP4 order packs k = 2j in the low nibble and k = 2j + 1 in the
   high one. The kernel decodes the low and the high nibble plane into two A
   tiles and multiplies them with the even and the odd activation columns
@@ -17,7 +18,9 @@ Layout choices, all made so that no weight byte is moved or repacked:
   four E4M3 scales of row `r` for four consecutive K blocks.
 - Two compute warpgroups take 64 weight rows each of a 128-row tile (one
   swizzle tile of scales); a third warpgroup issues the TMA loads
-  (`emit_pipeline_warp_specialized`).
+  (`emit_pipeline_warp_specialized`). Or (`Config.cta_rows=64`, decode
+  tiles) a CTA is one warpgroup on 64 rows that issues its own loads
+  (`emit_pipeline`), several CTAs per SM.
 - Small token counts split K across CTAs (`splits`) so that all SMs stream
   weights; partial sums come back in float32 and the caller adds them.
 
@@ -26,6 +29,9 @@ sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
 (a subnormal for 0.5, exact on the GPU) and multiplied by the block scale
 times `2**118`, so products carry a `2**-8` factor that the epilogue removes
 together with the tensor scale. Every E2M1 x E4M3 product is exact in bf16.
+From natural order that is 15 integer operations per 8 codes; from the
+`fp4jax.format.sm90_layout` order (`Config.twiddled`) 9. Integer ops issue
+at half rate on Hopper and bound the decode (NOTES.md).
 
 Mosaic GPU's CPU interpreter cannot run inline PTX or register-A wgmma, so
 with `interpret=True` the same kernel decodes with jnp ops into SMEM and
