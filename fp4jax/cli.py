@@ -64,7 +64,9 @@ def memory(args) -> None:
 
   params, _ = checkpoint.load_modelopt(args.path, progress=not args.quiet)
   before = sum(x.nbytes for x in jax.tree.leaves(params))
-  prepared, report = transform.prepare(params, donate=True)
+  prepared, report = transform.prepare(
+    params, donate=True, weight_layout=args.weight_layout
+  )
   after = sum(x.nbytes for x in jax.tree.leaves(prepared))
   print(report.table())
   print(
@@ -85,6 +87,7 @@ def generate(args) -> None:
     activation=args.activation,
     implementation=args.implementation,
     orbax_cache=args.orbax_cache,
+    weight_layout=args.weight_layout,
   )
   ids = jnp.asarray([args.prompt_ids], jnp.int32)
   rng = jax.random.key(args.seed) if args.temperature > 0 else None
@@ -109,6 +112,15 @@ def demo(args) -> None:
   demo_lib.main(args.rest)
 
 
+def _weight_layout_option(s) -> None:
+  s.add_argument(
+    "--weight-layout",
+    choices=("natural", "sm90"),
+    default="natural",
+    help="packed-weight bit order after prepare (sm90: fastest on Hopper)",
+  )
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="fp4jax", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
   s = sub.add_parser("memory", help="bytes before and after prepare")
   s.add_argument("path")
   s.add_argument("--quiet", action="store_true")
+  _weight_layout_option(s)
   s.set_defaults(run=memory)
   s = sub.add_parser("generate", help="generate token ids")
   s.add_argument("path")
@@ -137,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--activation", choices=("bf16", "nvfp4"), default="bf16")
   s.add_argument("--implementation", default=None)
   s.add_argument("--orbax-cache", default=None)
+  _weight_layout_option(s)
   s.set_defaults(run=generate)
   for name, run, text in (
     ("bench", bench, "run the benchmarks"),
