@@ -39,8 +39,9 @@ def nvfp4_matmul(
 
   Args:
     x: activations `[..., M, K]`, usually bf16.
-    layer: a prepared layer (`weight`, `block_scale`, `alpha`, optional
-      `input_scale_inv`), as `fp4jax.transform.prepare` makes it.
+    layer: a prepared layer (`weight` or `weight_sm90`, `block_scale`,
+      `alpha`, optional `input_scale_inv`), as `fp4jax.transform.prepare`
+      makes it in either weight layout.
     activation: "bf16" keeps activations in bf16 (W4A16); "nvfp4" quantizes
       them first with the layer's `input_scale_inv` (W4A4).
     implementation: None picks the fastest that supports the inputs; "xla" is

@@ -40,7 +40,8 @@ def nvfp4_moe(
   Args:
     x: tokens `[T, H]`.
     router_logits: `[T, E]`.
-    experts: a prepared experts node (`w13_*`, `w2_*`; see fp4jax.transform).
+    experts: a prepared experts node (`w13_*`, `w2_*`, in either weight
+      layout; see fp4jax.transform).
     top_k: experts per token.
     renormalize: rescale the top-k weights to sum to one.
     scoring: "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3).
