@@ -220,9 +220,14 @@ def main(argv=None):
     choices=("natural", "sm90"),
     help="how the fp4jax layers are prepared (fp4jax.prepare)",
   )
+  parser.add_argument(
+    "--tokens", default=None, help="token counts M, e.g. 2048,8192"
+  )
   args = parser.parse_args(argv)
   shapes = arg_specs.CI_MATMUL_SHAPES if args.ci else arg_specs.MATMUL_SHAPES
   tokens = arg_specs.CI_MATMUL_TOKENS if args.ci else arg_specs.MATMUL_TOKENS
+  if args.tokens:
+    tokens = tuple(int(t) for t in args.tokens.split(","))
   result = run(shapes, tokens, args.time_budget, args.weight_layout)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

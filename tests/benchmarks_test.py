@@ -13,8 +13,10 @@ def test_matmul_harness_and_report(tmp_path):
   out = tmp_path / "r.json"
   # jax's own scaled_dot_general mixes dtypes and ranks internally.
   with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-    matmul.main(["--ci", "--out", str(out)])
+    matmul.main(["--ci", "--tokens", "3", "--out", str(out)])
   result = json.loads(out.read_text())
+  assert {r["M"] for r in result["rows"]} == {3}
+  assert result["meta"]["weight_layout"] == "sm90"
   statuses = {r["impl"]: r["status"] for r in result["rows"]}
   for anchor in ("xla_bf16", "xla_dequant_dot", "scaled_dot_general"):
     assert statuses[anchor] == "ok", statuses[anchor]
