@@ -61,7 +61,7 @@ def linear_specs(kind: str, axis: str, *, prepared: bool) -> dict[str, P]:
     raise ValueError(f"{kind=} must be one of {KINDS}")
   split = P(axis, None) if kind == "column" else P(None, axis)
   specs = {name: P() for name in SCALARS}
-  specs["weight"] = specs["weight_sm90"] = split
+  specs["weight"] = specs[sm90_layout.WEIGHT_LEAF] = split
   if prepared:
     specs["block_scale"] = P(axis, None) if kind == "column" else P(axis)
   else:
@@ -142,20 +142,22 @@ def _swizzle_per_shard(mesh, scales, specs, *, axis, stack, donate):
   return _per_shard(mesh, local, scales, specs, out_specs, donate)
 
 
-def _sm90_weights(out, node, names, specs, mesh, donate):
-  """Replaces `out`'s natural weights `names` by their per-shard sm90
-  permutation (`weight` -> `weight_sm90`), donating the natural ones."""
+def _sm90_weights(out, node, prefixes, spec, mesh, donate):
+  """Replaces `out`'s natural weights (`prefix + "weight"`) by their
+  per-shard sm90 permutation, donating the natural ones."""
+  names = {p + "weight": p + sm90_layout.WEIGHT_LEAF for p in prefixes}
+  specs = {name: spec for name in names}
   twiddled = _per_shard(
     mesh,
     sm90_layout.twiddle,
     {name: node[name] for name in names},
-    {name: specs[name] for name in names},
-    {name: specs[name] for name in names},
+    specs,
+    specs,
     donate,
   )
-  for name in names:
+  for name, new_name in names.items():
     del out[name]
-    out[name + "_sm90"] = twiddled[name]
+    out[new_name] = twiddled[name]
 
 
 def prepare_linear(
@@ -192,7 +194,7 @@ def prepare_linear(
   )
   out["block_scale"] = scales["weight_scale"]
   if weight_layout == "sm90":
-    _sm90_weights(out, node, ["weight"], source, mesh, donate)
+    _sm90_weights(out, node, [""], source["weight"], mesh, donate)
   return place(out, mesh, prepared)
 
 
@@ -227,9 +229,7 @@ def prepare_experts(
   for prefix, name in zip(transform.MOE_PREFIXES, names, strict=True):
     out[prefix + "block_scale"] = scales[name]
   if weight_layout == "sm90":
-    weights = [p + "weight" for p in transform.MOE_PREFIXES]
-    specs = {name: P(axis) for name in weights}
-    _sm90_weights(out, node, weights, specs, mesh, donate)
+    _sm90_weights(out, node, transform.MOE_PREFIXES, P(axis), mesh, donate)
   return place(out, mesh, experts_specs(out, axis))
 
 

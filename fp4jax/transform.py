@@ -42,7 +42,12 @@ from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
 
 SOURCE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale")
-DERIVED_LEAVES = ("block_scale", "alpha", "input_scale_inv", "weight_sm90")
+DERIVED_LEAVES = (
+  "block_scale",
+  "alpha",
+  "input_scale_inv",
+  sm90_layout.WEIGHT_LEAF,
+)
 MOE_PREFIXES = ("w13_", "w2_")
 WEIGHT_LAYOUTS = ("natural", "sm90")
 
@@ -170,7 +175,7 @@ def _derive_linear(
     f" (K = {2 * half_k} must be a multiple of 16, scales [.., N, K/16])",
   )
   if weight_layout == "sm90":
-    out = {"weight_sm90": sm90_layout.twiddle(w)}
+    out = {sm90_layout.WEIGHT_LEAF: sm90_layout.twiddle(w)}
   else:
     out = {"weight": w}
   if swizzle_scales:

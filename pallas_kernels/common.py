@@ -10,7 +10,7 @@ from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
 
 # Leaf name of the packed weight per bit layout (`transform.prepare`).
-WEIGHT_KEYS = {"natural": "weight", "sm90": "weight_sm90"}
+WEIGHT_KEYS = {"natural": "weight", "sm90": sm90_layout.WEIGHT_LEAF}
 
 
 def weight_key(node: Mapping, prefix: str = "") -> tuple[str, str]:

@@ -22,6 +22,9 @@ every K split that keeps 16-element blocks whole (sharding, K steps).
 import jax.numpy as jnp
 import numpy as np
 
+# Leaf name of a packed weight in this layout (`fp4jax.transform.prepare`,
+# with the prefix of a stacked experts projection where there is one).
+WEIGHT_LEAF = "weight_sm90"
 # Bit of each role (m, e0, e1, sign) in the target bf16 half.
 TARGET_BITS = (6, 7, 8, 15)
 # Left rotation that brings each role of output o into place; output 3
@@ -56,23 +59,20 @@ def _bytes(words, shape):
   return out.astype(jnp.uint8).reshape(shape)
 
 
-def twiddle(packed: jnp.ndarray) -> jnp.ndarray:
-  """Natural packed E2M1 bytes `[..., K/2]` (K/2 % 4 == 0) -> this layout."""
+def _move_bits(packed, sources, targets):
+  """Bit `sources[i]` of each 32-bit group -> bit `targets[i]`."""
   words = _words(packed)
   out = jnp.zeros_like(words)
-  for nibble in range(8):
-    for role in range(4):
-      bit = (words >> (4 * nibble + role)) & 1
-      out = out | bit << int(SOURCES[nibble, role])
+  for source, target in zip(sources, targets, strict=True):
+    out = out | ((words >> int(source)) & 1) << int(target)
   return _bytes(out, packed.shape)
+
+
+def twiddle(packed: jnp.ndarray) -> jnp.ndarray:
+  """Natural packed E2M1 bytes `[..., K/2]` (K/2 % 4 == 0) -> this layout."""
+  return _move_bits(packed, range(32), SOURCES.ravel())
 
 
 def untwiddle(packed: jnp.ndarray) -> jnp.ndarray:
   """The inverse of `twiddle`."""
-  words = _words(packed)
-  out = jnp.zeros_like(words)
-  for nibble in range(8):
-    for role in range(4):
-      bit = (words >> int(SOURCES[nibble, role])) & 1
-      out = out | bit << (4 * nibble + role)
-  return _bytes(out, packed.shape)
+  return _move_bits(packed, SOURCES.ravel(), range(32))

@@ -16,14 +16,12 @@ other shapes copy a zero-padded weight per call (slow, and rare: no
 published model has them; gpt-oss's 2880 needs no copy).
 """
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
-from fp4jax.format import sm90_layout
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
@@ -51,8 +49,6 @@ def nvfp4_matmul(
   padded_k = -(-k // K_ALIGN) * K_ALIGN
   if padded_k % config.block_k or (padded_k // config.block_k) % config.splits:
     raise ValueError(f"{config} does not tile K={k} (padded to {padded_k})")
-  if layer.weight_layout == "sm90":
-    config = dataclasses.replace(config, twiddled=True)
   return _run(
     x,
     layer.to_mapping(),
@@ -87,8 +83,7 @@ def _run(x, leaves, *, activation, config, interpret):
   pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
   if pad_k or pad_n:  # a copy of the weight per call (module doc)
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
-  if config.twiddled and layer.weight_layout == "natural":
-    weight = sm90_layout.twiddle(weight)  # a copy per call (Config doc)
+  weight, config = sm90.kernel_weight(weight, layer.weight_layout, config)
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
   x_even, x_odd = sm90.split_activations(rows)

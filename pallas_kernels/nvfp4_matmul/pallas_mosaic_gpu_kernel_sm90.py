@@ -311,6 +311,17 @@ def _decode_jnp(w, s_smem, wg, plan: Plan):
   return plane(codes & 0xF), plane(codes >> 4)
 
 
+def kernel_weight(weight, weight_layout: str, config: config_lib.Config):
+  """(weight, config) for `matmul`: `sm90_layout` weights get the matching
+  decoder; a natural weight under a `twiddled` config is permuted per call
+  (a copy, for tuning)."""
+  if weight_layout == "sm90":
+    return weight, dataclasses.replace(config, twiddled=True)
+  if config.twiddled:
+    return sm90_layout.twiddle(weight), config
+  return weight, config
+
+
 # ------------------------------------------------------------------- kernel
 def matmul(
   packed: jax.Array,  # uint8 [E, N, K/2]: E = 1 for one layer
@@ -394,125 +405,118 @@ def matmul(
     w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, v_gmem, o_gmem, *rest
   ):
     o_smem, a_smem = rest[0], (rest[1] if a_in_smem else None)
+    n_accs = 2 if swiglu else 1  # gate and up accumulators with SwiGLU
+    acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
-    def store_rows(acc, wg, first_row, mi, si):
-      """Writes a warpgroup's [64, block_m] tile out from SMEM slot `wg`."""
-      rows = pl.ds(first_row, WG_ROWS)
-      tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
-      if bf16_out:
-        o_smem.at[wg].T[...] = acc.astype(jnp.bfloat16)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[tokens, rows])
-      else:
-        o_smem[wg] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, rows, tokens])
-      # o_smem is rewritten by the next tile.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    def make_pipeline(ni, mi, si, expert):
-      """The K loop of one output tile (rows ni, tokens mi, K split si)."""
-      k0 = si * steps
-
-      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
-        *up_refs, accs = rest
-        wg = lax.axis_index("wg")
-
-        def step(w_ref, s_ref, acc_ref):
-          w = plgpu.load(
-            w_ref.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
-            layout=plgpu.Layout.WGMMA_8BIT,
-          )
-          if a_in_smem:
-            lo, hi = _decode_jnp(w, s_ref, wg, plan)
-            a_smem[wg, 0] = lo
-            a_smem[wg, 1] = hi
-            plgpu.commit_smem()
-            lo, hi = a_smem.at[wg, 0], a_smem.at[wg, 1]
-          else:
-            lo, hi = _decode_ptx(w, s_ref, plan)
-          plgpu.wgmma(acc_ref, lo, xe_smem.T)
-          plgpu.wgmma(acc_ref, hi, xo_smem.T)
-          # Waits before the next decode: register A operands must not be
-          # rewritten while a wgmma reads them (leaving one step in flight
-          # gave NaNs on the H200 at 64 tokens and more).
-          plgpu.wgmma_wait(0)
-
-        if swiglu:
-          step(w_smem, s_smem, accs[0])
-          step(up_refs[0], up_refs[1], accs[1])
-        else:
-          step(w_smem, s_smem, accs)
-        return accs
-
-      def compute_context(eval_pipeline):
-        wg = lax.axis_index("wg")
-        acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
-
-        def scaled(acc_ref, block):
-          scale = f_gmem[expert, 2 * block + wg] * (2.0**-PRODUCT_EXPONENT)
-          return acc_ref[...] * scale
-
-        def store(acc):
-          store_rows(acc, wg, ni * TILE_ROWS + wg * WG_ROWS, mi, si)
-
-        if swiglu:
-
-          @functools.partial(pl.run_scoped, gate=acc_type, up=acc_type)
-          def _(gate, up):
-            eval_pipeline((gate, up))
-            g = scaled(gate, ni)
-            store(g / (1.0 + jnp.exp(-g)) * scaled(up, up_tiles + ni))
-
-        else:
-
-          @functools.partial(pl.run_scoped, acc_ref=acc_type)
-          def _(acc_ref):
-            eval_pipeline(acc_ref)
-            store(scaled(acc_ref, ni))
+    def in_specs(rows, row_block, mi, k0, expert):
+      """Pipeline inputs of one output tile: weight rows `[row_block *
+      rows, +rows)`, both activation planes, the row tile's block scales,
+      and with SwiGLU the up rows and scales `up_tiles` tiles down."""
+      per_tile = TILE_ROWS // rows
+      tile = row_block // per_tile
 
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(shape, index_map, transforms=transforms)
 
-      up_specs = []
-      if swiglu:
-        up_specs = [
+      def weight(block, scale_tile):
+        return [
           spec(
-            (None, TILE_ROWS, plan.plane_k),
-            lambda k: (expert, up_tiles + ni, k0 + k),
+            (None, rows, plan.plane_k),
+            lambda k: (expert, block, k0 + k),
             _swizzled(8, plan.plane_k),
           ),
           spec(
             (None, None, plan.scale_chunks, 2, 256),
-            lambda k: (expert, up_tiles + ni, k0 + k, 0, 0),
+            lambda k: (expert, scale_tile, k0 + k, 0, 0),
           ),
         ]
+
+      w_spec, s_spec = weight(row_block, tile)
+      x_spec = spec(
+        (cfg.block_m, plan.plane_k),
+        lambda k: (mi, k0 + k),
+        _swizzled(16, 2 * plan.plane_k),
+      )
+      specs = [w_spec, x_spec, x_spec, s_spec]
+      if swiglu:
+        specs += weight(row_block + up_tiles * per_tile, up_tiles + tile)
+      return specs
+
+    def decode_and_mma(w, s_ref, xe_smem, xo_smem, acc_ref, *, half, slot):
+      """Decodes a [64, plane_k] weight tile (rows in `half` of its 128-row
+      scale tile) and accumulates both nibble planes' products."""
+      if a_in_smem:
+        lo, hi = _decode_jnp(w, s_ref, half, plan)
+        a_smem[slot, 0] = lo
+        a_smem[slot, 1] = hi
+        plgpu.commit_smem()
+        lo, hi = a_smem.at[slot, 0], a_smem.at[slot, 1]
+      elif single:
+        # The block's scale words start 2 * half words into each chunk.
+        words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
+        lo, hi = _decode_ptx(w, words, plan, row_base=0)
+      else:
+        lo, hi = _decode_ptx(w, s_ref, plan)  # half: the warpgroup index
+      plgpu.wgmma(acc_ref, lo, xe_smem.T)
+      plgpu.wgmma(acc_ref, hi, xo_smem.T)
+      # Waits before the next decode: register A operands must not be
+      # rewritten while a wgmma reads them (leaving one step in flight
+      # gave NaNs on the H200 at 64 tokens and more).
+      plgpu.wgmma_wait(0)
+
+    def finish(accs, block, expert, mi, si, slot):
+      """Scales the accumulators of 64-row block `block` (and applies
+      SwiGLU), then stores them from SMEM slot `slot`."""
+
+      def scaled(acc_ref, factor_block):
+        scale = f_gmem[expert, factor_block] * (2.0**-PRODUCT_EXPONENT)
+        return acc_ref[...] * scale
+
+      acc = scaled(accs[0], block)
+      if swiglu:
+        up = scaled(accs[1], block + 2 * up_tiles)
+        acc = acc / (1.0 + jnp.exp(-acc)) * up
+      rows = pl.ds(block * WG_ROWS, WG_ROWS)
+      tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
+      if bf16_out:
+        o_smem.at[slot].T[...] = acc.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[slot], o_gmem.at[tokens, rows])
+      else:
+        o_smem[slot] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[slot], o_gmem.at[si, rows, tokens])
+      # o_smem is rewritten by the next tile.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def make_pipeline(ni, mi, si, expert):
+      """The K loop of one 128-row output tile (rows ni, tokens mi, K split
+      si) on two compute warpgroups fed by a TMA warpgroup."""
+
+      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
+        *up_refs, accs = rest
+        wg = lax.axis_index("wg")
+        weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
+        for (w_ref, s_ref), acc_ref in zip(weights, accs, strict=True):
+          w = plgpu.load(
+            w_ref.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
+            layout=plgpu.Layout.WGMMA_8BIT,
+          )
+          decode_and_mma(w, s_ref, xe_smem, xo_smem, acc_ref, half=wg, slot=wg)
+        return accs
+
+      def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
+        def _(accs):
+          eval_pipeline(accs)
+          wg = lax.axis_index("wg")
+          finish(accs, 2 * ni + wg, expert, mi, si, wg)
+
       return plgpu.emit_pipeline_warp_specialized(
         mma_body,
         grid=(steps,),
         memory_registers=40,
-        in_specs=[
-          spec(
-            (None, TILE_ROWS, plan.plane_k),
-            lambda k: (expert, ni, k0 + k),
-            _swizzled(8, plan.plane_k),
-          ),
-          spec(
-            (cfg.block_m, plan.plane_k),
-            lambda k: (mi, k0 + k),
-            _swizzled(16, 2 * plan.plane_k),
-          ),
-          spec(
-            (cfg.block_m, plan.plane_k),
-            lambda k: (mi, k0 + k),
-            _swizzled(16, 2 * plan.plane_k),
-          ),
-          spec(
-            (None, None, plan.scale_chunks, 2, 256),
-            lambda k: (expert, ni, k0 + k, 0, 0),
-          ),
-          *up_specs,
-        ],
+        in_specs=in_specs(TILE_ROWS, ni, mi, si * steps, expert),
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=cfg.num_stages,
@@ -522,97 +526,38 @@ def matmul(
     def one_warpgroup_pipeline(ni, mi, si, expert):
       """The K loop of 64-row block `ni` on a CTA of one warpgroup, which
       issues its own TMA loads (plain pipeline, no register split)."""
-      k0 = si * steps
-      tile, half = ni // 2, ni % 2
-
-      def step(w_ref, s_ref, xe_smem, xo_smem, acc_ref):
-        w = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
-        if a_in_smem:
-          lo, hi = _decode_jnp(w, s_ref, half, plan)
-          a_smem[0, 0] = lo
-          a_smem[0, 1] = hi
-          plgpu.commit_smem()
-          lo, hi = a_smem.at[0, 0], a_smem.at[0, 1]
-        else:
-          # This block's rows are the `half` of the 128-row scale tile:
-          # their scale words start 2 * half words into each chunk.
-          words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
-          lo, hi = _decode_ptx(w, words, plan, row_base=0)
-        plgpu.wgmma(acc_ref, lo, xe_smem.T)
-        plgpu.wgmma(acc_ref, hi, xo_smem.T)
-        plgpu.wgmma_wait(0)  # as in the two-warpgroup body
-
-      def spec(shape, index_map, transforms=()):
-        return plgpu.BlockSpec(shape, index_map, transforms=transforms)
-
-      def weight_specs(row_block, scale_tile):
-        return [
-          spec(
-            (None, WG_ROWS, plan.plane_k),
-            lambda k: (expert, row_block, k0 + k),
-            _swizzled(8, plan.plane_k),
-          ),
-          spec(
-            (None, None, plan.scale_chunks, 2, 256),
-            lambda k: (expert, scale_tile, k0 + k, 0, 0),
-          ),
-        ]
-
-      w_spec, s_spec = weight_specs(ni, tile)
-      x_spec = spec(
-        (cfg.block_m, plan.plane_k),
-        lambda k: (mi, k0 + k),
-        _swizzled(16, 2 * plan.plane_k),
-      )
-      up_specs = weight_specs(2 * up_tiles + ni, up_tiles + tile)
-      acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
-      n_accs = 2 if swiglu else 1
 
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
         def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
-          step(w_smem, s_smem, xe_smem, xo_smem, accs[0])
-          if swiglu:
-            step(up_refs[0], up_refs[1], xe_smem, xo_smem, accs[1])
+          weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
+          for (w_ref, s_ref), acc_ref in zip(weights, accs, strict=True):
+            w = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
+            decode_and_mma(
+              w, s_ref, xe_smem, xo_smem, acc_ref, half=ni % 2, slot=0
+            )
 
         plgpu.emit_pipeline(
           body,
           grid=(steps,),
-          in_specs=[w_spec, x_spec, x_spec, s_spec]
-          + (up_specs if swiglu else []),
+          in_specs=in_specs(WG_ROWS, ni, mi, si * steps, expert),
           max_concurrent_steps=cfg.num_stages,
         )(*operands)
-
-        def scaled(acc_ref, row_block):
-          scale = f_gmem[expert, row_block] * (2.0**-PRODUCT_EXPONENT)
-          return acc_ref[...] * scale
-
-        if swiglu:
-          g = scaled(accs[0], ni)
-          acc = g / (1.0 + jnp.exp(-g)) * scaled(accs[1], 2 * up_tiles + ni)
-        else:
-          acc = scaled(accs[0], ni)
-        store_rows(acc, 0, ni * WG_ROWS, mi, si)
+        finish(accs, ni, expert, mi, si, 0)
 
     operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)
     if swiglu:
       operands += (w_gmem, s_gmem)
-    if single:
-      ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
-      expert = e_gmem[mi]
-
-      @pl.when(expert >= 0)
-      def _():
-        one_warpgroup_pipeline(ni, mi, si, expert)
-
-      return
     if not cfg.persistent:
       ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
       expert = e_gmem[mi]
 
       @pl.when(expert >= 0)
       def _():
-        make_pipeline(ni, mi, si, expert)(*operands)
+        if single:
+          one_warpgroup_pipeline(ni, mi, si, expert)
+        else:
+          make_pipeline(ni, mi, si, expert)(*operands)
 
       return
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
-from fp4jax.format import sm90_layout
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
@@ -305,14 +304,9 @@ def _grouped_gemm(
   if gather is not None:
     x_even, x_odd = x_even[gather], x_odd[gather]
   scale_rows, padded_blocks = proj.block_scale.shape[1:]
-  if proj.weight_layout == "sm90":
-    config = dataclasses.replace(config, twiddled=True)
-  elif config.twiddled:  # natural-order experts: a copy per call (tuning)
-    proj = dataclasses.replace(
-      proj, weight=sm90_layout.twiddle(proj.weight), weight_layout="sm90"
-    )
+  weight, config = sm90.kernel_weight(proj.weight, proj.weight_layout, config)
   out = sm90.matmul(
-    proj.weight,
+    weight,
     x_even,
     x_odd,
     proj.block_scale.reshape(
