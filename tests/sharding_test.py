@@ -161,12 +161,16 @@ def test_expert_parallel_prepare_equals_the_unsharded_leaves(
     np.testing.assert_array_equal(
       np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8)
     )
-  # The experts' outputs are the same numbers through the reference.
+  # The experts' outputs are the same numbers through the reference, up to
+  # float32 summation order: XLA partitions the reference over the sharded
+  # leaves (seed 3152277877 moved one bf16 output by one ulp).
   x = jnp.asarray(rng.standard_normal((6, 128)), jnp.bfloat16)
   logits = jnp.asarray(rng.standard_normal((6, 8)), jnp.float32)
   out = pallas_kernels.nvfp4_moe(x, logits, got, top_k=2, implementation="xla")
   ref = pallas_kernels.nvfp4_moe(x, logits, want, top_k=2, implementation="xla")
-  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  ref32 = np.asarray(ref, np.float32)
+  err = np.abs(np.asarray(out, np.float32) - ref32)
+  assert np.all(err <= 2.0**-7 * np.abs(ref32)), err.max()  # one bf16 ulp
 
 
 def test_orbax_restore_lands_each_shard_on_its_device(rng, tmp_path):
