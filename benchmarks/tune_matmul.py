@@ -56,7 +56,7 @@ def parse_overrides(text: str) -> list[dict]:
     fields = {}
     for item in group.split(","):
       key, value = (part.strip() for part in item.split("="))
-      flag = key in ("persistent", "twiddled")
+      flag = key in ("persistent", "twiddled", "async_mma")
       fields[key] = bool(int(value)) if flag else int(value)
     overrides.append(fields)
   return overrides

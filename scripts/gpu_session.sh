@@ -8,6 +8,11 @@
 #   bash scripts/gpu_session.sh moe MODELS TOKENS [budget s]
 #                                         # benchmarks.moe, Pallas W4A16
 #                                         # and ragged_dot only
+#   bash scripts/gpu_session.sh tune SHAPES TOKENS CONFIGS [name]
+#                                         # benchmarks.tune_matmul: the
+#                                         # heuristic's config against
+#                                         # overrides, e.g. 8192:28672 1,16
+#                                         # "async_mma=1;num_stages=6"
 # Run from the repo root on the GPU machine; writes under $OUT (or
 # ./gpu_out). Render results here with `python -m benchmarks.report
 # a.json b.json ... --kind matmul|moe` (`--prefer-first` puts a newer,
@@ -36,5 +41,10 @@ case "${1:-tier}" in
     timeout 580 python3 -m benchmarks.moe --models "$2" --tokens "$3" \
       --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget "${4:-400}" \
       --out "$out/moe_h200.json" 2>&1 | grep -E "TB/s|wrote|rel|failed"
+    ;;
+  tune)
+    timeout 580 python3 -m benchmarks.tune_matmul --shapes "$2" \
+      --tokens "$3" --configs "$4" --out "$out/tune_${5:-h200}.json" 2>&1 \
+      | grep -E "TB/s|WRONG|FAILED"
     ;;
 esac

@@ -31,6 +31,9 @@ class Config:
       instead of 15 integer operations per 8 codes). Set for layers
       prepared with `weight_layout="sm90"`; given a natural-order layer,
       `nvfp4_matmul` rearranges its weight per call (a copy, for tuning).
+    async_mma: leave one K step's wgmmas running while the next step
+      decodes (its input slots are released a step later), so decoding
+      overlaps the tensor cores instead of waiting for them.
   """
 
   block_k: int = 128
@@ -40,6 +43,7 @@ class Config:
   persistent: bool = False
   cta_rows: int = TILE_ROWS
   twiddled: bool = False
+  async_mma: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -54,6 +58,8 @@ class Config:
       raise ValueError(f"{self.cta_rows=} must be 64 or 128")
     if self.cta_rows == WGMMA_ROWS and self.persistent:
       raise ValueError("64-row CTAs have no persistent grid")
+    if self.async_mma and self.num_stages < 2:
+      raise ValueError("async_mma needs num_stages >= 2")
 
   def smem_bytes(self) -> int:
     per_stage = (

@@ -397,6 +397,7 @@ def matmul(
   if not grouped:
     tile_expert = jnp.zeros((m_tiles,), jnp.int32)
   steps = plan.steps_per_split
+  release = 1 if cfg.async_mma else 0  # input slots held one step longer
   a_in_smem = interpret
   single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
   compute_wgs = 1 if single else 2
@@ -416,7 +417,9 @@ def matmul(
       tile = row_block // per_tile
 
       def spec(shape, index_map, transforms=()):
-        return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+        return plgpu.BlockSpec(
+          shape, index_map, transforms=transforms, delay_release=release
+        )
 
       def weight(block, scale_tile):
         return [
@@ -444,13 +447,14 @@ def matmul(
 
     def decode_and_mma(w, s_ref, xe_smem, xo_smem, acc_ref, *, half, slot):
       """Decodes a [64, plane_k] weight tile (rows in `half` of its 128-row
-      scale tile) and accumulates both nibble planes' products."""
+      scale tile) and issues both nibble planes' wgmmas (two groups)."""
       if a_in_smem:
         lo, hi = _decode_jnp(w, s_ref, half, plan)
-        a_smem[slot, 0] = lo
-        a_smem[slot, 1] = hi
+        a_ref = a_smem.at[slot[0], slot[1]]
+        a_ref[0] = lo
+        a_ref[1] = hi
         plgpu.commit_smem()
-        lo, hi = a_smem.at[slot, 0], a_smem.at[slot, 1]
+        lo, hi = a_ref.at[0], a_ref.at[1]
       elif single:
         # The block's scale words start 2 * half words into each chunk.
         words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
@@ -459,10 +463,25 @@ def matmul(
         lo, hi = _decode_ptx(w, s_ref, plan)  # half: the warpgroup index
       plgpu.wgmma(acc_ref, lo, xe_smem.T)
       plgpu.wgmma(acc_ref, hi, xo_smem.T)
-      # Waits before the next decode: register A operands must not be
-      # rewritten while a wgmma reads them (leaving one step in flight
-      # gave NaNs on the H200 at 64 tokens and more).
-      plgpu.wgmma_wait(0)
+
+    def step(k, weights, xe_smem, xo_smem, accs, *, half, slot):
+      """One K step: decode and MMA each (weight, scales) into its
+      accumulator, then wait for the wgmmas that may not stay in flight."""
+      for i, ((w_ref, s_ref), acc_ref) in enumerate(zip(weights, accs)):
+        w = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
+        # Interpreter A tiles: one per accumulator, and per step parity
+        # while the previous step's wgmmas may still read theirs.
+        a_slot = (slot, (k % 2) * len(accs) + i if cfg.async_mma else i)
+        decode_and_mma(
+          w, s_ref, xe_smem, xo_smem, acc_ref, half=half, slot=a_slot
+        )
+        if not cfg.async_mma:
+          plgpu.wgmma_wait(0)
+      if cfg.async_mma:
+        # This step's groups stay in flight; the previous step's must be
+        # done before the pipeline releases its input slots (delay_release)
+        # and before the next decode reuses its A registers.
+        plgpu.wgmma_wait(2 * len(accs))
 
     def finish(accs, block, expert, mi, si, slot):
       """Scales the accumulators of 64-row block `block` (and applies
@@ -493,16 +512,13 @@ def matmul(
       """The K loop of one 128-row output tile (rows ni, tokens mi, K split
       si) on two compute warpgroups fed by a TMA warpgroup."""
 
-      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
+      def mma_body(index, w_smem, xe_smem, xo_smem, s_smem, *rest):
         *up_refs, accs = rest
         wg = lax.axis_index("wg")
+        rows = pl.ds(wg * WG_ROWS, WG_ROWS)
         weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
-        for (w_ref, s_ref), acc_ref in zip(weights, accs, strict=True):
-          w = plgpu.load(
-            w_ref.at[pl.ds(wg * WG_ROWS, WG_ROWS)],
-            layout=plgpu.Layout.WGMMA_8BIT,
-          )
-          decode_and_mma(w, s_ref, xe_smem, xo_smem, acc_ref, half=wg, slot=wg)
+        weights = [(w_ref.at[rows], s_ref) for w_ref, s_ref in weights]
+        step(index[0], weights, xe_smem, xo_smem, accs, half=wg, slot=wg)
         return accs
 
       def compute_context(eval_pipeline):
@@ -529,13 +545,9 @@ def matmul(
 
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
-        def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
+        def body(index, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
           weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
-          for (w_ref, s_ref), acc_ref in zip(weights, accs, strict=True):
-            w = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
-            decode_and_mma(
-              w, s_ref, xe_smem, xo_smem, acc_ref, half=ni % 2, slot=0
-            )
+          step(index[0], weights, xe_smem, xo_smem, accs, half=ni % 2, slot=0)
 
         plgpu.emit_pipeline(
           body,
@@ -595,9 +607,10 @@ def matmul(
     o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
   if a_in_smem:
+    a_tiles = (2 if swiglu else 1) * (2 if cfg.async_mma else 1)
     scratch.append(
       plgpu.SMEM(
-        (compute_wgs, 2, WG_ROWS, plan.plane_k),
+        (compute_wgs, a_tiles, 2, WG_ROWS, plan.plane_k),
         jnp.bfloat16,
         transforms=_swizzled(16, 2 * plan.plane_k),
       )

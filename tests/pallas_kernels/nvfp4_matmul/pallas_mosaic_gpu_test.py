@@ -33,6 +33,14 @@ REAL_SHAPES = [
   (2048, 5120, 2048),
   (7, 2880, 2880),  # gpt-oss: N is no multiple of 128, K of 64
 ]
+# Configs with wgmmas in flight across K steps at real shapes.
+ASYNC_REAL_CONFIGS = [
+  (8192, 28672, 8192, dict(block_k=128, block_m=128)),
+  (2048, 5120, 2048, dict(block_k=64, block_m=256, num_stages=3)),
+  (256, 8192, 28672, dict(block_k=128, block_m=128, persistent=True)),
+  (1, 28672, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
+  (64, 14336, 4096, dict(block_k=128, block_m=64)),
+]
 # Shapes that do not fill whole tiles (N % 128, N % 8, K % 64, M < 8).
 PARTIAL_SHAPES = [(3, 200, 64), (2, 128, 48), (5, 60, 96), (9, 192, 320)]
 
@@ -74,6 +82,16 @@ def run(x, layer, activation, config=None, interpret=True):
       config_lib.Config(block_k=64, block_m=16, splits=2, cta_rows=64),
     ),
     (5, 256, 256, config_lib.Config(block_k=128, block_m=8, twiddled=True)),
+    # wgmmas left in flight across K steps, on each CTA shape.
+    *[
+      (m, n, k, config_lib.Config(async_mma=True, **fields))
+      for m, n, k, fields in [
+        (20, 256, 1024, dict(block_k=64, block_m=8)),
+        (9, 200, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
+        (5, 384, 512, dict(block_k=128, block_m=8, persistent=True)),
+        (4, 256, 256, dict(block_k=64, block_m=8, num_stages=2)),
+      ]
+    ],
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -125,6 +143,10 @@ def test_interpret_batch_dims_and_weight_only(rng):
       7168,
       config_lib.Config(block_k=256, block_m=64, splits=7, cta_rows=64),
     ),
+    *[
+      (m, n, k, config_lib.Config(async_mma=True, **fields))
+      for m, n, k, fields in ASYNC_REAL_CONFIGS
+    ],
   ],
 )
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
@@ -184,6 +206,8 @@ def test_config_validation():
     config_lib.Config(cta_rows=32)
   with pytest.raises(ValueError, match="persistent"):
     config_lib.Config(cta_rows=64, persistent=True)
+  with pytest.raises(ValueError, match="async_mma"):
+    config_lib.Config(async_mma=True, num_stages=1)
 
 
 @pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
@@ -239,6 +263,28 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
   )
   def test_matches_numpy_oracle(self, rng, m, n, k, activation):
     super().test_matches_numpy_oracle(rng, m, n, k, activation)
+
+  @pytest.mark.parametrize("async_mma", [False, True])
+  @pytest.mark.parametrize(
+    "m, n, k, fields",
+    [
+      (2048, 5120, 2048, dict(block_k=64, block_m=256, num_stages=3)),
+      (256, 4096, 4096, dict(block_k=128, block_m=128, persistent=True)),
+      (300, 1024, 1024, dict(block_k=64, block_m=128, persistent=True)),
+      (64, 2048, 7168, dict(block_k=128, block_m=64)),
+      (1, 4096, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
+    ],
+  )
+  def test_configs(self, rng, m, n, k, fields, async_mma):
+    # Each CTA shape with and without wgmmas in flight across K steps (a
+    # released input slot read by a running wgmma gave NaNs before).
+    layer, src = test_base.make_layer(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    config = config_lib.Config(async_mma=async_mma, **fields)
+    out = pallas_kernels.nvfp4_matmul(
+      x, layer, implementation="pallas", config=config
+    )
+    self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
 
   def test_batch_dims(self, rng):
     layer, src = test_base.make_layer(rng, 128, 256)
