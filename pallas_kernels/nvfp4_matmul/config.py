@@ -61,13 +61,16 @@ class Config:
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
 
-  def smem_bytes(self) -> int:
+  def smem_bytes(self, float32_out: bool = True) -> int:
+    """Shared memory of a CTA; the epilogue tile is float32 with split-K
+    or `float32_out`, else bf16 (by default the larger is assumed)."""
     per_stage = (
       self.cta_rows * self.block_k // 2  # packed weights
       + 2 * self.block_m * self.block_k  # even and odd bf16 activations
       + TILE_ROWS * self.block_k // 16  # block scales (a whole 128-row tile)
     )
-    epilogue = self.cta_rows * self.block_m * 4
+    out_bytes = 4 if float32_out or self.splits > 1 else 2
+    epilogue = self.cta_rows * self.block_m * out_bytes
     return self.num_stages * per_stage + epilogue
 
 
@@ -78,6 +81,13 @@ SMEM_LIMIT = 227 * 1024
 # old "fill every SM" rule from giving 4096x14336 at M=1 seven waves of two
 # K steps each (30 us, 1.1 TB/s).
 SPLIT_OVERHEAD_STEPS = 3
+# Token counts from which dense layers take prefill tiles: 256 tokens per
+# CTA, K steps of 64, four stages, a persistent grid. Tuned on the H200
+# (NOTES.md, tune_prefill_h200.json): 12-29% faster than 128-token tiles on
+# all five benchmark layers at 2048 and 8192 tokens. The wide token tile
+# halves the decode work per MMA, which the kernel does not overlap.
+PREFILL_TOKENS = 2048
+PREFILL = Config(block_k=64, block_m=256, num_stages=4, persistent=True)
 
 
 def heuristic(
@@ -94,6 +104,8 @@ def heuristic(
   A grouped GEMM (MoE) fixes `block_m` and says how many token tiles will
   do work (`token_tiles`); by default both follow from `m`.
   """
+  if block_m is None and m >= PREFILL_TOKENS:
+    return PREFILL  # bf16 output: fits in shared memory (smem_bytes)
   if block_m is None:
     block_m = 128 if m >= 128 else max(8, -(-m // 8) * 8)
   # The largest K step that divides K: Mosaic GPU's swizzled TMA views need
@@ -124,7 +136,9 @@ def heuristic(
   # 16 K steps. Tuned on the H200 (NOTES.md, sm90_layout weights, kernel
   # time): 64-row CTAs were 1-9% faster at 1-16 tokens on all five
   # benchmark layers and 10% in the MoE; with two splits 8192x28672 at M=1
-  # went 54 -> 47 us. At 64 tokens they were 30-45% slower.
+  # went 54 -> 47 us. At 64 tokens they were 30-45% slower. With their
+  # wgmmas overlapping the next decode (async_mma) the 64 MB layers took
+  # 1-3% less at 1 and 16 tokens.
   cta_rows = TILE_ROWS
   if block_m <= 16:
     cta_rows = WGMMA_ROWS
@@ -137,6 +151,7 @@ def heuristic(
     num_stages=stages,
     splits=best,
     cta_rows=cta_rows,
+    async_mma=cta_rows == WGMMA_ROWS,
   )
   while config.smem_bytes() > SMEM_LIMIT and config.num_stages > 2:
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)

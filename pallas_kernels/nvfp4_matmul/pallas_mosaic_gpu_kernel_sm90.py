@@ -98,6 +98,16 @@ class Plan:
   def scale_chunks(self) -> int:
     return self.config.block_k // SCALE_CHUNK_K
 
+  @property
+  def parts(self) -> int:
+    """K parts of a step that decode and MMA in turn (`async_mma`)."""
+    return 2 if self.config.async_mma else 1
+
+  @property
+  def part_k(self) -> int:
+    """Plane columns of one part: the K of its A tiles."""
+    return self.plane_k // self.parts
+
 
 # ----------------------------------------------------------------- decoding
 # Weights load in WGMMA_8BIT layout: one 32-bit register holds the 4 packed
@@ -118,14 +128,17 @@ def split_activations(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[0], x[1]
 
 
-def _decode_ptx(w, s_smem, plan: Plan, row_base: int | None = None):
-  """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles, PTX.
+def _decode_ptx(
+  w, s_smem, plan: Plan, row_base: int | None = None, part: int = 0
+):
+  """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles of K
+  part `part` (`plan.part_k` columns each), PTX.
 
   The 64 rows start at `row_base` of the 128-row scale tile, or (None) at
   64 times this thread's warpgroup index.
   """
   bf16_type = plgpu.ShapeDtypeStruct(
-    (WG_ROWS, plan.plane_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA
+    (WG_ROWS, plan.part_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA
   )
 
   @plgpu.inline_mgpu(
@@ -191,22 +204,27 @@ def _decode_ptx(w, s_smem, plan: Plan, row_base: int | None = None):
         result_types=[i32, i32],
       )
 
+    # Register j holds plane columns [16j, 16j + 16): this part's are
+    # `first` to `first + count`, scaled by chunk j // 2.
+    count = codes.registers.shape[1] // plan.parts
+    first = part * count
     scale_regs = {}
     for half in range(2):
       r = arith.addi(row, const(8 * half))
-      for chunk in range(plan.scale_chunks):
+      for chunk in range(first // 2, -(-(first + count) // 2)):
         even, odd = pair_scales(load_word(r, chunk))
         scale_regs[half, 2 * chunk] = even
         scale_regs[half, 2 * chunk + 1] = odd
 
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-    shape = list(codes.registers.shape)
-    out_shape = shape.copy()
-    out_shape[1] *= 2
+    out_shape = list(codes.registers.shape)
+    out_shape[1] = 2 * count
     lo_regs = np.empty(out_shape, dtype=object)
     hi_regs = np.empty(out_shape, dtype=object)
     for idx, reg in np.ndenumerate(codes.registers):
       j, half = idx[1], idx[4]
+      if not first <= j < first + count:
+        continue
       word = mgpu_utils.bitcast(reg, i32)
       # Both decoders put each code's sign at bit 15 of its bf16 half and
       # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
@@ -218,7 +236,7 @@ def _decode_ptx(w, s_smem, plan: Plan, row_base: int | None = None):
       )
       for sub, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1))):
         out_idx = list(idx)
-        out_idx[1] = 2 * j + sub
+        out_idx[1] = 2 * (j - first) + sub
         lo_regs[tuple(out_idx)] = mgpu_utils.bitcast(lo, bf16x2)
         hi_regs[tuple(out_idx)] = mgpu_utils.bitcast(hi, bf16x2)
 
@@ -281,7 +299,7 @@ _TWIDDLED_DECODE = """{
         }"""
 
 
-def _decode_jnp(w, s_smem, wg, plan: Plan):
+def _decode_jnp(w, s_smem, wg, plan: Plan, part: int = 0):
   """The same numbers and column order with jnp ops, for the interpreter."""
   if plan.config.twiddled:
     w = sm90_layout.untwiddle(w)
@@ -308,7 +326,8 @@ def _decode_jnp(w, s_smem, wg, plan: Plan):
     value = value.reshape(WG_ROWS, -1, 4, 2, 2).transpose(0, 1, 4, 2, 3)
     return value.reshape(WG_ROWS, -1).astype(jnp.bfloat16)
 
-  return plane(codes & 0xF), plane(codes >> 4)
+  columns = slice(part * plan.part_k, (part + 1) * plan.part_k)
+  return plane(codes & 0xF)[:, columns], plane(codes >> 4)[:, columns]
 
 
 def kernel_weight(weight, weight_layout: str, config: config_lib.Config):
@@ -435,21 +454,25 @@ def matmul(
         ]
 
       w_spec, s_spec = weight(row_block, tile)
+      # Swizzled per K part, so that a part is whole tiles for wgmma.
       x_spec = spec(
         (cfg.block_m, plan.plane_k),
         lambda k: (mi, k0 + k),
-        _swizzled(16, 2 * plan.plane_k),
+        _swizzled(16, 2 * plan.part_k),
       )
       specs = [w_spec, x_spec, x_spec, s_spec]
       if swiglu:
         specs += weight(row_block + up_tiles * per_tile, up_tiles + tile)
       return specs
 
-    def decode_and_mma(w, s_ref, xe_smem, xo_smem, acc_ref, *, half, slot):
-      """Decodes a [64, plane_k] weight tile (rows in `half` of its 128-row
-      scale tile) and issues both nibble planes' wgmmas (two groups)."""
+    def decode_and_mma(
+      w, s_ref, xe_smem, xo_smem, acc_ref, *, half, slot, part
+    ):
+      """Decodes K part `part` of a [64, plane_k] weight tile (rows in
+      `half` of its 128-row scale tile) and issues both nibble planes'
+      wgmmas (two groups)."""
       if a_in_smem:
-        lo, hi = _decode_jnp(w, s_ref, half, plan)
+        lo, hi = _decode_jnp(w, s_ref, half, plan, part)
         a_ref = a_smem.at[slot[0], slot[1]]
         a_ref[0] = lo
         a_ref[1] = hi
@@ -458,30 +481,47 @@ def matmul(
       elif single:
         # The block's scale words start 2 * half words into each chunk.
         words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
-        lo, hi = _decode_ptx(w, words, plan, row_base=0)
-      else:
-        lo, hi = _decode_ptx(w, s_ref, plan)  # half: the warpgroup index
-      plgpu.wgmma(acc_ref, lo, xe_smem.T)
-      plgpu.wgmma(acc_ref, hi, xo_smem.T)
+        lo, hi = _decode_ptx(w, words, plan, row_base=0, part=part)
+      else:  # half: the warpgroup index
+        lo, hi = _decode_ptx(w, s_ref, plan, part=part)
+      columns = pl.ds(part * plan.part_k, plan.part_k)
+      plgpu.wgmma(acc_ref, lo, xe_smem.at[:, columns].T)
+      plgpu.wgmma(acc_ref, hi, xo_smem.at[:, columns].T)
 
-    def step(k, weights, xe_smem, xo_smem, accs, *, half, slot):
+    def step(weights, xe_smem, xo_smem, accs, *, half, slot):
       """One K step: decode and MMA each (weight, scales) into its
-      accumulator, then wait for the wgmmas that may not stay in flight."""
-      for i, ((w_ref, s_ref), acc_ref) in enumerate(zip(weights, accs)):
-        w = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
-        # Interpreter A tiles: one per accumulator, and per step parity
-        # while the previous step's wgmmas may still read theirs.
-        a_slot = (slot, (k % 2) * len(accs) + i if cfg.async_mma else i)
-        decode_and_mma(
-          w, s_ref, xe_smem, xo_smem, acc_ref, half=half, slot=a_slot
-        )
-        if not cfg.async_mma:
-          plgpu.wgmma_wait(0)
-      if cfg.async_mma:
-        # This step's groups stay in flight; the previous step's must be
-        # done before the pipeline releases its input slots (delay_release)
-        # and before the next decode reuses its A registers.
-        plgpu.wgmma_wait(2 * len(accs))
+      accumulator.
+
+      With `async_mma` the step runs in two K parts, and each part's
+      wgmmas run while the next part decodes. A part's A registers are
+      rewritten (next step) only after a wait that covers its wgmmas:
+      register A operands must not change while a wgmma reads them
+      (leaving a whole step in flight instead gave NaNs on the H200). The
+      last part's wgmmas still read their input slot when the step ends,
+      so slots are released a step late (`delay_release`).
+      """
+      codes = [
+        plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
+        for w_ref, _ in weights
+      ]
+      for part in range(plan.parts):
+        for i, (w, (_, s_ref), acc_ref) in enumerate(
+          zip(codes, weights, accs, strict=True)
+        ):
+          decode_and_mma(
+            w,
+            s_ref,
+            xe_smem,
+            xo_smem,
+            acc_ref,
+            half=half,
+            slot=(slot, part * len(accs) + i),  # interpreter A tile
+            part=part,
+          )
+          if not cfg.async_mma:
+            plgpu.wgmma_wait(0)
+        if cfg.async_mma:
+          plgpu.wgmma_wait(2 * len(accs))  # all but this part's groups
 
     def finish(accs, block, expert, mi, si, slot):
       """Scales the accumulators of 64-row block `block` (and applies
@@ -512,13 +552,13 @@ def matmul(
       """The K loop of one 128-row output tile (rows ni, tokens mi, K split
       si) on two compute warpgroups fed by a TMA warpgroup."""
 
-      def mma_body(index, w_smem, xe_smem, xo_smem, s_smem, *rest):
+      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
         *up_refs, accs = rest
         wg = lax.axis_index("wg")
         rows = pl.ds(wg * WG_ROWS, WG_ROWS)
         weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
         weights = [(w_ref.at[rows], s_ref) for w_ref, s_ref in weights]
-        step(index[0], weights, xe_smem, xo_smem, accs, half=wg, slot=wg)
+        step(weights, xe_smem, xo_smem, accs, half=wg, slot=wg)
         return accs
 
       def compute_context(eval_pipeline):
@@ -545,9 +585,9 @@ def matmul(
 
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
-        def body(index, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
+        def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
           weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
-          step(index[0], weights, xe_smem, xo_smem, accs, half=ni % 2, slot=0)
+          step(weights, xe_smem, xo_smem, accs, half=ni % 2, slot=0)
 
         plgpu.emit_pipeline(
           body,
@@ -607,12 +647,12 @@ def matmul(
     o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
   if a_in_smem:
-    a_tiles = (2 if swiglu else 1) * (2 if cfg.async_mma else 1)
+    a_tiles = (2 if swiglu else 1) * plan.parts
     scratch.append(
       plgpu.SMEM(
-        (compute_wgs, a_tiles, 2, WG_ROWS, plan.plane_k),
+        (compute_wgs, a_tiles, 2, WG_ROWS, plan.part_k),
         jnp.bfloat16,
-        transforms=_swizzled(16, 2 * plan.plane_k),
+        transforms=_swizzled(16, 2 * plan.part_k),
       )
     )
   if cfg.persistent:

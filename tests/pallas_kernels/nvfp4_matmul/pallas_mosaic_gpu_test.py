@@ -216,10 +216,14 @@ def test_heuristic_tiles_and_fits(m, n, k):
   padded_k = -(-k // 64) * 64
   assert padded_k % cfg.block_k == 0
   assert (padded_k // cfg.block_k) % cfg.splits == 0
-  assert cfg.smem_bytes() <= config_lib.SMEM_LIMIT
+  assert cfg.smem_bytes(float32_out=False) <= config_lib.SMEM_LIMIT
   assert cfg.block_m >= min(m, 128)
-  # Decode tiles run on 64-row one-warpgroup CTAs (config.heuristic).
+  if m >= config_lib.PREFILL_TOKENS:
+    assert cfg == config_lib.PREFILL and cfg.splits == 1  # bf16 epilogue
+  # Decode tiles run on 64-row one-warpgroup CTAs (config.heuristic), with
+  # their wgmmas overlapping the next decode.
   assert cfg.cta_rows == (64 if cfg.block_m <= 16 else 128)
+  assert cfg.async_mma == (cfg.cta_rows == 64)
   tiles = -(-n // config_lib.TILE_ROWS) * -(-m // cfg.block_m)
   if tiles >= config_lib.H200_SMS and cfg.block_m > 16:
     assert cfg.splits == 1  # large M: no float32 partial sums
