@@ -31,9 +31,9 @@ class Config:
       instead of 15 integer operations per 8 codes). Set for layers
       prepared with `weight_layout="sm90"`; given a natural-order layer,
       `nvfp4_matmul` rearranges its weight per call (a copy, for tuning).
-    async_mma: leave one K step's wgmmas running while the next step
-      decodes (its input slots are released a step later), so decoding
-      overlaps the tensor cores instead of waiting for them.
+    async_mma: run each K step in two K parts whose wgmmas overlap the
+      next part's decode (input slots are released a step later), instead
+      of waiting for each step's wgmmas before decoding again.
   """
 
   block_k: int = 128

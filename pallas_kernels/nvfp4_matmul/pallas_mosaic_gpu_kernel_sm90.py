@@ -23,6 +23,9 @@ bits inside each 4-byte group are permuted, at prepare time):
   (`emit_pipeline`), several CTAs per SM.
 - Small token counts split K across CTAs (`splits`) so that all SMs stream
   weights; partial sums come back in float32 and the caller adds them.
+- `Config.async_mma` splits a K step into two parts: each part's wgmmas run
+  while the next part decodes, and a wait always covers a wgmma before its
+  A registers are rewritten (a whole step left in flight gave NaNs).
 
 Decoding (GPU, inline PTX per register, see `_decode_ptx`): the E2M1 code's
 sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
