@@ -60,6 +60,10 @@ class Config:
       raise ValueError("64-row CTAs have no persistent grid")
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
+    if self.async_mma and self.persistent:
+      # Slots released a step late leave the pipeline's barriers a phase
+      # behind when the next tile reuses them (the interpreter caught it).
+      raise ValueError("async_mma has no persistent grid")
 
   def smem_bytes(self, float32_out: bool = True) -> int:
     """Shared memory of a CTA; the epilogue tile is float32 with split-K

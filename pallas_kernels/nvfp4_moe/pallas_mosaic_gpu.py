@@ -101,6 +101,7 @@ def configs_for(
         config,
         persistent=persistent and rows == config_lib.TILE_ROWS,
         cta_rows=rows,
+        async_mma=rows == config_lib.WGMMA_ROWS,  # as the heuristic's
       )
     )
   return tuple(configs)

@@ -37,7 +37,7 @@ REAL_SHAPES = [
 ASYNC_REAL_CONFIGS = [
   (8192, 28672, 8192, dict(block_k=128, block_m=128)),
   (2048, 5120, 2048, dict(block_k=64, block_m=256, num_stages=3)),
-  (256, 8192, 28672, dict(block_k=128, block_m=128, persistent=True)),
+  (256, 8192, 28672, dict(block_k=128, block_m=128)),
   (1, 28672, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
   (64, 14336, 4096, dict(block_k=128, block_m=64)),
 ]
@@ -88,7 +88,6 @@ def run(x, layer, activation, config=None, interpret=True):
       for m, n, k, fields in [
         (20, 256, 1024, dict(block_k=64, block_m=8)),
         (9, 200, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
-        (5, 384, 512, dict(block_k=128, block_m=8, persistent=True)),
         (4, 256, 256, dict(block_k=64, block_m=8, num_stages=2)),
       ]
     ],
@@ -208,6 +207,8 @@ def test_config_validation():
     config_lib.Config(cta_rows=64, persistent=True)
   with pytest.raises(ValueError, match="async_mma"):
     config_lib.Config(async_mma=True, num_stages=1)
+  with pytest.raises(ValueError, match="async_mma"):
+    config_lib.Config(async_mma=True, persistent=True)
 
 
 @pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
@@ -273,8 +274,8 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
     "m, n, k, fields",
     [
       (2048, 5120, 2048, dict(block_k=64, block_m=256, num_stages=3)),
-      (256, 4096, 4096, dict(block_k=128, block_m=128, persistent=True)),
-      (300, 1024, 1024, dict(block_k=64, block_m=128, persistent=True)),
+      (256, 4096, 4096, dict(block_k=128, block_m=128)),
+      (300, 1024, 1024, dict(block_k=64, block_m=128)),
       (64, 2048, 7168, dict(block_k=128, block_m=64)),
       (1, 4096, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
     ],

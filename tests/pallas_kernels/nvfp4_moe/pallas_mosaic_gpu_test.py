@@ -279,3 +279,22 @@ class TestOnGPUUnfusedSwiGLU(TestOnGPU):
     return pallas_mosaic_gpu.nvfp4_moe(
       x, logits, experts, fused_swiglu=False, **kwargs
     )
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 4096])
+@pytest.mark.parametrize("cta_rows", [None, 64, 128])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_configs_overlap_mma_only_on_64_row_ctas(tokens, cta_rows, persistent):
+  # async_mma releases pipeline slots a step late, which the persistent
+  # grid's reused barriers cannot take (config.Config).
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens,
+    top_k=8,
+    experts=128,
+    block_m=pallas_mosaic_gpu.block_m_for(tokens, 8, 128),
+  )
+  for config in pallas_mosaic_gpu.configs_for(
+    plan, 2048, 768, 132, persistent, cta_rows
+  ):
+    assert config.async_mma == (config.cta_rows == 64)
+    assert not (config.async_mma and config.persistent)
