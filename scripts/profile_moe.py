@@ -1,7 +1,8 @@
 """GPU diagnostic: where an NVFP4 MoE layer's time goes, kernel by kernel.
 
   PYTHONPATH=. python scripts/profile_moe.py [model] [tokens,...]
-      [variants: plain,persistent,fused,rows64,rows64fused,auto,autofused]
+      [variants: plain,persistent,fused,rows64,rows64fused,auto,autofused,
+       wide,wideplain]
 
 Prints CUPTI time per kernel launch (name, µs) of one Pallas MoE call, for
 the benchmark's weights (`benchmarks.moe`), so that XLA glue (sorting,
@@ -42,9 +43,11 @@ def main(argv):
           logits,
           experts,
           top_k=top_k,
-          persistent=variant != "plain",
-          # "auto*": the heuristic's CTAs; "rows64*": 64-row CTAs.
+          persistent=not variant.endswith("plain"),
+          # "auto*": the heuristic's CTAs; "rows64*": 64-row CTAs; "wide*":
+          # 256-token tiles (SwiGLU unfused).
           cta_rows={"auto": None, "rows": 64}.get(variant[:4], 128),
+          block_m=256 if variant.startswith("wide") else None,
           fused_swiglu=variant.endswith("fused"),
         )
 

@@ -118,6 +118,8 @@ def heuristic(
   block_k = next(bk for bk in (256, 128, 64) if k % bk == 0)
   if block_m > 64 and block_k == 256:
     block_k = 128
+  if block_m > 128:
+    block_k = 64  # 256-token tiles: best with K steps of 64 (PREFILL)
   if token_tiles is None:
     token_tiles = -(-m // block_m)
   tiles = -(-n // TILE_ROWS) * token_tiles

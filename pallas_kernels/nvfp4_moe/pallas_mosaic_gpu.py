@@ -96,14 +96,19 @@ def configs_for(
       token_tiles=plan.busy_tiles,
     )
     rows = cta_rows or config.cta_rows
-    configs.append(
-      dataclasses.replace(
-        config,
-        persistent=persistent and rows == config_lib.TILE_ROWS,
-        cta_rows=rows,
-        async_mma=rows == config_lib.WGMMA_ROWS,  # as the heuristic's
-      )
+    config = dataclasses.replace(
+      config,
+      persistent=persistent and rows == config_lib.TILE_ROWS,
+      cta_rows=rows,
+      async_mma=rows == config_lib.WGMMA_ROWS,  # as the heuristic's
     )
+    if plan.block_m > 128 and k == inter and config.splits == 1:
+      # GEMM 2 of 256-token tiles returns bf16: the dense prefill's stages
+      # fit (the heuristic assumes a float32 epilogue tile).
+      config = dataclasses.replace(
+        config, num_stages=config_lib.PREFILL.num_stages
+      )
+    configs.append(config)
   return tuple(configs)
 
 
@@ -208,6 +213,9 @@ def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
     tiles.fused_swiglu
     and activation == "bf16"
     and (two_i // 2) % config_lib.TILE_ROWS == 0
+    # Gate and up float32 accumulators of 256 tokens would take 256
+    # registers per thread: wider tiles run SwiGLU unfused.
+    and plan.block_m <= 128
   )
   if swiglu:  # the epilogue is not linear: no split-K partial sums
     configs = (dataclasses.replace(configs[0], splits=1), configs[1])

@@ -107,6 +107,28 @@ def test_interpret_larger_token_tiles(rng, persistent, cta_rows):
   )
 
 
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_interpret_256_token_tiles(rng, activation):
+  # Tiles as wide as the dense prefill's; SwiGLU then runs unfused (its two
+  # accumulators would not fit in registers).
+  experts, src = test_base.make_experts(rng, 2, 128, 128)
+  x = jnp.asarray(rng.standard_normal((300, 128)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((300, 2)), jnp.float32)
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x,
+    logits,
+    experts,
+    top_k=2,
+    block_m=256,
+    activation=activation,
+    interpret=True,
+  )
+  want = test_base.numpy_moe(x, logits, src, 2, True, activation)
+  tolerance.assert_close(
+    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+  )
+
+
 class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
   """The shared suite with SwiGLU in GEMM 1's epilogue (I % 128 == 0)."""
 
@@ -202,6 +224,20 @@ def abstract_experts(n_experts, hidden, inter):
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
 def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
+  lower_moe(model, tokens, persistent, cta_rows, swiglu)
+
+
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL])
+def test_256_token_tiles_lower_for_sm90(model, persistent, activation):
+  # Lowering checks that GEMM 2's four stages fit in shared memory.
+  lower_moe(model, 16384, persistent, 128, False, 256, activation)
+
+
+def lower_moe(
+  model, tokens, persistent, cta_rows, swiglu, block_m=None, activation="bf16"
+):
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -210,7 +246,7 @@ def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
     tokens=tokens,
     top_k=top_k,
     experts=n_experts,
-    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
+    block_m=block_m or pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
   )
   configs = pallas_mosaic_gpu.configs_for(
     plan,
@@ -234,7 +270,7 @@ def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
       experts,
       plan=plan,
       configs=configs,
-      activation="bf16",
+      activation=activation,
       swiglu=swiglu,
       interpret=False,
     )
@@ -265,6 +301,31 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
       x, logits, experts, top_k=8, activation=activation, implementation="xla"
     )
     self.check(out, want.astype(jnp.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_256_token_tiles_on_gpu(rng, activation, persistent):
+  # Qwen3-30B-A3B's expert sizes, 16 experts: groups of ~512 rows.
+  experts, _ = test_base.make_experts(rng, 16, 2048, 768)
+  x = jnp.asarray(rng.standard_normal((1024, 2048)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((1024, 16)), jnp.float32)
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x,
+    logits,
+    experts,
+    top_k=8,
+    activation=activation,
+    block_m=256,
+    persistent=persistent,
+  )
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=8, activation=activation, implementation="xla"
+  )
+  tolerance.assert_close(
+    out, want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
+  )
 
 
 @pytest.mark.gpu
