@@ -108,6 +108,29 @@ def test_ragged_dot_anchor_matches_reference(rng):
   assert err.max() <= 0.03 * scale  # bf16 weights and silu approximation
 
 
+def test_active_reference_equals_the_whole_reference():
+  # The benchmark's check dequantizes only the routed experts; the numbers
+  # must be the full reference's, bit for bit.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import pallas_kernels
+
+  key = jax.random.key(7)
+  experts = moe.random_experts(key, 16, 64, 32)
+  x = jax.random.normal(key, (5, 64), jnp.bfloat16)
+  logits = jax.random.normal(jax.random.fold_in(key, 1), (5, 16))
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=2, implementation="xla"
+  )
+  got = moe.active_reference(x, logits, experts, top_k=2)
+  assert np.unique(jnp.argsort(logits, axis=1)[:, -2:]).size < 16
+  np.testing.assert_array_equal(
+    np.asarray(got, np.float32), np.asarray(want, np.float32)
+  )
+
+
 def src_dense(src, prefix):
   import jax.numpy as jnp
 
