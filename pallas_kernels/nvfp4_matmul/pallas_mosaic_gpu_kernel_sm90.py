@@ -503,16 +503,17 @@ def matmul(
       last part's wgmmas still read their input slot when the step ends,
       so slots are released a step late (`delay_release`).
       """
-      codes = [
-        plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
-        for w_ref, _ in weights
-      ]
+      # Each tile's codes load just before their first decode (fewer live
+      # registers with SwiGLU's second weight).
+      codes = [None] * len(weights)
       for part in range(plan.parts):
-        for i, (w, (_, s_ref), acc_ref) in enumerate(
-          zip(codes, weights, accs, strict=True)
+        for i, ((w_ref, s_ref), acc_ref) in enumerate(
+          zip(weights, accs, strict=True)
         ):
+          if codes[i] is None:
+            codes[i] = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
           decode_and_mma(
-            w,
+            codes[i],
             s_ref,
             xe_smem,
             xo_smem,
