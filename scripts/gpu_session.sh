@@ -13,6 +13,11 @@
 #                                         # heuristic's config against
 #                                         # overrides, e.g. 8192:28672 1,16
 #                                         # "async_mma=1;num_stages=6"
+#   bash scripts/gpu_session.sh profile MODEL TOKENS VARIANTS
+#                                         # scripts/profile_moe.py: time
+#                                         # per kernel of one MoE call,
+#                                         # e.g. deepseek-v3 4096,16384
+#                                         # autofused,wide
 # Run from the repo root on the GPU machine; writes under $OUT (or
 # ./gpu_out). Render results here with `python -m benchmarks.report
 # a.json b.json ... --kind matmul|moe` (`--prefer-first` puts a newer,
@@ -46,5 +51,9 @@ case "${1:-tier}" in
     timeout 580 python3 -m benchmarks.tune_matmul --shapes "$2" \
       --tokens "$3" --configs "$4" --out "$out/tune_${5:-h200}.json" 2>&1 \
       | grep -E "TB/s|WRONG|FAILED"
+    ;;
+  profile)
+    timeout 580 python3 scripts/profile_moe.py "$2" "$3" "$4" 2>&1 \
+      | tee "$out/profile_${2}.log" | grep -E "^==|mosaic"
     ;;
 esac
