@@ -49,6 +49,14 @@ def _variants(base: config_lib.Config, k: int, field_sets):
     yield cfg
 
 
+# Config fields given as 0 or 1.
+FLAGS = frozenset(
+  f.name
+  for f in dataclasses.fields(config_lib.Config)
+  if f.type in (bool, "bool")
+)
+
+
 def parse_overrides(text: str) -> list[dict]:
   """ "a=1,b=2;c=3" -> [{"a": 1, "b": 2}, {"c": 3}] (flags: 0 or 1)."""
   overrides = []
@@ -56,8 +64,7 @@ def parse_overrides(text: str) -> list[dict]:
     fields = {}
     for item in group.split(","):
       key, value = (part.strip() for part in item.split("="))
-      flag = key in ("persistent", "twiddled", "async_mma")
-      fields[key] = bool(int(value)) if flag else int(value)
+      fields[key] = bool(int(value)) if key in FLAGS else int(value)
     overrides.append(fields)
   return overrides
 

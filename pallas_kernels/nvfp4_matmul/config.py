@@ -94,6 +94,13 @@ PREFILL_TOKENS = 2048
 PREFILL = Config(block_k=64, block_m=256, num_stages=4, persistent=True)
 
 
+def overlaps_mma(cta_rows: int) -> bool:
+  """Whether CTAs of `cta_rows` rows take `async_mma`: on the 64-row
+  decode CTAs it saved 1-3% (NOTES.md, tune_async_h200.json); on 128-row
+  tiles it was slower for prefill and mixed at 64-256 tokens."""
+  return cta_rows == WGMMA_ROWS
+
+
 def heuristic(
   m: int,
   n: int,
@@ -142,9 +149,7 @@ def heuristic(
   # 16 K steps. Tuned on the H200 (NOTES.md, sm90_layout weights, kernel
   # time): 64-row CTAs were 1-9% faster at 1-16 tokens on all five
   # benchmark layers and 10% in the MoE; with two splits 8192x28672 at M=1
-  # went 54 -> 47 us. At 64 tokens they were 30-45% slower. With their
-  # wgmmas overlapping the next decode (async_mma) the 64 MB layers took
-  # 1-3% less at 1 and 16 tokens.
+  # went 54 -> 47 us. At 64 tokens they were 30-45% slower.
   cta_rows = TILE_ROWS
   if block_m <= 16:
     cta_rows = WGMMA_ROWS
@@ -157,7 +162,7 @@ def heuristic(
     num_stages=stages,
     splits=best,
     cta_rows=cta_rows,
-    async_mma=cta_rows == WGMMA_ROWS,
+    async_mma=overlaps_mma(cta_rows),
   )
   while config.smem_bytes() > SMEM_LIMIT and config.num_stages > 2:
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)

@@ -100,7 +100,7 @@ def configs_for(
       config,
       persistent=persistent and rows == config_lib.TILE_ROWS,
       cta_rows=rows,
-      async_mma=rows == config_lib.WGMMA_ROWS,  # as the heuristic's
+      async_mma=config_lib.overlaps_mma(rows),
     )
     if plan.block_m > 128 and k == inter and config.splits == 1:
       # GEMM 2 of 256-token tiles returns bf16: the dense prefill's stages

@@ -88,9 +88,7 @@ def test_interpret_larger_token_tiles(rng, persistent, cta_rows):
   # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per
   # expert; persistent: 4 CTAs walk only the used token tiles; 64-row CTAs
   # of one warpgroup (SwiGLU fused: I = 128).
-  experts, src = test_base.make_experts(rng, 4, 256, 128)
-  x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
-  logits = jnp.asarray(rng.standard_normal((40, 4)), jnp.float32)
+  experts, src, x, logits = test_base.make_inputs(rng, 40, 4, 256, 128)
   out = pallas_mosaic_gpu.nvfp4_moe(
     x,
     logits,
@@ -111,9 +109,7 @@ def test_interpret_larger_token_tiles(rng, persistent, cta_rows):
 def test_interpret_256_token_tiles(rng, activation):
   # Tiles as wide as the dense prefill's; SwiGLU then runs unfused (its two
   # accumulators would not fit in registers).
-  experts, src = test_base.make_experts(rng, 2, 128, 128)
-  x = jnp.asarray(rng.standard_normal((300, 128)), jnp.bfloat16)
-  logits = jnp.asarray(rng.standard_normal((300, 2)), jnp.float32)
+  experts, src, x, logits = test_base.make_inputs(rng, 300, 2, 128, 128)
   out = pallas_mosaic_gpu.nvfp4_moe(
     x,
     logits,
@@ -291,9 +287,7 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
   @pytest.mark.parametrize("tokens", [1, 16, 300])
   def test_qwen3_sized_experts(self, rng, tokens, activation):
     # Qwen3-30B-A3B's hidden and intermediate sizes with 16 experts.
-    experts, _ = test_base.make_experts(rng, 16, 2048, 768)
-    x = jnp.asarray(rng.standard_normal((tokens, 2048)), jnp.bfloat16)
-    logits = jnp.asarray(rng.standard_normal((tokens, 16)), jnp.float32)
+    experts, _, x, logits = test_base.make_inputs(rng, tokens, 16, 2048, 768)
     out = self.moe(x, logits, experts, top_k=8, activation=activation)
     # The reference, itself checked against the numpy loop at small shapes
     # (a float64 loop over 2400 expert GEMMs would take minutes).
@@ -308,9 +302,7 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 def test_256_token_tiles_on_gpu(rng, activation, persistent):
   # Qwen3-30B-A3B's expert sizes, 16 experts: groups of ~512 rows.
-  experts, _ = test_base.make_experts(rng, 16, 2048, 768)
-  x = jnp.asarray(rng.standard_normal((1024, 2048)), jnp.bfloat16)
-  logits = jnp.asarray(rng.standard_normal((1024, 16)), jnp.float32)
+  experts, _, x, logits = test_base.make_inputs(rng, 1024, 16, 2048, 768)
   out = pallas_mosaic_gpu.nvfp4_moe(
     x,
     logits,

@@ -31,6 +31,14 @@ def make_experts(
   return prepared["experts"], jax.tree.map(np.asarray, src)
 
 
+def make_inputs(rng, tokens, e, hidden, inter, **expert_options):
+  """(experts, sources, bf16 tokens `[T, H]`, f32 router logits `[T, E]`)."""
+  experts, src = make_experts(rng, e, hidden, inter, **expert_options)
+  x = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32)
+  return experts, src, x, logits
+
+
 def numpy_route_deepseek(logits, bias, top_k, num_groups, top_groups, scaling):
   """DeepSeek-V3's sigmoid grouped top-k, token by token (HF's logic)."""
   scores = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
@@ -112,9 +120,7 @@ class NVFP4MoETestBase:
     self, rng, tokens, e, top_k, renormalize, activation
   ):
     hidden, inter = self.SHAPE
-    experts, src = make_experts(rng, e, hidden, inter)
-    x = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.bfloat16)
-    logits = jnp.asarray(rng.standard_normal((tokens, e)), jnp.float32)
+    experts, src, x, logits = make_inputs(rng, tokens, e, hidden, inter)
     out = self.moe(
       x,
       logits,
@@ -130,10 +136,10 @@ class NVFP4MoETestBase:
   @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
   def test_sm90_weight_layout(self, rng, activation):
     hidden, inter = self.SHAPE
-    experts, src = make_experts(rng, 4, hidden, inter, weight_layout="sm90")
+    experts, src, x, logits = make_inputs(
+      rng, 9, 4, hidden, inter, weight_layout="sm90"
+    )
     assert "w13_weight_sm90" in experts and "w2_weight" not in experts
-    x = jnp.asarray(rng.standard_normal((9, hidden)), jnp.bfloat16)
-    logits = jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)
     out = self.moe(x, logits, experts, top_k=2, activation=activation)
     self.check(out, numpy_moe(x, logits, src, 2, True, activation))
 
