@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import pallas_kernels
 from benchmarks import arg_specs
 from benchmarks import timing
+from fp4jax import transform
 from fp4jax.format import swizzle
-from pallas_kernels import common
 from pallas_kernels.nvfp4_moe import base
 
 IMPLEMENTATIONS = ("ragged_dot_bf16", "fp4jax_xla", "fp4jax_pallas_w4a16")
@@ -46,8 +46,8 @@ def random_experts(
 ) -> dict:
   """A prepared experts node with random codes and sane E4M3 scales.
 
-  Random bytes are random codes in either bit layout, so `weight_layout`
-  only names the leaf (`weight` or `weight_sm90`, see `fp4jax.prepare`).
+  Random bytes are random codes in any bit layout or row order, so
+  `weight_layout` only names the leaves (as `fp4jax.prepare` would).
   """
   node = {}
   for prefix, (n, k) in (
@@ -55,8 +55,8 @@ def random_experts(
     ("w2_", (hidden, inter)),
   ):
     key, k_w, k_s = jax.random.split(key, 3)
-    node[prefix + common.WEIGHT_KEYS[weight_layout]] = jax.random.bits(
-      k_w, (n_experts, n, k // 2), jnp.uint8
+    node[transform.experts_weight_leaf(prefix, n, weight_layout)] = (
+      jax.random.bits(k_w, (n_experts, n, k // 2), jnp.uint8)
     )
     # E4M3 bytes 0x30..0x3f: scales in [0.5, 1), never NaN.
     scale_bytes = 0x30 + jax.random.randint(

@@ -17,7 +17,11 @@ removes `weight_scale`, `weight_scale_2` and `input_scale`. A weight-only node (
 
 MoE `experts` nodes (`w13_*`, `w2_*`, stacked over experts) get per-expert
 `alpha [E]`, `input_scale_inv [E]` and per-expert swizzled block scales;
-`w13_alpha_up` appears only where gate and up `weight_scale_2` differ.
+`w13_alpha_up` appears only where gate and up `weight_scale_2` differ. With
+`weight_layout="sm90"` and I % 128 == 0 the [gate; up] stack is stored as
+`w13_weight_sm90_planes`: rows (and their block scales) permuted within each
+half into `sm90_layout.to_plane_rows` order, so that the Hopper kernel's
+SwiGLU epilogue writes GEMM 2's activation planes without a reorder pass.
 
 Reload: derived leaves are a function of all source leaves, so to load new
 weights restore the whole source set again and rerun `prepare`; never patch
@@ -47,6 +51,7 @@ DERIVED_LEAVES = (
   "alpha",
   "input_scale_inv",
   sm90_layout.WEIGHT_LEAF,
+  sm90_layout.PLANE_ROWS_LEAF,
 )
 MOE_PREFIXES = ("w13_", "w2_")
 WEIGHT_LAYOUTS = ("natural", "sm90")
@@ -152,11 +157,14 @@ def _derive_linear(
   node: Mapping[str, Any],
   swizzle_scales: bool = True,
   weight_layout: str = "natural",
+  plane_rows: bool = False,
 ) -> dict[str, Any]:
   """Derived leaves of one linear node in source state.
 
   `swizzle_scales=False` leaves `block_scale` out (fp4jax.sharding swizzles
   per shard; everything else here runs on the host, on whole tensors).
+  `plane_rows` (an experts' [gate; up] stack, sm90 layout): both halves'
+  rows go into `sm90_layout.to_plane_rows` order.
   """
   missing = [
     k for k in ("weight", "weight_scale", "weight_scale_2") if k not in node
@@ -174,7 +182,12 @@ def _derive_linear(
     f"weight {w.shape} and weight_scale {ws.shape} disagree"
     f" (K = {2 * half_k} must be a multiple of 16, scales [.., N, K/16])",
   )
-  if weight_layout == "sm90":
+  if plane_rows:
+    # Scales swizzled elsewhere (per shard) would miss the permutation.
+    _check(swizzle_scales, path, "plane-ordered rows need swizzle_scales")
+    w, ws = (_to_plane_rows(x) for x in (w, ws))
+    out = {sm90_layout.PLANE_ROWS_LEAF: sm90_layout.twiddle(w)}
+  elif weight_layout == "sm90":
     out = {sm90_layout.WEIGHT_LEAF: sm90_layout.twiddle(w)}
   else:
     out = {"weight": w}
@@ -189,6 +202,31 @@ def _derive_linear(
     _check_scales(path, weight_scale_2=ws2)
     out["alpha"] = ws2
   return out
+
+
+@jax.jit
+def _to_plane_rows(x):
+  """[E, 2I, ...] gate and up rows, each half in plane order."""
+  e, rows, *rest = x.shape
+  halves = x.reshape(e, 2, rows // 2, *rest)
+  return sm90_layout.to_plane_rows(halves, axis=2).reshape(x.shape)
+
+
+def experts_weight_leaf(prefix: str, rows: int, weight_layout: str) -> str:
+  """Leaf name `prepare` gives the packed weight of an experts projection
+  (`prefix` "w13_" or "w2_", `rows` N of its `[E, N, K/2]` stack)."""
+  if weight_layout != "sm90":
+    return prefix + "weight"
+  whole_tiles = rows % (2 * sm90_layout.PLANE_BLOCK) == 0
+  if prefix == "w13_" and whole_tiles:  # I % 128 == 0 (module doc)
+    return prefix + sm90_layout.PLANE_ROWS_LEAF
+  return prefix + sm90_layout.WEIGHT_LEAF
+
+
+def _plane_rows(prefix: str, weight, weight_layout: str) -> bool:
+  rows = weight.shape[1] if weight.ndim == 3 else 1
+  leaf = experts_weight_leaf(prefix, rows, weight_layout)
+  return leaf.endswith(sm90_layout.PLANE_ROWS_LEAF)
 
 
 def _derive_experts(
@@ -240,6 +278,7 @@ def _derive_experts(
       },
       swizzle_scales,
       weight_layout,
+      plane_rows=_plane_rows(prefix, sub["weight"], weight_layout),
     )
     if gated and not np.array_equal(
       np.asarray(gate_scale), np.asarray(up_scale)

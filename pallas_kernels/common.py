@@ -10,19 +10,29 @@ from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
 
 # Leaf name of the packed weight per bit layout (`transform.prepare`).
-WEIGHT_KEYS = {"natural": "weight", "sm90": sm90_layout.WEIGHT_LEAF}
+# "sm90_planes": an experts' [gate; up] stack in the sm90 bit order with its
+# rows in `sm90_layout.to_plane_rows` order within each half.
+WEIGHT_KEYS = {
+  "natural": "weight",
+  "sm90": sm90_layout.WEIGHT_LEAF,
+  "sm90_planes": sm90_layout.PLANE_ROWS_LEAF,
+}
+# Layouts whose bytes are in the sm90 bit order.
+TWIDDLED = ("sm90", "sm90_planes")
 
 
 def weight_key(node: Mapping, prefix: str = "") -> tuple[str, str]:
   """(leaf name, layout) of the packed weight a prepared node holds."""
-  if prefix + WEIGHT_KEYS["sm90"] in node:
-    return prefix + WEIGHT_KEYS["sm90"], "sm90"
+  for layout in ("sm90_planes", "sm90"):
+    if prefix + WEIGHT_KEYS[layout] in node:
+      return prefix + WEIGHT_KEYS[layout], layout
   return prefix + WEIGHT_KEYS["natural"], "natural"
 
 
 def natural_weight(weight: jax.Array, layout: str) -> jax.Array:
-  """Packed E2M1 bytes in natural order, from either layout."""
-  return sm90_layout.untwiddle(weight) if layout == "sm90" else weight
+  """Packed E2M1 bytes in natural bit order, from any layout (rows stay in
+  the layout's order)."""
+  return sm90_layout.untwiddle(weight) if layout in TWIDDLED else weight
 
 
 def check_packed(

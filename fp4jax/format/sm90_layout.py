@@ -76,3 +76,46 @@ def twiddle(packed: jnp.ndarray) -> jnp.ndarray:
 def untwiddle(packed: jnp.ndarray) -> jnp.ndarray:
   """The inverse of `twiddle`."""
   return _move_bits(packed, SOURCES.ravel(), range(32))
+
+
+# ------------------------------------------------------ gate/up row order
+# Leaf name of a stacked [gate; up] projection (`w13_`) in this bit layout
+# whose rows are, in addition, in plane order (below).
+PLANE_ROWS_LEAF = "weight_sm90_planes"
+# Rows per block that the plane order permutes (one sm90 output tile).
+PLANE_BLOCK = 128
+# Feature k = 128 b + 32 g + 8 u + 4 e + 2 h + p (natural, axes b g u e h p)
+# sits at 128 b + 64 p + 16 g + 8 h + 2 u + e (plane order, axes b p g h u
+# e): the first 64 of each block are the even features, the last 64 the odd
+# ones, each in the column order the sm90 kernel reads activation planes in
+# (`pallas_mosaic_gpu_kernel_sm90.split_activations`). A SwiGLU epilogue over
+# rows in this order writes the next GEMM's activation planes directly.
+_NATURAL_AXES = (4, 4, 2, 2, 2)  # g u e h p
+_TO_PLANES = (0, 5, 1, 4, 2, 3)
+_TO_NATURAL = tuple(int(i) for i in np.argsort(_TO_PLANES))
+
+
+def _permute_rows(x, axis: int, order, sizes) -> jnp.ndarray:
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if n % PLANE_BLOCK:
+    raise ValueError(f"{n} rows are not whole {PLANE_BLOCK}-row blocks")
+  lead, rest = x.shape[:axis], x.shape[axis + 1 :]
+  y = x.reshape(*lead, n // PLANE_BLOCK, *sizes, *rest)
+  perm = (
+    *range(axis),
+    *(axis + i for i in order),
+    *range(axis + len(order), y.ndim),
+  )
+  return y.transpose(perm).reshape(x.shape)
+
+
+def to_plane_rows(x, axis: int = -2) -> jnp.ndarray:
+  """Rows (features) along `axis`, natural -> plane order, per 128 rows."""
+  return _permute_rows(x, axis, _TO_PLANES, _NATURAL_AXES)
+
+
+def from_plane_rows(x, axis: int = -2) -> jnp.ndarray:
+  """The inverse of `to_plane_rows`."""
+  planes = tuple(_NATURAL_AXES[i - 1] for i in _TO_PLANES[1:])
+  return _permute_rows(x, axis, _TO_NATURAL, planes)

@@ -65,12 +65,12 @@ class Config:
       # behind when the next tile reuses them (the interpreter caught it).
       raise ValueError("async_mma has no persistent grid")
 
-  def smem_bytes(self, float32_out: bool = True) -> int:
+  def smem_bytes(self, float32_out: bool = True, weights: int = 1) -> int:
     """Shared memory of a CTA; the epilogue tile is float32 with split-K
-    or `float32_out`, else bf16 (by default the larger is assumed)."""
-    per_stage = (
+    or `float32_out`, else bf16 (by default the larger is assumed).
+    `weights`: weight tiles per step (2: SwiGLU's gate and up)."""
+    per_stage = 2 * self.block_m * self.block_k + weights * (  # activations
       self.cta_rows * self.block_k // 2  # packed weights
-      + 2 * self.block_m * self.block_k  # even and odd bf16 activations
       + TILE_ROWS * self.block_k // 16  # block scales (a whole 128-row tile)
     )
     out_bytes = 4 if float32_out or self.splits > 1 else 2
@@ -109,11 +109,15 @@ def heuristic(
   *,
   block_m: int | None = None,
   token_tiles: int | None = None,
+  bf16_out: bool = False,
+  weights: int = 1,
 ) -> Config:
   """A config per shape: tokens per CTA, K step, and split-K for decode.
 
   A grouped GEMM (MoE) fixes `block_m` and says how many token tiles will
-  do work (`token_tiles`); by default both follow from `m`.
+  do work (`token_tiles`); by default both follow from `m`. The pipeline
+  gets as many stages (up to 4) as shared memory holds, for a float32
+  epilogue tile unless `bf16_out` and `weights` weight tiles per step.
   """
   if block_m is None and m >= PREFILL_TOKENS:
     return PREFILL  # bf16 output: fits in shared memory (smem_bytes)
@@ -164,6 +168,10 @@ def heuristic(
     cta_rows=cta_rows,
     async_mma=overlaps_mma(cta_rows),
   )
-  while config.smem_bytes() > SMEM_LIMIT and config.num_stages > 2:
+
+  def fits(config):
+    return config.smem_bytes(not bf16_out, weights) <= SMEM_LIMIT
+
+  while not fits(config) and config.num_stages > 2:
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)
   return config

@@ -86,13 +86,11 @@ def _run(x, leaves, *, activation, config, interpret):
   weight, config = sm90.kernel_weight(weight, layer.weight_layout, config)
   padded = -(-m // config.block_m) * config.block_m
   rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
-  x_even, x_odd = sm90.split_activations(rows)
   scale_rows, padded_blocks = layer.block_scale.shape
   n_tiles = scale_rows // 128
   out = sm90.matmul(
     weight[None],
-    x_even,
-    x_odd,
+    sm90.split_activations(rows),
     # A free reshape: [1, row tile, K/64 chunk, 2, 256] holds one 128x4
     # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
+from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
 from pallas_kernels import common
 
@@ -32,7 +33,9 @@ class StackedLinear:
   alpha: jax.Array  # f32 [E]
   alpha_up: jax.Array | None  # f32 [E]: w13 up rows, when it differs
   input_scale_inv: jax.Array | None  # f32 [E]; None if weight-only
-  weight_layout: str = "natural"  # or "sm90" (see PreparedLinear)
+  # "natural", "sm90" (see PreparedLinear) or "sm90_planes" (w13 only:
+  # sm90 bits, each half's rows in `sm90_layout.to_plane_rows` order).
+  weight_layout: str = "natural"
 
   @classmethod
   def from_mapping(cls, node: Mapping, prefix: str) -> "StackedLinear":
@@ -68,7 +71,17 @@ class StackedLinear:
       self.block_scale, n, k // nvfp4.BLOCK_SIZE
     )
     weight = common.natural_weight(self.weight, self.weight_layout)
-    return nvfp4.dequantize_blocks(weight, scale)
+    blocks = nvfp4.dequantize_blocks(weight, scale)
+    if self.plane_rows:
+      e = blocks.shape[0]
+      halves = blocks.reshape(e, 2, n // 2, k)
+      blocks = sm90_layout.from_plane_rows(halves, axis=2).reshape(e, n, k)
+    return blocks
+
+  @property
+  def plane_rows(self) -> bool:
+    """Whether each half's rows are in `sm90_layout.to_plane_rows` order."""
+    return self.weight_layout == "sm90_planes"
 
   def epilogue_scales(self, activation: str) -> tuple[jax.Array, jax.Array]:
     """Per-expert factors for the first and second halves of the N rows."""

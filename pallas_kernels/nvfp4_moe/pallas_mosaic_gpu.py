@@ -8,7 +8,10 @@ Data flow (one jitted function):
    each token tile reads only its own expert's weights, tiles past the used
    rows exit at once, so a decode step streams only the active experts;
 3. `silu(gate) * up` in GEMM 1's epilogue (I % 128 == 0, W4A16; else in
-   XLA), GEMM 2 over `w2` the same way;
+   XLA), GEMM 2 over `w2` the same way. GEMM 2 reads its activations as
+   two K planes (`sm90.split_activations`); with w13 in the
+   "sm90_planes" layout GEMM 1's epilogue writes them so, else an XLA pass
+   reorders the intermediate;
 4. the router-weighted combine gathers each token's top-k rows.
 
 Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax.format import nvfp4
+from fp4jax.format import sm90_layout
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
@@ -94,6 +98,10 @@ def configs_for(
       num_sms,
       block_m=plan.block_m,
       token_tiles=plan.busy_tiles,
+      # GEMM 2 returns bf16 unless split; GEMM 1 is sized for the larger
+      # of its variants (SwiGLU's two weight tiles, W4A4's float32 out).
+      bf16_out=k == inter,
+      weights=2 if k == hidden else 1,
     )
     rows = cta_rows or config.cta_rows
     config = dataclasses.replace(
@@ -102,12 +110,6 @@ def configs_for(
       cta_rows=rows,
       async_mma=config_lib.overlaps_mma(rows),
     )
-    if plan.block_m > 128 and k == inter and config.splits == 1:
-      # GEMM 2 of 256-token tiles returns bf16: the dense prefill's stages
-      # fit (the heuristic assumes a float32 epilogue tile).
-      config = dataclasses.replace(
-        config, num_stages=config_lib.PREFILL.num_stages
-      )
     configs.append(config)
   return tuple(configs)
 
@@ -295,29 +297,35 @@ def _grouped_gemm(
   interpret,
   float32_out=False,
   swiglu=False,
+  planes_out=False,
   gather=None,
 ):
-  """`[R, N]`: each token tile of `rows` times its expert's weights.
+  """`[R, N]` (or with `planes_out` the planes `[2, R, N/2]`): each token
+  tile of `rows` times its expert's weights.
 
-  `gather`: row indices into `rows` (the token of each sorted row); the
-  K reorder of `split_activations` then runs on the fewer unsorted rows.
+  `rows`: `[R, K]`, or bf16 planes `[2, R, K/2]` as `split_activations`
+  makes them (W4A16 only). `gather`: row indices into `rows` (the token of
+  each sorted row); the K reorder of `split_activations` then runs on the
+  fewer unsorted rows.
   """
   n_experts, n, k = proj.shape
-  if activation == "nvfp4":
-    if gather is not None:  # quantized with each row's expert's scale
-      rows, gather = rows[gather], None
-    rows = nvfp4.fake_quantize_activation(
-      rows, proj.input_scale_inv[row_expert]
-    )
-  x_even, x_odd = sm90.split_activations(rows.astype(jnp.bfloat16))
-  if gather is not None:
-    x_even, x_odd = x_even[gather], x_odd[gather]
+  if rows.ndim == 3:
+    x_planes = rows
+  else:
+    if activation == "nvfp4":
+      if gather is not None:  # quantized with each row's expert's scale
+        rows, gather = rows[gather], None
+      rows = nvfp4.fake_quantize_activation(
+        rows, proj.input_scale_inv[row_expert]
+      )
+    x_planes = sm90.split_activations(rows.astype(jnp.bfloat16))
+  if gather is not None:  # two gathers: faster than one of both planes
+    x_planes = (x_planes[0][gather], x_planes[1][gather])
   scale_rows, padded_blocks = proj.block_scale.shape[1:]
   weight, config = sm90.kernel_weight(proj.weight, proj.weight_layout, config)
   out = sm90.matmul(
     weight,
-    x_even,
-    x_odd,
+    x_planes,
     proj.block_scale.reshape(
       n_experts, scale_rows // 128, padded_blocks // 4, 2, 256
     ),
@@ -328,9 +336,10 @@ def _grouped_gemm(
     num_sms=common.num_sms(interpret),
     float32_out=float32_out,
     swiglu=swiglu,
+    planes_out=planes_out,
     interpret=interpret,
   )
-  if swiglu:
+  if swiglu or planes_out:
     return out
   if config.splits > 1 or float32_out:
     out = out.sum(axis=0).T
@@ -367,13 +376,15 @@ def _forward(
   )
   groups = (row_expert, tile_expert, used_tiles)
   if swiglu:
-    # silu(gate) * up from the float32 accumulators, rounded to bf16 once.
+    # silu(gate) * up from the float32 accumulators, rounded to bf16 once;
+    # with plane-ordered w13 rows, as GEMM 2's activation planes.
     act = gemm(
       padded_x,
       *groups,
       w13,
       config=configs[0],
       swiglu=True,
+      planes_out=w13.plane_rows,
       gather=token,
     )
   else:
@@ -387,6 +398,9 @@ def _forward(
       float32_out=activation == "nvfp4",
       gather=token,
     )
+    if w13.plane_rows:  # back to natural feature order (fused with SwiGLU)
+      h = sm90_layout.from_plane_rows(h.reshape(-1, 2, inter), axis=-1)
+      h = h.reshape(-1, 2 * inter)
     gate = h[:, :inter].astype(jnp.float32)
     up = h[:, inter:].astype(jnp.float32)
     act = (base.silu(gate) * up).astype(jnp.bfloat16)

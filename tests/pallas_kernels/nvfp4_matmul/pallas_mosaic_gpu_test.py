@@ -10,12 +10,15 @@ tier (`pytest -m gpu`), which runs the shared op suite at real shapes.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pallas_kernels
+from fp4jax.format import sm90_layout
 from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from tests import conftest
 from tests import tolerance
 from tests.pallas_kernels.nvfp4_matmul import test_base
@@ -241,6 +244,17 @@ def test_named_pallas_without_a_gpu_says_why(rng):
   else:
     with pytest.raises(NotImplementedError, match="needs an NVIDIA GPU"):
       pallas_kernels.nvfp4_matmul(x, layer, implementation="pallas")
+
+
+def test_plane_row_order_is_the_kernels_activation_split():
+  x = jnp.arange(3 * 256, dtype=jnp.float32).reshape(3, 256)
+  planes = sm90.split_activations(x)  # [2, 3, 128]
+  # Per 128 features: the 64 even ones, then the 64 odd ones.
+  want = jnp.stack(
+    [planes[0].reshape(3, 2, 64), planes[1].reshape(3, 2, 64)], axis=2
+  ).reshape(3, 256)
+  np.testing.assert_array_equal(sm90_layout.to_plane_rows(x, axis=-1), want)
+  np.testing.assert_array_equal(sm90_layout.from_plane_rows(want, axis=-1), x)
 
 
 @pytest.mark.gpu

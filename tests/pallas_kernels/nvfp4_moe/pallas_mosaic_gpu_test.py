@@ -82,13 +82,17 @@ class TestInterpret(test_base.NVFP4MoETestBase):
 
 
 @pytest.mark.parametrize(
-  "persistent, cta_rows", [(False, 128), (True, 128), (False, 64)]
+  "persistent, cta_rows, weight_layout",
+  [(False, 128, "natural"), (True, 128, "sm90"), (False, 64, "sm90")],
 )
-def test_interpret_larger_token_tiles(rng, persistent, cta_rows):
+def test_interpret_larger_token_tiles(rng, persistent, cta_rows, weight_layout):
   # 16-row tiles, split-K over the 4 interpreter SMs, several tiles per
   # expert; persistent: 4 CTAs walk only the used token tiles; 64-row CTAs
-  # of one warpgroup (SwiGLU fused: I = 128).
-  experts, src, x, logits = test_base.make_inputs(rng, 40, 4, 256, 128)
+  # of one warpgroup (SwiGLU fused: I = 128). sm90: GEMM 1 writes GEMM 2's
+  # activation planes (plane-ordered w13 rows).
+  experts, src, x, logits = test_base.make_inputs(
+    rng, 40, 4, 256, 128, weight_layout=weight_layout
+  )
   out = pallas_mosaic_gpu.nvfp4_moe(
     x,
     logits,
@@ -105,11 +109,16 @@ def test_interpret_larger_token_tiles(rng, persistent, cta_rows):
   )
 
 
-@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-def test_interpret_256_token_tiles(rng, activation):
+@pytest.mark.parametrize(
+  "activation, weight_layout", [("bf16", "natural"), ("nvfp4", "sm90")]
+)
+def test_interpret_256_token_tiles(rng, activation, weight_layout):
   # Tiles as wide as the dense prefill's; SwiGLU then runs unfused (its two
-  # accumulators would not fit in registers).
-  experts, src, x, logits = test_base.make_inputs(rng, 300, 2, 128, 128)
+  # accumulators would not fit in registers), plane-ordered w13 rows are
+  # put back in natural order for it.
+  experts, src, x, logits = test_base.make_inputs(
+    rng, 300, 2, 128, 128, weight_layout=weight_layout
+  )
   out = pallas_mosaic_gpu.nvfp4_moe(
     x,
     logits,

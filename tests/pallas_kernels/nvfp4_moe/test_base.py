@@ -139,7 +139,20 @@ class NVFP4MoETestBase:
     experts, src, x, logits = make_inputs(
       rng, 9, 4, hidden, inter, weight_layout="sm90"
     )
-    assert "w13_weight_sm90" in experts and "w2_weight" not in experts
+    # I % 128 == 0: [gate; up] rows in plane order (fp4jax.transform).
+    w13 = "w13_weight_sm90" + ("_planes" if inter % 128 == 0 else "")
+    assert {w13, "w2_weight_sm90"} <= set(experts)
+    assert "w2_weight" not in experts
+    out = self.moe(x, logits, experts, top_k=2, activation=activation)
+    self.check(out, numpy_moe(x, logits, src, 2, True, activation))
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  def test_sm90_plane_ordered_gate_up_rows(self, rng, activation):
+    hidden = self.SMALL_SHAPE[0]
+    experts, src, x, logits = make_inputs(
+      rng, 5, 4, hidden, 256, weight_layout="sm90"
+    )
+    assert "w13_weight_sm90_planes" in experts
     out = self.moe(x, logits, experts, top_k=2, activation=activation)
     self.check(out, numpy_moe(x, logits, src, 2, True, activation))
 
