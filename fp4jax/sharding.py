@@ -18,7 +18,9 @@ Layouts, for a mesh axis of size S (`jax.sharding.PartitionSpec` per leaf):
   `input_scale_inv`) are replicated.
 - `weight_sm90` (`weight_layout="sm90"`) splits as `weight`: its bit
   permutation stays inside 4-byte groups along K, so every shard's bytes
-  are the permutation of its own natural bytes (twiddled per shard).
+  are the permutation of its own natural bytes (twiddled per shard). The
+  experts' `w13_weight_sm90_planes` also permutes rows, within each expert,
+  so it splits along E the same way.
 
 `prepare_linear` / `prepare_experts` swizzle the block scales per shard
 under `jax.jit(jax.shard_map(...))`, optionally donating the source scales
@@ -114,10 +116,11 @@ def place(node: Mapping[str, Any], mesh, specs: Mapping[str, P]) -> dict:
 
 
 def _per_shard(mesh, fn, leaves, specs, out_specs, donate):
-  """`fn` on each shard of `leaves` (`{name: array}`), under jit."""
+  """`fn(name, shard)` on each shard of `leaves` (`{name: array}`), under
+  jit."""
   run = jax.jit(
     jax.shard_map(
-      lambda shards: {k: fn(v) for k, v in shards.items()},
+      lambda shards: {k: fn(k, v) for k, v in shards.items()},
       mesh=mesh,
       in_specs=(specs,),
       out_specs=out_specs,
@@ -127,14 +130,19 @@ def _per_shard(mesh, fn, leaves, specs, out_specs, donate):
   return run(place(leaves, mesh, specs))
 
 
-def _swizzle_per_shard(mesh, scales, specs, *, axis, stack, donate):
+def _swizzle_per_shard(
+  mesh, scales, specs, *, axis, stack, donate, plane_rows=()
+):
   """Swizzles each shard's block scales (`{name: [..., N, K/16]}`).
 
   `stack`: each shard's swizzle goes on a new leading axis split on `axis`
-  (row-parallel); else the shards' swizzles tile the global one.
+  (row-parallel); else the shards' swizzles tile the global one. Names in
+  `plane_rows` (experts' gate/up stacks) get plane-ordered rows first.
   """
 
-  def local(scale):
+  def local(name, scale):
+    if name in plane_rows:
+      scale = transform.gate_up_plane_rows(scale)
     out = swizzle.swizzle_block_scale(scale)
     return out[None] if stack else out
 
@@ -142,14 +150,22 @@ def _swizzle_per_shard(mesh, scales, specs, *, axis, stack, donate):
   return _per_shard(mesh, local, scales, specs, out_specs, donate)
 
 
-def _sm90_weights(out, node, prefixes, spec, mesh, donate):
+def _sm90_weights(out, node, prefixes, spec, mesh, donate, plane_rows=()):
   """Replaces `out`'s natural weights (`prefix + "weight"`) by their
-  per-shard sm90 permutation, donating the natural ones."""
-  names = {p + "weight": p + sm90_layout.WEIGHT_LEAF for p in prefixes}
+  per-shard sm90 permutation, donating the natural ones; prefixes in
+  `plane_rows` (experts' gate/up stacks) also get plane-ordered rows."""
+  leaf = {True: sm90_layout.PLANE_ROWS_LEAF, False: sm90_layout.WEIGHT_LEAF}
+  names = {p + "weight": p + leaf[p in plane_rows] for p in prefixes}
   specs = {name: spec for name in names}
+
+  def local(name, weight):
+    if name.removesuffix("weight") in plane_rows:
+      weight = transform.gate_up_plane_rows(weight)
+    return sm90_layout.twiddle(weight)
+
   twiddled = _per_shard(
     mesh,
-    sm90_layout.twiddle,
+    local,
     {name: node[name] for name in names},
     specs,
     specs,
@@ -218,6 +234,12 @@ def prepare_experts(
     )
   out = transform._derive_experts(path, node, swizzle_scales=False)
   names = [p + "weight_scale" for p in transform.MOE_PREFIXES]
+  # As `fp4jax.transform.prepare` stores them: per expert, so per shard.
+  plane_rows = [
+    p
+    for p in transform.MOE_PREFIXES
+    if transform.plane_ordered(p, node[p + "weight"], weight_layout)
+  ]
   scales = _swizzle_per_shard(
     mesh,
     {name: node[name] for name in names},
@@ -225,11 +247,20 @@ def prepare_experts(
     axis=axis,
     stack=False,
     donate=donate,
+    plane_rows=[p + "weight_scale" for p in plane_rows],
   )
   for prefix, name in zip(transform.MOE_PREFIXES, names, strict=True):
     out[prefix + "block_scale"] = scales[name]
   if weight_layout == "sm90":
-    _sm90_weights(out, node, transform.MOE_PREFIXES, P(axis), mesh, donate)
+    _sm90_weights(
+      out,
+      node,
+      transform.MOE_PREFIXES,
+      P(axis),
+      mesh,
+      donate,
+      plane_rows=plane_rows,
+    )
   return place(out, mesh, experts_specs(out, axis))
 
 

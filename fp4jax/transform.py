@@ -185,7 +185,7 @@ def _derive_linear(
   if plane_rows:
     # Scales swizzled elsewhere (per shard) would miss the permutation.
     _check(swizzle_scales, path, "plane-ordered rows need swizzle_scales")
-    w, ws = (_to_plane_rows(x) for x in (w, ws))
+    w, ws = (gate_up_plane_rows(x) for x in (w, ws))
     out = {sm90_layout.PLANE_ROWS_LEAF: sm90_layout.twiddle(w)}
   elif weight_layout == "sm90":
     out = {sm90_layout.WEIGHT_LEAF: sm90_layout.twiddle(w)}
@@ -205,8 +205,9 @@ def _derive_linear(
 
 
 @jax.jit
-def _to_plane_rows(x):
-  """[E, 2I, ...] gate and up rows, each half in plane order."""
+def gate_up_plane_rows(x):
+  """`[E, 2I, ...]` gate and up rows, each half in plane order (module
+  doc; `fp4jax.sharding` applies it per shard)."""
   e, rows, *rest = x.shape
   halves = x.reshape(e, 2, rows // 2, *rest)
   return sm90_layout.to_plane_rows(halves, axis=2).reshape(x.shape)
@@ -223,10 +224,11 @@ def experts_weight_leaf(prefix: str, rows: int, weight_layout: str) -> str:
   return prefix + sm90_layout.WEIGHT_LEAF
 
 
-def _plane_rows(prefix: str, weight, weight_layout: str) -> bool:
+def plane_ordered(prefix: str, weight, weight_layout: str) -> bool:
+  """Whether `prepare` puts this experts weight's rows in plane order."""
   rows = weight.shape[1] if weight.ndim == 3 else 1
   leaf = experts_weight_leaf(prefix, rows, weight_layout)
-  return leaf.endswith(sm90_layout.PLANE_ROWS_LEAF)
+  return leaf == prefix + sm90_layout.PLANE_ROWS_LEAF
 
 
 def _derive_experts(
@@ -278,7 +280,7 @@ def _derive_experts(
       },
       swizzle_scales,
       weight_layout,
-      plane_rows=_plane_rows(prefix, sub["weight"], weight_layout),
+      plane_rows=plane_ordered(prefix, sub["weight"], weight_layout),
     )
     if gated and not np.array_equal(
       np.asarray(gate_scale), np.asarray(up_scale)

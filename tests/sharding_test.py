@@ -145,12 +145,15 @@ def test_bad_splits_are_refused_with_the_path(rng):
     sharding.prepare_linear(linear_source(rng, 128, 128), mesh, "row")
 
 
-@pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
+@pytest.mark.parametrize(
+  "weight_layout, inter", [("natural", 64), ("sm90", 64), ("sm90", 128)]
+)
 def test_expert_parallel_prepare_equals_the_unsharded_leaves(
-  rng, weight_layout
+  rng, weight_layout, inter
 ):
+  # sm90 with I % 128 == 0: w13 rows in plane order (w13_weight_sm90_planes).
   mesh = cpu_mesh(4, "ep")
-  src = sources.experts_source(rng, 8, 128, 64, up_factor=1.25)
+  src = sources.experts_source(rng, 8, 128, inter, up_factor=1.25)
   got = sharding.prepare_experts(src, mesh, weight_layout=weight_layout)
   want, _ = fp4jax.prepare({"experts": src}, weight_layout=weight_layout)
   want = want["experts"]
@@ -291,8 +294,9 @@ def test_from_pretrained_on_a_mesh_matches_one_device(
   if model_type == "mixtral":
     experts = layer.block_sparse_moe.experts
     assert experts.parallel[1] == "experts"
+    # I = 256: plane-ordered gate/up rows in the sm90 layout.
     w13 = (
-      experts.w13_weight_sm90
+      experts.w13_weight_sm90_planes
       if weight_layout == "sm90"
       else (experts.w13_weight)
     )
