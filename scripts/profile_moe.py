@@ -2,8 +2,7 @@
 
   PYTHONPATH=. python scripts/profile_moe.py [model] [tokens,...]
       [variants: plain,persistent,fused,rows64,rows64fused,auto,autofused,
-       wide,wideplain; prefixes "old-": w13 rows not plane-ordered, "s3-":
-       GEMM 2 with at most 3 stages]
+       wide,wideplain; each optionally after prefixes, see PREFIXES]
 
 Prints CUPTI time per kernel launch (name, µs) of one Pallas MoE call, for
 the benchmark's weights (`benchmarks.moe`), so that XLA glue (sorting,
@@ -12,6 +11,7 @@ the error against the reference.
 """
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -23,12 +23,31 @@ from benchmarks import moe
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
 CONFIGS_FOR = pallas_mosaic_gpu.configs_for
+# Variant prefixes (several may precede a variant, e.g. "old-s3-autofused"):
+# "old": w13 rows not plane-ordered (GEMM 2's input planes made by an XLA
+# pass); "s3": GEMM 2 with at most 3 pipeline stages (before the heuristic
+# counted its bf16 epilogue); "nosplit": neither GEMM splits K (the split
+# heuristic counts one busy token tile at T = 1, where top-k experts make
+# top_k tiles).
+PREFIXES = ("old", "s3", "nosplit")
 
 
-def _at_most_three_stages(*args, **kwargs):
-  gemm1, gemm2 = CONFIGS_FOR(*args, **kwargs)
-  stages = min(3, gemm2.num_stages)
-  return gemm1, dataclasses.replace(gemm2, num_stages=stages)
+def _prefixes(name: str) -> tuple[set[str], str]:
+  found = set()
+  while (head := name.split("-", 1)[0]) in PREFIXES and "-" in name:
+    found.add(head)
+    name = name.split("-", 1)[1]
+  return found, name
+
+
+def _configs_for(*args, at_most_three_stages, no_split, **kwargs):
+  configs = CONFIGS_FOR(*args, **kwargs)
+  if no_split:
+    configs = [dataclasses.replace(c, splits=1) for c in configs]
+  if at_most_three_stages:
+    stages = min(3, configs[1].num_stages)
+    configs = [configs[0], dataclasses.replace(configs[1], num_stages=stages)]
+  return tuple(configs)
 
 
 def main(argv):
@@ -41,20 +60,15 @@ def main(argv):
     x = jax.random.normal(jax.random.key(t), (t, hidden), jnp.bfloat16)
     logits = jax.random.normal(jax.random.key(t + 1), (t, n_experts))
 
-    for variant in variants:
-      # "old-<variant>": w13 without plane-ordered rows (GEMM 2's input
-      # planes made by an XLA pass), for comparison.
-      old = variant.startswith("old-")
-      variant = variant.removeprefix("old-")
-      # "s3-<variant>": GEMM 2 with at most 3 pipeline stages (the stage
-      # count before the heuristic counted its bf16 epilogue).
-      three = variant.startswith("s3-")
-      variant = variant.removeprefix("s3-")
-      pallas_mosaic_gpu.configs_for = (
-        _at_most_three_stages if three else CONFIGS_FOR
+    for name_with_prefixes in variants:
+      prefixes, variant = _prefixes(name_with_prefixes)
+      pallas_mosaic_gpu.configs_for = functools.partial(
+        _configs_for,
+        at_most_three_stages="s3" in prefixes,
+        no_split="nosplit" in prefixes,
       )
       node = dict(experts)
-      if old and "w13_weight_sm90_planes" in node:
+      if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
 
       def layer(x, logits, experts, variant=variant):
@@ -85,8 +99,7 @@ def main(argv):
         err = f"{float(diff / jnp.max(jnp.abs(want))):.2e}"
       total = sum(ms for _, ms in timings)
       print(
-        f"== {name} T={t} {'old-' * old}{'s3-' * three}{variant}:"
-        f" {len(timings)} kernels,"
+        f"== {name} T={t} {name_with_prefixes}: {len(timings)} kernels,"
         f" {total * 1e3:.1f} us, rel err {err}"
       )
       for kernel, ms in timings:
