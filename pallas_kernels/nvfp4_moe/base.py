@@ -49,6 +49,13 @@ class StackedLinear:
       )
     w, bs = node[weight_key], node[prefix + "block_scale"]
     common.check_packed(prefix, w, bs, batch_dims=1)
+    if layout == "sm90_planes" and (
+      prefix != "w13_" or w.shape[1] % (2 * sm90_layout.PLANE_BLOCK)
+    ):
+      raise ValueError(
+        f"{weight_key} {w.shape}: plane-ordered rows exist only for a w13"
+        f" [gate; up] stack of whole {sm90_layout.PLANE_BLOCK}-row halves"
+      )
     return cls(
       weight=w,
       block_scale=bs,

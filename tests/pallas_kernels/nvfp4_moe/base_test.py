@@ -42,3 +42,16 @@ def test_route_rejects_unknown_scoring_and_bad_groups():
     base.route(logits, top_k=2, scoring="tanh")
   with pytest.raises(ValueError, match="num_groups"):
     base.route(logits, top_k=2, num_groups=3)
+
+
+def test_plane_ordered_leaf_where_it_cannot_be_is_refused(rng):
+  experts, _ = test_base.make_experts(rng, 2, 64, 64, weight_layout="sm90")
+  # I = 64: no whole 128-row halves; and w2 never has plane-ordered rows.
+  renamed = dict(experts)
+  renamed["w13_weight_sm90_planes"] = renamed.pop("w13_weight_sm90")
+  with pytest.raises(ValueError, match="w13_weight_sm90_planes"):
+    base.StackedLinear.from_mapping(renamed, "w13_")
+  renamed = dict(experts)
+  renamed["w2_weight_sm90_planes"] = renamed.pop("w2_weight_sm90")
+  with pytest.raises(ValueError, match="w2_weight_sm90_planes"):
+    base.StackedLinear.from_mapping(renamed, "w2_")
