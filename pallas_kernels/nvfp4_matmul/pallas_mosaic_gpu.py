@@ -90,7 +90,7 @@ def _run(x, leaves, *, activation, config, interpret):
   n_tiles = scale_rows // 128
   out = sm90.matmul(
     weight[None],
-    sm90.split_activations(rows),
+    tuple(sm90.split_activations(rows)),  # as two arrays (as measured)
     # A free reshape: [1, row tile, K/64 chunk, 2, 256] holds one 128x4
     # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).
