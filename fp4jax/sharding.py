@@ -238,7 +238,7 @@ def prepare_experts(
   plane_rows = [
     p
     for p in transform.MOE_PREFIXES
-    if transform.plane_ordered(p, node[p + "weight"], weight_layout)
+    if transform.plane_ordered(p, node[p + "weight"].shape[1], weight_layout)
   ]
   scales = _swizzle_per_shard(
     mesh,

@@ -206,29 +206,30 @@ def _derive_linear(
 
 @jax.jit
 def gate_up_plane_rows(x):
-  """`[E, 2I, ...]` gate and up rows, each half in plane order (module
-  doc; `fp4jax.sharding` applies it per shard)."""
-  e, rows, *rest = x.shape
-  halves = x.reshape(e, 2, rows // 2, *rest)
-  return sm90_layout.to_plane_rows(halves, axis=2).reshape(x.shape)
+  """`[E, 2I, ...]` gate and up rows in plane order (module doc; with
+  I % 128 == 0 each half is whole blocks; `fp4jax.sharding` applies it per
+  shard)."""
+  return sm90_layout.to_plane_rows(x, axis=1)
+
+
+def plane_ordered(prefix: str, rows: int, weight_layout: str) -> bool:
+  """Whether `prepare` puts an experts projection's rows (`rows` N of its
+  `[E, N, K/2]` stack) in plane order (module doc)."""
+  return (
+    prefix == "w13_"
+    and weight_layout == "sm90"
+    and sm90_layout.gate_up_in_plane_order(rows)
+  )
 
 
 def experts_weight_leaf(prefix: str, rows: int, weight_layout: str) -> str:
   """Leaf name `prepare` gives the packed weight of an experts projection
   (`prefix` "w13_" or "w2_", `rows` N of its `[E, N, K/2]` stack)."""
-  if weight_layout != "sm90":
-    return prefix + "weight"
-  whole_tiles = rows % (2 * sm90_layout.PLANE_BLOCK) == 0
-  if prefix == "w13_" and whole_tiles:  # I % 128 == 0 (module doc)
+  if plane_ordered(prefix, rows, weight_layout):
     return prefix + sm90_layout.PLANE_ROWS_LEAF
-  return prefix + sm90_layout.WEIGHT_LEAF
-
-
-def plane_ordered(prefix: str, weight, weight_layout: str) -> bool:
-  """Whether `prepare` puts this experts weight's rows in plane order."""
-  rows = weight.shape[1] if weight.ndim == 3 else 1
-  leaf = experts_weight_leaf(prefix, rows, weight_layout)
-  return leaf == prefix + sm90_layout.PLANE_ROWS_LEAF
+  if weight_layout == "sm90":
+    return prefix + sm90_layout.WEIGHT_LEAF
+  return prefix + "weight"
 
 
 def _derive_experts(
@@ -280,7 +281,9 @@ def _derive_experts(
       },
       swizzle_scales,
       weight_layout,
-      plane_rows=plane_ordered(prefix, sub["weight"], weight_layout),
+      # A malformed weight (checked in there) takes no plane order.
+      plane_rows=sub["weight"].ndim == 3
+      and plane_ordered(prefix, sub["weight"].shape[1], weight_layout),
     )
     if gated and not np.array_equal(
       np.asarray(gate_scale), np.asarray(up_scale)

@@ -110,6 +110,12 @@ def _permute_rows(x, axis: int, order, sizes) -> jnp.ndarray:
   return y.transpose(perm).reshape(x.shape)
 
 
+def gate_up_in_plane_order(rows: int) -> bool:
+  """Whether a [gate; up] stack of `rows` rows takes plane order: each half
+  whole blocks (I % 128 == 0), so that per-block order is per-half order."""
+  return rows % (2 * PLANE_BLOCK) == 0
+
+
 def to_plane_rows(x, axis: int = -2) -> jnp.ndarray:
   """Rows (features) along `axis`, natural -> plane order, per 128 rows."""
   return _permute_rows(x, axis, _TO_PLANES, _NATURAL_AXES)

@@ -49,8 +49,8 @@ class StackedLinear:
       )
     w, bs = node[weight_key], node[prefix + "block_scale"]
     common.check_packed(prefix, w, bs, batch_dims=1)
-    if layout == "sm90_planes" and (
-      prefix != "w13_" or w.shape[1] % (2 * sm90_layout.PLANE_BLOCK)
+    if layout == "sm90_planes" and not (
+      prefix == "w13_" and sm90_layout.gate_up_in_plane_order(w.shape[1])
     ):
       raise ValueError(
         f"{weight_key} {w.shape}: plane-ordered rows exist only for a w13"
@@ -79,10 +79,8 @@ class StackedLinear:
     )
     weight = common.natural_weight(self.weight, self.weight_layout)
     blocks = nvfp4.dequantize_blocks(weight, scale)
-    if self.plane_rows:
-      e = blocks.shape[0]
-      halves = blocks.reshape(e, 2, n // 2, k)
-      blocks = sm90_layout.from_plane_rows(halves, axis=2).reshape(e, n, k)
+    if self.plane_rows:  # whole 128-row blocks per half: one permutation
+      blocks = sm90_layout.from_plane_rows(blocks, axis=1)
     return blocks
 
   @property

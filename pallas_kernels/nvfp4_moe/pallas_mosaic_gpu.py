@@ -400,8 +400,7 @@ def _forward(
       gather=token,
     )
     if w13.plane_rows:  # back to natural feature order (fused with SwiGLU)
-      h = sm90_layout.from_plane_rows(h.reshape(-1, 2, inter), axis=-1)
-      h = h.reshape(-1, 2 * inter)
+      h = sm90_layout.from_plane_rows(h, axis=-1)
     gate = h[:, :inter].astype(jnp.float32)
     up = h[:, inter:].astype(jnp.float32)
     act = (base.silu(gate) * up).astype(jnp.bfloat16)

@@ -81,6 +81,29 @@ class TestInterpret(test_base.NVFP4MoETestBase):
     )
 
 
+def check_interpret_against_numpy(
+  rng, shape, activation="bf16", weight_layout="natural", **options
+):
+  """The interpreted MoE of fresh `(tokens, experts, hidden, inter)` inputs,
+  top-2 with tile `options`, against the dense numpy loop."""
+  experts, src, x, logits = test_base.make_inputs(
+    rng, *shape, weight_layout=weight_layout
+  )
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x,
+    logits,
+    experts,
+    top_k=2,
+    activation=activation,
+    interpret=True,
+    **options,
+  )
+  want = test_base.numpy_moe(x, logits, src, 2, True, activation)
+  tolerance.assert_close(
+    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+  )
+
+
 @pytest.mark.parametrize(
   "persistent, cta_rows, weight_layout",
   [(False, 128, "natural"), (True, 128, "sm90"), (False, 64, "sm90")],
@@ -90,22 +113,13 @@ def test_interpret_larger_token_tiles(rng, persistent, cta_rows, weight_layout):
   # expert; persistent: 4 CTAs walk only the used token tiles; 64-row CTAs
   # of one warpgroup (SwiGLU fused: I = 128). sm90: GEMM 1 writes GEMM 2's
   # activation planes (plane-ordered w13 rows).
-  experts, src, x, logits = test_base.make_inputs(
-    rng, 40, 4, 256, 128, weight_layout=weight_layout
-  )
-  out = pallas_mosaic_gpu.nvfp4_moe(
-    x,
-    logits,
-    experts,
-    top_k=2,
+  check_interpret_against_numpy(
+    rng,
+    (40, 4, 256, 128),
+    weight_layout=weight_layout,
     block_m=16,
     persistent=persistent,
     cta_rows=cta_rows,
-    interpret=True,
-  )
-  want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
-  tolerance.assert_close(
-    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
   )
 
 
@@ -116,21 +130,12 @@ def test_interpret_256_token_tiles(rng, activation, weight_layout):
   # Tiles as wide as the dense prefill's; SwiGLU then runs unfused (its two
   # accumulators would not fit in registers), plane-ordered w13 rows are
   # put back in natural order for it.
-  experts, src, x, logits = test_base.make_inputs(
-    rng, 300, 2, 128, 128, weight_layout=weight_layout
-  )
-  out = pallas_mosaic_gpu.nvfp4_moe(
-    x,
-    logits,
-    experts,
-    top_k=2,
-    block_m=256,
+  check_interpret_against_numpy(
+    rng,
+    (300, 2, 128, 128),
     activation=activation,
-    interpret=True,
-  )
-  want = test_base.numpy_moe(x, logits, src, 2, True, activation)
-  tolerance.assert_close(
-    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+    weight_layout=weight_layout,
+    block_m=256,
   )
 
 
