@@ -28,8 +28,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # pass); "s3": GEMM 2 with at most 3 pipeline stages (before the heuristic
 # counted its bf16 epilogue); "nosplit": neither GEMM splits K (the split
 # heuristic counts one busy token tile at T = 1, where top-k experts make
-# top_k tiles).
-PREFIXES = ("old", "s3", "nosplit")
+# top_k tiles); "sorted": one token goes through the expert sort too (not
+# the direct tiles); "bf16gather": XLA gathers rows as bf16, not 32-bit
+# words.
+PREFIXES = ("old", "s3", "nosplit", "sorted", "bf16gather")
 
 
 def _prefixes(name: str) -> tuple[set[str], str]:
@@ -67,6 +69,9 @@ def main(argv):
         at_most_three_stages="s3" in prefixes,
         no_split="nosplit" in prefixes,
       )
+      jax.clear_caches()  # the module switches below are not jit keys
+      pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
+      pallas_mosaic_gpu.GATHER_WORDS = "bf16gather" not in prefixes
       node = dict(experts)
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")

@@ -61,6 +61,51 @@ def test_sort_by_expert_places_every_pair_in_its_experts_tiles(
   )
 
 
+def test_direct_tiles_give_each_pair_of_one_token_its_own_tile():
+  plan = pallas_mosaic_gpu.Plan(tokens=1, top_k=4, experts=6, block_m=8)
+  ids = jnp.asarray([[5, -1, 0, 9]], jnp.int32)  # two foreign ids
+  position, token, tile_expert = map(
+    np.asarray, pallas_mosaic_gpu.direct_tiles(ids, plan)
+  )
+  np.testing.assert_array_equal(position, [[0, 8, 16, 24]])
+  np.testing.assert_array_equal(tile_expert[:4], [5, -1, 0, -1])
+  assert (tile_expert[4:] == -1).all()
+  assert (token[position] == 0).all()
+  assert (np.delete(token, position.ravel()) == 1).all()  # padding rows
+  with pytest.raises(ValueError, match="one token"):
+    pallas_mosaic_gpu.direct_tiles(ids, dataclasses.replace(plan, tokens=2))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_interpret_one_token_with_and_without_the_sort(
+  rng, monkeypatch, direct
+):
+  # Decode of one token: the direct tiles (default) and the sorted ones
+  # give the same output, foreign and repeated ids included.
+  monkeypatch.setattr(pallas_mosaic_gpu, "DIRECT_DECODE", direct)
+  experts, _ = test_base.make_experts(rng, 4, 128, 128)
+  x = jnp.asarray(rng.standard_normal((1, 128)), jnp.bfloat16)
+  ids = jnp.asarray([[2, -1, 2, 0]], jnp.int32)
+  weights = jnp.asarray(rng.uniform(0.1, 1.0, (1, 4)), jnp.float32)
+  forward = pallas_mosaic_gpu._forward_fn(
+    x,
+    4,
+    experts,
+    "bf16",
+    pallas_mosaic_gpu.Tiles(None, True, None, True),
+    interpret=True,
+  )
+  assert forward.keywords["direct"] == direct
+  got = forward(x, weights, ids, dict(experts))
+  want = base.reference_experts(x, weights, ids, experts)
+  tolerance.assert_close(
+    got,
+    np.asarray(want, np.float64),
+    test_base.NVFP4MoETestBase.RTOL,
+    KERNEL_FLOOR,
+  )
+
+
 # Like vLLM's and SGLang's MoE kernels, this one rounds gate and up and each
 # expert's output to bf16 before the next step; a sum that cancels between
 # experts keeps those roundings at the scale of the experts' outputs (up to
@@ -282,6 +327,7 @@ def lower_moe(
       configs=configs,
       activation=activation,
       swiglu=swiglu,
+      direct=tokens == 1 and not persistent,
       interpret=False,
     )
 
