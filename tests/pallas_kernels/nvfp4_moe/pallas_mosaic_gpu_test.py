@@ -411,3 +411,14 @@ def test_configs_overlap_mma_only_on_64_row_ctas(tokens, cta_rows, persistent):
   ):
     assert config.async_mma == (config.cta_rows == 64)
     assert not (config.async_mma and config.persistent)
+
+
+def test_one_token_counts_a_busy_tile_per_expert():
+  # One token's eight experts make eight token tiles: with 112 row blocks
+  # each, DeepSeek-V3's GEMM 2 (K = 2048) has work for every SM unsplit.
+  plan = pallas_mosaic_gpu.Plan(tokens=1, top_k=8, experts=256, block_m=8)
+  assert plan.busy_tiles == 8
+  _, gemm2 = pallas_mosaic_gpu.configs_for(plan, 7168, 2048, 132)
+  assert gemm2.splits == 1
+  many = pallas_mosaic_gpu.Plan(tokens=4096, top_k=8, experts=256, block_m=128)
+  assert many.busy_tiles == -(-4096 * 8 // 128)
