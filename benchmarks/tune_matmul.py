@@ -40,8 +40,7 @@ def _variants(base: config_lib.Config, k: int, field_sets):
       continue
     if (
       cfg in seen
-      or k % cfg.block_k
-      or (k // cfg.block_k) % cfg.splits
+      or -(-k // cfg.block_k) % cfg.splits
       or cfg.smem_bytes(float32_out=False) > config_lib.SMEM_LIMIT
     ):
       continue

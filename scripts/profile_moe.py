@@ -20,6 +20,7 @@ from jax.experimental.mosaic.gpu import profiler
 
 from benchmarks import arg_specs
 from benchmarks import moe
+from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
 CONFIGS_FOR = pallas_mosaic_gpu.configs_for
@@ -30,8 +31,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # heuristic counts one busy token tile at T = 1, where top-k experts make
 # top_k tiles); "sorted": one token goes through the expert sort too (not
 # the direct tiles); "bf16gather": XLA gathers rows as bf16, not 32-bit
-# words.
-PREFIXES = ("old", "s3", "nosplit", "sorted", "bf16gather")
+# words; "ragged": K steps need not divide K (config.RAGGED_K_STEPS, e.g.
+# gpt-oss-120b's 2880 in steps of 128).
+PREFIXES = ("old", "s3", "nosplit", "sorted", "bf16gather", "ragged")
 
 
 def _prefixes(name: str) -> tuple[set[str], str]:
@@ -72,6 +74,7 @@ def main(argv):
       jax.clear_caches()  # the module switches below are not jit keys
       pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
       pallas_mosaic_gpu.GATHER_WORDS = "bf16gather" not in prefixes
+      config_lib.RAGGED_K_STEPS = "ragged" in prefixes
       node = dict(experts)
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")

@@ -101,6 +101,13 @@ def overlaps_mma(cta_rows: int) -> bool:
   return cta_rows == WGMMA_ROWS
 
 
+# K steps that need not divide K (the kernel reads zeros past it with a
+# narrower swizzle): gpt-oss-120b's K = 2880 would take steps of 128
+# instead of 64. Off until measured on the H200 (CPU interpreter and sm_90
+# lowering only).
+RAGGED_K_STEPS = False
+
+
 def heuristic(
   m: int,
   n: int,
@@ -123,10 +130,11 @@ def heuristic(
     return PREFILL  # bf16 output: fits in shared memory (smem_bytes)
   if block_m is None:
     block_m = 128 if m >= 128 else max(8, -(-m // 8) * 8)
-  # The largest K step that divides K: Mosaic GPU's swizzled TMA views need
-  # the K extent in whole steps (the caller pads K to a multiple of 64).
+  # The largest K step that divides K (the caller pads K to a multiple of
+  # 64), or with RAGGED_K_STEPS whose last, partial step adds at most 1/16.
   k = -(-k // 64) * 64
-  block_k = next(bk for bk in (256, 128, 64) if k % bk == 0)
+  waste = 16 if RAGGED_K_STEPS else k + 1
+  block_k = next(bk for bk in (256, 128, 64) if waste * (-k % bk) <= k)
   if block_m > 64 and block_k == 256:
     block_k = 128
   if block_m > 128:
@@ -134,7 +142,7 @@ def heuristic(
   if token_tiles is None:
     token_tiles = -(-m // block_m)
   tiles = -(-n // TILE_ROWS) * token_tiles
-  k_steps = k // block_k
+  k_steps = -(-k // block_k)
   # Split K only while the output tiles alone leave SMs idle: partial sums
   # cost float32 traffic that grows with M. With one CTA per SM, a split
   # count costs waves x (K steps per CTA + a CTA's start and pipeline fill,

@@ -47,7 +47,7 @@ def nvfp4_matmul(
   m = x.size // k
   config = config or config_lib.heuristic(m, n, k, common.num_sms(interpret))
   padded_k = -(-k // K_ALIGN) * K_ALIGN
-  if padded_k % config.block_k or (padded_k // config.block_k) % config.splits:
+  if -(-padded_k // config.block_k) % config.splits:
     raise ValueError(f"{config} does not tile K={k} (padded to {padded_k})")
   return _run(
     x,

@@ -69,8 +69,16 @@ SCALE_CHUNK_K = 64  # K covered by one 512-byte chunk (4 blocks of 16)
 PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 
 
-def _swizzled(bits: int, row_bytes: int):
+def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
+  """Tiling and swizzle of an SMEM tile of `row_bytes` per row: the widest
+  swizzle (<= 128 B) whose tiles also divide the GMEM rows it is copied
+  from, which Mosaic GPU tiles alike (a K that is no whole number of steps,
+  e.g. 2880 in steps of 128, then takes a narrower one)."""
   swizzle = min(128, row_bytes)
+  while gmem_row_bytes is not None and gmem_row_bytes % swizzle:
+    swizzle //= 2
+  if swizzle < 32:
+    raise ValueError(f"no swizzle tiles rows of {gmem_row_bytes} bytes")
   return (
     plgpu.TilingTransform((8, swizzle * 8 // bits)),
     plgpu.SwizzleTransform(swizzle),
@@ -89,7 +97,8 @@ class Plan:
 
   @property
   def k_steps(self) -> int:
-    return self.k // self.config.block_k
+    """K steps; a last partial one reads zeros past K (TMA fills them)."""
+    return -(-self.k // self.config.block_k)
 
   @property
   def steps_per_split(self) -> int:
@@ -393,8 +402,10 @@ def matmul(
 
   N need not fill whole 128-row tiles: the last tile reads past the weight
   (TMA fills zeros); the swizzled scales are padded to whole 128x4 tiles
-  already. Mosaic GPU's swizzled TMA views need N % 8 == 0 and K in whole
-  `block_k` steps.
+  already. K need not be a whole number of `block_k` steps: the last
+  step's weights, scales and activations past K read as zeros, and the
+  swizzle narrows so that its tiles divide K (Mosaic GPU tiles the GMEM
+  view too). N % 8 == 0 and K % 64 == 0.
   """
   n_mats, n, half_k = packed.shape
   splits = config.splits
@@ -416,7 +427,7 @@ def matmul(
   cfg = config
   if (
     plan.m % cfg.block_m
-    or plan.k % cfg.block_k
+    or plan.k % SCALE_CHUNK_K
     or plan.k_steps % splits
     or n % 8
   ):
@@ -467,7 +478,7 @@ def matmul(
           spec(
             (None, rows, plan.plane_k),
             lambda k: (expert, block, k0 + k),
-            _swizzled(8, plan.plane_k),
+            _swizzled(8, plan.plane_k, half_k),
           ),
           spec(
             (None, None, plan.scale_chunks, 2, 256),
@@ -479,7 +490,7 @@ def matmul(
 
       # Swizzled per K part, so that a part is whole tiles for wgmma.
       def x_spec(plane):
-        transforms = _swizzled(16, 2 * plan.part_k)
+        transforms = _swizzled(16, 2 * plan.part_k, 2 * half_k)
         if not stacked:
           return spec(
             (cfg.block_m, plan.plane_k), lambda k: (mi, k0 + k), transforms

@@ -133,6 +133,15 @@ def test_interpret_batch_dims_and_weight_only(rng):
       config_lib.Config(block_k=256, block_m=8, splits=2, persistent=True),
     ),
     (1, 28672, 8192, config_lib.Config(block_k=256, block_m=8, cta_rows=64)),
+    # K = 2880 (gpt-oss) in steps that do not divide it: narrower swizzles.
+    (16, 2880, 2880, config_lib.Config(block_k=128, block_m=16)),
+    (
+      1,
+      2880,
+      2880,
+      config_lib.Config(block_k=256, block_m=8, cta_rows=64, async_mma=True),
+    ),
+    (4096, 5760, 2880, config_lib.Config(block_k=128, persistent=True)),
     (
       16,
       8192,
@@ -184,6 +193,31 @@ def test_interpret_partial_tiles(rng, m, n, k, activation):
   assert out.shape == (m, n)
   want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
   tolerance.assert_close(out, want, RTOL)
+
+
+@pytest.mark.parametrize(
+  "k, config",
+  [
+    (192, config_lib.Config(block_k=128, block_m=16)),
+    (320, config_lib.Config(block_k=256, block_m=16, cta_rows=64)),
+    (2880, config_lib.Config(block_k=128, block_m=16, splits=23)),
+  ],
+)
+def test_interpret_last_k_step_partial(rng, k, config):
+  # K not a whole number of steps (gpt-oss: 2880 in steps of 128): the last
+  # step's weights, scales and activations past K read as zeros.
+  layer, src = test_base.make_layer(rng, 128, k)
+  x = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
+  out = run(x, layer, "bf16", config)
+  want = test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16")
+  tolerance.assert_close(out, want, RTOL)
+
+
+@pytest.mark.parametrize("ragged, want", [(False, 64), (True, 128)])
+def test_heuristic_k_steps_for_k_2880(monkeypatch, ragged, want):
+  monkeypatch.setattr(config_lib, "RAGGED_K_STEPS", ragged)
+  assert config_lib.heuristic(16, 2880, 2880).block_k == want
+  assert config_lib.heuristic(16, 2048, 7168).block_k == 256  # divides K
 
 
 def test_config_that_does_not_split_k_evenly_is_rejected(rng):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from tests import conftest
@@ -184,6 +185,20 @@ def test_interpret_256_token_tiles(rng, activation, weight_layout):
   )
 
 
+def test_interpret_partial_k_steps(rng, monkeypatch):
+  # Steps of 128 over H = 192 and I = 320 (gpt-oss's 2880 likewise): each
+  # GEMM's last K step reads zeros past K.
+  configs_for = pallas_mosaic_gpu.configs_for
+
+  def steps_of_128(*args, **kwargs):
+    return tuple(
+      dataclasses.replace(c, block_k=128) for c in configs_for(*args, **kwargs)
+    )
+
+  monkeypatch.setattr(pallas_mosaic_gpu, "configs_for", steps_of_128)
+  check_interpret_against_numpy(rng, (12, 4, 192, 320), block_m=16)
+
+
 class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
   """The shared suite with SwiGLU in GEMM 1's epilogue (I % 128 == 0)."""
 
@@ -282,6 +297,20 @@ def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
   lower_moe(model, tokens, persistent, cta_rows, swiglu)
 
 
+@pytest.mark.parametrize("tokens", [1, 16, 4096])
+def test_gpt_oss_in_partial_k_steps_lowers_for_sm90(monkeypatch, tokens):
+  monkeypatch.setattr(config_lib, "RAGGED_K_STEPS", True)
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens,
+    top_k=4,
+    experts=128,
+    block_m=pallas_mosaic_gpu.block_m_for(tokens, 4, 128),
+  )
+  for config in pallas_mosaic_gpu.configs_for(plan, 2880, 2880, 132):
+    assert config.block_k == 128  # 22.5 steps
+  lower_moe(GPT_OSS, tokens, True, None, False)
+
+
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL])
@@ -327,7 +356,7 @@ def lower_moe(
       configs=configs,
       activation=activation,
       swiglu=swiglu,
-      direct=tokens == 1 and not persistent,
+      direct=tokens == 1 and not any(c.persistent for c in configs),
       interpret=False,
     )
 
