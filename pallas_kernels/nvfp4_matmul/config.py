@@ -102,10 +102,40 @@ def overlaps_mma(cta_rows: int) -> bool:
 
 
 # K steps that need not divide K (the kernel reads zeros past it with a
-# narrower swizzle): gpt-oss-120b's K = 2880 would take steps of 128
-# instead of 64. Off until measured on the H200 (CPU interpreter and sm_90
-# lowering only).
-RAGGED_K_STEPS = False
+# narrower swizzle): gpt-oss-120b's K = 2880 takes steps of 128, not 64.
+# Its MoE layer on the H200 (CUPTI, one call, same error against the
+# reference): T = 1 63.1 -> 47.6 us, 16 411 -> 350, 64 855 -> 759, 4096
+# 2436 -> 2362.
+RAGGED_K_STEPS = True
+
+
+def _block_k(k: int, block_m: int, whole_steps: bool) -> int:
+  """The largest K step that divides K, or (not `whole_steps`) whose last,
+  partial step adds at most 1/16 of K."""
+  waste = k + 1 if whole_steps else 16
+  block_k = next(bk for bk in (256, 128, 64) if waste * (-k % bk) <= k)
+  if block_m > 64 and block_k == 256:
+    block_k = 128
+  if block_m > 128:
+    block_k = 64  # 256-token tiles: best with K steps of 64 (PREFILL)
+  return block_k
+
+
+def _splits(tiles: int, k_steps: int, num_sms: int) -> int:
+  """Split K only while the output tiles alone leave SMs idle: partial sums
+  cost float32 traffic that grows with M. With one CTA per SM, a split
+  count costs waves x (K steps per CTA + a CTA's start and pipeline fill,
+  about SPLIT_OVERHEAD_STEPS); the fewest splits of least cost win."""
+  max_splits = 1 if tiles >= num_sms else 16
+  best, best_cost = 1, math.inf
+  for splits in range(1, max_splits + 1):
+    if k_steps % splits or k_steps // splits < 2:
+      continue
+    waves = math.ceil(tiles * splits / num_sms)
+    cost = waves * (k_steps // splits + SPLIT_OVERHEAD_STEPS)
+    if cost < best_cost:
+      best, best_cost = splits, cost
+  return best
 
 
 def heuristic(
@@ -130,32 +160,19 @@ def heuristic(
     return PREFILL  # bf16 output: fits in shared memory (smem_bytes)
   if block_m is None:
     block_m = 128 if m >= 128 else max(8, -(-m // 8) * 8)
-  # The largest K step that divides K (the caller pads K to a multiple of
-  # 64), or with RAGGED_K_STEPS whose last, partial step adds at most 1/16.
-  k = -(-k // 64) * 64
-  waste = 16 if RAGGED_K_STEPS else k + 1
-  block_k = next(bk for bk in (256, 128, 64) if waste * (-k % bk) <= k)
-  if block_m > 64 and block_k == 256:
-    block_k = 128
-  if block_m > 128:
-    block_k = 64  # 256-token tiles: best with K steps of 64 (PREFILL)
   if token_tiles is None:
     token_tiles = -(-m // block_m)
   tiles = -(-n // TILE_ROWS) * token_tiles
+  k = -(-k // 64) * 64  # the caller pads K to a multiple of 64
+  block_k = _block_k(k, block_m, whole_steps=True)
+  best = _splits(tiles, -(-k // block_k), num_sms)
+  ragged_k = _block_k(k, block_m, whole_steps=not RAGGED_K_STEPS)
+  ragged_best = _splits(tiles, -(-k // ragged_k), num_sms)
+  # Longer steps, unless their count (23 for 2880 in steps of 128) cannot
+  # split K where the whole steps would.
+  if ragged_best > 1 or best == 1:
+    block_k, best = ragged_k, ragged_best
   k_steps = -(-k // block_k)
-  # Split K only while the output tiles alone leave SMs idle: partial sums
-  # cost float32 traffic that grows with M. With one CTA per SM, a split
-  # count costs waves x (K steps per CTA + a CTA's start and pipeline fill,
-  # about SPLIT_OVERHEAD_STEPS); the fewest splits of least cost win.
-  max_splits = 1 if tiles >= num_sms else 16
-  best, best_cost = 1, math.inf
-  for splits in range(1, max_splits + 1):
-    if k_steps % splits or k_steps // splits < 2:
-      continue
-    waves = math.ceil(tiles * splits / num_sms)
-    cost = waves * (k_steps // splits + SPLIT_OVERHEAD_STEPS)
-    if cost < best_cost:
-      best, best_cost = splits, cost
   # Decode tiles: CTAs of one warpgroup and 64 rows (several per SM); for
   # one token tile, at least two K ranges per output tile where each keeps
   # 16 K steps. Tuned on the H200 (NOTES.md, sm90_layout weights, kernel
@@ -165,7 +182,7 @@ def heuristic(
   cta_rows = TILE_ROWS
   if block_m <= 16:
     cta_rows = WGMMA_ROWS
-    if best == 1 and k_steps >= 32 and token_tiles == 1:
+    if best == 1 and k_steps >= 32 and k_steps % 2 == 0 and token_tiles == 1:
       best = 2
   stages = 4
   config = Config(

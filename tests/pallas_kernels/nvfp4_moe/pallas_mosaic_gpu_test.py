@@ -385,6 +385,16 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     )
     self.check(out, want.astype(jnp.float32))
 
+  @pytest.mark.parametrize("tokens", [1, 64])
+  def test_gpt_oss_sized_experts(self, rng, tokens):
+    # H = I = 2880: K steps of 128 that do not divide K, SwiGLU unfused.
+    experts, _, x, logits = test_base.make_inputs(rng, tokens, 8, 2880, 2880)
+    out = self.moe(x, logits, experts, top_k=4)
+    want = pallas_kernels.nvfp4_moe(
+      x, logits, experts, top_k=4, implementation="xla"
+    )
+    self.check(out, want.astype(jnp.float32))
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("persistent", [False, True])
