@@ -43,8 +43,9 @@ GROUP_KEYS = {"matmul": ("K", "N", "M"), "moe": ("model", "T")}
 def merge(results: list[dict], kind: str, prefer_first: bool = False) -> dict:
   """One result from several runs; see the module doc.
 
-  `prefer_first`: a group the first run measured at all comes from it (a
-  newer run of a changed kernel that timed only some implementations).
+  `prefer_first`: runs are listed newest first, and a group comes from the
+  first run that measured any of it (newer runs of a changed kernel that
+  timed only some implementations).
   """
   keys = GROUP_KEYS[kind]
 
@@ -59,7 +60,7 @@ def merge(results: list[dict], kind: str, prefer_first: bool = False) -> dict:
       group(r) for r in result["rows"] if not r["status"].startswith("skipped")
     )
     for g in dict.fromkeys(group(r) for r in result["rows"]):
-      preferred = prefer_first and source.get(g) == 0 and measured[g] > 0
+      preferred = prefer_first and measured.get(g, 0) > 0
       if g not in source or (counts[g] > measured[g] and not preferred):
         source[g], measured[g] = run, counts[g]
   order = list(source)
@@ -302,7 +303,8 @@ def main(argv=None):
   parser.add_argument(
     "--prefer-first",
     action="store_true",
-    help="row groups the first run measured come from it",
+    help="runs newest first: a row group comes from the first run that"
+    " measured any of it",
   )
   args = parser.parse_args(argv)
   args.plot = args.plot or f"benchmarks/results/{args.kind}.png"

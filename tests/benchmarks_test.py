@@ -189,12 +189,17 @@ def test_report_merges_runs_group_by_group():
     (16, "ragged_dot_bf16", 1),
   ]
   assert [m["note"] for m in merged["meta"]["runs"]] == ["a", "b"]
-  # With prefer_first, a group the first run measured at all is its, even
-  # where a later run measured more of it.
+  # With prefer_first (runs newest first), a group the first run measured
+  # at all is its, even where a later run measured more of it; likewise
+  # the second run before the third.
   third = run(
     "c",
     [row(16, "ragged_dot_bf16", us=7.0), row(16, "fp4jax_xla", us=8.0)],
   )
   for prefer, want_run in ((False, 2), (True, 1)):
     merged = report.merge([first, third], "moe", prefer_first=prefer)
+    assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {want_run}
+  empty = run("d", [row(64, "fp4jax_pallas_w4a16", us=1.0)])
+  for prefer, want_run in ((False, 3), (True, 2)):
+    merged = report.merge([empty, first, third], "moe", prefer_first=prefer)
     assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {want_run}
