@@ -18,6 +18,11 @@
 #                                         # per kernel of one MoE call,
 #                                         # e.g. deepseek-v3 4096,16384
 #                                         # autofused,wide
+#   bash scripts/gpu_session.sh profile_matmul SHAPES TOKENS
+#                                         # scripts/profile_matmul.py: time
+#                                         # per kernel of one matmul call
+#                                         # (W4A16 and W4A4), e.g.
+#                                         # 8192:28672,7168:2048 1,16
 # Run from the repo root on the GPU machine; writes under $OUT (or
 # ./gpu_out). Render results here with `python -m benchmarks.report
 # a.json b.json ... --kind matmul|moe` (`--prefer-first` puts a newer,
@@ -55,5 +60,9 @@ case "${1:-tier}" in
   profile)
     timeout 580 python3 scripts/profile_moe.py "$2" "$3" "$4" 2>&1 \
       | tee "$out/profile_${2}.log" | grep -E "^==|mosaic"
+    ;;
+  profile_matmul)
+    timeout 580 python3 scripts/profile_matmul.py "$2" "$3" 2>&1 \
+      | tee "$out/profile_matmul.log" | grep -E "^==|us "
     ;;
 esac

@@ -1,0 +1,52 @@
+"""GPU diagnostic: where an NVFP4 matmul's time goes, kernel by kernel.
+
+  PYTHONPATH=. python scripts/profile_matmul.py [K:N,...] [M,...]
+      [activations: bf16,nvfp4]
+
+Prints CUPTI time per kernel launch (name, µs) of one `nvfp4_matmul` call
+on the benchmark's layers (`benchmarks.matmul`), so that the XLA passes
+around the kernel (W4A4's activation quantization, the K split of the
+activations, split-K sums) can be told apart from the Pallas kernel.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.mosaic.gpu import profiler
+
+import pallas_kernels
+from benchmarks import matmul
+
+
+def main(argv):
+  shapes = [
+    tuple(int(d) for d in s.split(":"))
+    for s in (argv[0] if argv else "8192:28672,7168:2048").split(",")
+  ]
+  tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
+  activations = argv[2].split(",") if len(argv) > 2 else ["bf16", "nvfp4"]
+  for k, n in shapes:
+    _, prepared, _ = matmul.make_weights(k, n, 1)
+    layer = prepared[0]
+    for m in tokens:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      for activation in activations:
+
+        def call(x, layer, activation=activation):
+          return pallas_kernels.nvfp4_matmul(
+            x, layer, activation=activation, implementation="pallas"
+          )
+
+        _, timings = profiler.measure(jax.jit(call), aggregate=False)(x, layer)
+        total = sum(ms for _, ms in timings)
+        print(
+          f"== K={k} N={n} M={m} {activation}: {len(timings)} kernels,"
+          f" {total * 1e3:.1f} us"
+        )
+        for kernel, ms in timings:
+          print(f"  {ms * 1e3:9.1f} us  {kernel[:90]}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
