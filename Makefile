@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` spreads the tests over up to 4 processes (one per core) on
+# machines without an NVIDIA GPU; with one, a single process, since each
+# would claim most of the GPU's memory.
+TEST_WORKERS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 0 || echo auto --maxprocesses=4)
 
 .PHONY: venv test test-gpu demo lint format bench clean
 
@@ -20,7 +24,7 @@ venv: $(STAMP)
 # CPU tier (and, on a GPU machine, the GPU tier too: gpu tests skip without one).
 # pytest exits 5 when a selection collects no test; that is reported, not an error.
 test: $(STAMP)
-	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; \
 	exit $$rc
 
