@@ -3,7 +3,8 @@
 Data flow (one jitted function):
 1. route (softmax top-k, `base.route`), then sort the (token, expert) pairs
    by expert into a buffer where each expert's rows start on a tile of
-   `block_m` rows (padding rows are zero), with one expert id per tile;
+   `block_m` rows (padding rows are zero), with one expert id per tile (one
+   token needs no sort: tile i holds pair i, `direct_tiles`);
 2. GEMM 1 over `w13` with the matmul kernel's sm90 body in grouped mode:
    each token tile reads only its own expert's weights, tiles past the used
    rows exit at once, so a decode step streams only the active experts;
@@ -309,8 +310,8 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
 
 
 def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
-  """`rows[index]` for bf16 `[R, K/2]` planes, moved as 32-bit words: XLA's
-  gather of bf16 rows ran at about half the HBM rate on the H200."""
+  """`rows[index]` for bf16 `[R, K/2]` planes, moved as 32-bit words (XLA's
+  gather for DeepSeek-V3 at 4096 tokens on the H200: 364 -> 315 us)."""
   if not GATHER_WORDS or rows.shape[-1] % 2:
     return rows[index]
   r, k = rows.shape
