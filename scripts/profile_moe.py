@@ -31,9 +31,18 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # heuristic counts one busy token tile at T = 1, where top-k experts make
 # top_k tiles); "sorted": one token goes through the expert sort too (not
 # the direct tiles); "bf16gather": XLA gathers rows as bf16, not 32-bit
-# words; "ragged": K steps need not divide K (config.RAGGED_K_STEPS, e.g.
-# gpt-oss-120b's 2880 in steps of 128).
-PREFIXES = ("old", "s3", "nosplit", "sorted", "bf16gather", "ragged")
+# words; "whole": K steps divide K (not config.RAGGED_K_STEPS, which gives
+# gpt-oss-120b's 2880 steps of 128); "counting": up to 4096 pairs are
+# placed by comparison counts, not the argsort (COUNTING_MAX_PAIRS).
+PREFIXES = (
+  "old",
+  "s3",
+  "nosplit",
+  "sorted",
+  "bf16gather",
+  "whole",
+  "counting",
+)
 
 
 def _prefixes(name: str) -> tuple[set[str], str]:
@@ -74,7 +83,8 @@ def main(argv):
       jax.clear_caches()  # the module switches below are not jit keys
       pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
       pallas_mosaic_gpu.GATHER_WORDS = "bf16gather" not in prefixes
-      config_lib.RAGGED_K_STEPS = "ragged" in prefixes
+      config_lib.RAGGED_K_STEPS = "whole" not in prefixes
+      pallas_mosaic_gpu.COUNTING_MAX_PAIRS = 4096 * ("counting" in prefixes)
       node = dict(experts)
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")

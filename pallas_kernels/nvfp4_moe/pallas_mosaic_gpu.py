@@ -4,7 +4,8 @@ Data flow (one jitted function):
 1. route (softmax top-k, `base.route`), then sort the (token, expert) pairs
    by expert into a buffer where each expert's rows start on a tile of
    `block_m` rows (padding rows are zero), with one expert id per tile (one
-   token needs no sort: tile i holds pair i, `direct_tiles`);
+   token needs no sort: tile i holds pair i, `direct_tiles`; a few pairs
+   may be placed by comparison counts, `count_by_expert`);
 2. GEMM 1 over `w13` with the matmul kernel's sm90 body in grouped mode:
    each token tile reads only its own expert's weights, tiles past the used
    rows exit at once, so a decode step streams only the active experts;
@@ -49,6 +50,11 @@ FUSED_SWIGLU = True
 DIRECT_DECODE = True
 # XLA's row gather moves bf16 rows as 32-bit words (see `_gather_rows`).
 GATHER_WORDS = True
+# Up to this many (token, expert) pairs, `count_by_expert` places them with
+# a few comparison counts instead of `sort_by_expert`'s argsort, cumsum and
+# scatters (~11 small XLA kernels, ~20 us of Qwen3-30B-A3B's 111 at 16
+# tokens on the H200). 0: off until measured (CPU-tested only).
+COUNTING_MAX_PAIRS = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +252,7 @@ def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
     activation=activation,
     swiglu=swiglu,
     direct=direct,
+    counted=not direct and plan.pairs <= COUNTING_MAX_PAIRS,
     interpret=interpret,
   )
 
@@ -305,6 +312,43 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
   return (
     position.reshape(ids.shape),
     token,
+    tile_expert.astype(jnp.int32),
+  )
+
+
+def count_by_expert(ids: jax.Array, plan: Plan):
+  """`sort_by_expert`'s result, by comparison counts (O(pairs x rows)
+  work, a few fused reductions; for small pair counts)."""
+  n_groups = plan.experts + 1  # the last: dropped pairs
+  flat = ids.reshape(-1)
+  flat = jnp.where((flat >= 0) & (flat < plan.experts), flat, plan.experts)
+  pair = jnp.arange(plan.pairs)
+  group = jnp.arange(n_groups)
+  # A pair's place in its group: the earlier pairs of the same expert.
+  earlier = (flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])
+  rank = jnp.sum(earlier, axis=1, dtype=jnp.int32)
+  counts = jnp.sum(flat[None, :] == group[:, None], axis=1, dtype=jnp.int32)
+  padded = -(-counts // plan.block_m) * plan.block_m
+  # Inclusive prefix sum as one masked reduction (XLA's cumsum is a
+  # reduce-window kernel of its own).
+  ends = jnp.sum(
+    jnp.where(group[None, :] <= group[:, None], padded[None, :], 0), axis=1
+  )
+  starts = ends - padded
+  position = (starts[flat] + rank).astype(jnp.int32)
+  rows = jnp.arange(plan.max_tiles * plan.block_m)
+  holds = position[None, :] == rows[:, None]  # [rows, pairs]
+  token = jnp.sum(
+    jnp.where(holds, pair[None, :] // plan.top_k, 0), axis=1, dtype=jnp.int32
+  )
+  token = jnp.where(jnp.any(holds, axis=1), token, plan.tokens)
+  tile_start = jnp.arange(plan.max_tiles) * plan.block_m
+  tile_expert = jnp.sum(ends[None, :] <= tile_start[:, None], axis=1)
+  used = tile_start < ends[plan.experts - 1]  # the dropped group is last
+  tile_expert = jnp.where(used, tile_expert, -1)
+  return (
+    position.reshape(ids.shape),
+    token.astype(jnp.int32),
     tile_expert.astype(jnp.int32),
   )
 
@@ -409,6 +453,7 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
     "activation",
     "swiglu",
     "direct",
+    "counted",
     "interpret",
   ),
 )
@@ -424,12 +469,15 @@ def _forward(
   swiglu,
   direct,
   interpret,
+  counted=False,
 ):
   """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine."""
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   inter = w13.shape[1] // 2
   sort = direct_tiles if direct else sort_by_expert
+  if counted:
+    sort = count_by_expert
   position, token, tile_expert = sort(ids, plan)
   row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)
   used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)

@@ -62,6 +62,41 @@ def test_sort_by_expert_places_every_pair_in_its_experts_tiles(
   )
 
 
+@pytest.mark.parametrize(
+  "tokens, experts, top_k, block_m",
+  [(1, 8, 2, 8), (16, 128, 8, 8), (37, 4, 3, 16), (64, 8, 8, 128)],
+)
+def test_count_by_expert_equals_the_sort(rng, tokens, experts, top_k, block_m):
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens, top_k=top_k, experts=experts, block_m=block_m
+  )
+  ids = np.stack(
+    [rng.choice(experts, top_k, replace=False) for _ in range(tokens)]
+  ).astype(np.int32)
+  ids[: tokens // 2, 0] = 0  # a crowded expert
+  ids[-1, -1] = -1  # dropped pairs (another device's experts)
+  ids[0, -1] = experts + 3
+  want = pallas_mosaic_gpu.sort_by_expert(jnp.asarray(ids), plan)
+  got = pallas_mosaic_gpu.count_by_expert(jnp.asarray(ids), plan)
+  for g, w in zip(got, want, strict=True):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_interpret_pairs_placed_by_counting(rng, monkeypatch):
+  monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 4096)
+  forward = pallas_mosaic_gpu._forward_fn(
+    jnp.zeros((9, 128), jnp.bfloat16),
+    2,
+    test_base.make_experts(rng, 4, 128, 128)[0],
+    "bf16",
+    pallas_mosaic_gpu.Tiles(None, True, None, True),
+    interpret=True,
+  )
+  assert forward.keywords["counted"]
+  check_interpret_against_numpy(rng, (9, 4, 128, 128))
+
+
 def test_direct_tiles_give_each_pair_of_one_token_its_own_tile():
   plan = pallas_mosaic_gpu.Plan(tokens=1, top_k=4, experts=6, block_m=8)
   ids = jnp.asarray([[5, -1, 0, 9]], jnp.int32)  # two foreign ids
