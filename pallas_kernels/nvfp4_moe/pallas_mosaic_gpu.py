@@ -282,8 +282,7 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
     (position `[T, top_k]` of each pair's row, token `[rows]` of each row
     (T for padding rows), expert `[max_tiles]` of each tile (-1: unused)).
   """
-  flat = ids.reshape(-1)
-  flat = jnp.where((flat >= 0) & (flat < plan.experts), flat, plan.experts)
+  flat = _group_of_pairs(ids, plan)
   counts = jnp.bincount(flat, length=plan.experts + 1)
   padded = -(-counts // plan.block_m) * plan.block_m
   ends = jnp.cumsum(padded)
@@ -303,27 +302,15 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
     .at[position]
     .set(jnp.arange(plan.pairs, dtype=jnp.int32) // plan.top_k)
   )
-  tile_start = jnp.arange(plan.max_tiles) * plan.block_m
-  # The expert whose padded rows hold the tile's first row: one fused
-  # compare-and-count (jnp.searchsorted unrolls into ~16 tiny kernels).
-  tile_expert = jnp.sum(ends[None, :] <= tile_start[:, None], axis=1)
-  used = tile_start < ends[plan.experts - 1]  # the dropped group is last
-  tile_expert = jnp.where(used, tile_expert, -1)
-  return (
-    position.reshape(ids.shape),
-    token,
-    tile_expert.astype(jnp.int32),
-  )
+  return position.reshape(ids.shape), token, _tile_experts(ends, plan)
 
 
 def count_by_expert(ids: jax.Array, plan: Plan):
   """`sort_by_expert`'s result, by comparison counts (O(pairs x rows)
   work, a few fused reductions; for small pair counts)."""
-  n_groups = plan.experts + 1  # the last: dropped pairs
-  flat = ids.reshape(-1)
-  flat = jnp.where((flat >= 0) & (flat < plan.experts), flat, plan.experts)
+  flat = _group_of_pairs(ids, plan)
   pair = jnp.arange(plan.pairs)
-  group = jnp.arange(n_groups)
+  group = jnp.arange(plan.experts + 1)
   # A pair's place in its group: the earlier pairs of the same expert.
   earlier = (flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])
   rank = jnp.sum(earlier, axis=1, dtype=jnp.int32)
@@ -342,15 +329,26 @@ def count_by_expert(ids: jax.Array, plan: Plan):
     jnp.where(holds, pair[None, :] // plan.top_k, 0), axis=1, dtype=jnp.int32
   )
   token = jnp.where(jnp.any(holds, axis=1), token, plan.tokens)
+  return position.reshape(ids.shape), token, _tile_experts(ends, plan)
+
+
+def _group_of_pairs(ids: jax.Array, plan: Plan) -> jax.Array:
+  """int32 `[pairs]`: each pair's expert, or E for a dropped pair (an id
+  outside `[0, E)`: another device's expert)."""
+  flat = ids.reshape(-1)
+  return jnp.where((flat >= 0) & (flat < plan.experts), flat, plan.experts)
+
+
+def _tile_experts(ends: jax.Array, plan: Plan) -> jax.Array:
+  """int32 `[max_tiles]`: the expert whose padded rows (ending at `ends`,
+  inclusive prefix sums per group) hold each tile's first row; -1 for the
+  dropped group's tiles and those past it."""
   tile_start = jnp.arange(plan.max_tiles) * plan.block_m
+  # One fused compare-and-count (jnp.searchsorted unrolls into ~16 tiny
+  # kernels).
   tile_expert = jnp.sum(ends[None, :] <= tile_start[:, None], axis=1)
   used = tile_start < ends[plan.experts - 1]  # the dropped group is last
-  tile_expert = jnp.where(used, tile_expert, -1)
-  return (
-    position.reshape(ids.shape),
-    token.astype(jnp.int32),
-    tile_expert.astype(jnp.int32),
-  )
+  return jnp.where(used, tile_expert, -1).astype(jnp.int32)
 
 
 def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
@@ -475,10 +473,11 @@ def _forward(
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   inter = w13.shape[1] // 2
-  sort = direct_tiles if direct else sort_by_expert
-  if counted:
-    sort = count_by_expert
-  position, token, tile_expert = sort(ids, plan)
+  if direct:
+    place = direct_tiles
+  else:
+    place = count_by_expert if counted else sort_by_expert
+  position, token, tile_expert = place(ids, plan)
   row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)
   used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
   if direct:  # rows made by a select, not a gather (token is a constant)
