@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fp4jax.format import nvfp4
+from pallas_kernels import activation_quant
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
@@ -74,7 +74,7 @@ def _run(x, leaves, *, activation, config, interpret):
   if activation == "nvfp4":
     # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
     # activations exactly; alpha supplies both tensor scales.
-    rows = nvfp4.fake_quantize_activation(rows, layer.input_scale_inv)
+    rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
     factor = layer.alpha
   else:
     factor = layer.weight_scale_2()

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fp4jax.format import nvfp4
 from fp4jax.format import sm90_layout
+from pallas_kernels import activation_quant
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
@@ -401,7 +401,7 @@ def _grouped_gemm(
     if activation == "nvfp4":
       if gather is not None:  # quantized with each row's expert's scale
         rows, gather = rows[gather], None
-      rows = nvfp4.fake_quantize_activation(
+      rows = activation_quant.fake_quantize_rows(
         rows, proj.input_scale_inv[row_expert]
       )
     # Two arrays: XLA gathers rows into two faster than into one stacked.
