@@ -8,6 +8,11 @@ read natural-order weights, while `weight_layout="sm90"` layers carry the
 bit order of the Hopper decoder (`fp4jax.format.sm90_layout`), so `prepare`
 picks the layout for the GPU it serves on.
 
+W4A4 quantizes the activations in XLA (`activation_quant`, the reference's
+values bit for bit, fused with the activation split at decode sizes); every
+E2M1 x E4M3 value is exact in bf16, so the same kernel multiplies them and
+its epilogue scales by alpha.
+
 Status: passes the GPU tier on the H200 and is the default on sm90.
 Numbers and the targets not yet met: BENCHMARKS.md and NOTES.md. Any N and
 any K (a multiple of 16) run: a partial last row tile reads zeros through
