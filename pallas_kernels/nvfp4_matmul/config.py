@@ -107,6 +107,11 @@ def overlaps_mma(cta_rows: int) -> bool:
 # reference): T = 1 63.1 -> 47.6 us, 16 411 -> 350, 64 855 -> 759, 4096
 # 2436 -> 2362.
 RAGGED_K_STEPS = True
+# The epilogue reads the per-tensor scales (alpha, input_scale_inv) as
+# kernel operands and multiplies them itself, instead of an XLA pass
+# building a per-block factor table before each call (one small kernel per
+# GEMM, ~1-1.7 us at decode on the H200). Off: the table.
+SCALES_AS_OPERANDS = True
 
 
 def _block_k(k: int, block_m: int, whole_steps: bool) -> int:

@@ -80,9 +80,11 @@ def _run(x, leaves, *, activation, config, interpret):
     # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
     # activations exactly; alpha supplies both tensor scales.
     rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
-    factor = layer.alpha
-  else:
-    factor = layer.weight_scale_2()
+    factors = (layer.alpha,)
+  elif layer.input_scale_inv is None:  # weight-only: alpha = weight_scale_2
+    factors = (layer.alpha,)
+  else:  # weight_scale_2 = alpha * input_scale_inv, multiplied in the kernel
+    factors = (layer.alpha, layer.input_scale_inv)
   rows = rows.astype(jnp.bfloat16)
   weight = layer.weight
   pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
@@ -100,7 +102,7 @@ def _run(x, leaves, *, activation, config, interpret):
     # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).
     layer.block_scale.reshape(1, n_tiles, padded_blocks // 4, 2, 256),
-    jnp.full((1, 2 * n_tiles), factor, jnp.float32),
+    _epilogue_factor(factors, n_tiles),
     config=config,
     num_sms=common.num_sms(interpret),
     interpret=interpret,
@@ -109,3 +111,14 @@ def _run(x, leaves, *, activation, config, interpret):
     out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)
+
+
+def _epilogue_factor(factors, n_tiles: int):
+  """The kernel's `factor` operand for one layer: the scalar leaves as they
+  are (free reshapes), or the old per-block table (an XLA broadcast, ~1 us
+  a call at decode) when `config.SCALES_AS_OPERANDS` is off."""
+  factors = tuple(jnp.asarray(f, jnp.float32).reshape(1) for f in factors)
+  if config_lib.SCALES_AS_OPERANDS:
+    return factors
+  product = functools.reduce(lambda a, b: a * b, factors)
+  return jnp.broadcast_to(product[:, None], (1, 2 * n_tiles))

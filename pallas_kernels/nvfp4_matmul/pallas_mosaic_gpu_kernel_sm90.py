@@ -365,7 +365,10 @@ def matmul(
   # than into one stacked array: 69 vs 121 us for Qwen3-30B-A3B's MoE).
   x_planes: jax.Array | tuple[jax.Array, jax.Array],
   scale_chunks: jax.Array,  # e4m3 [E, ceil(N/128), ceil(K/64), 2, 256]
-  factor: jax.Array,  # float32 [E, ceil(N/64)]: per 64 rows of each weight
+  # float32 [E, ceil(N/64)]: the epilogue scale per 64 rows of each weight;
+  # or a tuple of float32 [E] whose product scales all of weight e's rows
+  # (the prepared leaves as they are: no XLA pass builds a table per call).
+  factor: jax.Array | tuple[jax.Array, ...],
   tile_expert: jax.Array | None = None,  # int32 [M / block_m]
   used_tiles: jax.Array | None = None,  # int32: tiles with tile_expert >= 0
   *,
@@ -441,8 +444,14 @@ def matmul(
   chunks = -(-plan.k // SCALE_CHUNK_K)
   if scale_chunks.shape != (n_mats, weight_tiles, chunks, 2, 256):
     raise ValueError(f"scale chunks {scale_chunks.shape} do not match {n=}")
-  if factor.shape != (n_mats, 2 * weight_tiles):
-    raise ValueError(f"factor {factor.shape} != {(n_mats, 2 * weight_tiles)}")
+  per_block = not isinstance(factor, tuple)
+  factors = (factor,) if per_block else factor
+  want_factor = (n_mats, 2 * weight_tiles) if per_block else (n_mats,)
+  if not factors or any(
+    f.shape != want_factor or f.dtype != jnp.float32 for f in factors
+  ):
+    got = [(f.dtype, f.shape) for f in factors]
+    raise ValueError(f"factor {got} != float32 {want_factor}")
   grouped = tile_expert is not None
   if grouped and tile_expert.shape != (m_tiles,):
     raise ValueError(f"tile_expert {tile_expert.shape} != ({m_tiles},)")
@@ -454,10 +463,12 @@ def matmul(
   single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
   compute_wgs = 1 if single else 2
 
-  def kernel(
-    w_gmem, xe_gmem, xo_gmem, s_gmem, f_gmem, e_gmem, v_gmem, o_gmem, *rest
-  ):
-    o_smem, a_smem = rest[0], (rest[1] if a_in_smem else None)
+  def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, e_gmem, v_gmem, *refs):
+    f_gmems, (o_gmem, o_smem, *rest) = (
+      refs[: len(factors)],
+      refs[len(factors) :],
+    )
+    a_smem = rest[0] if a_in_smem else None
     n_accs = 2 if swiglu else 1  # gate and up accumulators with SwiGLU
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
@@ -571,8 +582,13 @@ def matmul(
       SwiGLU), then stores them from SMEM slot `slot`."""
 
       def scaled(acc_ref, factor_block):
-        scale = f_gmem[expert, factor_block] * (2.0**-PRODUCT_EXPONENT)
-        return acc_ref[...] * scale
+        if per_block:
+          scale = f_gmems[0][expert, factor_block]
+        else:  # in the order XLA would multiply them
+          scale = f_gmems[0][expert]
+          for f_gmem in f_gmems[1:]:
+            scale = scale * f_gmem[expert]
+        return acc_ref[...] * (scale * (2.0**-PRODUCT_EXPONENT))
 
       acc = scaled(accs[0], block)
       if swiglu:
@@ -727,9 +743,9 @@ def matmul(
     packed,
     *planes,
     scale_chunks,
-    factor,
     tile_expert,
     used_tiles.reshape(1),
+    *factors,
   )
   if interpret:
     # Mosaic GPU's CPU interpreter (plgpu.kernel(interpret=True) cannot

@@ -364,8 +364,16 @@ def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(picked, rows.dtype).reshape(-1, k)
 
 
-def _factors(proj: base.StackedLinear, activation: str) -> jax.Array:
-  """f32 `[E, ceil128(N) / 64]`: the epilogue scale of each 64-row block."""
+def _factors(
+  proj: base.StackedLinear, activation: str
+) -> jax.Array | tuple[jax.Array, ...]:
+  """The kernel's epilogue scales: the per-expert leaves whose product
+  scales each expert's rows (no XLA pass), or, where w13's up rows have
+  their own scale, f32 `[E, ceil128(N) / 64]` per 64-row block."""
+  if config_lib.SCALES_AS_OPERANDS and proj.alpha_up is None:
+    if activation == "bf16" and proj.input_scale_inv is not None:
+      return (proj.alpha, proj.input_scale_inv)  # weight_scale_2
+    return (proj.alpha,)
   _, n, _ = proj.shape
   first, second = proj.epilogue_scales(activation)
   blocks = -(-n // config_lib.TILE_ROWS) * config_lib.TILE_ROWS // FACTOR_ROWS

@@ -105,6 +105,27 @@ def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
   tolerance.assert_close(out, want, RTOL)
 
 
+@pytest.mark.parametrize(
+  "activation, weight_only",
+  [("bf16", False), ("bf16", True), ("nvfp4", False)],
+)
+def test_interpret_scales_as_operands_equal_the_factor_table(
+  rng, activation, weight_only, monkeypatch
+):
+  # The epilogue multiplying the scale leaves itself gives the same bits as
+  # the per-block table XLA used to build.
+  layer, _ = test_base.make_layer(rng, 200, 256, weight_only=weight_only)
+  x = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
+  config = config_lib.Config(block_k=64, block_m=8, splits=2)
+  outs = []
+  for operands in (True, False):
+    monkeypatch.setattr(config_lib, "SCALES_AS_OPERANDS", operands)
+    jax.clear_caches()  # the flag is read when tracing
+    outs.append(np.asarray(run(x, layer, activation, config), np.float32))
+  assert not np.isnan(outs[0]).any()
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_interpret_batch_dims_and_weight_only(rng):
   layer, src = test_base.make_layer(rng, 128, 128, weight_only=True)
   x = jnp.asarray(rng.standard_normal((2, 3, 128)), jnp.bfloat16)

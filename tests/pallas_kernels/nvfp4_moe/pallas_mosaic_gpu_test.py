@@ -185,6 +185,26 @@ def check_interpret_against_numpy(
   )
 
 
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_interpret_scales_as_operands_equal_the_factor_table(
+  rng, activation, monkeypatch
+):
+  # Per-expert alpha (and input_scale_inv) read by the epilogue give the
+  # same bits as the per-block table XLA used to build.
+  experts, _, x, logits = test_base.make_inputs(rng, 6, 4, 128, 128)
+  assert "w13_alpha_up" not in experts
+  outs = []
+  for operands in (True, False):
+    monkeypatch.setattr(config_lib, "SCALES_AS_OPERANDS", operands)
+    jax.clear_caches()  # the flag is read when tracing
+    out = pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, top_k=2, activation=activation, interpret=True
+    )
+    outs.append(np.asarray(out, np.float32))
+  assert not np.isnan(outs[0]).any()
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize(
   "persistent, cta_rows, weight_layout",
   [(False, 128, "natural"), (True, 128, "sm90"), (False, 64, "sm90")],
