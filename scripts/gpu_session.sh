@@ -18,11 +18,12 @@
 #                                         # per kernel of one MoE call,
 #                                         # e.g. deepseek-v3 4096,16384
 #                                         # autofused,wide
-#   bash scripts/gpu_session.sh profile_matmul SHAPES TOKENS
+#   bash scripts/gpu_session.sh profile_matmul SHAPES TOKENS [ACTS [FORMS]]
 #                                         # scripts/profile_matmul.py: time
 #                                         # per kernel of one matmul call
 #                                         # (W4A16 and W4A4), e.g.
 #                                         # 8192:28672,7168:2048 1,16
+#                                         # bf16,nvfp4 operands,table
 # Run from the repo root on the GPU machine; writes under $OUT (or
 # ./gpu_out). Render results here with `python -m benchmarks.report
 # a.json b.json ... --kind matmul|moe` (`--prefer-first` puts a newer,
@@ -62,7 +63,8 @@ case "${1:-tier}" in
       | tee "$out/profile_${2}.log" | grep -E "^==|mosaic"
     ;;
   profile_matmul)
-    timeout 580 python3 scripts/profile_matmul.py "$2" "$3" 2>&1 \
+    timeout 580 python3 scripts/profile_matmul.py "$2" "$3" ${4:+"$4"} \
+      ${5:+"$5"} 2>&1 \
       | tee "$out/profile_matmul.log" | grep -E "^==|us "
     ;;
 esac

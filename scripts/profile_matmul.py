@@ -1,7 +1,7 @@
 """GPU diagnostic: where an NVFP4 matmul's time goes, kernel by kernel.
 
   PYTHONPATH=. python scripts/profile_matmul.py [K:N,...] [M,...]
-      [activations: bf16,nvfp4]
+      [activations: bf16,nvfp4] [scale forms: operands,table]
 
 Prints CUPTI time per kernel launch (name, µs) of one `nvfp4_matmul` call
 on the benchmark's layers (`benchmarks.matmul`), so that the XLA passes
@@ -17,6 +17,7 @@ from jax.experimental.mosaic.gpu import profiler
 
 import pallas_kernels
 from benchmarks import matmul
+from pallas_kernels.nvfp4_matmul import config as config_lib
 
 
 def main(argv):
@@ -26,26 +27,34 @@ def main(argv):
   ]
   tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
   activations = argv[2].split(",") if len(argv) > 2 else ["bf16", "nvfp4"]
+  # "table": the epilogue scales as an XLA-built table, as before
+  # config.SCALES_AS_OPERANDS.
+  forms = argv[3].split(",") if len(argv) > 3 else ["operands"]
   for k, n in shapes:
     _, prepared, _ = matmul.make_weights(k, n, 1)
     layer = prepared[0]
     for m in tokens:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       for activation in activations:
+        for form in forms:
+          config_lib.SCALES_AS_OPERANDS = form != "table"
+          jax.clear_caches()  # the switch is not a jit key
 
-        def call(x, layer, activation=activation):
-          return pallas_kernels.nvfp4_matmul(
-            x, layer, activation=activation, implementation="pallas"
+          def call(x, layer, activation=activation):
+            return pallas_kernels.nvfp4_matmul(
+              x, layer, activation=activation, implementation="pallas"
+            )
+
+          _, timings = profiler.measure(jax.jit(call), aggregate=False)(
+            x, layer
           )
-
-        _, timings = profiler.measure(jax.jit(call), aggregate=False)(x, layer)
-        total = sum(ms for _, ms in timings)
-        print(
-          f"== K={k} N={n} M={m} {activation}: {len(timings)} kernels,"
-          f" {total * 1e3:.1f} us"
-        )
-        for kernel, ms in timings:
-          print(f"  {ms * 1e3:9.1f} us  {kernel[:90]}")
+          total = sum(ms for _, ms in timings)
+          print(
+            f"== K={k} N={n} M={m} {activation} {form}: {len(timings)}"
+            f" kernels, {total * 1e3:.1f} us"
+          )
+          for kernel, ms in timings:
+            print(f"  {ms * 1e3:9.1f} us  {kernel[:90]}")
 
 
 if __name__ == "__main__":

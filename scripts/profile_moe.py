@@ -33,7 +33,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # the direct tiles); "bf16gather": XLA gathers rows as bf16, not 32-bit
 # words; "whole": K steps divide K (not config.RAGGED_K_STEPS, which gives
 # gpt-oss-120b's 2880 steps of 128); "counting": up to 4096 pairs are
-# placed by comparison counts, not the argsort (COUNTING_MAX_PAIRS).
+# placed by comparison counts (COUNTING_MAX_PAIRS, default 2048);
+# "argsort": every count of pairs goes through the argsort; "table": the
+# epilogue scales come as an XLA-built per-block table, not the scale
+# leaves (config.SCALES_AS_OPERANDS).
 PREFIXES = (
   "old",
   "s3",
@@ -42,6 +45,8 @@ PREFIXES = (
   "bf16gather",
   "whole",
   "counting",
+  "argsort",
+  "table",
 )
 
 
@@ -84,7 +89,10 @@ def main(argv):
       pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
       pallas_mosaic_gpu.GATHER_WORDS = "bf16gather" not in prefixes
       config_lib.RAGGED_K_STEPS = "whole" not in prefixes
-      pallas_mosaic_gpu.COUNTING_MAX_PAIRS = 4096 * ("counting" in prefixes)
+      pallas_mosaic_gpu.COUNTING_MAX_PAIRS = (
+        0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
+      )
+      config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
       node = dict(experts)
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
