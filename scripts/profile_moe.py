@@ -36,7 +36,8 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # placed by comparison counts (COUNTING_MAX_PAIRS, default 2048);
 # "argsort": every count of pairs goes through the argsort; "table": the
 # epilogue scales come as an XLA-built per-block table, not the scale
-# leaves (config.SCALES_AS_OPERANDS).
+# leaves (config.SCALES_AS_OPERANDS); "topk": routing's top-k by
+# comparison counts, not XLA's sort (COUNTING_TOP_K_MAX).
 PREFIXES = (
   "old",
   "s3",
@@ -47,6 +48,7 @@ PREFIXES = (
   "counting",
   "argsort",
   "table",
+  "topk",
 )
 
 
@@ -93,6 +95,7 @@ def main(argv):
         0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
       )
       config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
+      pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * ("topk" in prefixes)
       node = dict(experts)
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")

@@ -11,6 +11,7 @@ with each expert's `input_scale_inv`, as SGLang's W4A4 MoE does.
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from collections.abc import Mapping
 
 import jax
@@ -108,6 +109,7 @@ def route(
   num_groups: int = 1,
   top_groups: int | None = None,
   routed_scaling: float = 1.0,
+  top_k_fn: Callable = jax.lax.top_k,
 ) -> tuple[jax.Array, jax.Array]:
   """Top-k routing: (weights f32 `[T, k]`, expert ids int32 `[T, k]`).
 
@@ -118,6 +120,8 @@ def route(
   group is ranked by the sum of its two best choice scores, and only the
   best `top_groups` groups compete (DeepSeek-V3's `n_group`, `topk_group`).
   Renormalized weights sum to one; all are then times `routed_scaling`.
+  `top_k_fn` stands in for `jax.lax.top_k` (a backend's equal but faster
+  one).
   """
   if scoring not in SCORINGS:
     raise NotImplementedError(f"{scoring=} is not supported ({SCORINGS})")
@@ -139,11 +143,11 @@ def route(
       )
     grouped = choice.reshape(*choice.shape[:-1], num_groups, -1)
     pair = min(2, grouped.shape[-1])
-    group_score = jax.lax.top_k(grouped, pair)[0].sum(-1)
-    _, best = jax.lax.top_k(group_score, top_groups)
+    group_score = top_k_fn(grouped, pair)[0].sum(-1)
+    _, best = top_k_fn(group_score, top_groups)
     keep = jax.nn.one_hot(best, num_groups).sum(-2) > 0  # [T, groups]
     choice = jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
-  _, ids = jax.lax.top_k(choice, top_k)
+  _, ids = top_k_fn(choice, top_k)
   weights = jnp.take_along_axis(probs, ids, axis=-1)
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)

@@ -57,6 +57,11 @@ GATHER_WORDS = True
 # 256 (2048 pairs); DeepSeek-V3 802 -> 793 at 16, 1744 -> 1731 at 64. Larger
 # counts are unmeasured (the work grows as pairs x rows).
 COUNTING_MAX_PAIRS = 2048
+# Routing's top-k by comparison counts (`counting_top_k`) up to this many
+# tokens x experts^2 comparisons, instead of XLA's sort (3.3-3.9 us a call
+# on the H200 at one token; DeepSeek-V3's grouped routing runs three).
+# 0: off until measured (CPU-tested only).
+COUNTING_TOP_K_MAX = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +339,33 @@ def count_by_expert(ids: jax.Array, plan: Plan):
   return position.reshape(ids.shape), token, _tile_experts(ends, plan)
 
 
+def counting_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k(x, k)` by comparison counts: element i's rank is how
+  many elements beat it (larger, or equal at a lower index, as top_k
+  orders ties). O(E^2) work per row in two fused reductions, no sort."""
+  n = x.shape[-1]
+  if not 1 <= k <= n:
+    raise ValueError(f"top-k of {k} out of {n}")
+  # Float total order (as top_k: +0 above -0) on int32 keys.
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  keys = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+  pairs = (*x.shape, n)  # [..., i, j]
+  xi, xj = keys[..., :, None], keys[..., None, :]
+  i = jax.lax.broadcasted_iota(jnp.int32, pairs, x.ndim - 1)
+  j = jax.lax.broadcasted_iota(jnp.int32, pairs, x.ndim)
+  beaten_by = (xj > xi) | ((xj == xi) & (j < i))
+  rank = jnp.sum(beaten_by, axis=-1, dtype=jnp.int32)  # [..., E]
+  slots = (*x.shape[:-1], k, n)  # [..., r, i]
+  place = jax.lax.broadcasted_iota(jnp.int32, slots, x.ndim - 1)
+  element = jax.lax.broadcasted_iota(jnp.int32, slots, x.ndim)
+  ids = jnp.sum(
+    jnp.where(rank[..., None, :] == place, element, 0),
+    axis=-1,
+    dtype=jnp.int32,
+  )
+  return jnp.take_along_axis(x, ids, axis=-1), ids
+
+
 def _group_of_pairs(ids: jax.Array, plan: Plan) -> jax.Array:
   """int32 `[pairs]`: each pair's expert, or E for a dropped pair (an id
   outside `[0, E)`: another device's expert)."""
@@ -447,8 +479,13 @@ def _grouped_gemm(
 
 @functools.partial(jax.jit, static_argnames=("forward", "routing"))
 def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
+  tokens, n_experts = router_logits.shape
+  counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
   weights, ids = base.route(
-    router_logits, correction_bias=correction_bias, **dict(routing)
+    router_logits,
+    correction_bias=correction_bias,
+    top_k_fn=counting_top_k if counted else jax.lax.top_k,
+    **dict(routing),
   )
   return forward(x, weights, ids, experts).astype(x.dtype)
 

@@ -185,6 +185,48 @@ def check_interpret_against_numpy(
   )
 
 
+@pytest.mark.parametrize(
+  "backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
+@pytest.mark.parametrize(
+  "shape, k",
+  [((1, 128), 8), ((16, 256), 8), ((5, 8), 2), ((3, 8, 32), 2), ((4, 6), 6)],
+)
+def test_counting_top_k_equals_lax_top_k(rng, backend, shape, k):
+  # Few distinct values (many ties), masked entries, both zeros.
+  x = rng.integers(-3, 4, shape).astype(np.float32) / 4
+  x[rng.random(shape) < 0.2] = -np.inf
+  x[rng.random(shape) < 0.1] = -0.0
+  x = jax.device_put(jnp.asarray(x), jax.devices(backend)[0])
+  got = jax.jit(pallas_mosaic_gpu.counting_top_k, static_argnums=1)(x, k)
+  want = jax.jit(jax.lax.top_k, static_argnums=1)(x, k)
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  np.testing.assert_array_equal(
+    np.asarray(got[0]).view(np.uint32), np.asarray(want[0]).view(np.uint32)
+  )
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_interpret_counting_top_k_routes_as_the_sort(rng, scoring, monkeypatch):
+  experts, _, x, logits = test_base.make_inputs(rng, 7, 16, 64, 64)
+  routing = dict(top_k=3, scoring=scoring)
+  if scoring == "sigmoid":  # DeepSeek-V3's grouped routing, three top-ks
+    bias = rng.uniform(-0.2, 0.2, 16).astype(np.float32)
+    routing.update(
+      correction_bias=jnp.asarray(bias), num_groups=4, top_groups=2
+    )
+  outs = []
+  for limit in (1 << 20, 0):
+    monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_TOP_K_MAX", limit)
+    jax.clear_caches()  # the switch is read when tracing
+    out = pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, interpret=True, **routing
+    )
+    outs.append(np.asarray(out, np.float32))
+  assert not np.isnan(outs[0]).any()
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 def test_interpret_scales_as_operands_equal_the_factor_table(
   rng, activation, monkeypatch
