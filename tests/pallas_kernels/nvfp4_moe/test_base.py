@@ -61,23 +61,34 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
   """Dense per-token loop in numpy (float64 GEMMs), the MoE oracle.
 
   `routing`: optional (weights, ids) `[T, top_k]` replacing softmax top-k.
+  Returns `tolerance.WithSlack`: the bf16 intermediate is rounded here from
+  float64 and by implementations from float32 (whose W4A16 scale, alpha *
+  input_scale_inv, is also one ulp from weight_scale_2), so an element
+  within float32 noise of a bf16 tie may round either way; the slack is what
+  such elements could move the output.
   """
   x = np.asarray(x, np.float32)
   logits = np.asarray(logits, np.float32)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   out = np.zeros(x.shape, np.float64)
+  slack = np.zeros(x.shape, np.float64)
   inter = src["w13_weight"].shape[1] // 2
 
-  def gemm(a, prefix, e):
-    w = ref.dequantize(
+  def weight(prefix, e):
+    return ref.dequantize(
       src[prefix + "weight"][e], src[prefix + "weight_scale"][e], np.float32(1)
     ).astype(np.float64)
+
+  def gemm(a, prefix, e):
     if activation == "nvfp4":
       inp = np.float32(src[prefix + "input_scale"][e].max())
       packed, sf = ref.quantize_activation(a[None], np.float32(1) / inp)
       a = ref.dequantize(packed, sf, np.float32(inp))[0]
-    return a.astype(np.float64) @ w.T
+    return a.astype(np.float64) @ weight(prefix, e).T
+
+  def to_bf16(a):
+    return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
 
   for t in range(x.shape[0]):
     top = np.argsort(-probs[t], kind="stable")[:top_k]
@@ -89,10 +100,15 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
       ws2 = src["w13_weight_scale_2"][e].astype(np.float64)
       gate, up = h[:inter] * ws2[0], h[inter:] * ws2[1]
       act = gate / (1 + np.exp(-gate)) * up
-      act = np.asarray(jnp.asarray(act, jnp.bfloat16), np.float32)
-      y = gemm(act, "w2_", e) * np.float64(src["w2_weight_scale_2"][e])
+      w2_scale = np.float64(src["w2_weight_scale_2"][e])
+      y = gemm(np.asarray(to_bf16(act), np.float32), "w2_", e) * w2_scale
       out[t] += wt * y
-  return out
+      # Elements within float32 noise (2^-18 relative) of a bf16 tie.
+      either_way = np.abs(
+        to_bf16(act * (1 + 2.0**-18)) - to_bf16(act * (1 - 2.0**-18))
+      )
+      slack[t] += abs(wt) * w2_scale * (np.abs(weight("w2_", e)) @ either_way)
+  return tolerance.with_slack(out, slack)
 
 
 class NVFP4MoETestBase:
