@@ -64,6 +64,17 @@ def check_packed(
   return n, k
 
 
+def epilogue_scale_operands(
+  alpha: jax.Array, input_scale_inv: jax.Array | None, activation: str
+) -> tuple[jax.Array, ...]:
+  """The per-tensor scales (scalars, or one per expert) whose product a
+  kernel epilogue multiplies by: alpha for W4A4 and weight-only layers,
+  alpha * input_scale_inv (= weight_scale_2, transform doc) for W4A16."""
+  if activation == "bf16" and input_scale_inv is not None:
+    return (alpha, input_scale_inv)
+  return (alpha,)
+
+
 H200_SMS = 132
 INTERPRET_SMS = 4  # small, so that split-K runs in interpret-mode tests
 

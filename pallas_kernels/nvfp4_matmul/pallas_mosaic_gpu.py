@@ -80,11 +80,9 @@ def _run(x, leaves, *, activation, config, interpret):
     # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
     # activations exactly; alpha supplies both tensor scales.
     rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
-    factors = (layer.alpha,)
-  elif layer.input_scale_inv is None:  # weight-only: alpha = weight_scale_2
-    factors = (layer.alpha,)
-  else:  # weight_scale_2 = alpha * input_scale_inv, multiplied in the kernel
-    factors = (layer.alpha, layer.input_scale_inv)
+  factors = common.epilogue_scale_operands(
+    layer.alpha, layer.input_scale_inv, activation
+  )
   rows = rows.astype(jnp.bfloat16)
   weight = layer.weight
   pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN

@@ -403,9 +403,9 @@ def _factors(
   scales each expert's rows (no XLA pass), or, where w13's up rows have
   their own scale, f32 `[E, ceil128(N) / 64]` per 64-row block."""
   if config_lib.SCALES_AS_OPERANDS and proj.alpha_up is None:
-    if activation == "bf16" and proj.input_scale_inv is not None:
-      return (proj.alpha, proj.input_scale_inv)  # weight_scale_2
-    return (proj.alpha,)
+    return common.epilogue_scale_operands(
+      proj.alpha, proj.input_scale_inv, activation
+    )
   _, n, _ = proj.shape
   first, second = proj.epilogue_scales(activation)
   blocks = -(-n // config_lib.TILE_ROWS) * config_lib.TILE_ROWS // FACTOR_ROWS
