@@ -1,7 +1,7 @@
 """GPU diagnostic: where an NVFP4 matmul's time goes, kernel by kernel.
 
   PYTHONPATH=. python scripts/profile_matmul.py [K:N,...] [M,...]
-      [activations: bf16,nvfp4] [scale forms: operands,table]
+      [activations: bf16,nvfp4] [forms: operands,table,...]
 
 Prints CUPTI time per kernel launch (name, µs) of one `nvfp4_matmul` call
 on the benchmark's layers (`benchmarks.matmul`), so that the XLA passes
@@ -17,6 +17,7 @@ from jax.experimental.mosaic.gpu import profiler
 
 import pallas_kernels
 from benchmarks import matmul
+from pallas_kernels import activation_quant
 from pallas_kernels.nvfp4_matmul import config as config_lib
 
 
@@ -27,9 +28,13 @@ def main(argv):
   ]
   tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
   activations = argv[2].split(",") if len(argv) > 2 else ["bf16", "nvfp4"]
+  # A form is "operands" (the defaults) or switches joined by "+":
   # "table": the epilogue scales as an XLA-built table, as before
-  # config.SCALES_AS_OPERANDS.
+  # config.SCALES_AS_OPERANDS; "split-last": W4A4 quantizes before the K
+  # split (not config.QUANTIZE_AFTER_SPLIT); "recompute": every element
+  # recomputes its block scale at any size (no stored scales).
   forms = argv[3].split(",") if len(argv) > 3 else ["operands"]
+  recompute_default = activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS
   for k, n in shapes:
     _, prepared, _ = matmul.make_weights(k, n, 1)
     layer = prepared[0]
@@ -37,8 +42,13 @@ def main(argv):
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       for activation in activations:
         for form in forms:
-          config_lib.SCALES_AS_OPERANDS = form != "table"
-          jax.clear_caches()  # the switch is not a jit key
+          switches = form.split("+")
+          config_lib.SCALES_AS_OPERANDS = "table" not in switches
+          config_lib.QUANTIZE_AFTER_SPLIT = "split-last" not in switches
+          activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS = (
+            1 << 62 if "recompute" in switches else recompute_default
+          )
+          jax.clear_caches()  # the switches are not jit keys
 
           def call(x, layer, activation=activation):
             return pallas_kernels.nvfp4_matmul(
