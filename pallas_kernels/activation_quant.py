@@ -28,30 +28,26 @@ from fp4jax.format import nvfp4
 # At prefill sizes XLA splits the pass anyway (H200, M = 2048, K = 7168:
 # block max 12.6 us, quantization 24.0, activation split 19.8); looking the
 # output scales up by E4M3 code instead of dividing per block changed
-# nothing (117.3 vs 118.4 us a layer), so it was not kept.
+# nothing (117.3 vs 118.4 us a layer), and quantizing after the split (on
+# the split values, with the scales spread the same way) made XLA keep
+# three f32 intermediates (135 -> 187 us; tenth session), so neither was
+# kept. Recomputing the scales at every size gives the same kernels.
 RECOMPUTE_SCALES_MAX_ELEMENTS = 1 << 20
 
 _E4M3_MIN_NORMAL = np.float32(2.0**-6)
 _E4M3_SUBNORMAL_STEPS = np.float32(2.0**9)  # E4M3 subnormals: k * 2^-9
 
 
-def fake_quantize_rows(
-  x: jax.Array, input_scale_inv: jax.Array, arrange=None
-) -> jax.Array:
+def fake_quantize_rows(x: jax.Array, input_scale_inv: jax.Array) -> jax.Array:
   """`nvfp4.fake_quantize_activation(x, input_scale_inv)`, fusible.
 
   Args:
     x: activations `[..., K]`, K a multiple of 16.
     input_scale_inv: float32 scalar, or one per row (`x.shape[:-1]`).
-    arrange: optional reordering of `[..., K]` arrays (reshapes and
-      transposes, such as a kernel's activation split). The result is
-      `arrange` of the quantized values, but the elementwise quantization
-      runs after it, on `arrange(x)` and the block scales spread the same
-      way, so that XLA fuses quantization and reordering into one pass.
 
   Returns:
-    float32 `[..., K]` (or its `arrange`): each value its E2M1 value times
-    its E4M3 block scale (exact in bf16).
+    float32 `[..., K]`: each value its E2M1 value times its E4M3 block scale
+    (exact in bf16).
   """
   gs = jnp.asarray(input_scale_inv, jnp.float32)
   if gs.ndim:
@@ -75,20 +71,10 @@ def fake_quantize_rows(
   )
   if x.size > RECOMPUTE_SCALES_MAX_ELEMENTS:
     sf, out_scale = jax.lax.optimization_barrier((sf, out_scale))
-  if arrange is None:
-    values = e2m1.round_to_values(
-      blocks.astype(jnp.float32) * out_scale[..., None]
-    )
-    return (values * sf[..., None]).reshape(x.shape)
-
-  def spread(per_block):  # one per block -> one per value, arranged
-    per_value = jnp.broadcast_to(per_block[..., None], blocks.shape)
-    return arrange(per_value.reshape(x.shape))
-
   values = e2m1.round_to_values(
-    arrange(x).astype(jnp.float32) * spread(out_scale)
+    blocks.astype(jnp.float32) * out_scale[..., None]
   )
-  return values * spread(sf)
+  return (values * sf[..., None]).reshape(x.shape)
 
 
 def _round_to_e4m3(v: jax.Array) -> jax.Array:

@@ -30,9 +30,8 @@ def main(argv):
   activations = argv[2].split(",") if len(argv) > 2 else ["bf16", "nvfp4"]
   # A form is "operands" (the defaults) or switches joined by "+":
   # "table": the epilogue scales as an XLA-built table, as before
-  # config.SCALES_AS_OPERANDS; "split-last": W4A4 quantizes before the K
-  # split (not config.QUANTIZE_AFTER_SPLIT); "recompute": every element
-  # recomputes its block scale at any size (no stored scales).
+  # config.SCALES_AS_OPERANDS; "recompute": W4A4's quantizer recomputes
+  # each block scale per element at any size (no stored scales).
   forms = argv[3].split(",") if len(argv) > 3 else ["operands"]
   recompute_default = activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS
   for k, n in shapes:
@@ -44,7 +43,6 @@ def main(argv):
         for form in forms:
           switches = form.split("+")
           config_lib.SCALES_AS_OPERANDS = "table" not in switches
-          config_lib.QUANTIZE_AFTER_SPLIT = "split-last" not in switches
           activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS = (
             1 << 62 if "recompute" in switches else recompute_default
           )

@@ -113,12 +113,6 @@ RAGGED_K_STEPS = True
 # GEMM, ~1-1.7 us at decode on the H200). Off: the table.
 SCALES_AS_OPERANDS = True
 
-# W4A4 quantizes the activations after the kernel's K split (on the split
-# values, with the block scales spread into the same order), so XLA can fuse
-# quantization and split into one pass at prefill sizes. Off: quantize, then
-# split.
-QUANTIZE_AFTER_SPLIT = True
-
 
 def _block_k(k: int, block_m: int, whole_steps: bool) -> int:
   """The largest K step that divides K, or (not `whole_steps`) whose last,

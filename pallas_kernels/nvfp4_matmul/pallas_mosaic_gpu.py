@@ -76,23 +76,26 @@ def _run(x, leaves, *, activation, config, interpret):
   lead, k = x.shape[:-1], x.shape[-1]
   rows = x.reshape(-1, k)
   m = rows.shape[0]
+  if activation == "nvfp4":
+    # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
+    # activations exactly; alpha supplies both tensor scales.
+    rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
   factors = common.epilogue_scale_operands(
     layer.alpha, layer.input_scale_inv, activation
   )
+  rows = rows.astype(jnp.bfloat16)
   weight = layer.weight
   pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
   if pad_k or pad_n:  # a copy of the weight per call (module doc)
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
   weight, config = sm90.kernel_weight(weight, layer.weight_layout, config)
   padded = -(-m // config.block_m) * config.block_m
-  x_planes = _activation_planes(
-    rows, layer.input_scale_inv, activation, (padded - m, pad_k)
-  )
+  rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
   scale_rows, padded_blocks = layer.block_scale.shape
   n_tiles = scale_rows // 128
   out = sm90.matmul(
     weight[None],
-    tuple(x_planes),  # as two arrays (as measured)
+    tuple(sm90.split_activations(rows)),  # as two arrays (as measured)
     # A free reshape: [1, row tile, K/64 chunk, 2, 256] holds one 128x4
     # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).
@@ -106,25 +109,6 @@ def _run(x, leaves, *, activation, config, interpret):
     out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)
-
-
-def _activation_planes(rows, input_scale_inv, activation, padding):
-  """The kernel's activation planes of `rows`, zero-padded by
-  `padding = (rows, K)`; W4A4 quantizes them (zeros stay zeros)."""
-  pad_rows = ((0, padding[0]), (0, padding[1]))
-  if activation == "bf16":
-    return sm90.split_activations(jnp.pad(rows.astype(jnp.bfloat16), pad_rows))
-  # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
-  # activations exactly; alpha supplies both tensor scales.
-  if config_lib.QUANTIZE_AFTER_SPLIT:
-    planes = activation_quant.fake_quantize_rows(
-      jnp.pad(rows, pad_rows), input_scale_inv, sm90.split_activations
-    )
-    return planes.astype(jnp.bfloat16)
-  quantized = activation_quant.fake_quantize_rows(rows, input_scale_inv)
-  return sm90.split_activations(
-    jnp.pad(quantized.astype(jnp.bfloat16), pad_rows)
-  )
 
 
 def _epilogue_factor(factors, n_tiles: int):

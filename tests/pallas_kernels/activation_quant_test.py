@@ -13,7 +13,6 @@ import pytest
 
 from fp4jax.format import nvfp4
 from pallas_kernels import activation_quant
-from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 
 BACKENDS = [
   pytest.param("cpu"),
@@ -77,30 +76,6 @@ def test_equals_reference_bit_for_bit(
   want = np.asarray(jax.jit(nvfp4.fake_quantize_activation)(x, inv))
   assert not np.isnan(want).any()
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("stored_scales", [False, True])
-def test_arranged_equals_reference_arranged(
-  rng, backend, stored_scales, monkeypatch
-):
-  # The matmul's W4A4 path quantizes after the kernel's K split.
-  x = _inputs(rng)
-  inv = np.float32(rng.uniform(10, 1000))
-  if stored_scales:
-    monkeypatch.setattr(activation_quant, "RECOMPUTE_SCALES_MAX_ELEMENTS", 0)
-  device = jax.devices(backend)[0]
-  x = jax.device_put(jnp.asarray(x, jnp.bfloat16), device)
-  inv = jax.device_put(jnp.asarray(inv, jnp.float32), device)
-  split = sm90.split_activations
-  got = jax.jit(activation_quant.fake_quantize_rows, static_argnums=2)(
-    x, inv, split
-  )
-  want = split(jax.jit(nvfp4.fake_quantize_activation)(x, inv))
-  assert got.shape == (2, x.shape[0], x.shape[1] // 2)
-  np.testing.assert_array_equal(
-    np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32)
-  )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
