@@ -36,8 +36,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # placed by comparison counts (COUNTING_MAX_PAIRS, default 2048);
 # "argsort": every count of pairs goes through the argsort; "table": the
 # epilogue scales come as an XLA-built per-block table, not the scale
-# leaves (config.SCALES_AS_OPERANDS); "topk": routing's top-k by
-# comparison counts, not XLA's sort (COUNTING_TOP_K_MAX).
+# leaves (config.SCALES_AS_OPERANDS); "sorttopk": routing's top-k by XLA's
+# sort, not by comparison counts (COUNTING_TOP_K_MAX = 0); "k64": GEMM 2
+# in K steps of 64 with up to 4 stages (as the dense prefill tiles), "k64all"
+# both GEMMs.
 PREFIXES = (
   "old",
   "s3",
@@ -48,7 +50,9 @@ PREFIXES = (
   "counting",
   "argsort",
   "table",
-  "topk",
+  "sorttopk",
+  "k64",
+  "k64all",
 )
 
 
@@ -60,8 +64,23 @@ def _prefixes(name: str) -> tuple[set[str], str]:
   return found, name
 
 
-def _configs_for(*args, at_most_three_stages, no_split, **kwargs):
+def _short_steps(config, weights, bf16_out):
+  """`config` in K steps of 64, with as many stages (up to 4) as fit."""
+  for stages in (4, 3, 2):
+    short = dataclasses.replace(config, block_k=64, num_stages=stages)
+    if short.smem_bytes(not bf16_out, weights) <= config_lib.SMEM_LIMIT:
+      return short
+  return config
+
+
+def _configs_for(
+  *args, at_most_three_stages, no_split, short_steps=(), **kwargs
+):
   configs = CONFIGS_FOR(*args, **kwargs)
+  configs = [
+    _short_steps(c, weights=2 - i, bf16_out=i == 1) if i in short_steps else c
+    for i, c in enumerate(configs)
+  ]
   if no_split:
     configs = [dataclasses.replace(c, splits=1) for c in configs]
   if at_most_three_stages:
@@ -86,6 +105,11 @@ def main(argv):
         _configs_for,
         at_most_three_stages="s3" in prefixes,
         no_split="nosplit" in prefixes,
+        short_steps=(0, 1)
+        if "k64all" in prefixes
+        else (1,)
+        if "k64" in prefixes
+        else (),
       )
       jax.clear_caches()  # the module switches below are not jit keys
       pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
@@ -95,7 +119,9 @@ def main(argv):
         0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
       )
       config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
-      pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * ("topk" in prefixes)
+      pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * (
+        "sorttopk" not in prefixes
+      )
       node = dict(experts)
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
