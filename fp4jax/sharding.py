@@ -34,7 +34,9 @@ reduce-scatter of the float32 partials out, so each device ends with its
 own tokens; T x H x 6 bytes against the all-reduce's 8, counted as ring
 traffic). All-to-all dispatch (only the rows each device's experts need)
 is not written: with top-8 routing over a few devices nearly every token
-visits every device. Neither is measured on GPUs yet.
+visits every device. Neither is measured on GPUs yet:
+`tests/sharding_gpu_test.py` and `benchmarks.sharded_moe` (per-rank memory
+around the prepare, speed against one GPU) are written for two GPUs.
 """
 
 from collections.abc import Mapping

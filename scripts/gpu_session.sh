@@ -24,11 +24,20 @@
 #                                         # (W4A16 and W4A4), e.g.
 #                                         # 8192:28672,7168:2048 1,16
 #                                         # bf16,nvfp4 operands,table
+#   bash scripts/gpu_session.sh sharded [MODEL [TOKENS]]
+#                                         # on nvidia-h200-x2: the two-GPU
+#                                         # tests (tests/sharding_gpu_test.py)
+#                                         # and benchmarks.sharded_moe
+#                                         # (per-rank memory, speed against
+#                                         # one GPU), ~5 min
 # Run from the repo root on the GPU machine; writes under $OUT (or
 # ./gpu_out). Render results here with `python -m benchmarks.report
 # a.json b.json ... --kind matmul|moe` (`--prefer-first` puts a newer,
 # partial run first).
 set -u
+# NVLink multicast stays off (device KINDS.md): it can take a shared host's
+# GPUs out of service.
+export NCCL_NVLS_ENABLE=0
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -66,5 +75,15 @@ case "${1:-tier}" in
     timeout 580 python3 scripts/profile_matmul.py "$2" "$3" ${4:+"$4"} \
       ${5:+"$5"} 2>&1 \
       | tee "$out/profile_matmul.log" | grep -E "^==|us "
+    ;;
+  sharded)
+    timeout 280 python3 -m pytest -v -p no:cacheprovider \
+      tests/sharding_gpu_test.py > "$out/sharding_gpu.log" 2>&1
+    grep -c PASSED "$out/sharding_gpu.log"
+    grep -E "FAILED|ERROR|SKIPPED" "$out/sharding_gpu.log" | head -n 20
+    tail -n 2 "$out/sharding_gpu.log"
+    timeout 280 python3 -m benchmarks.sharded_moe --model "${2:-deepseek-v3}" \
+      --tokens "${3:-16,4096}" --out "$out/sharded_moe_h200x2.json" 2>&1 \
+      | grep -vE "^ |^[{}]" | tail -n 30
     ;;
 esac

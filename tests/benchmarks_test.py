@@ -7,6 +7,7 @@ import jax
 from benchmarks import matmul
 from benchmarks import moe
 from benchmarks import report
+from benchmarks import sharded_moe
 
 
 def test_matmul_harness_and_report(tmp_path):
@@ -82,6 +83,32 @@ def test_moe_harness_and_report(tmp_path):
   text = md.read_text()
   assert "kept text" in text and "jax.lax.ragged_dot bf16" in text
   assert "<!-- moe:begin -->" in text
+
+
+def test_sharded_moe_harness_on_host_devices(tmp_path, capsys):
+  out = tmp_path / "sharded.json"
+  sharded_moe.main(
+    ["--ci", "--platform", "cpu", "--tokens", "1,5", "--out", str(out)]
+  )
+  result = json.loads(out.read_text())
+  memory = result["memory"]
+  # Two ranks, each with half the experts, before and after the prepare.
+  assert len(memory["prepared_bytes"]) == 2
+  assert len(set(memory["source_bytes"].values())) == 1
+  assert len(set(memory["prepared_bytes"].values())) == 1
+  assert {"w13_weight_scale", "w2_weight_scale"} <= set(
+    memory["freed_source_leaves"]
+  )
+  layouts = {(r["T"], r["layout"]) for r in result["rows"]}
+  assert len(layouts) == 6 and (5, "one device") in layouts
+  for row in result["rows"]:
+    assert row["us"] > 0 and row["tokens_per_s"] > 0
+    # Partial outputs added in float32 and rounded once: within a bf16 ulp.
+    assert row["rel_err_vs_one_device"] <= 2.0**-7
+  capsys.readouterr()
+  sharded_moe.main(["--markdown", str(out)])
+  text = capsys.readouterr().out
+  assert "| 5 | 2 devices, tokens split |" in text and "MiB" in text
 
 
 def test_ragged_dot_anchor_matches_reference(rng):
