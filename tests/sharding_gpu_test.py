@@ -68,9 +68,7 @@ def test_sharded_pallas_matmul_equals_one_gpu(rng, kind, activation):
 
 @pytest.mark.parametrize("tokens_sharded", [False, True])
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_expert_parallel_pallas_moe_equals_one_gpu(
-  rng, tokens_sharded, tokens
-):
+def test_expert_parallel_pallas_moe_equals_one_gpu(rng, tokens_sharded, tokens):
   mesh = gpu_mesh("ep")
   src = sources.experts_source(rng, 16, 256, 128)
   experts = sharding.prepare_experts(src, mesh, weight_layout="sm90")
