@@ -39,7 +39,11 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # leaves (config.SCALES_AS_OPERANDS); "sorttopk": routing's top-k by XLA's
 # sort, not by comparison counts (COUNTING_TOP_K_MAX = 0); "k64": GEMM 2
 # in K steps of 64 with up to 4 stages (as the dense prefill tiles), "k64all"
-# both GEMMs.
+# both GEMMs; "narrow": 64-token tiles (the heuristic takes about the mean
+# group size, at most 128: at 4096 tokens of gpt-oss-120b or DeepSeek-V3
+# the mean is 128, so about half the experts fill a second tile with a few
+# rows); "midtile": no fused SwiGLU where I % 128 == 64 (gpt-oss-120b), as
+# before FUSED_SWIGLU_MID_TILE.
 PREFIXES = (
   "old",
   "s3",
@@ -53,6 +57,8 @@ PREFIXES = (
   "sorttopk",
   "k64",
   "k64all",
+  "narrow",
+  "midtile",
 )
 
 
@@ -119,6 +125,7 @@ def main(argv):
         0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
       )
       config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
+      pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "midtile" not in prefixes
       pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * (
         "sorttopk" not in prefixes
       )
@@ -126,7 +133,7 @@ def main(argv):
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
 
-      def layer(x, logits, experts, variant=variant):
+      def layer(x, logits, experts, variant=variant, prefixes=prefixes):
         return pallas_mosaic_gpu.nvfp4_moe(
           x,
           logits,
@@ -136,7 +143,11 @@ def main(argv):
           # "auto*": the heuristic's CTAs; "rows64*": 64-row CTAs; "wide*":
           # 256-token tiles (SwiGLU unfused).
           cta_rows={"auto": None, "rows": 64}.get(variant[:4], 128),
-          block_m=256 if variant.startswith("wide") else None,
+          block_m=256
+          if variant.startswith("wide")
+          else 64
+          if "narrow" in prefixes
+          else None,
           fused_swiglu=variant.endswith("fused"),
         )
 

@@ -65,13 +65,23 @@ class Config:
       # behind when the next tile reuses them (the interpreter caught it).
       raise ValueError("async_mma has no persistent grid")
 
-  def smem_bytes(self, float32_out: bool = True, weights: int = 1) -> int:
+  def smem_bytes(
+    self,
+    float32_out: bool = True,
+    weights: int = 1,
+    scale_tiles: int | None = None,
+  ) -> int:
     """Shared memory of a CTA; the epilogue tile is float32 with split-K
     or `float32_out`, else bf16 (by default the larger is assumed).
-    `weights`: weight tiles per step (2: SwiGLU's gate and up)."""
-    per_stage = 2 * self.block_m * self.block_k + weights * (  # activations
-      self.cta_rows * self.block_k // 2  # packed weights
-      + TILE_ROWS * self.block_k // 16  # block scales (a whole 128-row tile)
+    `weights`: weight tiles per step (2: SwiGLU's gate and up);
+    `scale_tiles`: 128-row scale tiles per step (default one per weight
+    tile; SwiGLU's up rows starting mid-tile take two)."""
+    scale_tiles = weights if scale_tiles is None else scale_tiles
+    per_stage = (
+      2 * self.block_m * self.block_k  # activations
+      + weights * self.cta_rows * self.block_k // 2  # packed weights
+      # block scales (whole 128-row tiles)
+      + scale_tiles * TILE_ROWS * self.block_k // 16
     )
     out_bytes = 4 if float32_out or self.splits > 1 else 2
     epilogue = self.cta_rows * self.block_m * out_bytes
@@ -153,13 +163,15 @@ def heuristic(
   token_tiles: int | None = None,
   bf16_out: bool = False,
   weights: int = 1,
+  scale_tiles: int | None = None,
 ) -> Config:
   """A config per shape: tokens per CTA, K step, and split-K for decode.
 
   A grouped GEMM (MoE) fixes `block_m` and says how many token tiles will
   do work (`token_tiles`); by default both follow from `m`. The pipeline
   gets as many stages (up to 4) as shared memory holds, for a float32
-  epilogue tile unless `bf16_out` and `weights` weight tiles per step.
+  epilogue tile unless `bf16_out`, `weights` weight tiles and
+  `scale_tiles` scale tiles per step (`Config.smem_bytes`).
   """
   if block_m is None and m >= PREFILL_TOKENS:
     return PREFILL  # bf16 output: fits in shared memory (smem_bytes)
@@ -200,7 +212,7 @@ def heuristic(
   )
 
   def fits(config):
-    return config.smem_bytes(not bf16_out, weights) <= SMEM_LIMIT
+    return config.smem_bytes(not bf16_out, weights, scale_tiles) <= SMEM_LIMIT
 
   while not fits(config) and config.num_stages > 2:
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)

@@ -381,11 +381,14 @@ def matmul(
 ) -> jax.Array:
   """`x @ deq(W[e]).T * factor[e]`, one weight matrix `e` per token tile.
 
-  With `swiglu`, W's rows are [gate; up] (N = 2I, I % 128 == 0) and the
-  kernel returns `silu(gate) * up`, bf16 `[M, I]`: each warpgroup keeps a
-  gate and an up accumulator for the same 64 columns (rows r and I + r of
-  W sit in the same half of their 128-row scale tiles), so the epilogue
-  needs no exchange. Needs `splits == 1`.
+  With `swiglu`, W's rows are [gate; up] (N = 2I, I % 64 == 0) and the
+  kernel returns `silu(gate) * up`, bf16 `[M, ceil128(I)]` (columns past
+  I are zeros): each warpgroup keeps a gate and an up accumulator for the
+  same 64 columns, so the epilogue needs no exchange. Where I % 128 == 0,
+  rows r and I + r of W sit in the same half of their 128-row scale tiles;
+  else (gpt-oss: I = 2880) a 128-row tile's up rows start mid-tile, load at
+  an element offset and take their scales from two scale tiles, the other
+  half of each. Needs `splits == 1`.
 
   `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
   * block_m)` (grouped GEMM over experts; tokens sorted and padded per
@@ -412,9 +415,9 @@ def matmul(
   """
   n_mats, n, half_k = packed.shape
   splits = config.splits
-  if swiglu and (splits != 1 or float32_out or n % (2 * TILE_ROWS)):
+  if swiglu and (splits != 1 or float32_out or n % (2 * WG_ROWS)):
     raise ValueError(
-      f"swiglu needs splits == 1, bf16 output and N % 256 == 0 ({n=})"
+      f"swiglu needs splits == 1, bf16 output and N % 128 == 0 ({n=})"
     )
   bf16_out = splits == 1 and not float32_out
   if planes_out and not bf16_out:
@@ -438,9 +441,12 @@ def matmul(
       f"shapes {packed.shape}, {want} not tiled by {cfg}, {splits=}"
     )
   weight_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
-  # Output tiles; with swiglu the up rows start `up_tiles` tiles down.
-  n_tiles = weight_tiles // 2 if swiglu else weight_tiles
-  up_tiles = n_tiles
+  # Output tiles; with swiglu the up rows start `up_blocks` 64-row blocks
+  # down, mid-tile when that count is odd.
+  inter = n // 2 if swiglu else 0
+  n_tiles = -(-inter // TILE_ROWS) if swiglu else weight_tiles
+  up_blocks = inter // WG_ROWS
+  up_mid_tile = up_blocks % 2 == 1
   chunks = -(-plan.k // SCALE_CHUNK_K)
   if scale_chunks.shape != (n_mats, weight_tiles, chunks, 2, 256):
     raise ValueError(f"scale chunks {scale_chunks.shape} do not match {n=}")
@@ -475,7 +481,7 @@ def matmul(
     def in_specs(rows, row_block, mi, k0, expert):
       """Pipeline inputs of one output tile: weight rows `[row_block *
       rows, +rows)`, both activation planes, the row tile's block scales,
-      and with SwiGLU the up rows and scales `up_tiles` tiles down."""
+      and with SwiGLU the up rows (I rows down) and their scales."""
       per_tile = TILE_ROWS // rows
       tile = row_block // per_tile
 
@@ -514,16 +520,33 @@ def matmul(
 
       xe_spec, xo_spec = x_spec(0), x_spec(1)
       specs = [w_spec, xe_spec, xo_spec, s_spec]
-      if swiglu:
-        specs += weight(row_block + up_tiles * per_tile, up_tiles + tile)
-      return specs
+      if not swiglu:
+        return specs
+      if rows == WG_ROWS or not up_mid_tile:  # whole 64-row blocks
+        up_block = row_block * rows // WG_ROWS + up_blocks
+        return specs + weight(
+          up_block * WG_ROWS // rows, up_block * WG_ROWS // TILE_ROWS
+        )
+      # 128 up rows from row I + 128 row_block (an element offset), and the
+      # two scale tiles they span.
+      return specs + [
+        spec(
+          (None, pl.Element(rows), plan.plane_k),
+          lambda k: (expert, inter + row_block * rows, k0 + k),
+          _swizzled(8, plan.plane_k, half_k),
+        ),
+        spec(
+          (None, pl.Element(2), plan.scale_chunks, 2, 256),
+          lambda k: (expert, tile + up_blocks // 2, k0 + k, 0, 0),
+        ),
+      ]
 
-    def decode_and_mma(
-      w, s_ref, xe_smem, xo_smem, acc_ref, *, half, slot, part
-    ):
-      """Decodes K part `part` of a [64, plane_k] weight tile (rows in
-      `half` of its 128-row scale tile) and issues both nibble planes'
-      wgmmas (two groups)."""
+    def decode_and_mma(w, scales, xe_smem, xo_smem, acc_ref, *, slot, part):
+      """Decodes K part `part` of a [64, plane_k] weight tile and issues
+      both nibble planes' wgmmas (two groups). `scales`: (the 128-row scale
+      tile, the half its rows are in, whether that half is the warpgroup
+      index of a two-warpgroup CTA)."""
+      s_ref, half, own_half = scales
       if a_in_smem:
         lo, hi = _decode_jnp(w, s_ref, half, plan, part)
         a_ref = a_smem.at[slot[0], slot[1]]
@@ -531,19 +554,19 @@ def matmul(
         a_ref[1] = hi
         plgpu.commit_smem()
         lo, hi = a_ref.at[0], a_ref.at[1]
-      elif single:
+      elif own_half:  # rows from the thread's warpgroup index
+        lo, hi = _decode_ptx(w, s_ref, plan, part=part)
+      else:
         # The block's scale words start 2 * half words into each chunk.
         words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
         lo, hi = _decode_ptx(w, words, plan, row_base=0, part=part)
-      else:  # half: the warpgroup index
-        lo, hi = _decode_ptx(w, s_ref, plan, part=part)
       columns = pl.ds(part * plan.part_k, plan.part_k)
       plgpu.wgmma(acc_ref, lo, xe_smem.at[:, columns].T)
       plgpu.wgmma(acc_ref, hi, xo_smem.at[:, columns].T)
 
-    def step(weights, xe_smem, xo_smem, accs, *, half, slot):
+    def step(weights, xe_smem, xo_smem, accs, *, slot):
       """One K step: decode and MMA each (weight, scales) into its
-      accumulator.
+      accumulator (`scales` as `decode_and_mma` takes them).
 
       With `async_mma` the step runs in two K parts, and each part's
       wgmmas run while the next part decodes. A part's A registers are
@@ -557,18 +580,17 @@ def matmul(
       # registers with SwiGLU's second weight).
       codes = [None] * len(weights)
       for part in range(plan.parts):
-        for i, ((w_ref, s_ref), acc_ref) in enumerate(
+        for i, ((w_ref, scales), acc_ref) in enumerate(
           zip(weights, accs, strict=True)
         ):
           if codes[i] is None:
             codes[i] = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
           decode_and_mma(
             codes[i],
-            s_ref,
+            scales,
             xe_smem,
             xo_smem,
             acc_ref,
-            half=half,
             slot=(slot, part * len(accs) + i),  # interpreter A tile
             part=part,
           )
@@ -592,7 +614,11 @@ def matmul(
 
       acc = scaled(accs[0], block)
       if swiglu:
-        up = scaled(accs[1], block + 2 * up_tiles)
+        # Past I (the last tile when I % 128 == 64) the up rows are past
+        # the weight (zeros): any table entry will do, so stay inside it.
+        up = scaled(
+          accs[1], jnp.minimum(block + up_blocks, 2 * weight_tiles - 1)
+        )
         acc = acc / (1.0 + jnp.exp(-acc)) * up
       rows = pl.ds(block * WG_ROWS, WG_ROWS)
       tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
@@ -620,9 +646,15 @@ def matmul(
         *up_refs, accs = rest
         wg = lax.axis_index("wg")
         rows = pl.ds(wg * WG_ROWS, WG_ROWS)
-        weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
-        weights = [(w_ref.at[rows], s_ref) for w_ref, s_ref in weights]
-        step(weights, xe_smem, xo_smem, accs, half=wg, slot=wg)
+        weights = [(w_smem.at[rows], (s_smem, wg, True))]
+        if swiglu and up_mid_tile:
+          # Warpgroup wg's up rows: half 1 - wg of the wg-th scale tile.
+          w_up, s_up = up_refs
+          weights.append((w_up.at[rows], (s_up.at[wg], 1 - wg, False)))
+        elif swiglu:
+          w_up, s_up = up_refs
+          weights.append((w_up.at[rows], (s_up, wg, True)))
+        step(weights, xe_smem, xo_smem, accs, slot=wg)
         return accs
 
       def compute_context(eval_pipeline):
@@ -650,8 +682,11 @@ def matmul(
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
         def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
-          weights = [(w_smem, s_smem), tuple(up_refs)][:n_accs]
-          step(weights, xe_smem, xo_smem, accs, half=ni % 2, slot=0)
+          weights = [(w_smem, (s_smem, ni % 2, False))]
+          if swiglu:  # 64-row block ni + up_blocks
+            w_up, s_up = up_refs
+            weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
+          step(weights, xe_smem, xo_smem, accs, slot=0)
 
         plgpu.emit_pipeline(
           body,

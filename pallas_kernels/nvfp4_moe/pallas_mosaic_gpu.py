@@ -9,8 +9,8 @@ Data flow (one jitted function):
 2. GEMM 1 over `w13` with the matmul kernel's sm90 body in grouped mode:
    each token tile reads only its own expert's weights, tiles past the used
    rows exit at once, so a decode step streams only the active experts;
-3. `silu(gate) * up` in GEMM 1's epilogue (I % 128 == 0, W4A16; else in
-   XLA), GEMM 2 over `w2` the same way. GEMM 2 reads its activations as
+3. `silu(gate) * up` in GEMM 1's epilogue (W4A16, tiles of <= 128
+   tokens; else in XLA), GEMM 2 over `w2` the same way. GEMM 2 reads its activations as
    two K planes (`sm90.split_activations`); with w13 in the
    "sm90_planes" layout GEMM 1's epilogue writes them so, else an XLA pass
    reorders the intermediate;
@@ -42,9 +42,13 @@ FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
 # One CTA per SM walking the used token tiles (config.persistent): 24-32%
 # faster GEMMs for Qwen3-30B-A3B at 4096 tokens on the H200, 6-12% at 1-16.
 PERSISTENT = True
-# SwiGLU in GEMM 1's epilogue (I % 128 == 0, W4A16): Qwen3-30B-A3B on the
-# H200 149 -> 139 us at 16 tokens, 997 -> 923 us at 4096 (CUPTI).
+# SwiGLU in GEMM 1's epilogue (W4A16): Qwen3-30B-A3B on the H200 149 -> 139
+# us at 16 tokens, 997 -> 923 us at 4096 (CUPTI). I % 128 == 64 (gpt-oss:
+# 2880) is fused too (up rows start mid-tile); not yet measured on the GPU.
 FUSED_SWIGLU = True
+# Also fuse it where I % 128 == 64 (up rows start mid-tile; the sm90
+# kernel's `swiglu` doc). Off: such I run SwiGLU in XLA, as before.
+FUSED_SWIGLU_MID_TILE = True
 # One token (decode): tile i holds pair i, no sort (its top-k experts are
 # distinct, so no expert's weights are read twice).
 DIRECT_DECODE = True
@@ -128,6 +132,8 @@ def configs_for(
       # of its variants (SwiGLU's two weight tiles, W4A4's float32 out).
       bf16_out=k == inter,
       weights=2 if k == hidden else 1,
+      # Up rows that start mid-tile read two scale tiles (sm90 `swiglu`).
+      scale_tiles=3 if k == hidden and inter % config_lib.TILE_ROWS else None,
     )
     rows = cta_rows or config.cta_rows
     config = dataclasses.replace(
@@ -240,7 +246,9 @@ def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
   swiglu = (
     tiles.fused_swiglu
     and activation == "bf16"
-    and (two_i // 2) % config_lib.TILE_ROWS == 0
+    and (two_i // 2)
+    % (config_lib.WGMMA_ROWS if FUSED_SWIGLU_MID_TILE else config_lib.TILE_ROWS)
+    == 0
     # Gate and up float32 accumulators of 256 tokens would take 256
     # registers per thread: wider tiles run SwiGLU unfused.
     and plan.block_m <= 128
@@ -550,6 +558,8 @@ def _forward(
       planes_out=w13.plane_rows,
       gather=gather,
     )
+    if not w13.plane_rows:  # [R, ceil128(I)]: the columns past I are zeros
+      act = act[:, :inter]
   else:
     # W4A4 quantizes the intermediate; from float32 gate and up (as the
     # reference) a bf16 rounding cannot move its FP4 codes.

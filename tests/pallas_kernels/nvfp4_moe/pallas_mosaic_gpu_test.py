@@ -309,6 +309,54 @@ class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
     )
 
 
+@pytest.mark.parametrize(
+  "tokens, persistent, cta_rows",
+  [(1, False, 64), (9, False, 128), (40, True, 128)],
+)
+@pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
+@pytest.mark.parametrize("unequal_gate_up", [False, True])
+def test_interpret_fused_swiglu_with_up_rows_mid_tile(
+  rng, monkeypatch, tokens, persistent, cta_rows, weight_layout, unequal_gate_up
+):
+  # I = 192 (gpt-oss's 2880 likewise): a 128-row tile's up rows start 64
+  # rows into a scale tile. The kernel must run SwiGLU fused (spied), and
+  # with w13_alpha_up its per-block scales come from the shifted blocks.
+  calls = []
+  matmul = pallas_mosaic_gpu.sm90.matmul
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("swiglu", False))
+    return matmul(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  experts, src, x, logits = test_base.make_inputs(
+    rng,
+    tokens,
+    4,
+    128,
+    192,
+    weight_layout=weight_layout,
+    unequal_gate_up=unequal_gate_up,
+  )
+  assert ("w13_alpha_up" in experts) == unequal_gate_up
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x,
+    logits,
+    experts,
+    top_k=2,
+    fused_swiglu=True,
+    persistent=persistent,
+    cta_rows=cta_rows,
+    block_m=16 if tokens > 1 else None,
+    interpret=True,
+  )
+  assert calls == [True, False]
+  want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
+  tolerance.assert_close(
+    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+  )
+
+
 @pytest.mark.parametrize("fused_swiglu", [False, True])
 def test_interpret_experts_forward_drops_foreign_ids(rng, fused_swiglu):
   # Expert parallelism hands each device ids of experts it does not hold
@@ -437,9 +485,7 @@ def lower_moe(
     persistent=persistent,
     cta_rows=cta_rows,
   )
-  if swiglu:
-    if inter % 128:
-      pytest.skip("fused SwiGLU needs I % 128 == 0 (gpt-oss: 2880)")
+  if swiglu:  # gpt-oss (I = 2880): up rows start mid-tile
     configs = (dataclasses.replace(configs[0], splits=1), configs[1])
 
   def f(x, logits, experts):
