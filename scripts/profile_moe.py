@@ -42,8 +42,8 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # both GEMMs; "narrow": 64-token tiles (the heuristic takes about the mean
 # group size, at most 128: at 4096 tokens of gpt-oss-120b or DeepSeek-V3
 # the mean is 128, so about half the experts fill a second tile with a few
-# rows); "midtile": no fused SwiGLU where I % 128 == 64 (gpt-oss-120b), as
-# before FUSED_SWIGLU_MID_TILE.
+# rows); "midtile": SwiGLU fused where I % 128 == 64 too (gpt-oss-120b;
+# FUSED_SWIGLU_MID_TILE, off by default).
 PREFIXES = (
   "old",
   "s3",
@@ -125,7 +125,7 @@ def main(argv):
         0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
       )
       config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
-      pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "midtile" not in prefixes
+      pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "midtile" in prefixes
       pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * (
         "sorttopk" not in prefixes
       )

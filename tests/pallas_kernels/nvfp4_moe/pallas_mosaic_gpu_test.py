@@ -315,12 +315,23 @@ class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
 )
 @pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
 @pytest.mark.parametrize("unequal_gate_up", [False, True])
-def test_interpret_fused_swiglu_with_up_rows_mid_tile(
-  rng, monkeypatch, tokens, persistent, cta_rows, weight_layout, unequal_gate_up
+@pytest.mark.parametrize(
+  "backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
+def test_fused_swiglu_with_up_rows_mid_tile(
+  rng,
+  monkeypatch,
+  backend,
+  tokens,
+  persistent,
+  cta_rows,
+  weight_layout,
+  unequal_gate_up,
 ):
   # I = 192 (gpt-oss's 2880 likewise): a 128-row tile's up rows start 64
   # rows into a scale tile. The kernel must run SwiGLU fused (spied), and
   # with w13_alpha_up its per-block scales come from the shifted blocks.
+  monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", True)
   calls = []
   matmul = pallas_mosaic_gpu.sm90.matmul
 
@@ -348,7 +359,7 @@ def test_interpret_fused_swiglu_with_up_rows_mid_tile(
     persistent=persistent,
     cta_rows=cta_rows,
     block_m=16 if tokens > 1 else None,
-    interpret=True,
+    interpret=backend == "cpu",
   )
   assert calls == [True, False]
   want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
@@ -528,9 +539,12 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     )
     self.check(out, want.astype(jnp.float32))
 
-  @pytest.mark.parametrize("tokens", [1, 64])
-  def test_gpt_oss_sized_experts(self, rng, tokens):
-    # H = I = 2880: K steps of 128 that do not divide K, SwiGLU unfused.
+  @pytest.mark.parametrize("tokens", [1, 64, 700])
+  @pytest.mark.parametrize("mid_tile", [False, True])
+  def test_gpt_oss_sized_experts(self, rng, monkeypatch, tokens, mid_tile):
+    # H = I = 2880: K steps of 128 that do not divide K; SwiGLU fused with
+    # the up rows mid-tile (FUSED_SWIGLU_MID_TILE), or unfused.
+    monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", mid_tile)
     experts, _, x, logits = test_base.make_inputs(rng, tokens, 8, 2880, 2880)
     out = self.moe(x, logits, experts, top_k=4)
     want = pallas_kernels.nvfp4_moe(
