@@ -383,7 +383,7 @@ def matmul(
 
   With `swiglu`, W's rows are [gate; up] (N = 2I, I % 64 == 0) and the
   kernel returns `silu(gate) * up`, bf16 `[M, ceil128(I)]` (columns past
-  I are zeros): each warpgroup keeps a gate and an up accumulator for the
+  I undefined): each warpgroup keeps a gate and an up accumulator for the
   same 64 columns, so the epilogue needs no exchange. Where I % 128 == 0,
   rows r and I + r of W sit in the same half of their 128-row scale tiles;
   else (gpt-oss: I = 2880) a 128-row tile's up rows start mid-tile, load at
@@ -760,6 +760,9 @@ def matmul(
     grid, grid_names = (min(num_sms, work),), ("sm",)
   else:
     row_blocks = n_tiles * TILE_ROWS // cfg.cta_rows
+    if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
+      # lie past the scale array (a blocked TMA copy promised in bounds).
+      row_blocks = -(-inter // cfg.cta_rows)
     grid, grid_names = (row_blocks, m_tiles, splits), ("n", "m", "split")
   call = plgpu.kernel(
     kernel,
