@@ -74,9 +74,7 @@ def random_source(key, mesh: Mesh, n_experts: int, hidden: int, inter: int):
       elif dtype == jnp.float8_e4m3fn:  # bytes 0x30..0x3f: [0.5, 1)
         byte = 0x30 + jax.random.randint(k, shape, 0, 16, jnp.uint8)
         node[name] = jax.lax.bitcast_convert_type(byte, dtype)
-      elif name.endswith("weight_scale_2"):
-        node[name] = jnp.full(shape, 2e-3, dtype)
-      else:  # input_scale
+      else:  # weight_scale_2 and input_scale
         node[name] = jnp.full(shape, 2e-3, dtype)
     return node
 

@@ -647,13 +647,14 @@ def matmul(
         wg = lax.axis_index("wg")
         rows = pl.ds(wg * WG_ROWS, WG_ROWS)
         weights = [(w_smem.at[rows], (s_smem, wg, True))]
-        if swiglu and up_mid_tile:
-          # Warpgroup wg's up rows: half 1 - wg of the wg-th scale tile.
+        if swiglu:
           w_up, s_up = up_refs
-          weights.append((w_up.at[rows], (s_up.at[wg], 1 - wg, False)))
-        elif swiglu:
-          w_up, s_up = up_refs
-          weights.append((w_up.at[rows], (s_up, wg, True)))
+          # Mid-tile, warpgroup wg's up rows are half 1 - wg of the wg-th
+          # of the two scale tiles.
+          up_scales = (
+            (s_up.at[wg], 1 - wg, False) if up_mid_tile else (s_up, wg, True)
+          )
+          weights.append((w_up.at[rows], up_scales))
         step(weights, xe_smem, xo_smem, accs, slot=wg)
         return accs
 

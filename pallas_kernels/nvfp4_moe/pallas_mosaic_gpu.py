@@ -248,9 +248,8 @@ def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
   swiglu = (
     tiles.fused_swiglu
     and activation == "bf16"
-    and (two_i // 2)
-    % (config_lib.WGMMA_ROWS if FUSED_SWIGLU_MID_TILE else config_lib.TILE_ROWS)
-    == 0
+    # I is a multiple of 64 (checked above); mid-tile up rows when not 128.
+    and (FUSED_SWIGLU_MID_TILE or (two_i // 2) % config_lib.TILE_ROWS == 0)
     # Gate and up float32 accumulators of 256 tokens would take 256
     # registers per thread: wider tiles run SwiGLU unfused.
     and plan.block_m <= 128
