@@ -42,8 +42,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # both GEMMs; "narrow": 64-token tiles (the heuristic takes about the mean
 # group size, at most 128: at 4096 tokens of gpt-oss-120b or DeepSeek-V3
 # the mean is 128, so about half the experts fill a second tile with a few
-# rows); "midtile": SwiGLU fused where I % 128 == 64 too (gpt-oss-120b;
-# FUSED_SWIGLU_MID_TILE, off by default).
+# rows); "midtile": SwiGLU fused where I % 128 == 64 in 64-row CTAs too
+# (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
+# "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
+# "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default).
 PREFIXES = (
   "old",
   "s3",
@@ -59,6 +61,8 @@ PREFIXES = (
   "k64all",
   "narrow",
   "midtile",
+  "nomidtile",
+  "remainder",
 )
 
 
@@ -104,7 +108,7 @@ def main(argv):
   for t in tokens:
     x = jax.random.normal(jax.random.key(t), (t, hidden), jnp.bfloat16)
     logits = jax.random.normal(jax.random.key(t + 1), (t, n_experts))
-
+    first = None
     for name_with_prefixes in variants:
       prefixes, variant = _prefixes(name_with_prefixes)
       pallas_mosaic_gpu.configs_for = functools.partial(
@@ -125,7 +129,11 @@ def main(argv):
         0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
       )
       config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
-      pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "midtile" in prefixes
+      pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "nomidtile" not in prefixes
+      pallas_mosaic_gpu.REMAINDER_TILES = "remainder" in prefixes
+      pallas_mosaic_gpu.MID_TILE_MIN_CTA_ROWS = (
+        64 if "midtile" in prefixes else config_lib.TILE_ROWS
+      )
       pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * (
         "sorttopk" not in prefixes
       )
@@ -157,9 +165,15 @@ def main(argv):
       # The reference dequantizes the experts it is given to float32: only
       # the routed ones, and only at decode sizes (DeepSeek-V3 at 4096
       # tokens routes to all 256: 45 GB).
-      err = "n/a"
+      # Larger: against the first variant's output (another tiling).
+      err, want = "n/a (first variant)", None
       if t <= 64:
         want = moe.active_reference(x, logits, node, top_k)
+      elif first is None:
+        first = got
+      else:
+        want = first
+      if want is not None:
         want = want.astype(jnp.float32)
         diff = jnp.max(jnp.abs(got.astype(jnp.float32) - want))
         err = f"{float(diff / jnp.max(jnp.abs(want))):.2e}"

@@ -10,12 +10,13 @@ Data flow (one jitted function):
    each token tile reads only its own expert's weights, tiles past the used
    rows exit at once, so a decode step streams only the active experts;
 3. `silu(gate) * up` in GEMM 1's epilogue (W4A16, tiles of <= 128
-   tokens, I % 128 == 0 or FUSED_SWIGLU_MID_TILE; else in XLA), GEMM 2
-   over `w2` the same way. GEMM 2 reads its activations as
-   two K planes (`sm90.split_activations`); with w13 in the
-   "sm90_planes" layout GEMM 1's epilogue writes them so, else an XLA pass
-   reorders the intermediate;
+   tokens, I % 128 == 0, or 128-row CTAs (FUSED_SWIGLU_MID_TILE); else in
+   XLA), GEMM 2 over `w2` the same way. GEMM 2 reads its activations as
+   two K planes (`sm90.split_activations`); with w13 in the "sm90_planes"
+   layout GEMM 1's epilogue writes them so, else an XLA pass reorders the
+   intermediate;
 4. the router-weighted combine gathers each token's top-k rows.
+(REMAINDER_TILES, off: steps 2-3 once more over 64-row remainder tiles.)
 
 Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
 with the reference.
@@ -47,10 +48,25 @@ PERSISTENT = True
 # us at 16 tokens, 997 -> 923 us at 4096 (CUPTI).
 FUSED_SWIGLU = True
 # Also fuse it where I % 128 == 64 (gpt-oss: 2880; up rows start mid-tile,
-# the sm90 kernel's `swiglu` doc). Off until it has run on the H200 (passes
-# the interpreter and sm_90 lowering; GPU tests written): such I run SwiGLU
-# in XLA between the GEMMs.
-FUSED_SWIGLU_MID_TILE = False
+# the sm90 kernel's `swiglu` doc), in GEMM 1 CTAs of at least
+# MID_TILE_MIN_CTA_ROWS rows. gpt-oss-120b on the H200 (CUPTI, one call
+# each, eleventh session): 2336 -> 2110 us at 4096 tokens (128-row CTAs),
+# but 337 -> 343 us at 16 tokens (64-row decode CTAs), so decode tiles keep
+# SwiGLU in XLA between the GEMMs.
+FUSED_SWIGLU_MID_TILE = True
+MID_TILE_MIN_CTA_ROWS = config_lib.TILE_ROWS
+# Each expert's last rows, when at most REMAINDER_ROWS past its last whole
+# 128-row tile, go to a tile of REMAINDER_ROWS rows that a second pair of
+# GEMM launches runs (sorted placement only). Off: on the H200 a 64-row
+# tile costs ~0.88 of a 128-row one (the weight decode, per tile, bounds
+# these GEMMs more than the MMA), so the MMA it saves barely pays for the
+# second launches and gathers (CUPTI, one call each, eleventh session):
+# DeepSeek-V3 4096 tokens GEMMs 5842 -> 5684 us, layer 6425 -> 6369; 16384
+# 20116 -> 20047; gpt-oss-120b 4096 2129 -> 2179, 16384 6306 -> 6417;
+# Qwen3-30B-A3B 4096 815 -> 835, 16384 2660 -> 2732. A native FP4 MMA
+# (sm_100), which has no decode, may pay for it.
+REMAINDER_TILES = False
+REMAINDER_ROWS = 64
 # One token (decode): tile i holds pair i, no sort (its top-k experts are
 # distinct, so no expert's weights are read twice).
 DIRECT_DECODE = True
@@ -80,10 +96,26 @@ class Plan:
   top_k: int
   experts: int
   block_m: int
+  # Rows of each expert's remainder tile (0: none; see REMAINDER_TILES).
+  remainder_m: int = 0
 
   @property
   def pairs(self) -> int:
     return self.tokens * self.top_k
+
+  @property
+  def remainder_tiles(self) -> int:
+    """Remainder tiles (one per expert at most), after the `max_tiles`."""
+    return min(self.experts, self.pairs) if self.remainder_m else 0
+
+  @property
+  def bulk_rows(self) -> int:
+    """Rows of the `block_m`-row tiles; the remainder tiles' follow."""
+    return self.max_tiles * self.block_m
+
+  @property
+  def rows(self) -> int:
+    return self.bulk_rows + self.remainder_tiles * self.remainder_m
 
   @property
   def max_tiles(self) -> int:
@@ -237,42 +269,64 @@ def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
     experts=n_experts,
     block_m=tiles.block_m or block_m_for(x.shape[0], top_k, n_experts),
   )
-  configs = configs_for(
-    plan,
-    hidden,
-    two_i // 2,
-    common.num_sms(interpret),
-    tiles.persistent,
-    tiles.cta_rows,
+  direct = DIRECT_DECODE and plan.tokens == 1
+  counted = plan.pairs <= COUNTING_MAX_PAIRS
+  if (
+    REMAINDER_TILES
+    and not (direct or counted)
+    and plan.block_m == config_lib.TILE_ROWS
+  ):
+    plan = dataclasses.replace(plan, remainder_m=REMAINDER_ROWS)
+  tiling = functools.partial(
+    configs_for,
+    hidden=hidden,
+    inter=two_i // 2,
+    num_sms=common.num_sms(interpret),
+    persistent=tiles.persistent,
+    cta_rows=tiles.cta_rows,
   )
+  configs = tiling(plan)
+  remainder_configs = None
+  if plan.remainder_m:
+    remainder_configs = tiling(
+      dataclasses.replace(plan, block_m=plan.remainder_m, remainder_m=0)
+    )
   swiglu = (
     tiles.fused_swiglu
     and activation == "bf16"
     # I is a multiple of 64 (checked above); mid-tile up rows when not 128.
-    and (FUSED_SWIGLU_MID_TILE or (two_i // 2) % config_lib.TILE_ROWS == 0)
+    and (
+      (two_i // 2) % config_lib.TILE_ROWS == 0
+      or (
+        FUSED_SWIGLU_MID_TILE and configs[0].cta_rows >= MID_TILE_MIN_CTA_ROWS
+      )
+    )
     # Gate and up float32 accumulators of 256 tokens would take 256
     # registers per thread: wider tiles run SwiGLU unfused.
     and plan.block_m <= 128
   )
   if swiglu:  # the epilogue is not linear: no split-K partial sums
-    configs = (dataclasses.replace(configs[0], splits=1), configs[1])
+    configs = _one_split_gemm1(configs)
+    if remainder_configs:
+      remainder_configs = _one_split_gemm1(remainder_configs)
   # Persistent CTAs walk the first `used_tiles` tiles and need the unused
   # ones last; the direct tiles leave a dropped pair's tile where it is.
-  direct = (
-    DIRECT_DECODE
-    and plan.tokens == 1
-    and not any(c.persistent for c in configs)
-  )
+  direct = direct and not any(c.persistent for c in configs)
   return functools.partial(
     _forward,
     plan=plan,
     configs=configs,
+    remainder_configs=remainder_configs,
     activation=activation,
     swiglu=swiglu,
     direct=direct,
-    counted=not direct and plan.pairs <= COUNTING_MAX_PAIRS,
+    counted=not direct and counted,
     interpret=interpret,
   )
+
+
+def _one_split_gemm1(configs):
+  return (dataclasses.replace(configs[0], splits=1), configs[1])
 
 
 def direct_tiles(ids: jax.Array, plan: Plan):
@@ -292,40 +346,81 @@ def direct_tiles(ids: jax.Array, plan: Plan):
 def sort_by_expert(ids: jax.Array, plan: Plan):
   """Places (token, k) pairs in expert groups padded to whole token tiles.
 
+  With `plan.remainder_m`, an expert's rows past its last whole `block_m`
+  tile, if at most `remainder_m`, go to a remainder tile of its own (after
+  the `max_tiles` tiles, in expert order) instead of a padded `block_m` one.
+
   Args:
     ids: int32 `[T, top_k]` expert of each pair; ids outside `[0, E)` go to
       a last group of dropped pairs, whose tiles are marked unused.
 
   Returns:
-    (position `[T, top_k]` of each pair's row, token `[rows]` of each row
-    (T for padding rows), expert `[max_tiles]` of each tile (-1: unused)).
+    (position `[T, top_k]` of each pair's row, token `[plan.rows]` of each
+    row (T for padding rows), expert `[max_tiles + remainder_tiles]` of
+    each tile (-1: unused)).
   """
   flat = _group_of_pairs(ids, plan)
   counts = jnp.bincount(flat, length=plan.experts + 1)
-  padded = -(-counts // plan.block_m) * plan.block_m
-  ends = jnp.cumsum(padded)
-  starts = ends - padded
+  bulk, remainder = _bulk_rows(counts, plan)
+  ends = jnp.cumsum(bulk)
+  starts = ends - bulk
   order = jnp.argsort(flat, stable=True)
   sorted_expert = flat[order]
   first_of_group = jnp.cumsum(counts) - counts
   rank = jnp.arange(plan.pairs) - first_of_group[sorted_expert]
+  row = starts[sorted_expert] + rank
+  tile_expert = _tile_experts(ends, plan)
+  if plan.remainder_m:
+    # Remainder tile r (r-th expert that has one) starts at bulk_rows + r m.
+    opened = remainder.astype(jnp.int32)
+    ahead = jnp.cumsum(opened) - opened
+    past = rank - bulk[sorted_expert]
+    row = jnp.where(
+      remainder[sorted_expert] & (past >= 0),
+      plan.bulk_rows + ahead[sorted_expert] * plan.remainder_m + past,
+      row,
+    )
+    tile_expert = jnp.concatenate(
+      [tile_expert, _remainder_experts(remainder, plan)]
+    )
   position = (
-    jnp.zeros(plan.pairs, jnp.int32)
-    .at[order]
-    .set((starts[sorted_expert] + rank).astype(jnp.int32))
+    jnp.zeros(plan.pairs, jnp.int32).at[order].set(row.astype(jnp.int32))
   )
-  rows = plan.max_tiles * plan.block_m
   token = (
-    jnp.full(rows, plan.tokens, jnp.int32)
+    jnp.full(plan.rows, plan.tokens, jnp.int32)
     .at[position]
     .set(jnp.arange(plan.pairs, dtype=jnp.int32) // plan.top_k)
   )
-  return position.reshape(ids.shape), token, _tile_experts(ends, plan)
+  return position.reshape(ids.shape), token, tile_expert
+
+
+def _bulk_rows(counts: jax.Array, plan: Plan):
+  """(rows of each group in `block_m` tiles, whether it has a remainder
+  tile): `counts` rounded up to whole tiles, or down where the rest fits a
+  remainder tile (never for the dropped group, last)."""
+  whole = counts // plan.block_m * plan.block_m
+  rest = counts - whole
+  remainder = (rest > 0) & (rest <= plan.remainder_m)
+  remainder = remainder.at[plan.experts].set(False)
+  padded = jnp.where(rest > 0, whole + plan.block_m, whole)
+  return jnp.where(remainder, whole, padded), remainder
+
+
+def _remainder_experts(remainder: jax.Array, plan: Plan) -> jax.Array:
+  """int32 `[remainder_tiles]`: the expert of each remainder tile (the
+  experts that have one, in order), -1 past them."""
+  through = jnp.cumsum(remainder[: plan.experts].astype(jnp.int32))
+  tile = jnp.arange(plan.remainder_tiles)
+  expert = jnp.sum(through[None, :] <= tile[:, None], axis=1)
+  return jnp.where(tile < through[-1], expert, -1).astype(jnp.int32)
 
 
 def count_by_expert(ids: jax.Array, plan: Plan):
   """`sort_by_expert`'s result, by comparison counts (O(pairs x rows)
-  work, a few fused reductions; for small pair counts)."""
+  work, a few fused reductions; for small pair counts, without remainder
+  tiles)."""
+  if plan.remainder_m:
+    raise ValueError(f"count_by_expert places no remainder tiles ({plan})")
   flat = _group_of_pairs(ids, plan)
   pair = jnp.arange(plan.pairs)
   group = jnp.arange(plan.experts + 1)
@@ -425,12 +520,12 @@ def _factors(
 
 
 def _grouped_gemm(
-  rows,
   row_expert,
   tile_expert,
   used_tiles,
   proj,
   *,
+  rows,
   activation,
   config,
   interpret,
@@ -488,6 +583,64 @@ def _grouped_gemm(
   return out[:, :n]
 
 
+def _expert_gemms(
+  rows_in,
+  gather,
+  tile_expert,
+  block_m,
+  configs,
+  *,
+  w13,
+  w2,
+  activation,
+  swiglu,
+  interpret,
+):
+  """bf16 `[tiles * block_m, H]`: GEMM 1 (+ SwiGLU) and GEMM 2 over token
+  tiles of `block_m` rows, row r being `rows_in[gather[r]]` (or `rows_in`
+  itself when `gather` is None)."""
+  inter = w13.shape[1] // 2
+  row_expert = jnp.maximum(jnp.repeat(tile_expert, block_m), 0)
+  used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
+  gemm = functools.partial(
+    _grouped_gemm,
+    row_expert,
+    tile_expert,
+    used_tiles,
+    activation=activation,
+    interpret=interpret,
+  )
+  if swiglu:
+    # silu(gate) * up from the float32 accumulators, rounded to bf16 once;
+    # with plane-ordered w13 rows, as GEMM 2's activation planes.
+    act = gemm(
+      w13,
+      rows=rows_in,
+      config=configs[0],
+      swiglu=True,
+      planes_out=w13.plane_rows,
+      gather=gather,
+    )
+    if not w13.plane_rows:  # [R, ceil128(I)]: the columns past I are zeros
+      act = act[:, :inter]
+  else:
+    # W4A4 quantizes the intermediate; from float32 gate and up (as the
+    # reference) a bf16 rounding cannot move its FP4 codes.
+    h = gemm(
+      w13,
+      rows=rows_in,
+      config=configs[0],
+      float32_out=activation == "nvfp4",
+      gather=gather,
+    )
+    if w13.plane_rows:  # back to natural feature order (fused with SwiGLU)
+      h = sm90_layout.from_plane_rows(h, axis=-1)
+    gate = h[:, :inter].astype(jnp.float32)
+    up = h[:, inter:].astype(jnp.float32)
+    act = (base.silu(gate) * up).astype(jnp.bfloat16)
+  return gemm(w2, rows=act, config=configs[1])
+
+
 @functools.partial(jax.jit, static_argnames=("forward", "routing"))
 def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   tokens, n_experts = router_logits.shape
@@ -506,6 +659,7 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   static_argnames=(
     "plan",
     "configs",
+    "remainder_configs",
     "activation",
     "swiglu",
     "direct",
@@ -526,61 +680,51 @@ def _forward(
   direct,
   interpret,
   counted=False,
+  remainder_configs=None,
 ):
-  """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine."""
+  """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine
+  (the two GEMMs once more over the remainder tiles, if the plan has
+  them)."""
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
-  inter = w13.shape[1] // 2
   if direct:
     place = direct_tiles
   else:
     place = count_by_expert if counted else sort_by_expert
   position, token, tile_expert = place(ids, plan)
-  row_expert = jnp.maximum(jnp.repeat(tile_expert, plan.block_m), 0)
-  used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
-  if direct:  # rows made by a select, not a gather (token is a constant)
-    rows_in, gather = jnp.where((token == 0)[:, None], x[0], 0), None
-  else:
-    rows_in = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-    gather = token
-  gemm = functools.partial(
-    _grouped_gemm, activation=activation, interpret=interpret
+  gemms = functools.partial(
+    _expert_gemms,
+    w13=w13,
+    w2=w2,
+    activation=activation,
+    swiglu=swiglu,
+    interpret=interpret,
   )
-  groups = (row_expert, tile_expert, used_tiles)
-  if swiglu:
-    # silu(gate) * up from the float32 accumulators, rounded to bf16 once;
-    # with plane-ordered w13 rows, as GEMM 2's activation planes.
-    act = gemm(
-      rows_in,
-      *groups,
-      w13,
-      config=configs[0],
-      swiglu=True,
-      planes_out=w13.plane_rows,
-      gather=gather,
-    )
-    if not w13.plane_rows:  # [R, ceil128(I)]: the columns past I are zeros
-      act = act[:, :inter]
-  else:
-    # W4A4 quantizes the intermediate; from float32 gate and up (as the
-    # reference) a bf16 rounding cannot move its FP4 codes.
-    h = gemm(
-      rows_in,
-      *groups,
-      w13,
-      config=configs[0],
-      float32_out=activation == "nvfp4",
-      gather=gather,
-    )
-    if w13.plane_rows:  # back to natural feature order (fused with SwiGLU)
-      h = sm90_layout.from_plane_rows(h, axis=-1)
-    gate = h[:, :inter].astype(jnp.float32)
-    up = h[:, inter:].astype(jnp.float32)
-    act = (base.silu(gate) * up).astype(jnp.bfloat16)
-  y = gemm(act, *groups, w2, config=configs[1])
-  if direct:  # each tile's first row, a strided slice
+  if direct:  # rows made by a select, not a gather (token is a constant)
+    rows_in = jnp.where((token == 0)[:, None], x[0], 0)
+    y = gemms(rows_in, None, tile_expert, plan.block_m, configs)
+    # Each tile's first row, a strided slice.
     picked = y.reshape(plan.max_tiles, plan.block_m, -1)[None, : plan.top_k, 0]
   else:
+    rows_in = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+    bulk = plan.bulk_rows
+    y = gemms(
+      rows_in,
+      token[:bulk],
+      tile_expert[: plan.max_tiles],
+      plan.block_m,
+      configs,
+    )
+    if plan.remainder_m:
+      y_remainder = gemms(
+        rows_in,
+        token[bulk:],
+        tile_expert[plan.max_tiles :],
+        plan.remainder_m,
+        remainder_configs,
+      )
+      # One gather over both (XLA can fuse the concatenation into it).
+      y = jnp.concatenate([y, y_remainder])
     picked = y[position]
   picked = picked.astype(jnp.float32)  # [T, top_k, H]
   # Dropped pairs' rows were never written (they may hold NaN): select.

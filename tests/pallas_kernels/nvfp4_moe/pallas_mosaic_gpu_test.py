@@ -63,6 +63,53 @@ def test_sort_by_expert_places_every_pair_in_its_experts_tiles(
 
 
 @pytest.mark.parametrize(
+  "counts", [(21, 12, 31, 16, 1), (5, 0, 40, 9, 24, 8, 17)]
+)
+def test_sort_by_expert_puts_short_remainders_in_remainder_tiles(rng, counts):
+  # Tiles of 16 rows, remainders of up to 8: a rest of 1-8 rows gets a
+  # remainder tile, one of 9-15 a padded tile, none neither.
+  experts, top_k = len(counts), 2
+  flat = rng.permutation(np.repeat(np.arange(experts), counts))
+  flat = np.concatenate([flat, [-1] * (len(flat) % 2 + 2)])  # dropped pairs
+  ids = flat.reshape(-1, top_k).astype(np.int32)
+  tokens = len(ids)
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens, top_k=top_k, experts=experts, block_m=16, remainder_m=8
+  )
+  position, token, tile_expert = map(
+    np.asarray, pallas_mosaic_gpu.sort_by_expert(jnp.asarray(ids), plan)
+  )
+  assert token.shape == (plan.rows,)
+  assert tile_expert.shape == (plan.max_tiles + plan.remainder_tiles,)
+  kept = ids >= 0
+  assert len(set(position[kept])) == kept.sum()  # one row per pair
+  bulk = position < plan.bulk_rows
+  tile = np.where(
+    bulk,
+    position // 16,
+    plan.max_tiles + (position - plan.bulk_rows) // 8,
+  )
+  np.testing.assert_array_equal(tile_expert[tile][kept], ids[kept])
+  want_token = np.broadcast_to(np.arange(tokens)[:, None], ids.shape)
+  np.testing.assert_array_equal(token[position], want_token)
+  padding = np.setdiff1d(np.arange(plan.rows), position.ravel())
+  assert (token[padding] == tokens).all()
+  assert (position[~kept] < plan.bulk_rows).all()  # dropped pairs
+  remainders = tile_expert[plan.max_tiles :]
+  used = remainders >= 0
+  assert not used[np.argmin(used) :].any() or used.all()  # used first
+  for e, count in enumerate(counts):
+    rest = count % 16
+    want_remainder = 0 < rest <= 8
+    # Whole tiles in the bulk, the rest in a remainder tile if it fits.
+    assert (remainders == e).sum() == want_remainder
+    want_bulk = count // 16 + (rest > 0 and not want_remainder)
+    assert (tile_expert[: plan.max_tiles] == e).sum() == want_bulk
+    assert (~bulk[ids == e]).sum() == (rest if want_remainder else 0)
+  assert used.any() and not used.all()  # both kinds of expert were seen
+
+
+@pytest.mark.parametrize(
   "tokens, experts, top_k, block_m",
   [(1, 8, 2, 8), (16, 128, 8, 8), (37, 4, 3, 16), (64, 8, 8, 128)],
 )
@@ -95,6 +142,34 @@ def test_interpret_pairs_placed_by_counting(rng, monkeypatch):
   )
   assert forward.keywords["counted"]
   check_interpret_against_numpy(rng, (9, 4, 128, 128))
+
+
+@pytest.mark.parametrize(
+  "activation, fused_swiglu",
+  [("bf16", True), ("bf16", False), ("nvfp4", False)],
+)
+def test_interpret_remainder_tiles(rng, monkeypatch, activation, fused_swiglu):
+  # Two experts, top-2: each gets all 150 tokens, one 128-row tile and a
+  # 22-row remainder tile, which a second pair of GEMMs runs.
+  monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
+  monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 0)
+  jax.clear_caches()
+  calls = []
+  matmul = pallas_mosaic_gpu.sm90.matmul
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs["config"].block_m)
+    return matmul(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  check_interpret_against_numpy(
+    rng,
+    (150, 2, 128, 128),
+    activation,
+    block_m=128,
+    fused_swiglu=fused_swiglu,
+  )
+  assert calls == [128, 128, 64, 64]
 
 
 def test_direct_tiles_give_each_pair_of_one_token_its_own_tile():
@@ -332,6 +407,7 @@ def test_fused_swiglu_with_up_rows_mid_tile(
   # rows into a scale tile. The kernel must run SwiGLU fused (spied), and
   # with w13_alpha_up its per-block scales come from the shifted blocks.
   monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", True)
+  monkeypatch.setattr(pallas_mosaic_gpu, "MID_TILE_MIN_CTA_ROWS", 64)
   calls = []
   matmul = pallas_mosaic_gpu.sm90.matmul
 
@@ -362,6 +438,31 @@ def test_fused_swiglu_with_up_rows_mid_tile(
     interpret=backend == "cpu",
   )
   assert calls == [True, False]
+  want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
+  tolerance.assert_close(
+    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+  )
+
+
+@pytest.mark.parametrize("cta_rows, fused", [(64, False), (128, True)])
+def test_mid_tile_swiglu_fuses_only_in_128_row_ctas(
+  rng, monkeypatch, cta_rows, fused
+):
+  # The default policy (FUSED_SWIGLU_MID_TILE, MID_TILE_MIN_CTA_ROWS): with
+  # I % 128 == 64, 64-row decode CTAs were slower fused on the H200.
+  calls = []
+  matmul = pallas_mosaic_gpu.sm90.matmul
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("swiglu", False))
+    return matmul(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  experts, src, x, logits = test_base.make_inputs(rng, 3, 4, 128, 192)
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x, logits, experts, top_k=2, cta_rows=cta_rows, interpret=True
+  )
+  assert calls == [fused, False]
   want = test_base.numpy_moe(x, logits, src, 2, True, "bf16")
   tolerance.assert_close(
     out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
@@ -475,8 +576,21 @@ def test_256_token_tiles_lower_for_sm90(model, persistent, activation):
   lower_moe(model, 16384, persistent, 128, False, 256, activation)
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, GPT_OSS])
+def test_remainder_tiles_lower_for_sm90(model, swiglu):
+  lower_moe(model, 4096, True, None, swiglu, remainder=True)
+
+
 def lower_moe(
-  model, tokens, persistent, cta_rows, swiglu, block_m=None, activation="bf16"
+  model,
+  tokens,
+  persistent,
+  cta_rows,
+  swiglu,
+  block_m=None,
+  activation="bf16",
+  remainder=False,
 ):
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
@@ -496,8 +610,23 @@ def lower_moe(
     persistent=persistent,
     cta_rows=cta_rows,
   )
+  remainder_configs = None
+  if remainder:  # as _forward_fn plans them
+    plan = dataclasses.replace(plan, remainder_m=64)
+    remainder_configs = pallas_mosaic_gpu.configs_for(
+      dataclasses.replace(plan, block_m=64, remainder_m=0),
+      hidden,
+      inter,
+      num_sms=132,
+      persistent=persistent,
+    )
   if swiglu:  # gpt-oss (I = 2880): up rows start mid-tile
     configs = (dataclasses.replace(configs[0], splits=1), configs[1])
+    if remainder:
+      remainder_configs = (
+        dataclasses.replace(remainder_configs[0], splits=1),
+        remainder_configs[1],
+      )
 
   def f(x, logits, experts):
     weights, ids = base.route(logits, top_k=top_k)
@@ -512,6 +641,7 @@ def lower_moe(
       swiglu=swiglu,
       direct=tokens == 1 and not any(c.persistent for c in configs),
       interpret=False,
+      remainder_configs=remainder_configs,
     )
 
   jax.jit(f).trace(x, logits, experts).lower(lowering_platforms=("cuda",))
@@ -545,10 +675,35 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     # H = I = 2880: K steps of 128 that do not divide K; SwiGLU fused with
     # the up rows mid-tile (FUSED_SWIGLU_MID_TILE), or unfused.
     monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", mid_tile)
+    monkeypatch.setattr(pallas_mosaic_gpu, "MID_TILE_MIN_CTA_ROWS", 64)
     experts, _, x, logits = test_base.make_inputs(rng, tokens, 8, 2880, 2880)
     out = self.moe(x, logits, experts, top_k=4)
     want = pallas_kernels.nvfp4_moe(
       x, logits, experts, top_k=4, implementation="xla"
+    )
+    self.check(out, want.astype(jnp.float32))
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  @pytest.mark.parametrize("inter", [1024, 2880])
+  def test_remainder_tiles(self, rng, monkeypatch, inter, activation):
+    # 16 experts, top-4 of 600 tokens: groups of ~150 rows, a 128-row tile
+    # each and most of the rest in 64-row remainder tiles (spied, so traced
+    # anew).
+    monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
+    jax.clear_caches()
+    calls = []
+    matmul = pallas_mosaic_gpu.sm90.matmul
+
+    def spy(*args, **kwargs):
+      calls.append(kwargs["config"].block_m)
+      return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+    experts, _, x, logits = test_base.make_inputs(rng, 600, 16, 1024, inter)
+    out = self.moe(x, logits, experts, top_k=4, activation=activation)
+    assert calls == [128, 128, 64, 64]
+    want = pallas_kernels.nvfp4_moe(
+      x, logits, experts, top_k=4, activation=activation, implementation="xla"
     )
     self.check(out, want.astype(jnp.float32))
 
