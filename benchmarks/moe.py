@@ -47,8 +47,12 @@ def random_experts(
   """A prepared experts node with random codes and sane E4M3 scales.
 
   Random bytes are random codes in any bit layout or row order, so
-  `weight_layout` only names the leaves (as `fp4jax.prepare` would).
+  `weight_layout` only names the leaves (as `fp4jax.prepare` would). I is
+  stored padded as `prepare` would pad it
+  (`transform.PAD_INTERMEDIATE_TO_TILES`; random codes in the padding too,
+  which changes no timing).
   """
+  inter = transform.padded_intermediate(inter, weight_layout)
   node = {}
   for prefix, (n, k) in (
     ("w13_", (2 * inter, hidden)),

@@ -21,7 +21,9 @@ MoE `experts` nodes (`w13_*`, `w2_*`, stacked over experts) get per-expert
 `weight_layout="sm90"` and I % 128 == 0 the [gate; up] stack is stored as
 `w13_weight_sm90_planes`: rows (and their block scales) permuted within each
 half into `sm90_layout.to_plane_rows` order, so that the Hopper kernel's
-SwiGLU epilogue writes GEMM 2's activation planes without a reorder pass.
+SwiGLU epilogue writes GEMM 2's activation planes without a reorder pass
+(with PAD_INTERMEDIATE_TO_TILES, other I are zero-padded to whole 128-row
+halves first; outputs are unchanged).
 
 Reload: derived leaves are a function of all source leaves, so to load new
 weights restore the whole source set again and rerun `prepare`; never patch
@@ -55,6 +57,13 @@ DERIVED_LEAVES = (
 )
 MOE_PREFIXES = ("w13_", "w2_")
 WEIGHT_LAYOUTS = ("natural", "sm90")
+# With weight_layout="sm90", experts whose I is no multiple of 128
+# (gpt-oss: 2880) get I padded to the next one (`pad_intermediate`), so
+# that w13 takes the plane order: the H200 spent 132 of 2110 us of
+# gpt-oss-120b's layer at 4096 tokens reordering the intermediate into GEMM
+# 2's activation planes (eleventh session), for 2.2% more expert bytes.
+# Off until the H200 has timed it (`scripts/profile_moe.py padinter-`).
+PAD_INTERMEDIATE_TO_TILES = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,13 +241,62 @@ def experts_weight_leaf(prefix: str, rows: int, weight_layout: str) -> str:
   return prefix + "weight"
 
 
+def padded_intermediate(inter: int, weight_layout: str) -> int:
+  """The I that `prepare` stores for experts of intermediate size `inter`
+  (PAD_INTERMEDIATE_TO_TILES)."""
+  if PAD_INTERMEDIATE_TO_TILES and weight_layout == "sm90":
+    return -(-inter // sm90_layout.PLANE_BLOCK) * sm90_layout.PLANE_BLOCK
+  return inter
+
+
+def pad_intermediate(node: Mapping[str, Any], inter: int) -> dict[str, Any]:
+  """A source experts node with I padded to `inter`: zero rows after each
+  of w13's gate and up halves, zero K columns after w2's. Code 0 is +0.0
+  and a zero block scale zeroes its block, so silu(0) * 0 = 0 feeds zero
+  weights and every output is unchanged. A node whose shapes disagree is
+  returned as it is (the derivation names the problem)."""
+  w13, w2 = node.get("w13_weight"), node.get("w2_weight")
+  if w13 is None or w2 is None or w13.ndim != 3 or w2.ndim != 3:
+    return node
+  e, two_i, half_h = w13.shape
+  old = two_i // 2
+  shapes = {
+    "w13_weight": (e, two_i, half_h),
+    "w13_weight_scale": (e, two_i, 2 * half_h // nvfp4.BLOCK_SIZE),
+    "w2_weight": (e, w2.shape[1], old // 2),
+    "w2_weight_scale": (e, w2.shape[1], old // nvfp4.BLOCK_SIZE),
+  }
+  if (
+    inter == old
+    or two_i % 2
+    or (inter - old) % nvfp4.BLOCK_SIZE
+    or any(node.get(k) is None or node[k].shape != v for k, v in shapes.items())
+  ):
+    return node
+  pad = inter - old
+  out = dict(node)
+  for name in ("w13_weight", "w13_weight_scale"):
+    halves = node[name].reshape(e, 2, old, -1)
+    out[name] = jnp.pad(halves, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(
+      e, 2 * inter, -1
+    )
+  for name, per_column in (("w2_weight", 2), ("w2_weight_scale", 16)):
+    out[name] = jnp.pad(node[name], ((0, 0), (0, 0), (0, pad // per_column)))
+  return out
+
+
 def _derive_experts(
   path: str,
   node: Mapping[str, Any],
   swizzle_scales: bool = True,
   weight_layout: str = "natural",
 ) -> dict[str, Any]:
-  """Derived leaves of one stacked MoE `experts` node in source state."""
+  """Derived leaves of one stacked MoE `experts` node in source state (I
+  padded to `padded_intermediate`)."""
+  w13 = node.get("w13_weight")
+  if w13 is not None and w13.ndim == 3:
+    inter = padded_intermediate(w13.shape[1] // 2, weight_layout)
+    node = pad_intermediate(node, inter)
   out = {}
   for prefix in MOE_PREFIXES:
     sub = {k[len(prefix) :]: v for k, v in node.items() if k.startswith(prefix)}

@@ -20,6 +20,7 @@ from jax.experimental.mosaic.gpu import profiler
 
 from benchmarks import arg_specs
 from benchmarks import moe
+from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
@@ -45,7 +46,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # rows); "midtile": SwiGLU fused where I % 128 == 64 in 64-row CTAs too
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
-# "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default).
+# "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
+# "padinter": I padded to a multiple of 128 as `fp4jax.prepare` does with
+# transform.PAD_INTERMEDIATE_TO_TILES (gpt-oss-120b: 2880 -> 2944, w13 in
+# plane order).
 PREFIXES = (
   "old",
   "s3",
@@ -63,6 +67,7 @@ PREFIXES = (
   "midtile",
   "nomidtile",
   "remainder",
+  "padinter",
 )
 
 
@@ -138,6 +143,10 @@ def main(argv):
         "sorttopk" not in prefixes
       )
       node = dict(experts)
+      if "padinter" in prefixes:
+        transform.PAD_INTERMEDIATE_TO_TILES = True
+        node = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
+        transform.PAD_INTERMEDIATE_TO_TILES = False
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
 
@@ -169,6 +178,8 @@ def main(argv):
       err, want = "n/a (first variant)", None
       if t <= 64:
         want = moe.active_reference(x, logits, node, top_k)
+      elif "padinter" in prefixes:  # other random weights
+        err = "n/a (padded weights)"
       elif first is None:
         first = got
       else:

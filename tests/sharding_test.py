@@ -10,6 +10,7 @@ import fp4jax
 import pallas_kernels
 from fp4jax import checkpoint
 from fp4jax import sharding
+from fp4jax import transform
 from tests import sources
 from tests.pallas_kernels.nvfp4_matmul import test_base as matmul_base
 
@@ -146,18 +147,28 @@ def test_bad_splits_are_refused_with_the_path(rng):
 
 
 @pytest.mark.parametrize(
-  "weight_layout, inter", [("natural", 64), ("sm90", 64), ("sm90", 128)]
+  "weight_layout, inter, pad",
+  [
+    ("natural", 64, False),
+    ("sm90", 64, False),
+    ("sm90", 128, False),
+    ("sm90", 192, True),
+  ],
 )
 def test_expert_parallel_prepare_equals_the_unsharded_leaves(
-  rng, weight_layout, inter
+  rng, monkeypatch, weight_layout, inter, pad
 ):
-  # sm90 with I % 128 == 0: w13 rows in plane order (w13_weight_sm90_planes).
+  # sm90 with I % 128 == 0: w13 rows in plane order (w13_weight_sm90_planes);
+  # with `pad`, I = 192 padded to 256 first (PAD_INTERMEDIATE_TO_TILES).
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", pad)
   mesh = cpu_mesh(4, "ep")
   src = sources.experts_source(rng, 8, 128, inter, up_factor=1.25)
   got = sharding.prepare_experts(src, mesh, weight_layout=weight_layout)
   want, _ = fp4jax.prepare({"experts": src}, weight_layout=weight_layout)
   want = want["experts"]
   assert set(got) == set(want)
+  planes = weight_layout == "sm90" and (inter % 128 == 0 or pad)
+  assert ("w13_weight_sm90_planes" in got) == planes
   for name, w in want.items():
     g = got[name]
     assert g.sharding.spec == jax.sharding.PartitionSpec("ep")

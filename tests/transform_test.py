@@ -1,11 +1,14 @@
 """The post-restore transform: derived leaves, removal, memory, reload."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fp4jax
+import pallas_kernels
 from fp4jax import transform
 from fp4jax.format import sm90_layout
 from fp4jax.format import swizzle
@@ -258,6 +261,54 @@ def test_sm90_gate_up_rows_in_plane_order_when_whole_tiles(rng):
     {"experts": experts_source(rng, 3, 64, 192)}, weight_layout="sm90"
   )
   assert "w13_weight_sm90" in small["experts"]
+
+
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_sm90_pads_intermediate_to_whole_tiles(rng, monkeypatch, activation):
+  """PAD_INTERMEDIATE_TO_TILES: I = 192 is stored as 256 (zero rows after
+  each w13 half, zero K columns of w2), w13 then in plane order; the MoE's
+  outputs do not change."""
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", True)
+  src = experts_source(rng, 3, 64, 192)
+  prepared, report = fp4jax.prepare({"experts": src}, weight_layout="sm90")
+  node = prepared["experts"]
+  assert node["w13_weight_sm90_planes"].shape == (3, 512, 32)
+  assert node["w2_weight_sm90"].shape == (3, 64, 128)
+  rows = sm90_layout.untwiddle(node["w13_weight_sm90_planes"])
+  halves = np.asarray(rows).reshape(3, 2, 256, 32)
+  natural = sm90_layout.from_plane_rows(halves, axis=2)
+  np.testing.assert_array_equal(
+    natural[:, :, :192].reshape(3, 384, 32), src["w13_weight"]
+  )
+  assert not natural[:, :, 192:].any()
+  w2 = np.asarray(sm90_layout.untwiddle(node["w2_weight_sm90"]))
+  np.testing.assert_array_equal(w2[..., :96], src["w2_weight"])
+  assert not w2[..., 96:].any()
+  # Same outputs as the unpadded natural layout (the reference, up to
+  # float32 summation order: one bf16 ulp).
+  plain, plain_report = fp4jax.prepare({"experts": src})
+  x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
+  logits = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+  moe = functools.partial(
+    pallas_kernels.nvfp4_moe,
+    x,
+    logits,
+    top_k=2,
+    activation=activation,
+    implementation="xla",
+  )
+  got = np.asarray(moe(node), np.float32)
+  want = np.asarray(moe(plain["experts"]), np.float32)
+  assert np.all(np.abs(got - want) <= 2.0**-7 * np.abs(want)), got - want
+  # A re-run passes through; a reload of the sources re-derives the same.
+  again, again_report = fp4jax.prepare(prepared, weight_layout="sm90")
+  assert again_report.removed == () and again_report.created == ()
+  reloaded, _ = fp4jax.prepare(
+    {"experts": {**node, **src}}, weight_layout="sm90"
+  )
+  trees.assert_bit_equal(reloaded, prepared)
+  # The padding is memory the report counts.
+  assert report.created_bytes > plain_report.created_bytes
 
 
 def test_sm90_reload_into_prepared_tree_equals_fresh_load(rng):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
+from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
@@ -444,6 +445,35 @@ def test_fused_swiglu_with_up_rows_mid_tile(
   )
 
 
+@pytest.mark.parametrize(
+  "activation, tokens", [("bf16", 1), ("bf16", 40), ("nvfp4", 40)]
+)
+@pytest.mark.parametrize(
+  "backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
+def test_padded_intermediate(rng, monkeypatch, backend, activation, tokens):
+  # transform.PAD_INTERMEDIATE_TO_TILES: I = 192 prepared as 256 with zero
+  # rows and columns, so w13 takes the plane order and GEMM 1 (fused, W4A16)
+  # writes GEMM 2's planes; the outputs are the unpadded experts'.
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", True)
+  experts, src, x, logits = test_base.make_inputs(
+    rng, tokens, 4, 128, 192, weight_layout="sm90"
+  )
+  assert experts["w13_weight_sm90_planes"].shape == (4, 512, 64)
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x,
+    logits,
+    experts,
+    top_k=2,
+    activation=activation,
+    interpret=backend == "cpu",
+  )
+  want = test_base.numpy_moe(x, logits, src, 2, True, activation)
+  tolerance.assert_close(
+    out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
+  )
+
+
 @pytest.mark.parametrize("cta_rows, fused", [(64, False), (128, True)])
 def test_mid_tile_swiglu_fuses_only_in_128_row_ctas(
   rng, monkeypatch, cta_rows, fused
@@ -574,6 +604,14 @@ def test_gpt_oss_in_partial_k_steps_lowers_for_sm90(monkeypatch, tokens):
 def test_256_token_tiles_lower_for_sm90(model, persistent, activation):
   # Lowering checks that GEMM 2's four stages fit in shared memory.
   lower_moe(model, 16384, persistent, 128, False, 256, activation)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("tokens", [1, 16, 4096])
+def test_gpt_oss_with_padded_intermediate_lowers_for_sm90(tokens, swiglu):
+  # transform.PAD_INTERMEDIATE_TO_TILES: I = 2880 stored as 2944.
+  n_experts, top_k, hidden, _ = GPT_OSS
+  lower_moe((n_experts, top_k, hidden, 2944), tokens, True, None, swiglu)
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
