@@ -154,15 +154,7 @@ def test_interpret_remainder_tiles(rng, monkeypatch, activation, fused_swiglu):
   # 22-row remainder tile, which a second pair of GEMMs runs.
   monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
   monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 0)
-  jax.clear_caches()
-  calls = []
-  matmul = pallas_mosaic_gpu.sm90.matmul
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs["config"].block_m)
-    return matmul(*args, **kwargs)
-
-  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  calls = spy_on_matmul(monkeypatch, "block_m")
   check_interpret_against_numpy(
     rng,
     (150, 2, 128, 128),
@@ -236,6 +228,24 @@ class TestInterpret(test_base.NVFP4MoETestBase):
     return pallas_mosaic_gpu.nvfp4_moe(
       x, logits, experts, interpret=True, **kwargs
     )
+
+
+def spy_on_matmul(monkeypatch, field: str) -> list:
+  """The `field` ("swiglu" or "block_m" of its config) of each sm90 matmul
+  the MoE traces from now on (jit caches cleared, so that it traces)."""
+  jax.clear_caches()
+  calls = []
+  matmul = pallas_mosaic_gpu.sm90.matmul
+
+  def spy(*args, **kwargs):
+    if field == "swiglu":
+      calls.append(kwargs.get("swiglu", False))
+    else:
+      calls.append(getattr(kwargs["config"], field))
+    return matmul(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  return calls
 
 
 def check_interpret_against_numpy(
@@ -409,14 +419,7 @@ def test_fused_swiglu_with_up_rows_mid_tile(
   # with w13_alpha_up its per-block scales come from the shifted blocks.
   monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", True)
   monkeypatch.setattr(pallas_mosaic_gpu, "MID_TILE_MIN_CTA_ROWS", 64)
-  calls = []
-  matmul = pallas_mosaic_gpu.sm90.matmul
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs.get("swiglu", False))
-    return matmul(*args, **kwargs)
-
-  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  calls = spy_on_matmul(monkeypatch, "swiglu")
   experts, src, x, logits = test_base.make_inputs(
     rng,
     tokens,
@@ -480,14 +483,7 @@ def test_mid_tile_swiglu_fuses_only_in_128_row_ctas(
 ):
   # The default policy (FUSED_SWIGLU_MID_TILE, MID_TILE_MIN_CTA_ROWS): with
   # I % 128 == 64, 64-row decode CTAs were slower fused on the H200.
-  calls = []
-  matmul = pallas_mosaic_gpu.sm90.matmul
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs.get("swiglu", False))
-    return matmul(*args, **kwargs)
-
-  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  calls = spy_on_matmul(monkeypatch, "swiglu")
   experts, src, x, logits = test_base.make_inputs(rng, 3, 4, 128, 192)
   out = pallas_mosaic_gpu.nvfp4_moe(
     x, logits, experts, top_k=2, cta_rows=cta_rows, interpret=True
@@ -728,15 +724,7 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     # each and most of the rest in 64-row remainder tiles (spied, so traced
     # anew).
     monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
-    jax.clear_caches()
-    calls = []
-    matmul = pallas_mosaic_gpu.sm90.matmul
-
-    def spy(*args, **kwargs):
-      calls.append(kwargs["config"].block_m)
-      return matmul(*args, **kwargs)
-
-    monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+    calls = spy_on_matmul(monkeypatch, "block_m")
     experts, _, x, logits = test_base.make_inputs(rng, 600, 16, 1024, inter)
     out = self.moe(x, logits, experts, top_k=4, activation=activation)
     assert calls == [128, 128, 64, 64]
