@@ -9,6 +9,7 @@ from flax import nnx
 import fp4jax
 import pallas_kernels
 from fp4jax import nn
+from fp4jax import transform
 from tests import tolerance
 from tests.pallas_kernels.nvfp4_matmul import test_base as matmul_suite
 from tests.pallas_kernels.nvfp4_moe import test_base as moe_suite
@@ -106,8 +107,12 @@ def test_weight_only_linear(key):
     nn.NVFP4Linear(24, 16, rngs=nnx.Rngs(key))
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-def test_moe_matches_dense_loop(rng, activation):
+def test_moe_matches_dense_loop(rng, monkeypatch, activation, padded):
+  # padded: the sm90 layout with I = 32 stored as 128
+  # (transform.PAD_INTERMEDIATE_TO_TILES); the outputs must not change.
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", padded)
   moe = nn.NVFP4MoE(
     64,
     32,
@@ -124,7 +129,9 @@ def test_moe_matches_dense_loop(rng, activation):
   pure["experts"] = src
   nnx.replace_by_pure_dict(state, pure)
   moe = nnx.merge(graphdef, state)
-  fp4jax.prepare_model(moe)
+  fp4jax.prepare_model(moe, weight_layout="sm90" if padded else "natural")
+  if padded:
+    assert moe.experts.w13_weight_sm90_planes.shape == (4, 256, 32)
   x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.bfloat16)
   tokens = x.reshape(6, 64)
   logits = moe.gate(tokens)
