@@ -11,10 +11,8 @@ reported. Render the JSON with `python -m benchmarks.report`.
 """
 
 import argparse
-import datetime
 import json
 import math
-import sys
 import time
 
 import jax
@@ -197,10 +195,7 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
         )
   return {
     "meta": {
-      "date": datetime.date.today().isoformat(),
-      "device": jax.devices()[0].device_kind,
-      "jax": jax.__version__,
-      "command": "python -m benchmarks.matmul " + " ".join(sys.argv[1:]),
+      **timing.run_meta("benchmarks.matmul"),
       "timer": "cupti" if timing.on_gpu() else "host",
       "weight_layout": weight_layout,
       **ceilings,

@@ -14,10 +14,8 @@ Render with `python -m benchmarks.report --kind moe results.json`.
 """
 
 import argparse
-import datetime
 import json
 import math
-import sys
 import time
 
 import jax
@@ -255,10 +253,7 @@ def run(
     del fp4_sets, bf16_sets
   return {
     "meta": {
-      "date": datetime.date.today().isoformat(),
-      "device": jax.devices()[0].device_kind,
-      "jax": jax.__version__,
-      "command": "python -m benchmarks.moe " + " ".join(sys.argv[1:]),
+      **timing.run_meta("benchmarks.moe"),
       "timer": "cupti" if timing.on_gpu() else "host",
       "weight_layout": weight_layout,
       "models": {

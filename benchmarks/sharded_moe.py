@@ -23,10 +23,8 @@ over, so no weight sets rotate. Render: `python -m benchmarks.sharded_moe
 """
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 
 import jax
@@ -38,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from benchmarks import arg_specs
+from benchmarks import timing
 from fp4jax import sharding
 
 AXIS = "ep"
@@ -200,11 +199,8 @@ def run(
       )
   return {
     "meta": {
-      "date": datetime.date.today().isoformat(),
-      "device": devices[0].device_kind,
+      **timing.run_meta("benchmarks.sharded_moe", devices[0]),
       "devices": n_devices,
-      "jax": jax.__version__,
-      "command": "python -m benchmarks.sharded_moe " + " ".join(sys.argv[1:]),
       "timer": "host wall clock, device-synchronized",
       "model": {name: dict(zip(("E", "top_k", "H", "I"), model, strict=True))},
       "implementation": implementation,

@@ -7,7 +7,9 @@ the harness falls back to a synchronized host timer, only so that it can be
 exercised without a GPU.
 """
 
+import datetime
 import statistics
+import sys
 import time
 
 import jax
@@ -15,6 +17,19 @@ import jax
 
 def on_gpu() -> bool:
   return jax.devices()[0].platform == "gpu"
+
+
+def run_meta(module: str, device=None) -> dict:
+  """What every results JSON records of its run: date, device kind (of
+  `device`, default the first), jax version and the command line of
+  `python -m <module>`."""
+  device = device or jax.devices()[0]
+  return {
+    "date": datetime.date.today().isoformat(),
+    "device": device.device_kind,
+    "jax": jax.__version__,
+    "command": f"python -m {module} " + " ".join(sys.argv[1:]),
+  }
 
 
 def median_us(

@@ -236,10 +236,7 @@ def prepare_experts(
     )
   # As `fp4jax.transform.prepare` pads I for the sm90 layout (the leaves
   # below are derived in natural layout, then twiddled per shard).
-  inter = node["w13_weight"].shape[1] // 2
-  node = transform.pad_intermediate(
-    node, transform.padded_intermediate(inter, weight_layout)
-  )
+  node = transform.padded_for_layout(node, weight_layout)
   out = transform._derive_experts(path, node, swizzle_scales=False)
   names = [p + "weight_scale" for p in transform.MOE_PREFIXES]
   # As `fp4jax.transform.prepare` stores them: per expert, so per shard.

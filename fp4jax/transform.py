@@ -285,6 +285,18 @@ def pad_intermediate(node: Mapping[str, Any], inter: int) -> dict[str, Any]:
   return out
 
 
+def padded_for_layout(
+  node: Mapping[str, Any], weight_layout: str
+) -> Mapping[str, Any]:
+  """A source experts node with I padded to `padded_intermediate` (itself
+  when there is nothing to pad)."""
+  w13 = node.get("w13_weight")
+  if w13 is None or w13.ndim != 3:
+    return node
+  inter = padded_intermediate(w13.shape[1] // 2, weight_layout)
+  return pad_intermediate(node, inter)
+
+
 def _derive_experts(
   path: str,
   node: Mapping[str, Any],
@@ -292,11 +304,8 @@ def _derive_experts(
   weight_layout: str = "natural",
 ) -> dict[str, Any]:
   """Derived leaves of one stacked MoE `experts` node in source state (I
-  padded to `padded_intermediate`)."""
-  w13 = node.get("w13_weight")
-  if w13 is not None and w13.ndim == 3:
-    inter = padded_intermediate(w13.shape[1] // 2, weight_layout)
-    node = pad_intermediate(node, inter)
+  padded as `padded_for_layout`)."""
+  node = padded_for_layout(node, weight_layout)
   out = {}
   for prefix in MOE_PREFIXES:
     sub = {k[len(prefix) :]: v for k, v in node.items() if k.startswith(prefix)}
