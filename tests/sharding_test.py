@@ -315,8 +315,11 @@ def test_from_pretrained_on_a_mesh_matches_one_device(
   assert proj.block_scale[...].shape[0] == 2  # one swizzle per shard
   want = np.asarray(whole(ids)[0], np.float32)
   got = np.asarray(split(ids)[0], np.float32)
-  # bf16 activations; row-parallel layers add two float32 partial sums.
-  assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+  # bf16 activations; row-parallel layers add two float32 partial sums,
+  # and the random model amplifies those roundings along the sequence: the
+  # llama case over 60 seeds at most 1.1% of max |want|, but FP4JAX_TEST_SEED
+  # =1832559886 3.0% (spread over all tokens). A wrong shard is off by O(1).
+  assert np.abs(got - want).max() <= 4e-2 * np.abs(want).max()
   tokens = np.asarray(models.generate(split, ids, max_new_tokens=4))
   assert tokens.shape == (2, 11)  # prompt, then 4 cached decode steps
   np.testing.assert_array_equal(tokens[:, :7], np.asarray(ids))
