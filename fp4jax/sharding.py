@@ -236,7 +236,7 @@ def prepare_experts(
     )
   # As `fp4jax.transform.prepare` pads I for the sm90 layout (the leaves
   # below are derived in natural layout, then twiddled per shard).
-  node = transform.padded_for_layout(node, weight_layout)
+  source, node = node, transform.padded_for_layout(node, weight_layout)
   out = transform._derive_experts(path, node, swizzle_scales=False)
   names = [p + "weight_scale" for p in transform.MOE_PREFIXES]
   # As `fp4jax.transform.prepare` stores them: per expert, so per shard.
@@ -266,7 +266,22 @@ def prepare_experts(
       donate,
       plane_rows=plane_rows,
     )
-  return place(out, mesh, experts_specs(out, axis))
+  out = place(out, mesh, experts_specs(out, axis))
+  if donate and node is not source:
+    # The jits above were donated the padded copies; the caller's source
+    # leaves are freed here, once the prepared ones exist.
+    jax.block_until_ready(out)
+    alive = {id(v) for v in out.values()}
+    for name, leaf in source.items():
+      if (
+        name in node
+        and node[name] is not leaf
+        and isinstance(leaf, jax.Array)
+        and id(leaf) not in alive
+        and not leaf.is_deleted()
+      ):
+        leaf.delete()
+  return out
 
 
 def _check_layout(weight_layout: str) -> None:

@@ -47,9 +47,11 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
-# "padinter": I padded to a multiple of 128 as `fp4jax.prepare` does with
-# transform.PAD_INTERMEDIATE_TO_TILES (gpt-oss-120b: 2880 -> 2944, w13 in
-# plane order).
+# "unpadded": I not padded to a multiple of 128 (by default `fp4jax.prepare`
+# pads it, transform.PAD_INTERMEDIATE_TO_TILES: gpt-oss-120b 2880 -> 2944,
+# w13 in plane order); "sortrank": pairs ranked within their expert by XLA's
+# stable argsort (RANK_BY_COUNTING off); "counttopk": routing's top-k by
+# comparison counts at every size (COUNTING_TOP_K_MAX unbounded).
 PREFIXES = (
   "old",
   "s3",
@@ -67,7 +69,9 @@ PREFIXES = (
   "midtile",
   "nomidtile",
   "remainder",
-  "padinter",
+  "unpadded",
+  "sortrank",
+  "counttopk",
 )
 
 
@@ -139,14 +143,19 @@ def main(argv):
       pallas_mosaic_gpu.MID_TILE_MIN_CTA_ROWS = (
         64 if "midtile" in prefixes else config_lib.TILE_ROWS
       )
-      pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (1 << 20) * (
-        "sorttopk" not in prefixes
+      pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (
+        0
+        if "sorttopk" in prefixes
+        else 1 << 62
+        if "counttopk" in prefixes
+        else 1 << 20
       )
+      pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       node = dict(experts)
-      if "padinter" in prefixes:
-        transform.PAD_INTERMEDIATE_TO_TILES = True
-        node = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
+      if "unpadded" in prefixes:
         transform.PAD_INTERMEDIATE_TO_TILES = False
+        node = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
+        transform.PAD_INTERMEDIATE_TO_TILES = True
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
 
@@ -178,8 +187,8 @@ def main(argv):
       err, want = "n/a (first variant)", None
       if t <= 64:
         want = moe.active_reference(x, logits, node, top_k)
-      elif "padinter" in prefixes:  # other random weights
-        err = "n/a (padded weights)"
+      elif "unpadded" in prefixes:  # other random weights
+        err = "n/a (unpadded weights)"
       elif first is None:
         first = got
       else:

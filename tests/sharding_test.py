@@ -187,6 +187,26 @@ def test_expert_parallel_prepare_equals_the_unsharded_leaves(
   assert np.all(err <= 2.0**-7 * np.abs(ref32)), err.max()  # one bf16 ulp
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_expert_parallel_prepare_donates_the_callers_leaves(
+  rng, monkeypatch, pad
+):
+  """donate=True frees the caller's source weights and scales, also when I
+  is padded first (the jits then receive padded copies)."""
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", pad)
+  mesh = cpu_mesh(4, "ep")
+  src = sources.experts_source(rng, 8, 128, 192)
+  placed = sharding.place(src, mesh, sharding.experts_specs(src, "ep"))
+  out = sharding.prepare_experts(
+    placed, mesh, donate=True, weight_layout="sm90"
+  )
+  assert ("w13_weight_sm90_planes" in out) == pad
+  for prefix in transform.MOE_PREFIXES:
+    for name in ("weight", "weight_scale"):
+      assert placed[prefix + name].is_deleted(), prefix + name
+  assert not any(leaf.is_deleted() for leaf in out.values())
+
+
 def test_orbax_restore_lands_each_shard_on_its_device(rng, tmp_path):
   mesh = cpu_mesh(4, "tp")
   node = linear_source(rng, 512, 512)

@@ -198,7 +198,11 @@ def test_reload_into_prepared_tree_equals_fresh_load(rng):
   assert any(r.path.endswith("/alpha") for r in report.removed)
 
 
-def test_sm90_weight_layout_replaces_weight(rng):
+def test_sm90_weight_layout_replaces_weight(rng, monkeypatch):
+  # Unpadded experts (the fixture's I is no multiple of 128), so that the
+  # sm90 leaves hold the same bytes as the natural ones; padding is
+  # test_sm90_pads_intermediate_to_whole_tiles's.
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", False)
   params = model_source(rng)
   natural, _ = fp4jax.prepare(params)
   sm90, report = fp4jax.prepare(params, weight_layout="sm90")
@@ -227,9 +231,10 @@ def test_sm90_weight_layout_replaces_weight(rng):
   trees.assert_bit_equal(again, sm90)
 
 
-def test_sm90_gate_up_rows_in_plane_order_when_whole_tiles(rng):
+def test_sm90_gate_up_rows_in_plane_order_when_whole_tiles(rng, monkeypatch):
   """I % 128 == 0: w13's halves (weight and block scales) in plane order;
-  w2 and smaller I keep the plain sm90 leaf."""
+  w2, and other I when not padded to whole tiles, keep the plain sm90
+  leaf."""
   src = experts_source(rng, 3, 64, 256)
   prepared, _ = fp4jax.prepare({"experts": src}, weight_layout="sm90")
   node = prepared["experts"]
@@ -257,6 +262,7 @@ def test_sm90_gate_up_rows_in_plane_order_when_whole_tiles(rng):
     {"experts": {**node, **src}}, weight_layout="sm90"
   )
   trees.assert_bit_equal(reloaded, prepared)
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", False)
   small, _ = fp4jax.prepare(
     {"experts": experts_source(rng, 3, 64, 192)}, weight_layout="sm90"
   )

@@ -79,6 +79,9 @@ GATHER_WORDS = True
 # 256 (2048 pairs); DeepSeek-V3 802 -> 793 at 16, 1744 -> 1731 at 64. Larger
 # counts are unmeasured (the work grows as pairs x rows).
 COUNTING_MAX_PAIRS = 2048
+# Above that, `sort_by_expert` ranks pairs within their expert by chunked
+# comparison counts (`rank_in_group`), not XLA's stable argsort.
+RANK_BY_COUNTING = True
 # Routing's top-k by comparison counts (`counting_top_k`) up to this many
 # tokens x experts^2 comparisons, instead of XLA's sort (3.3-3.9 us a call
 # on the H200 at one token; DeepSeek-V3's grouped routing runs three).
@@ -360,38 +363,84 @@ def sort_by_expert(ids: jax.Array, plan: Plan):
     each tile (-1: unused)).
   """
   flat = _group_of_pairs(ids, plan)
-  counts = jnp.bincount(flat, length=plan.experts + 1)
+  if RANK_BY_COUNTING:
+    rank, counts = rank_in_group(flat, plan.experts + 1)
+  else:
+    counts = jnp.bincount(flat, length=plan.experts + 1)
+    rank = _rank_by_argsort(flat, counts)
   bulk, remainder = _bulk_rows(counts, plan)
   ends = jnp.cumsum(bulk)
   starts = ends - bulk
-  order = jnp.argsort(flat, stable=True)
-  sorted_expert = flat[order]
-  first_of_group = jnp.cumsum(counts) - counts
-  rank = jnp.arange(plan.pairs) - first_of_group[sorted_expert]
-  row = starts[sorted_expert] + rank
+  row = starts[flat] + rank
   tile_expert = _tile_experts(ends, plan)
   if plan.remainder_m:
     # Remainder tile r (r-th expert that has one) starts at bulk_rows + r m.
     opened = remainder.astype(jnp.int32)
     ahead = jnp.cumsum(opened) - opened
-    past = rank - bulk[sorted_expert]
+    past = rank - bulk[flat]
     row = jnp.where(
-      remainder[sorted_expert] & (past >= 0),
-      plan.bulk_rows + ahead[sorted_expert] * plan.remainder_m + past,
+      remainder[flat] & (past >= 0),
+      plan.bulk_rows + ahead[flat] * plan.remainder_m + past,
       row,
     )
     tile_expert = jnp.concatenate(
       [tile_expert, _remainder_experts(remainder, plan)]
     )
-  position = (
-    jnp.zeros(plan.pairs, jnp.int32).at[order].set(row.astype(jnp.int32))
-  )
+  # Materialized: XLA otherwise fuses the ranking's reductions into the
+  # combine's gather and recomputes them per output element (the H200 spent
+  # 1.6 ms instead of ~30 us in Qwen3-30B-A3B's combine at 4096 tokens).
+  position = jax.lax.optimization_barrier(row.astype(jnp.int32))
   token = (
     jnp.full(plan.rows, plan.tokens, jnp.int32)
     .at[position]
     .set(jnp.arange(plan.pairs, dtype=jnp.int32) // plan.top_k)
   )
   return position.reshape(ids.shape), token, tile_expert
+
+
+def rank_in_group(
+  group: jax.Array, n_groups: int, chunk: int = 128
+) -> tuple[jax.Array, jax.Array]:
+  """(each element's rank among the earlier elements of its group, the
+  count of each group) for int32 `group` `[P]` in `[0, n_groups)`.
+
+  A counting sort's bookkeeping without a sort: elements in chunks of
+  `chunk`; a rank is the earlier equal elements of its chunk (comparisons)
+  plus its group's count in the earlier chunks (an exclusive prefix sum
+  over per-chunk counts). O(P x (chunk + n_groups)) work in a few fused
+  reductions, where XLA's stable argsort of 16384 keys took ~44 us on the
+  H200 in three sort kernels.
+  """
+  (pairs,) = group.shape
+  n_chunks = -(-pairs // chunk)
+  # Padding elements get group n_groups, counted nowhere.
+  padded = jnp.pad(
+    group, (0, n_chunks * chunk - pairs), constant_values=n_groups
+  ).reshape(n_chunks, chunk)
+  at = jnp.arange(chunk)
+  earlier = (padded[:, None, :] == padded[:, :, None]) & (
+    at[None, :] < at[:, None]
+  )[None]
+  within = jnp.sum(earlier, axis=2, dtype=jnp.int32)  # [chunks, chunk]
+  per_chunk = jnp.sum(
+    padded[:, :, None] == jnp.arange(n_groups)[None, None, :],
+    axis=1,
+    dtype=jnp.int32,
+  )  # [chunks, n_groups]
+  before = jnp.cumsum(per_chunk, axis=0) - per_chunk
+  from_earlier_chunks = jnp.take_along_axis(
+    before, jnp.minimum(padded, n_groups - 1), axis=1
+  )
+  rank = (within + from_earlier_chunks).reshape(-1)[:pairs]
+  return rank, jnp.sum(per_chunk, axis=0)
+
+
+def _rank_by_argsort(flat: jax.Array, counts: jax.Array) -> jax.Array:
+  """`rank_in_group`'s ranks through XLA's stable argsort."""
+  order = jnp.argsort(flat, stable=True)
+  first_of_group = jnp.cumsum(counts) - counts
+  sorted_rank = jnp.arange(flat.shape[0]) - first_of_group[flat[order]]
+  return jnp.zeros_like(flat).at[order].set(sorted_rank.astype(flat.dtype))
 
 
 def _bulk_rows(counts: jax.Array, plan: Plan):

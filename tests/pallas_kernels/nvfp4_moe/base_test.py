@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fp4jax import transform
 from pallas_kernels.nvfp4_moe import base
 from tests.pallas_kernels.nvfp4_moe import test_base
 
@@ -44,9 +45,11 @@ def test_route_rejects_unknown_scoring_and_bad_groups():
     base.route(logits, top_k=2, num_groups=3)
 
 
-def test_plane_ordered_leaf_where_it_cannot_be_is_refused(rng):
+def test_plane_ordered_leaf_where_it_cannot_be_is_refused(rng, monkeypatch):
+  # I = 64 unpadded: no whole 128-row halves; and w2 never has plane-ordered
+  # rows.
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", False)
   experts, _ = test_base.make_experts(rng, 2, 64, 64, weight_layout="sm90")
-  # I = 64: no whole 128-row halves; and w2 never has plane-ordered rows.
   renamed = dict(experts)
   renamed["w13_weight_sm90_planes"] = renamed.pop("w13_weight_sm90")
   with pytest.raises(ValueError, match="w13_weight_sm90_planes"):

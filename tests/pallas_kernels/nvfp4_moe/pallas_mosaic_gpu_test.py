@@ -131,6 +131,47 @@ def test_count_by_expert_equals_the_sort(rng, tokens, experts, top_k, block_m):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+@pytest.mark.parametrize(
+  "pairs, groups, chunk",
+  [(1, 3, 128), (127, 5, 128), (129, 2, 128), (1000, 9, 64), (16384, 129, 128)],
+)
+def test_rank_in_group_counts_earlier_members(rng, pairs, groups, chunk):
+  group = rng.integers(0, groups, pairs).astype(np.int32)
+  if pairs > 8:
+    group[: pairs // 3] = groups - 1  # a crowded group across chunks
+  rank, counts = jax.jit(
+    pallas_mosaic_gpu.rank_in_group, static_argnums=(1, 2)
+  )(jnp.asarray(group), groups, chunk)
+  want_rank = np.empty(pairs, np.int64)
+  seen = np.zeros(groups, np.int64)
+  for i, g in enumerate(group):
+    want_rank[i], seen[g] = seen[g], seen[g] + 1
+  np.testing.assert_array_equal(np.asarray(rank), want_rank)
+  np.testing.assert_array_equal(np.asarray(counts), seen)
+
+
+@pytest.mark.parametrize("remainder_m", [0, 64])
+def test_sort_by_expert_ranks_by_counting_as_by_argsort(
+  rng, monkeypatch, remainder_m
+):
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=700, top_k=4, experts=16, block_m=128, remainder_m=remainder_m
+  )
+  ids = np.stack([rng.choice(16, 4, replace=False) for _ in range(700)]).astype(
+    np.int32
+  )
+  ids[:300, 0] = 3  # a crowded expert
+  ids[-5:, -1] = -1  # dropped pairs
+  placed = {}
+  for by_counting in (True, False):
+    monkeypatch.setattr(pallas_mosaic_gpu, "RANK_BY_COUNTING", by_counting)
+    placed[by_counting] = pallas_mosaic_gpu.sort_by_expert(
+      jnp.asarray(ids), plan
+    )
+  for got, want in zip(placed[True], placed[False], strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_interpret_pairs_placed_by_counting(rng, monkeypatch):
   monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 4096)
   forward = pallas_mosaic_gpu._forward_fn(

@@ -7,6 +7,7 @@ import pytest
 
 import fp4jax
 import pallas_kernels
+from fp4jax import transform
 from tests import numpy_reference as ref
 from tests import sources
 from tests import tolerance
@@ -155,8 +156,10 @@ class NVFP4MoETestBase:
     experts, src, x, logits = make_inputs(
       rng, 9, 4, hidden, inter, weight_layout="sm90"
     )
-    # I % 128 == 0: [gate; up] rows in plane order (fp4jax.transform).
-    w13 = "w13_weight_sm90" + ("_planes" if inter % 128 == 0 else "")
+    # [gate; up] rows in plane order where I, padded or not, is a multiple
+    # of 128 (fp4jax.transform).
+    stored = transform.padded_intermediate(inter, "sm90")
+    w13 = transform.experts_weight_leaf("w13_", 2 * stored, "sm90")
     assert {w13, "w2_weight_sm90"} <= set(experts)
     assert "w2_weight" not in experts
     out = self.moe(x, logits, experts, top_k=2, activation=activation)
