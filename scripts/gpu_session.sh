@@ -54,7 +54,7 @@ case "${1:-tier}" in
   tier)
     case "${2:-all}" in
       kernels) paths=(tests/pallas_kernels) ;;
-      matmul) paths=(tests/pallas_kernels/nvfp4_matmul) ;;
+      matmul) paths=(tests/pallas_kernels/nvfp4_matmul tests/pallas_kernels/activation_quant_test.py) ;;
       moe) paths=(tests/pallas_kernels/nvfp4_moe) ;;
       rest) paths=(tests --ignore=tests/pallas_kernels) ;;
       *) paths=(tests) ;;
