@@ -458,6 +458,8 @@ def test_fused_swiglu_with_up_rows_mid_tile(
   # I = 192 (gpt-oss's 2880 likewise): a 128-row tile's up rows start 64
   # rows into a scale tile. The kernel must run SwiGLU fused (spied), and
   # with w13_alpha_up its per-block scales come from the shifted blocks.
+  # The sm90 layout unpadded (padded I is test_padded_intermediate's).
+  monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", False)
   monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", True)
   monkeypatch.setattr(pallas_mosaic_gpu, "MID_TILE_MIN_CTA_ROWS", 64)
   calls = spy_on_matmul(monkeypatch, "swiglu")
@@ -471,6 +473,7 @@ def test_fused_swiglu_with_up_rows_mid_tile(
     unequal_gate_up=unequal_gate_up,
   )
   assert ("w13_alpha_up" in experts) == unequal_gate_up
+  assert experts["w13_block_scale"].shape[1] == 384  # I stays 192
   out = pallas_mosaic_gpu.nvfp4_moe(
     x,
     logits,
