@@ -271,16 +271,8 @@ def prepare_experts(
     # The jits above were donated the padded copies; the caller's source
     # leaves are freed here, once the prepared ones exist.
     jax.block_until_ready(out)
-    alive = {id(v) for v in out.values()}
-    for name, leaf in source.items():
-      if (
-        name in node
-        and node[name] is not leaf
-        and isinstance(leaf, jax.Array)
-        and id(leaf) not in alive
-        and not leaf.is_deleted()
-      ):
-        leaf.delete()
+    padded = [v for k, v in source.items() if k in node and node[k] is not v]
+    transform.free_replaced(padded, kept=out.values())
   return out
 
 

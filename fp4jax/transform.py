@@ -433,13 +433,19 @@ def _prepare_node(path, node, donate, removed, created, layout):
   created.extend(_records(path, new))
   if donate:
     jax.block_until_ready(list(new.values()))
-    alive = {id(v) for v in derived.values()}
-    for v in gone.values():
-      if isinstance(v, jax.Array) and id(v) not in alive and not v.is_deleted():
-        v.delete()
+    free_replaced(gone.values(), kept=derived.values())
   out = {k: v for k, v in node.items() if k not in owned and k not in derived}
   out.update(derived)
   return out
+
+
+def free_replaced(leaves, kept) -> None:
+  """Deletes the device buffers of `leaves` that are not also in `kept`
+  (the replaced source leaves, once their derived leaves exist)."""
+  alive = {id(v) for v in kept}
+  for v in leaves:
+    if isinstance(v, jax.Array) and id(v) not in alive and not v.is_deleted():
+      v.delete()
 
 
 def prepare(

@@ -153,9 +153,12 @@ def main(argv):
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
-        transform.PAD_INTERMEDIATE_TO_TILES = False
+        pad, transform.PAD_INTERMEDIATE_TO_TILES = (
+          transform.PAD_INTERMEDIATE_TO_TILES,
+          False,
+        )
         node = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
-        transform.PAD_INTERMEDIATE_TO_TILES = True
+        transform.PAD_INTERMEDIATE_TO_TILES = pad
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
 

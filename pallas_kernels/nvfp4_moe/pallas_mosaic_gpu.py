@@ -427,6 +427,8 @@ def rank_in_group(
     axis=1,
     dtype=jnp.int32,
   )  # [chunks, n_groups]
+  if n_chunks == 1:
+    return within[0, :pairs], per_chunk[0]
   before = jnp.cumsum(per_chunk, axis=0) - per_chunk
   from_earlier_chunks = jnp.take_along_axis(
     before, jnp.minimum(padded, n_groups - 1), axis=1
@@ -471,12 +473,11 @@ def count_by_expert(ids: jax.Array, plan: Plan):
   if plan.remainder_m:
     raise ValueError(f"count_by_expert places no remainder tiles ({plan})")
   flat = _group_of_pairs(ids, plan)
-  pair = jnp.arange(plan.pairs)
   group = jnp.arange(plan.experts + 1)
-  # A pair's place in its group: the earlier pairs of the same expert.
-  earlier = (flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])
-  rank = jnp.sum(earlier, axis=1, dtype=jnp.int32)
-  counts = jnp.sum(flat[None, :] == group[:, None], axis=1, dtype=jnp.int32)
+  # A pair's place in its group: the earlier pairs of the same expert, all
+  # pairs in one chunk.
+  rank, counts = rank_in_group(flat, plan.experts + 1, chunk=plan.pairs)
+  pair = jnp.arange(plan.pairs)
   padded = -(-counts // plan.block_m) * plan.block_m
   # Inclusive prefix sum as one masked reduction (XLA's cumsum is a
   # reduce-window kernel of its own).
