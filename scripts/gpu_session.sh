@@ -10,6 +10,13 @@
 #                                         # + models over 570 s: split the
 #                                         # tier into matmul, moe and rest
 #                                         # to stay within 600 s a call)
+#   bash scripts/gpu_session.sh tier_parallel
+#                                         # the whole GPU tier in one call:
+#                                         # matmul, moe and rest as three
+#                                         # pytest processes at once, over
+#                                         # the GPUs there are (two on
+#                                         # nvidia-h200-x2); each part's log
+#                                         # comes back as gpu_tier_PART.log
 #   bash scripts/gpu_session.sh matmul [M,...] [budget s]
 #                                         # benchmarks.matmul rows, e.g.
 #                                         # 2048,8192 (default: all M)
@@ -64,6 +71,30 @@ case "${1:-tier}" in
     grep -c PASSED "$out/gpu_tier.log"
     grep -E "FAILED|ERROR" "$out/gpu_tier.log" | head -n 20
     tail -n 2 "$out/gpu_tier.log"
+    ;;
+  tier_parallel)
+    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+    # Processes that share a GPU must not each preallocate most of it.
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    declare -A part_paths=(
+      [moe]="tests/pallas_kernels/nvfp4_moe"
+      [matmul]="tests/pallas_kernels/nvfp4_matmul tests/pallas_kernels/activation_quant_test.py"
+      [rest]="tests --ignore=tests/pallas_kernels --ignore=tests/notebooks_test.py"
+    )
+    i=0
+    for part in moe matmul rest; do
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=$((i % gpus)) timeout 570 python3 -m pytest -v \
+        -p no:cacheprovider -m gpu ${part_paths[$part]} \
+        > "$out/gpu_tier_$part.log" 2>&1 &
+      i=$((i + 1))
+    done
+    wait
+    for part in moe matmul rest; do
+      echo "== $part: $(grep -c PASSED "$out/gpu_tier_$part.log") passed"
+      grep -E "FAILED|ERROR" "$out/gpu_tier_$part.log" | head -n 10
+      tail -n 1 "$out/gpu_tier_$part.log"
+    done
     ;;
   matmul)
     tokens=()
