@@ -10,7 +10,7 @@
 #                                         # + models over 570 s: split the
 #                                         # tier into matmul, moe and rest
 #                                         # to stay within 600 s a call)
-#   bash scripts/gpu_session.sh tier_parallel
+#   bash scripts/gpu_session.sh tier_parallel ["PART ..."]
 #                                         # the whole GPU tier in one call:
 #                                         # matmul, moe and rest as three
 #                                         # pytest processes at once, over
@@ -74,6 +74,7 @@ case "${1:-tier}" in
     ;;
   tier_parallel)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+    parts="${2:-moe matmul rest}"
     # Processes that share a GPU must not each preallocate most of it.
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
     declare -A part_paths=(
@@ -81,20 +82,27 @@ case "${1:-tier}" in
       [matmul]="tests/pallas_kernels/nvfp4_matmul tests/pallas_kernels/activation_quant_test.py"
       [rest]="tests --ignore=tests/pallas_kernels --ignore=tests/notebooks_test.py"
     )
+    # The kernels' parts take one GPU each; the rest sees every GPU, so
+    # that the two-GPU tests run where there are two.
+    status=0
     i=0
-    for part in moe matmul rest; do
+    for part in $parts; do
+      visible=$((i % gpus))
+      if [ "$part" = rest ]; then visible=$(seq -s, 0 $((gpus - 1))); fi
       # shellcheck disable=SC2086
-      CUDA_VISIBLE_DEVICES=$((i % gpus)) timeout 570 python3 -m pytest -v \
+      CUDA_VISIBLE_DEVICES=$visible timeout 570 python3 -m pytest -v \
         -p no:cacheprovider -m gpu ${part_paths[$part]} \
         > "$out/gpu_tier_$part.log" 2>&1 &
       i=$((i + 1))
     done
     wait
-    for part in moe matmul rest; do
+    for part in $parts; do
       echo "== $part: $(grep -c PASSED "$out/gpu_tier_$part.log") passed"
       grep -E "FAILED|ERROR" "$out/gpu_tier_$part.log" | head -n 10
       tail -n 1 "$out/gpu_tier_$part.log"
+      if grep -qE "FAILED|ERROR" "$out/gpu_tier_$part.log"; then status=1; fi
     done
+    exit $status
     ;;
   matmul)
     tokens=()

@@ -60,11 +60,14 @@ def test_hundred_reloads_keep_device_memory_flat(rng):
     f"bytes_in_use over 100 reloads: min {min(used):,} max {max(used):,};"
     f" first 10 {used[:10]}; last 10 {used[-10:]}"
   )
-  # The allocator sometimes still holds one buffer whose free is in flight
-  # when we read the counter, so single readings wiggle by about one leaf.
-  # What must not happen is growth: later cycles stay within the early ones.
+  # The allocator sometimes still holds a buffer whose free is in flight
+  # when we read the counter, so single readings jump by up to a few leaves
+  # (+3 MB and +11.5 MB readings between flat ones on the H200). What must
+  # not happen is growth: a leak adds at least one leaf (>= 256 bytes) per
+  # cycle, so the typical reading of the later cycles would exceed the early
+  # ones by 50 leaves or more.
   largest_leaf = max(x.nbytes for x in jax.tree.leaves(host))
-  # No upward trend: a leak would add one reload (~27 MB) per cycle; the
-  # allocator's readings wobble by a few 256-byte granules.
-  assert max(used[50:]) <= max(used[:50]) + 64 * 1024
+  early, late = np.median(used[:50]), np.median(used[50:])
+  assert late <= early + 64 * 1024
+  assert min(used[-10:]) <= min(used[:10]) + 64 * 1024
   assert max(used) - min(used) <= 2 * largest_leaf

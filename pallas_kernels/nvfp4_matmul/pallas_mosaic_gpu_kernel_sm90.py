@@ -67,6 +67,12 @@ TILE_ROWS = 2 * WG_ROWS  # rows per CTA = one 128-row tile of swizzled scales
 PLANE_COLUMNS_PER_BLOCK = 8  # 16 values of a block scale in one nibble plane
 SCALE_CHUNK_K = 64  # K covered by one 512-byte chunk (4 blocks of 16)
 PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
+# Bottleneck experiments only (`scripts/diag_decode_bound.py`; results are
+# wrong with any of them): "no_decode" feeds each code word to wgmma as it
+# is (no integer work, no scales), "no_scales" decodes with a constant
+# scale (no scale loads or conversions), "no_mma" decodes and issues no
+# wgmma (the registers are kept alive by empty volatile asm).
+DIAGNOSTIC = ""
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -228,7 +234,10 @@ def _decode_ptx(
     for half in range(2):
       r = arith.addi(row, const(8 * half))
       for chunk in range(first // 2, -(-(first + count) // 2)):
-        even, odd = pair_scales(load_word(r, chunk))
+        if DIAGNOSTIC == "no_scales":
+          even = odd = const(0x7A807A80)  # bf16 {2**118, 2**118}
+        else:
+          even, odd = pair_scales(load_word(r, chunk))
         scale_regs[half, 2 * chunk] = even
         scale_regs[half, 2 * chunk + 1] = odd
 
@@ -242,6 +251,14 @@ def _decode_ptx(
       if not first <= j < first + count:
         continue
       word = mgpu_utils.bitcast(reg, i32)
+      if DIAGNOSTIC == "no_decode":
+        for sub in range(2):
+          out_idx = list(idx)
+          out_idx[1] = 2 * (j - first) + sub
+          lo_regs[tuple(out_idx)] = hi_regs[tuple(out_idx)] = (
+            mgpu_utils.bitcast(word, bf16x2)
+          )
+        continue
       # Both decoders put each code's sign at bit 15 of its bf16 half and
       # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
       hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
@@ -313,6 +330,22 @@ _TWIDDLED_DECODE = """{
         lop3.b32 r, r, mant, keep, 0xEA;
         mul.rn.bf16x2 $0, r, $5;
         }"""
+
+
+def _keep_alive(*tiles):
+  """Empty volatile asm that reads every register of `tiles` (WGMMA
+  layout), so that their computation is not removed (`DIAGNOSTIC`)."""
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(tiles))
+  def sink(_, *arrays):
+    i32 = ir.IntegerType.get_signless(32)
+    for array in arrays:
+      for reg in array.registers.flat:
+        mgpu_utils.inline_ptx(
+          "", mgpu_utils.bitcast(reg, i32), has_side_effects=True
+        )
+
+  sink(*tiles)
 
 
 def _decode_jnp(w, s_smem, wg, plan: Plan, part: int = 0):
@@ -560,6 +593,9 @@ def matmul(
         # The block's scale words start 2 * half words into each chunk.
         words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
         lo, hi = _decode_ptx(w, words, plan, row_base=0, part=part)
+      if DIAGNOSTIC == "no_mma" and not a_in_smem:
+        _keep_alive(lo, hi)
+        return
       columns = pl.ds(part * plan.part_k, plan.part_k)
       plgpu.wgmma(acc_ref, lo, xe_smem.at[:, columns].T)
       plgpu.wgmma(acc_ref, hi, xo_smem.at[:, columns].T)

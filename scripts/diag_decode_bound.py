@@ -1,0 +1,119 @@
+"""GPU diagnostic: what bounds the NVFP4 matmul's decode CTAs.
+
+  PYTHONPATH=. python scripts/diag_decode_bound.py [K:N,...] [M,...]
+      [variants] [configs] [--lower]
+
+Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
+7 over rotating layers larger than L2) with parts of its work switched off
+(`pallas_mosaic_gpu_kernel_sm90.DIAGNOSTIC`; outputs are wrong then):
+"full" (the kernel as it is), "no_decode" (code words go to wgmma as they
+are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
+"no_mma" (decode without wgmma). Configs are `tune_matmul` overrides joined
+by ";" ("" is the heuristic's). `--lower` only lowers every variant for
+sm_90 (runs on CPU).
+"""
+
+import dataclasses
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from benchmarks import arg_specs
+from benchmarks import matmul as matmul_bench
+from benchmarks import timing
+from benchmarks import tune_matmul
+from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
+
+VARIANTS = ("full", "no_decode", "no_scales", "no_mma")
+
+
+def configs_for(m, n, k, text):
+  base = config_lib.heuristic(m, n, k)
+  if not text:
+    return [base]
+  return [
+    dataclasses.replace(base, **fields)
+    for fields in tune_matmul.parse_overrides(text)
+  ]
+
+
+def lower_all(shapes, tokens, variants, text):
+  for k, n in shapes:
+    layer = {
+      "weight_sm90": jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+      "block_scale": jax.ShapeDtypeStruct(
+        (-(-n // 128) * 128, -(-(k // 16) // 4) * 4), jnp.float8_e4m3fn
+      ),
+      "alpha": jax.ShapeDtypeStruct((), jnp.float32),
+      "input_scale_inv": jax.ShapeDtypeStruct((), jnp.float32),
+    }
+    for m in tokens:
+      for cfg in configs_for(m, n, k, text):
+        for variant in variants:
+          sm90.DIAGNOSTIC = "" if variant == "full" else variant
+          jax.jit(
+            lambda x, w, cfg=cfg: pallas_mosaic_gpu._run(
+              x, w, activation="bf16", config=cfg, interpret=False
+            )
+          ).trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), layer).lower(
+            lowering_platforms=("cuda",)
+          )
+          print("lowered", k, n, m, variant, cfg, flush=True)
+  sm90.DIAGNOSTIC = ""
+
+
+def main(argv):
+  lower = "--lower" in argv
+  argv = [a for a in argv if a != "--lower"]
+  shapes = [
+    tuple(int(d) for d in s.split(":"))
+    for s in (argv[0] if argv else "8192:28672,28672:8192").split(",")
+  ]
+  tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
+  variants = argv[2].split(",") if len(argv) > 2 else list(VARIANTS)
+  text = argv[3] if len(argv) > 3 else ""
+  if lower:
+    return lower_all(shapes, tokens, variants, text)
+  for k, n in shapes:
+    _, prepared, _ = matmul_bench.make_weights(k, n, 1)
+    layer_bytes = matmul_bench.fp4_bytes(k, n)
+    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
+    layers = [jax.tree.map(jnp.copy, prepared[0]) for _ in range(sets)]
+    for m in tokens:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      for cfg in configs_for(m, n, k, text):
+        for variant in variants:
+          sm90.DIAGNOSTIC = "" if variant == "full" else variant
+          jax.clear_caches()  # the switch is no jit key
+
+          def run(x, ws, cfg=cfg):
+            return [
+              pallas_kernels.nvfp4_matmul(
+                x, w, implementation="pallas", config=cfg
+              )
+              for w in ws
+            ]
+
+          try:
+            us, _, _ = timing.median_us(
+              run, x, layers, calls_per_trial=sets, kernels="mosaic_gpu"
+            )
+          except Exception as e:  # noqa: BLE001 - a diagnostic reports all
+            print(f"K={k} N={n} M={m} {variant:9s} FAILED {e}"[:300])
+            continue
+          tb = layer_bytes / (us * 1e-6) / 1e12
+          print(
+            f"K={k} N={n} M={m} {variant:9s} {us:8.1f} us {tb:5.2f} TB/s"
+            f"  {cfg}",
+            flush=True,
+          )
+  sm90.DIAGNOSTIC = ""
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
