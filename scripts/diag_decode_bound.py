@@ -8,7 +8,9 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 (`pallas_mosaic_gpu_kernel_sm90.DIAGNOSTIC`; outputs are wrong then):
 "full" (the kernel as it is), "no_decode" (code words go to wgmma as they
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
-"no_mma" (decode without wgmma). Configs are `tune_matmul` overrides joined
+"no_mma" (decode without wgmma); and "cvt_scales" (the kernel with its
+block scales converted by cvt instead of `INTEGER_SCALES`), checked like
+"full" against the XLA reference. Configs are `tune_matmul` overrides joined
 by ";" ("" is the heuristic's). `--lower` only lowers every variant for
 sm_90 (runs on CPU).
 """
@@ -30,6 +32,13 @@ from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 
 VARIANTS = ("full", "no_decode", "no_scales", "no_mma")
+CHECKED = ("full", "cvt_scales")  # variants whose outputs must be right
+
+
+def select(variant: str):
+  """Sets the kernel module's switches for `variant`."""
+  sm90.DIAGNOSTIC = "" if variant in CHECKED else variant
+  sm90.INTEGER_SCALES = variant != "cvt_scales"
 
 
 def configs_for(m, n, k, text):
@@ -55,7 +64,7 @@ def lower_all(shapes, tokens, variants, text):
     for m in tokens:
       for cfg in configs_for(m, n, k, text):
         for variant in variants:
-          sm90.DIAGNOSTIC = "" if variant == "full" else variant
+          select(variant)
           jax.jit(
             lambda x, w, cfg=cfg: pallas_mosaic_gpu._run(
               x, w, activation="bf16", config=cfg, interpret=False
@@ -64,7 +73,7 @@ def lower_all(shapes, tokens, variants, text):
             lowering_platforms=("cuda",)
           )
           print("lowered", k, n, m, variant, cfg, flush=True)
-  sm90.DIAGNOSTIC = ""
+  select("full")
 
 
 def main(argv):
@@ -86,10 +95,13 @@ def main(argv):
     layers = [jax.tree.map(jnp.copy, prepared[0]) for _ in range(sets)]
     for m in tokens:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      want = pallas_kernels.nvfp4_matmul(
+        x, layers[0], implementation="xla"
+      ).astype(jnp.float32)
       for cfg in configs_for(m, n, k, text):
         for variant in variants:
-          sm90.DIAGNOSTIC = "" if variant == "full" else variant
-          jax.clear_caches()  # the switch is no jit key
+          select(variant)
+          jax.clear_caches()  # the switches are no jit keys
 
           def run(x, ws, cfg=cfg):
             return [
@@ -100,6 +112,11 @@ def main(argv):
             ]
 
           try:
+            error = ""
+            if variant in CHECKED:
+              got = run(x, layers[:1])[0].astype(jnp.float32)
+              err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+              error = f" rel.err {err:.1e}" + ("" if err < 2.0**-7 else " BAD")
             us, _, _ = timing.median_us(
               run, x, layers, calls_per_trial=sets, kernels="mosaic_gpu"
             )
@@ -108,11 +125,11 @@ def main(argv):
             continue
           tb = layer_bytes / (us * 1e-6) / 1e12
           print(
-            f"K={k} N={n} M={m} {variant:9s} {us:8.1f} us {tb:5.2f} TB/s"
-            f"  {cfg}",
+            f"K={k} N={n} M={m} {variant:10s} {us:8.1f} us {tb:5.2f} TB/s"
+            f"{error}  {cfg}",
             flush=True,
           )
-  sm90.DIAGNOSTIC = ""
+  select("full")
 
 
 if __name__ == "__main__":

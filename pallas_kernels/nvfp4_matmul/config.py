@@ -31,9 +31,11 @@ class Config:
       instead of 15 integer operations per 8 codes). Set for layers
       prepared with `weight_layout="sm90"`; given a natural-order layer,
       `nvfp4_matmul` rearranges its weight per call (a copy, for tuning).
-    async_mma: run each K step in two K parts whose wgmmas overlap the
-      next part's decode (input slots are released a step later), instead
-      of waiting for each step's wgmmas before decoding again.
+    async_mma: run each K step in `mma_parts` K parts whose wgmmas overlap
+      the next part's decode (input slots are released a step later),
+      instead of waiting for each step's wgmmas before decoding again.
+    mma_parts: K parts of a step with `async_mma`: 2, 4 or 8, each at
+      least 16 plane columns (`block_k // 2 // mma_parts`).
   """
 
   block_k: int = 128
@@ -44,6 +46,7 @@ class Config:
   cta_rows: int = TILE_ROWS
   twiddled: bool = False
   async_mma: bool = False
+  mma_parts: int = 2
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -58,6 +61,12 @@ class Config:
       raise ValueError(f"{self.cta_rows=} must be 64 or 128")
     if self.cta_rows == WGMMA_ROWS and self.persistent:
       raise ValueError("64-row CTAs have no persistent grid")
+    if self.mma_parts not in (2, 4, 8) or self.block_k // 2 % (
+      16 * self.mma_parts
+    ):
+      raise ValueError(
+        f"{self.mma_parts=} must be 2, 4 or 8 parts of >= 16 plane columns"
+      )
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.async_mma and self.persistent:

@@ -73,6 +73,9 @@ PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 # scale (no scale loads or conversions), "no_mma" decodes and issues no
 # wgmma (the registers are kept alive by empty volatile asm).
 DIAGNOSTIC = ""
+# Block scales E4M3 -> bf16 by a byte permute and a shift (4 integer ops per
+# two scales) instead of cvt.f16x2.e4m3x2 and a rebias (5 and a cvt).
+INTEGER_SCALES = True
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -121,7 +124,7 @@ class Plan:
   @property
   def parts(self) -> int:
     """K parts of a step that decode and MMA in turn (`async_mma`)."""
-    return 2 if self.config.async_mma else 1
+    return self.config.mma_parts if self.config.async_mma else 1
 
   @property
   def part_k(self) -> int:
@@ -202,6 +205,26 @@ def _decode_ptx(
 
     def pair_scales(word):
       """-> bf16x2 {s, s} * 2**118 for the even and the odd j of a chunk."""
+      if INTEGER_SCALES:
+        # Bytes b and b + 2 of the word into the low byte of each half:
+        # shifted left by 4, an E4M3 byte (>= 0) is the bf16 of its value
+        # times 2**-120, subnormals included; then twice * 2**119.
+        return mgpu_utils.inline_ptx(
+          """{
+          .reg .b32 p, b, two119, zero;
+          mov.b32 two119, 0x7B007B00;
+          mov.b32 zero, 0;
+          prmt.b32 p, $2, zero, $3;
+          shl.b32 b, p, 4;
+          mul.rn.bf16x2 b, b, two119;
+          mul.rn.bf16x2 b, b, two119;
+          prmt.b32 $0, b, b, 0x1010;
+          prmt.b32 $1, b, b, 0x3232;
+          }""",
+          word,
+          arith.addi(const(0x4240), arith.muli(upper_lane, const(0x0101))),
+          result_types=[i32, i32],
+        )
       return mgpu_utils.inline_ptx(
         """{
         .reg .b16 lo, hi;

@@ -92,6 +92,14 @@ def run(x, layer, activation, config=None, interpret=True):
         (20, 256, 1024, dict(block_k=64, block_m=8)),
         (9, 200, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
         (4, 256, 256, dict(block_k=64, block_m=8, num_stages=2)),
+        # Four and eight K parts a step (16 plane columns each at 256).
+        (3, 128, 512, dict(block_k=128, block_m=8, mma_parts=4)),
+        (
+          5,
+          256,
+          512,
+          dict(block_k=256, block_m=8, cta_rows=64, mma_parts=8),
+        ),
       ]
     ],
   ],
@@ -274,6 +282,10 @@ def test_config_validation():
     config_lib.Config(async_mma=True, num_stages=1)
   with pytest.raises(ValueError, match="async_mma"):
     config_lib.Config(async_mma=True, persistent=True)
+  with pytest.raises(ValueError, match="mma_parts"):
+    config_lib.Config(mma_parts=3)
+  with pytest.raises(ValueError, match="mma_parts"):
+    config_lib.Config(block_k=128, mma_parts=8)  # 8 plane columns a part
 
 
 @pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
@@ -355,6 +367,12 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       (300, 1024, 1024, dict(block_k=64, block_m=128)),
       (64, 2048, 7168, dict(block_k=128, block_m=64)),
       (1, 4096, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
+      (
+        16,
+        4096,
+        8192,
+        dict(block_k=256, block_m=16, splits=2, cta_rows=64, mma_parts=4),
+      ),
       # K steps that do not divide K = 2880 (narrower swizzles).
       (16, 2880, 2880, dict(block_k=128, block_m=16)),
       (1, 2880, 2880, dict(block_k=256, block_m=8, cta_rows=64)),
