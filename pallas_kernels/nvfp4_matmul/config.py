@@ -35,7 +35,8 @@ class Config:
       the next part's decode (input slots are released a step later),
       instead of waiting for each step's wgmmas before decoding again.
     mma_parts: K parts of a step with `async_mma`: 2, 4 or 8, each at
-      least 16 plane columns (`block_k // 2 // mma_parts`).
+      least 16 plane columns (`block_k // 2 // mma_parts`). More than 2
+      was slower on every decode layer measured (NOTES.md).
   """
 
   block_k: int = 128

@@ -34,8 +34,11 @@ sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
 times `2**118`, so products carry a `2**-8` factor that the epilogue removes
 together with the tensor scale. Every E2M1 x E4M3 product is exact in bf16.
 From natural order that is 15 integer operations per 8 codes; from the
-`fp4jax.format.sm90_layout` order (`Config.twiddled`) 9. Integer ops issue
-at half rate on Hopper and bound the decode (NOTES.md).
+`fp4jax.format.sm90_layout` order (`Config.twiddled`) 9; block scales are
+turned into bf16 by a byte permute and a shift (`INTEGER_SCALES`). Integer
+ops issue at half rate on Hopper; at decode sizes neither the decode nor
+the MMA bounds the kernel alone, they share the warpgroup's issue slots
+(NOTES.md, `scripts/diag_decode_bound.py`).
 
 Mosaic GPU's CPU interpreter cannot run inline PTX or register-A wgmma, so
 with `interpret=True` the same kernel decodes with jnp ops into SMEM and
