@@ -51,7 +51,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # pads it, transform.PAD_INTERMEDIATE_TO_TILES: gpt-oss-120b 2880 -> 2944,
 # w13 in plane order); "sortrank": pairs ranked within their expert by XLA's
 # stable argsort (RANK_BY_COUNTING off); "counttopk": routing's top-k by
-# comparison counts at every size (COUNTING_TOP_K_MAX unbounded).
+# comparison counts at every size (COUNTING_TOP_K_MAX unbounded);
+# "warpmma": 64-row decode CTAs multiply with warp-level mma.sync
+# (config.WARP_MMA_DECODE) instead of wgmma.
 PREFIXES = (
   "old",
   "s3",
@@ -72,6 +74,7 @@ PREFIXES = (
   "unpadded",
   "sortrank",
   "counttopk",
+  "warpmma",
 )
 
 
@@ -151,6 +154,7 @@ def main(argv):
         else 1 << 20
       )
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
+      config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
         pad, transform.PAD_INTERMEDIATE_TO_TILES = (

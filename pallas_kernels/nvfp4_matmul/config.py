@@ -37,6 +37,10 @@ class Config:
     mma_parts: K parts of a step with `async_mma`: 2, 4 or 8, each at
       least 16 plane columns (`block_k // 2 // mma_parts`). More than 2
       was slower on every decode layer measured (NOTES.md).
+    warp_mma: 64-row CTAs multiply with warp-level `mma.sync` (the
+      accumulators carried in registers) instead of wgmma: no warpgroup
+      fence or wait between a step's decode and its MMAs. Not with
+      `async_mma`.
   """
 
   block_k: int = 128
@@ -48,6 +52,7 @@ class Config:
   twiddled: bool = False
   async_mma: bool = False
   mma_parts: int = 2
+  warp_mma: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -68,6 +73,8 @@ class Config:
       raise ValueError(
         f"{self.mma_parts=} must be 2, 4 or 8 parts of >= 16 plane columns"
       )
+    if self.warp_mma and (self.cta_rows != WGMMA_ROWS or self.async_mma):
+      raise ValueError("warp_mma needs 64-row CTAs and no async_mma")
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.async_mma and self.persistent:
@@ -114,11 +121,25 @@ PREFILL_TOKENS = 2048
 PREFILL = Config(block_k=64, block_m=256, num_stages=4, persistent=True)
 
 
+# Decode CTAs (64 rows) multiply with warp-level mma.sync instead of
+# wgmma (`Config.warp_mma`). Written after the thirteenth session's device
+# time ran out: the interpreter and sm_90 lowering pass; off until the H200
+# times it (`scripts/diag_decode_bound.py ... "warp_mma=1,async_mma=0"`,
+# `scripts/profile_moe.py ... warpmma-autofused`).
+WARP_MMA_DECODE = False
+
+
 def overlaps_mma(cta_rows: int) -> bool:
   """Whether CTAs of `cta_rows` rows take `async_mma`: on the 64-row
   decode CTAs it saved 1-3% (NOTES.md, tune_async_h200.json); on 128-row
-  tiles it was slower for prefill and mixed at 64-256 tokens."""
-  return cta_rows == WGMMA_ROWS
+  tiles it was slower for prefill and mixed at 64-256 tokens. Not with
+  warp-level MMA."""
+  return cta_rows == WGMMA_ROWS and not WARP_MMA_DECODE
+
+
+def warp_mma(cta_rows: int) -> bool:
+  """Whether CTAs of `cta_rows` rows take `Config.warp_mma`."""
+  return cta_rows == WGMMA_ROWS and WARP_MMA_DECODE
 
 
 # K steps that need not divide K (the kernel reads zeros past it with a
@@ -219,6 +240,7 @@ def heuristic(
     splits=best,
     cta_rows=cta_rows,
     async_mma=overlaps_mma(cta_rows),
+    warp_mma=warp_mma(cta_rows),
   )
 
   def fits(config):

@@ -27,6 +27,9 @@ bits inside each 4-byte group are permuted, at prepare time):
 - `Config.async_mma` splits a K step into two parts: each part's wgmmas run
   while the next part decodes, and a wait always covers a wgmma before its
   A registers are rewritten (a whole step left in flight gave NaNs).
+- `Config.warp_mma` (64-row CTAs): warp-level `mma.sync` instead of wgmma,
+  the decoded registers taken as its A operand as they are, the
+  accumulators carried by the pipeline: no warpgroup fence or wait.
 
 Decoding (GPU, inline PTX per register, see `_decode_ptx`): the E2M1 code's
 sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
@@ -157,16 +160,26 @@ def split_activations(rows: jax.Array) -> jax.Array:
 
 
 def _decode_ptx(
-  w, s_smem, plan: Plan, row_base: int | None = None, part: int = 0
+  w,
+  s_smem,
+  plan: Plan,
+  row_base: int | None = None,
+  part: int = 0,
+  warp_mma: bool = False,
 ):
   """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles of K
   part `part` (`plan.part_k` columns each), PTX.
 
   The 64 rows start at `row_base` of the 128-row scale tile, or (None) at
-  64 times this thread's warpgroup index.
+  64 times this thread's warpgroup index. With `warp_mma` the tiles come in
+  the A layout of warp-level `mma.sync` (`plgpu.mma`): the same element per
+  register, another order of the register array.
   """
+  layout = (
+    plgpu.Layout.MMA_LHS(jnp.bfloat16) if warp_mma else plgpu.Layout.WGMMA
+  )
   bf16_type = plgpu.ShapeDtypeStruct(
-    (WG_ROWS, plan.part_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA
+    (WG_ROWS, plan.part_k), jnp.bfloat16, layout=layout
   )
 
   @plgpu.inline_mgpu(
@@ -300,8 +313,18 @@ def _decode_ptx(
         hi_regs[tuple(out_idx)] = mgpu_utils.bitcast(hi, bf16x2)
 
     def array(regs):
+      if not warp_mma:
+        return mgpu.FragmentedArray(
+          _registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None
+        )
+      # Register (0, c, 0, 0, h) of the WGMMA layout holds columns 8c +
+      # 2 (lane % 4) + {0, 1} of row 8h + lane / 4 of the warp's 16; the
+      # mma.sync A layout holds the same in register (0, c // 2, 0, c % 2,
+      # h): a reshape.
+      lhs = mgpu.MMALayouts(ir.BF16Type.get(), m_warps=4).lhs
+      shape = lhs.registers_shape((WG_ROWS, plan.part_k))
       return mgpu.FragmentedArray(
-        _registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None
+        _registers=regs.reshape(shape), _layout=lhs, _is_signed=None
       )
 
     return array(lo_regs), array(hi_regs)
@@ -661,9 +684,40 @@ def matmul(
         if cfg.async_mma:
           plgpu.wgmma_wait(2 * len(accs))  # all but this part's groups
 
+    def warp_mma_step(weights, xe_smem, xo_smem, accs):
+      """One K step with warp-level `mma.sync` (`Config.warp_mma`): the
+      activations load once into the B layout, each weight tile decodes
+      into A registers, and the accumulators (values the pipeline carries)
+      come back; no warpgroup fences or waits between decode and MMA."""
+      if not a_in_smem:
+        rhs = plgpu.Layout.MMA_RHS(jnp.bfloat16)
+        xe = plgpu.load(xe_smem.T, layout=rhs)
+        xo = plgpu.load(xo_smem.T, layout=rhs)
+      out = []
+      for (w_ref, (s_ref, half, own_half)), acc in zip(
+        weights, accs, strict=True
+      ):
+        codes = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
+        if a_in_smem:  # the interpreter has no mma.sync: plain dots
+          lo, hi = _decode_jnp(codes, s_ref, half, plan)
+          for tile, x_ref in ((lo, xe_smem), (hi, xo_smem)):
+            acc = acc + jnp.dot(
+              tile, x_ref[...].T, preferred_element_type=jnp.float32
+            )
+          out.append(acc)
+          continue
+        if own_half:
+          lo, hi = _decode_ptx(codes, s_ref, plan, warp_mma=True)
+        else:
+          words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
+          lo, hi = _decode_ptx(codes, words, plan, row_base=0, warp_mma=True)
+        out.append(plgpu.mma(plgpu.mma(acc, lo, xe), hi, xo))
+      return tuple(out)
+
     def finish(accs, block, expert, mi, si, slot):
       """Scales the accumulators of 64-row block `block` (and applies
-      SwiGLU), then stores them from SMEM slot `slot`."""
+      SwiGLU), then stores them from SMEM slot `slot`. `accs`: wgmma
+      accumulator refs, or values (`Config.warp_mma`)."""
 
       def scaled(acc_ref, factor_block):
         if per_block:
@@ -672,7 +726,8 @@ def matmul(
           scale = f_gmems[0][expert]
           for f_gmem in f_gmems[1:]:
             scale = scale * f_gmem[expert]
-        return acc_ref[...] * (scale * (2.0**-PRODUCT_EXPONENT))
+        acc = acc_ref if cfg.warp_mma else acc_ref[...]
+        return acc * (scale * (2.0**-PRODUCT_EXPONENT))
 
       acc = scaled(accs[0], block)
       if swiglu:
@@ -740,23 +795,44 @@ def matmul(
 
     def one_warpgroup_pipeline(ni, mi, si, expert):
       """The K loop of 64-row block `ni` on a CTA of one warpgroup, which
-      issues its own TMA loads (plain pipeline, no register split)."""
+      issues its own TMA loads (plain pipeline, no register split); with
+      `Config.warp_mma` the accumulators are values the pipeline carries."""
+
+      def block_weights(w_smem, s_smem, up_refs):
+        weights = [(w_smem, (s_smem, ni % 2, False))]
+        if swiglu:  # 64-row block ni + up_blocks
+          w_up, s_up = up_refs
+          weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
+        return weights
+
+      pipeline = functools.partial(
+        plgpu.emit_pipeline,
+        grid=(steps,),
+        in_specs=in_specs(WG_ROWS, ni, mi, si * steps, expert),
+        max_concurrent_steps=cfg.num_stages,
+      )
+      if cfg.warp_mma:
+
+        def warp_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
+          *up_refs, accs = rest
+          weights = block_weights(w_smem, s_smem, up_refs)
+          return warp_mma_step(weights, xe_smem, xo_smem, accs)
+
+        zeros = plgpu.layout_cast(
+          jnp.zeros((WG_ROWS, cfg.block_m), jnp.float32),
+          plgpu.Layout.WGMMA,  # = the mma.sync accumulator layout
+        )
+        accs = pipeline(warp_body, init_carry=(zeros,) * n_accs)(*operands)
+        finish(accs, ni, expert, mi, si, 0)
+        return
 
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
         def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
-          weights = [(w_smem, (s_smem, ni % 2, False))]
-          if swiglu:  # 64-row block ni + up_blocks
-            w_up, s_up = up_refs
-            weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
+          weights = block_weights(w_smem, s_smem, up_refs)
           step(weights, xe_smem, xo_smem, accs, slot=0)
 
-        plgpu.emit_pipeline(
-          body,
-          grid=(steps,),
-          in_specs=in_specs(WG_ROWS, ni, mi, si * steps, expert),
-          max_concurrent_steps=cfg.num_stages,
-        )(*operands)
+        pipeline(body)(*operands)
         finish(accs, ni, expert, mi, si, 0)
 
     operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)

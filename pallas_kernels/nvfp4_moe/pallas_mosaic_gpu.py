@@ -178,6 +178,7 @@ def configs_for(
       persistent=persistent and rows == config_lib.TILE_ROWS,
       cta_rows=rows,
       async_mma=config_lib.overlaps_mma(rows),
+      warp_mma=config_lib.warp_mma(rows),
     )
     configs.append(config)
   return tuple(configs)

@@ -102,6 +102,16 @@ def run(x, layer, activation, config=None, interpret=True):
         ),
       ]
     ],
+    # Warp-level mma.sync (accumulators carried by the pipeline): plain,
+    # split-K with a partial last tile, sm90 bit order.
+    *[
+      (m, n, k, config_lib.Config(cta_rows=64, warp_mma=True, **fields))
+      for m, n, k, fields in [
+        (3, 256, 512, dict(block_k=128, block_m=8)),
+        (9, 200, 512, dict(block_k=64, block_m=16, splits=2)),
+        (5, 128, 512, dict(block_k=256, block_m=8, twiddled=True)),
+      ]
+    ],
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -171,6 +181,14 @@ def test_interpret_batch_dims_and_weight_only(rng):
       config_lib.Config(block_k=256, block_m=8, cta_rows=64, async_mma=True),
     ),
     (4096, 5760, 2880, config_lib.Config(block_k=128, persistent=True)),
+    *[
+      (m, n, k, config_lib.Config(cta_rows=64, warp_mma=True, **fields))
+      for m, n, k, fields in [
+        (1, 28672, 8192, dict(block_k=256, block_m=8, splits=2)),
+        (16, 8192, 28672, dict(block_k=256, block_m=16, twiddled=True)),
+        (1, 2880, 2880, dict(block_k=128, block_m=8)),
+      ]
+    ],
     (
       16,
       8192,
@@ -286,6 +304,10 @@ def test_config_validation():
     config_lib.Config(mma_parts=3)
   with pytest.raises(ValueError, match="mma_parts"):
     config_lib.Config(block_k=128, mma_parts=8)  # 8 plane columns a part
+  with pytest.raises(ValueError, match="warp_mma"):
+    config_lib.Config(warp_mma=True)  # 128-row CTAs
+  with pytest.raises(ValueError, match="warp_mma"):
+    config_lib.Config(cta_rows=64, warp_mma=True, async_mma=True)
 
 
 @pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
@@ -384,6 +406,27 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
     layer, src = test_base.make_layer(rng, n, k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     config = config_lib.Config(async_mma=async_mma, **fields)
+    out = pallas_kernels.nvfp4_matmul(
+      x, layer, implementation="pallas", config=config
+    )
+    self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
+
+  @pytest.mark.parametrize(
+    "m, n, k, fields",
+    [
+      (1, 4096, 8192, dict(block_k=256, block_m=8, splits=2)),
+      (16, 8192, 2048, dict(block_k=256, block_m=16, twiddled=True)),
+      (7, 2880, 2880, dict(block_k=128, block_m=8)),
+      (3, 200, 512, dict(block_k=64, block_m=8, splits=2)),
+    ],
+  )
+  def test_warp_mma(self, rng, m, n, k, fields):
+    # Decode CTAs with warp-level mma.sync (Config.warp_mma): the decoded
+    # registers reshaped into the mma.sync A layout, activations loaded
+    # into its B layout, accumulators carried through the pipeline.
+    layer, src = test_base.make_layer(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    config = config_lib.Config(cta_rows=64, warp_mma=True, **fields)
     out = pallas_kernels.nvfp4_matmul(
       x, layer, implementation="pallas", config=config
     )

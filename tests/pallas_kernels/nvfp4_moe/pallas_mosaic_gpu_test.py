@@ -272,7 +272,7 @@ class TestInterpret(test_base.NVFP4MoETestBase):
 
 
 def spy_on_matmul(monkeypatch, field: str) -> list:
-  """The `field` ("swiglu" or "block_m" of its config) of each sm90 matmul
+  """The `field` ("swiglu", or a field of its config) of each sm90 matmul
   the MoE traces from now on (jit caches cleared, so that it traces)."""
   jax.clear_caches()
   calls = []
@@ -391,6 +391,26 @@ def test_interpret_larger_token_tiles(rng, persistent, cta_rows, weight_layout):
     persistent=persistent,
     cta_rows=cta_rows,
   )
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_interpret_warp_mma_decode(rng, monkeypatch, tokens):
+  # 64-row decode CTAs with warp-level mma.sync (config.WARP_MMA_DECODE):
+  # one token through the direct tiles, 40 through the sort; SwiGLU fused
+  # (two carried accumulators), sm90 layout (GEMM 1 writes GEMM 2's planes).
+  monkeypatch.setattr(config_lib, "WARP_MMA_DECODE", True)
+  calls = spy_on_matmul(monkeypatch, "warp_mma")
+  check_interpret_against_numpy(
+    rng, (tokens, 4, 256, 128), weight_layout="sm90", block_m=16, cta_rows=64
+  )
+  assert calls and all(calls), calls  # both GEMMs took mma.sync
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("model", [QWEN3_30B, GPT_OSS])  # GPT_OSS: K = 2880
+def test_warp_mma_decode_lowers_for_sm90(monkeypatch, model, tokens):
+  monkeypatch.setattr(config_lib, "WARP_MMA_DECODE", True)
+  lower_moe(model, tokens, False, 64, True)
 
 
 @pytest.mark.parametrize(
@@ -742,6 +762,21 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     out = self.moe(x, logits, experts, top_k=8, activation=activation)
     # The reference, itself checked against the numpy loop at small shapes
     # (a float64 loop over 2400 expert GEMMs would take minutes).
+    want = pallas_kernels.nvfp4_moe(
+      x, logits, experts, top_k=8, activation=activation, implementation="xla"
+    )
+    self.check(out, want.astype(jnp.float32))
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  @pytest.mark.parametrize("tokens", [1, 16])
+  def test_warp_mma_decode(self, rng, monkeypatch, tokens, activation):
+    # Qwen3-30B-A3B's shapes through 64-row decode CTAs with warp-level
+    # mma.sync (config.WARP_MMA_DECODE), SwiGLU fused.
+    monkeypatch.setattr(config_lib, "WARP_MMA_DECODE", True)
+    calls = spy_on_matmul(monkeypatch, "warp_mma")  # clears jit caches
+    experts, _, x, logits = test_base.make_inputs(rng, tokens, 16, 2048, 768)
+    out = self.moe(x, logits, experts, top_k=8, activation=activation)
+    assert calls and all(calls), calls
     want = pallas_kernels.nvfp4_moe(
       x, logits, experts, top_k=8, activation=activation, implementation="xla"
     )
