@@ -131,13 +131,27 @@ def runner(impl: str, bf16_sets, prepared_sets, row_major_sets):
   )
 
 
+def rotating_sets(layer_bytes: int) -> int:
+  """Copies of a layer that a timed loop rotates through so that each call
+  reads its weights from HBM (twice L2 together, at least 3)."""
+  return max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
+
+
+def rotating_layers(k: int, n: int) -> tuple[list, int]:
+  """(prepared sm90 copies of one random layer, enough to rotate through,
+  the layer's FP4 bytes), for the tuner and diagnostics."""
+  layer_bytes = fp4_bytes(k, n)
+  _, prepared, _ = make_weights(k, n, rotating_sets(layer_bytes))
+  return prepared, layer_bytes
+
+
 def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
   start = time.monotonic()
   ceilings = measure_ceilings()
   layers = {}
   for k, n in shapes:
     layer_bytes = fp4_bytes(k, n)
-    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
+    sets = rotating_sets(layer_bytes)
     if not timing.on_gpu():
       sets = 3  # the host fallback only exercises the harness
     layers[k, n] = (

@@ -13,13 +13,11 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from benchmarks import arg_specs
 from benchmarks import matmul as matmul_bench
 from benchmarks import timing
 from pallas_kernels.nvfp4_matmul import config as config_lib
@@ -98,6 +96,20 @@ def candidates(m: int, n: int, k: int, overrides: list[dict] | None = None):
   )
 
 
+def cases(shapes, tokens, activation="bf16"):
+  """Per layer shape and token count: (K, N, M, fresh activations, layer
+  copies to rotate through, the layer's FP4 bytes, the XLA reference output
+  in float32)."""
+  for k, n in shapes:
+    layers, layer_bytes = matmul_bench.rotating_layers(k, n)
+    for m in tokens:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      want = pallas_kernels.nvfp4_matmul(
+        x, layers[0], activation=activation, implementation="xla"
+      )
+      yield k, n, m, x, layers, layer_bytes, want.astype(jnp.float32)
+
+
 def tune(
   shapes,
   tokens,
@@ -107,60 +119,49 @@ def tune(
   kernels="",
 ) -> list[dict]:
   rows = []
-  for k, n in shapes:
-    _, prepared_sets, _ = matmul_bench.make_weights(k, n, 1)
-    layer_bytes = matmul_bench.fp4_bytes(k, n)
-    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
-    layers = [jax.tree.map(jnp.copy, prepared_sets[0]) for _ in range(sets)]
-    for m in tokens:
-      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-      want = pallas_kernels.nvfp4_matmul(
-        x, layers[0], activation=activation, implementation="xla"
-      )
-      want = want.astype(jnp.float32)
-      for i, cfg in enumerate(candidates(m, n, k, overrides)):
-        if i >= max_configs:
-          break
-        row = {
-          "K": k,
-          "N": n,
-          "M": m,
-          "activation": activation,
-          "config": dataclasses.asdict(cfg),
-        }
-        run = lambda x, ws, cfg=cfg: [  # noqa: E731
-          pallas_kernels.nvfp4_matmul(
-            x, w, activation=activation, implementation="pallas", config=cfg
-          )
-          for w in ws
-        ]
-        try:
-          got = run(x, layers[:1])[0].astype(jnp.float32)
-          err = float(
-            jnp.max(jnp.abs(got - want))
-            / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
-          )
-          row["rel_err"] = err
-          if not err < 2.0**-7:
-            rows.append({**row, "status": "wrong"})
-            print(k, n, m, cfg, "WRONG", err, flush=True)
-            continue
-          us, _, timer = timing.median_us(
-            run, x, layers, calls_per_trial=sets, kernels=kernels
-          )
-        except Exception as e:  # a config that fails to build is recorded
-          rows.append(
-            {**row, "status": f"failed: {type(e).__name__}: {e}"[:300]}
-          )
-          print(k, n, m, cfg, "FAILED", str(e)[:200], flush=True)
+  for k, n, m, x, layers, layer_bytes, want in cases(
+    shapes, tokens, activation
+  ):
+    sets = len(layers)
+    for i, cfg in enumerate(candidates(m, n, k, overrides)):
+      if i >= max_configs:
+        break
+      row = {
+        "K": k,
+        "N": n,
+        "M": m,
+        "activation": activation,
+        "config": dataclasses.asdict(cfg),
+      }
+      run = lambda x, ws, cfg=cfg: [  # noqa: E731
+        pallas_kernels.nvfp4_matmul(
+          x, w, activation=activation, implementation="pallas", config=cfg
+        )
+        for w in ws
+      ]
+      try:
+        got = run(x, layers[:1])[0].astype(jnp.float32)
+        err = float(
+          jnp.max(jnp.abs(got - want))
+          / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
+        )
+        row["rel_err"] = err
+        if not err < 2.0**-7:
+          rows.append({**row, "status": "wrong"})
+          print(k, n, m, cfg, "WRONG", err, flush=True)
           continue
-        tb = layer_bytes / (us * 1e-6) / 1e12
-        rows.append(
-          {**row, "status": "ok", "us": us, "timer": timer, "fp4_tb_per_s": tb}
+        us, _, timer = timing.median_us(
+          run, x, layers, calls_per_trial=sets, kernels=kernels
         )
-        print(
-          f"K={k} N={n} M={m} {cfg} {us:9.1f} us {tb:5.2f} TB/s", flush=True
-        )
+      except Exception as e:  # a config that fails to build is recorded
+        rows.append({**row, "status": f"failed: {type(e).__name__}: {e}"[:300]})
+        print(k, n, m, cfg, "FAILED", str(e)[:200], flush=True)
+        continue
+      tb = layer_bytes / (us * 1e-6) / 1e12
+      rows.append(
+        {**row, "status": "ok", "us": us, "timer": timer, "fp4_tb_per_s": tb}
+      )
+      print(f"K={k} N={n} M={m} {cfg} {us:9.1f} us {tb:5.2f} TB/s", flush=True)
   return rows
 
 

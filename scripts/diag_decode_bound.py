@@ -8,23 +8,19 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 (`pallas_mosaic_gpu_kernel_sm90.DIAGNOSTIC`; outputs are wrong then):
 "full" (the kernel as it is), "no_decode" (code words go to wgmma as they
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
-"no_mma" (decode without wgmma); and "cvt_scales" (the kernel with its
-block scales converted by cvt instead of `INTEGER_SCALES`), checked like
-"full" against the XLA reference. Configs are `tune_matmul` overrides joined
+"no_mma" (decode without wgmma); "full" is checked against the XLA
+reference. Configs are `tune_matmul` overrides joined
 by ";" ("" is the heuristic's). `--lower` only lowers every variant for
 sm_90 (runs on CPU).
 """
 
 import dataclasses
-import math
 import sys
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from benchmarks import arg_specs
-from benchmarks import matmul as matmul_bench
 from benchmarks import timing
 from benchmarks import tune_matmul
 from pallas_kernels.nvfp4_matmul import config as config_lib
@@ -32,13 +28,12 @@ from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 
 VARIANTS = ("full", "no_decode", "no_scales", "no_mma")
-CHECKED = ("full", "cvt_scales")  # variants whose outputs must be right
+CHECKED = ("full",)  # variants whose outputs must be right
 
 
 def select(variant: str):
-  """Sets the kernel module's switches for `variant`."""
+  """Sets the kernel module's switch for `variant`."""
   sm90.DIAGNOSTIC = "" if variant in CHECKED else variant
-  sm90.INTEGER_SCALES = variant != "cvt_scales"
 
 
 def configs_for(m, n, k, text):
@@ -88,47 +83,41 @@ def main(argv):
   text = argv[3] if len(argv) > 3 else ""
   if lower:
     return lower_all(shapes, tokens, variants, text)
-  for k, n in shapes:
-    _, prepared, _ = matmul_bench.make_weights(k, n, 1)
-    layer_bytes = matmul_bench.fp4_bytes(k, n)
-    sets = max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
-    layers = [jax.tree.map(jnp.copy, prepared[0]) for _ in range(sets)]
-    for m in tokens:
-      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-      want = pallas_kernels.nvfp4_matmul(
-        x, layers[0], implementation="xla"
-      ).astype(jnp.float32)
-      for cfg in configs_for(m, n, k, text):
-        for variant in variants:
-          select(variant)
-          jax.clear_caches()  # the switches are no jit keys
+  for k, n, m, x, layers, layer_bytes, want in tune_matmul.cases(
+    shapes, tokens
+  ):
+    sets = len(layers)
+    for cfg in configs_for(m, n, k, text):
+      for variant in variants:
+        select(variant)
+        jax.clear_caches()  # the switches are no jit keys
 
-          def run(x, ws, cfg=cfg):
-            return [
-              pallas_kernels.nvfp4_matmul(
-                x, w, implementation="pallas", config=cfg
-              )
-              for w in ws
-            ]
-
-          try:
-            error = ""
-            if variant in CHECKED:
-              got = run(x, layers[:1])[0].astype(jnp.float32)
-              err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-              error = f" rel.err {err:.1e}" + ("" if err < 2.0**-7 else " BAD")
-            us, _, _ = timing.median_us(
-              run, x, layers, calls_per_trial=sets, kernels="mosaic_gpu"
+        def run(x, ws, cfg=cfg):
+          return [
+            pallas_kernels.nvfp4_matmul(
+              x, w, implementation="pallas", config=cfg
             )
-          except Exception as e:  # noqa: BLE001 - a diagnostic reports all
-            print(f"K={k} N={n} M={m} {variant:9s} FAILED {e}"[:300])
-            continue
-          tb = layer_bytes / (us * 1e-6) / 1e12
-          print(
-            f"K={k} N={n} M={m} {variant:10s} {us:8.1f} us {tb:5.2f} TB/s"
-            f"{error}  {cfg}",
-            flush=True,
+            for w in ws
+          ]
+
+        try:
+          error = ""
+          if variant in CHECKED:
+            got = run(x, layers[:1])[0].astype(jnp.float32)
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            error = f" rel.err {err:.1e}" + ("" if err < 2.0**-7 else " BAD")
+          us, _, _ = timing.median_us(
+            run, x, layers, calls_per_trial=sets, kernels="mosaic_gpu"
           )
+        except Exception as e:  # noqa: BLE001 - a diagnostic reports all
+          print(f"K={k} N={n} M={m} {variant:9s} FAILED {e}"[:300])
+          continue
+        tb = layer_bytes / (us * 1e-6) / 1e12
+        print(
+          f"K={k} N={n} M={m} {variant:10s} {us:8.1f} us {tb:5.2f} TB/s"
+          f"{error}  {cfg}",
+          flush=True,
+        )
   select("full")
 
 

@@ -38,7 +38,7 @@ times `2**118`, so products carry a `2**-8` factor that the epilogue removes
 together with the tensor scale. Every E2M1 x E4M3 product is exact in bf16.
 From natural order that is 15 integer operations per 8 codes; from the
 `fp4jax.format.sm90_layout` order (`Config.twiddled`) 9; block scales are
-turned into bf16 by a byte permute and a shift (`INTEGER_SCALES`). Integer
+turned into bf16 by a byte permute and a shift. Integer
 ops issue at half rate on Hopper; at decode sizes neither the decode nor
 the MMA bounds the kernel alone, they share the warpgroup's issue slots
 (NOTES.md, `scripts/diag_decode_bound.py`).
@@ -79,9 +79,6 @@ PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 # scale (no scale loads or conversions), "no_mma" decodes and issues no
 # wgmma (the registers are kept alive by empty volatile asm).
 DIAGNOSTIC = ""
-# Block scales E4M3 -> bf16 by a byte permute and a shift (4 integer ops per
-# two scales) instead of cvt.f16x2.e4m3x2 and a rebias (5 and a cvt).
-INTEGER_SCALES = True
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -205,9 +202,10 @@ def _decode_ptx(
       arith.divui(arith.remui(in_wg, const(32)), const(4)),
     )
     # Lane t holds block 2j + (t >> 1) of register j: bytes b and 2 + b of
-    # a word of 4 scales (b = t >> 1), picked into one 16-bit pair by prmt.
+    # a word of 4 scales (b = t >> 1), picked into the low bytes of the two
+    # 16-bit halves by prmt (zeros above them).
     upper_lane = arith.andi(arith.shrui(in_wg, const(1)), const(1))
-    pick = arith.addi(const(0x4420), arith.muli(upper_lane, const(0x11)))
+    pick = arith.addi(const(0x4240), arith.muli(upper_lane, const(0x0101)))
     base = mgpu_utils.memref_ptr(scales)
 
     def load_word(r, chunk):
@@ -220,43 +218,22 @@ def _decode_ptx(
       return llvm.load(i32, ptr)
 
     def pair_scales(word):
-      """-> bf16x2 {s, s} * 2**118 for the even and the odd j of a chunk."""
-      if INTEGER_SCALES:
-        # Bytes b and b + 2 of the word into the low byte of each half:
-        # shifted left by 4, an E4M3 byte (>= 0) is the bf16 of its value
-        # times 2**-120, subnormals included; then twice * 2**119.
-        return mgpu_utils.inline_ptx(
-          """{
-          .reg .b32 p, b, two119, zero;
-          mov.b32 two119, 0x7B007B00;
-          mov.b32 zero, 0;
-          prmt.b32 p, $2, zero, $3;
-          shl.b32 b, p, 4;
-          mul.rn.bf16x2 b, b, two119;
-          mul.rn.bf16x2 b, b, two119;
-          prmt.b32 $0, b, b, 0x1010;
-          prmt.b32 $1, b, b, 0x3232;
-          }""",
-          word,
-          arith.addi(const(0x4240), arith.muli(upper_lane, const(0x0101))),
-          result_types=[i32, i32],
-        )
+      """-> bf16x2 {s, s} * 2**118 for the even and the odd j of a chunk.
+
+      Bytes b and b + 2 of the word go into the low byte of each half;
+      shifted left by 4, an E4M3 byte (>= 0) is the bf16 of its value times
+      2**-120, subnormals included; then twice * 2**119 (2**238 is beyond
+      bf16). Four integer ops per two scales; cvt.f16x2.e4m3x2 and a rebias
+      took five and a cvt, 3-6% more kernel time at decode (NOTES.md)."""
       return mgpu_utils.inline_ptx(
         """{
-        .reg .b16 lo, hi;
-        .reg .b32 p, h, b, two115, zero;
-        mov.b32 two115, 0x79007900;
+        .reg .b32 p, b, two119, zero;
+        mov.b32 two119, 0x7B007B00;
         mov.b32 zero, 0;
         prmt.b32 p, $2, zero, $3;
-        mov.b32 {lo, hi}, p;
-        cvt.rn.f16x2.e4m3x2 h, lo;
-        // f16 -> bf16 bits: exponent rebias by shifting (scales are >= 0
-        // and have no low mantissa bits): worth s * 2**-112; then twice
-        // * 2**115 (2**230 is beyond bf16).
-        shr.b32 b, h, 3;
-        and.b32 b, b, 0x0FFF0FFF;
-        mul.rn.bf16x2 b, b, two115;
-        mul.rn.bf16x2 b, b, two115;
+        shl.b32 b, p, 4;
+        mul.rn.bf16x2 b, b, two119;
+        mul.rn.bf16x2 b, b, two119;
         prmt.b32 $0, b, b, 0x1010;
         prmt.b32 $1, b, b, 0x3232;
         }""",
