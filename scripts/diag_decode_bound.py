@@ -10,7 +10,7 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
 "no_mma" (decode without wgmma); "full" is checked against the XLA
 reference. Configs are `tune_matmul` overrides joined
-by ";" ("" is the heuristic's). `--lower` only lowers every variant for
+by ";", each timed after the heuristic's own. `--lower` only lowers every variant for
 sm_90 (runs on CPU).
 """
 
@@ -37,10 +37,9 @@ def select(variant: str):
 
 
 def configs_for(m, n, k, text):
+  """The heuristic's config, then each override of it (in the same run)."""
   base = config_lib.heuristic(m, n, k)
-  if not text:
-    return [base]
-  return [
+  return [base] + [
     dataclasses.replace(base, **fields)
     for fields in tune_matmul.parse_overrides(text)
   ]

@@ -17,6 +17,12 @@
 #                                         # the GPUs there are (two on
 #                                         # nvidia-h200-x2); each part's log
 #                                         # comes back as gpu_tier_PART.log
+#   bash scripts/gpu_session.sh warp_mma  # on nvidia-h200-x2, ~6 min: the
+#                                         # warp-level MMA decode
+#                                         # (Config.warp_mma): its GPU
+#                                         # tests and MoE profiles on GPU 0,
+#                                         # kernel-time diagnostics and the
+#                                         # tuner against wgmma on GPU 1
 #   bash scripts/gpu_session.sh matmul [M,...] [budget s]
 #                                         # benchmarks.matmul rows, e.g.
 #                                         # 2048,8192 (default: all M)
@@ -103,6 +109,32 @@ case "${1:-tier}" in
       if grep -qE "FAILED|ERROR" "$out/gpu_tier_$part.log"; then status=1; fi
     done
     exit $status
+    ;;
+  warp_mma)
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout 300 python3 -m pytest -v -p no:cacheprovider -m gpu \
+        -k warp_mma tests/pallas_kernels > "$out/warp_mma_tests.log" 2>&1
+      for model in qwen3-30b-a3b deepseek-v3; do
+        timeout 120 python3 scripts/profile_moe.py "$model" 1,16 \
+          autofused,warpmma-autofused > "$out/profile_warp_$model.log" 2>&1
+      done
+    ) &
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 200 python3 scripts/diag_decode_bound.py 8192:28672,28672:8192 \
+      1,16 full,no_decode,no_mma "warp_mma=1,async_mma=0" \
+      > "$out/diag_warp.log" 2>&1
+    timeout 240 python3 -m benchmarks.tune_matmul --max-configs 3 \
+      --shapes 8192:28672,28672:8192,4096:14336,7168:2048,2048:5120 \
+      --tokens 1,16 --configs "warp_mma=1,async_mma=0;warp_mma=1,async_mma=0,num_stages=3" \
+      --out "$out/tune_warp_mma_h200.json" > "$out/tune_warp.log" 2>&1
+    wait
+    echo "== tests: $(grep -c PASSED "$out/warp_mma_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/warp_mma_tests.log" | head -n 10
+    tail -n 1 "$out/warp_mma_tests.log"
+    grep -E "K=" "$out/diag_warp.log"
+    grep -E "TB/s|WRONG|FAILED" "$out/tune_warp.log"
+    grep -hE "^==" "$out"/profile_warp_*.log
     ;;
   matmul)
     tokens=()

@@ -358,11 +358,11 @@ _TWIDDLED_DECODE = """{
         }"""
 
 
-def _keep_alive(*tiles):
-  """Empty volatile asm that reads every register of `tiles` (WGMMA
-  layout), so that their computation is not removed (`DIAGNOSTIC`)."""
+def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):
+  """Empty volatile asm that reads every register of `tiles` (in
+  `layout`), so that their computation is not removed (`DIAGNOSTIC`)."""
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * len(tiles))
+  @plgpu.inline_mgpu(arg_types=(layout,) * len(tiles))
   def sink(_, *arrays):
     i32 = ir.IntegerType.get_signless(32)
     for array in arrays:
@@ -688,6 +688,10 @@ def matmul(
         else:
           words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
           lo, hi = _decode_ptx(codes, words, plan, row_base=0, warp_mma=True)
+        if DIAGNOSTIC == "no_mma":
+          _keep_alive(lo, hi, layout=plgpu.Layout.MMA_LHS(jnp.bfloat16))
+          out.append(acc)
+          continue
         out.append(plgpu.mma(plgpu.mma(acc, lo, xe), hi, xo))
       return tuple(out)
 
