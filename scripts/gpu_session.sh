@@ -117,7 +117,8 @@ case "${1:-tier}" in
         -k warp_mma tests/pallas_kernels > "$out/warp_mma_tests.log" 2>&1
       for model in qwen3-30b-a3b deepseek-v3; do
         timeout 120 python3 scripts/profile_moe.py "$model" 1,16 \
-          autofused,warpmma-autofused > "$out/profile_warp_$model.log" 2>&1
+          autofused,warpmma-autofused,split2-auto,warpmma-split2-auto \
+          > "$out/profile_warp_$model.log" 2>&1
       done
     ) &
     export CUDA_VISIBLE_DEVICES=1

@@ -53,7 +53,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # stable argsort (RANK_BY_COUNTING off); "counttopk": routing's top-k by
 # comparison counts at every size (COUNTING_TOP_K_MAX unbounded);
 # "warpmma": 64-row decode CTAs multiply with warp-level mma.sync
-# (config.WARP_MMA_DECODE) instead of wgmma.
+# (config.WARP_MMA_DECODE) instead of wgmma; "split2": GEMM 1 splits K in
+# two (unfused SwiGLU only: "split2-auto"; at T = 1 Qwen3-30B-A3B's GEMM 1
+# has 96 or 192 CTAs, one or none on most SMs).
 PREFIXES = (
   "old",
   "s3",
@@ -75,6 +77,7 @@ PREFIXES = (
   "sortrank",
   "counttopk",
   "warpmma",
+  "split2",
 )
 
 
@@ -96,9 +99,17 @@ def _short_steps(config, weights, bf16_out):
 
 
 def _configs_for(
-  *args, at_most_three_stages, no_split, short_steps=(), **kwargs
+  *args,
+  at_most_three_stages,
+  no_split,
+  short_steps=(),
+  gemm1_splits=None,
+  **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
+  hidden = args[1]  # GEMM 1's K
+  if gemm1_splits and -(-hidden // configs[0].block_k) % gemm1_splits == 0:
+    configs = [dataclasses.replace(configs[0], splits=gemm1_splits), configs[1]]
   configs = [
     _short_steps(c, weights=2 - i, bf16_out=i == 1) if i in short_steps else c
     for i, c in enumerate(configs)
@@ -127,6 +138,7 @@ def main(argv):
         _configs_for,
         at_most_three_stages="s3" in prefixes,
         no_split="nosplit" in prefixes,
+        gemm1_splits=2 if "split2" in prefixes else None,
         short_steps=(0, 1)
         if "k64all" in prefixes
         else (1,)
