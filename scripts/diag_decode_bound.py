@@ -28,12 +28,11 @@ from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 
 VARIANTS = ("full", "no_decode", "no_scales", "no_mma")
-CHECKED = ("full",)  # variants whose outputs must be right
 
 
 def select(variant: str):
   """Sets the kernel module's switch for `variant`."""
-  sm90.DIAGNOSTIC = "" if variant in CHECKED else variant
+  sm90.DIAGNOSTIC = "" if variant == "full" else variant
 
 
 def configs_for(m, n, k, text):
@@ -101,7 +100,7 @@ def main(argv):
 
         try:
           error = ""
-          if variant in CHECKED:
+          if variant == "full":  # the others are wrong by design
             got = run(x, layers[:1])[0].astype(jnp.float32)
             err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
             error = f" rel.err {err:.1e}" + ("" if err < 2.0**-7 else " BAD")

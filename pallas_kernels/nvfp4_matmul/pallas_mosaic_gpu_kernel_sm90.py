@@ -268,21 +268,16 @@ def _decode_ptx(
         continue
       word = mgpu_utils.bitcast(reg, i32)
       if DIAGNOSTIC == "no_decode":
-        for sub in range(2):
-          out_idx = list(idx)
-          out_idx[1] = 2 * (j - first) + sub
-          lo_regs[tuple(out_idx)] = hi_regs[tuple(out_idx)] = (
-            mgpu_utils.bitcast(word, bf16x2)
-          )
-        continue
-      # Both decoders put each code's sign at bit 15 of its bf16 half and
-      # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
-      hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
-        _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE,
-        word,
-        scale_regs[half, j],
-        result_types=[i32] * 4,
-      )
+        hi1 = lo1 = hi0 = lo0 = word
+      else:
+        # Both decoders put each code's sign at bit 15 of its bf16 half and
+        # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
+        hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
+          _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE,
+          word,
+          scale_regs[half, j],
+          result_types=[i32] * 4,
+        )
       for sub, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1))):
         out_idx = list(idx)
         out_idx[1] = 2 * (j - first) + sub
@@ -600,25 +595,34 @@ def matmul(
         ),
       ]
 
+    def decode_registers(w, scales, *, part=0, warp_mma=False):
+      """`_decode_ptx` of a weight tile whose `scales` are (the 128-row
+      scale tile, the half its rows are in, whether that half is the
+      warpgroup index of a two-warpgroup CTA)."""
+      s_ref, half, own_half = scales
+      if own_half:  # rows from the thread's warpgroup index
+        return _decode_ptx(w, s_ref, plan, part=part, warp_mma=warp_mma)
+      # The block's scale words start 2 * half words into each chunk.
+      words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
+      return _decode_ptx(
+        w, words, plan, row_base=0, part=part, warp_mma=warp_mma
+      )
+
     def decode_and_mma(w, scales, xe_smem, xo_smem, acc_ref, *, slot, part):
       """Decodes K part `part` of a [64, plane_k] weight tile and issues
       both nibble planes' wgmmas (two groups). `scales`: (the 128-row scale
       tile, the half its rows are in, whether that half is the warpgroup
       index of a two-warpgroup CTA)."""
-      s_ref, half, own_half = scales
       if a_in_smem:
+        s_ref, half, _ = scales
         lo, hi = _decode_jnp(w, s_ref, half, plan, part)
         a_ref = a_smem.at[slot[0], slot[1]]
         a_ref[0] = lo
         a_ref[1] = hi
         plgpu.commit_smem()
         lo, hi = a_ref.at[0], a_ref.at[1]
-      elif own_half:  # rows from the thread's warpgroup index
-        lo, hi = _decode_ptx(w, s_ref, plan, part=part)
       else:
-        # The block's scale words start 2 * half words into each chunk.
-        words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
-        lo, hi = _decode_ptx(w, words, plan, row_base=0, part=part)
+        lo, hi = decode_registers(w, scales, part=part)
       if DIAGNOSTIC == "no_mma" and not a_in_smem:
         _keep_alive(lo, hi)
         return
@@ -671,11 +675,10 @@ def matmul(
         xe = plgpu.load(xe_smem.T, layout=rhs)
         xo = plgpu.load(xo_smem.T, layout=rhs)
       out = []
-      for (w_ref, (s_ref, half, own_half)), acc in zip(
-        weights, accs, strict=True
-      ):
+      for (w_ref, scales), acc in zip(weights, accs, strict=True):
         codes = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
         if a_in_smem:  # the interpreter has no mma.sync: plain dots
+          s_ref, half, _ = scales
           lo, hi = _decode_jnp(codes, s_ref, half, plan)
           for tile, x_ref in ((lo, xe_smem), (hi, xo_smem)):
             acc = acc + jnp.dot(
@@ -683,11 +686,7 @@ def matmul(
             )
           out.append(acc)
           continue
-        if own_half:
-          lo, hi = _decode_ptx(codes, s_ref, plan, warp_mma=True)
-        else:
-          words = s_ref.at[:, :, pl.ds(8 * half, 256 - 8)]
-          lo, hi = _decode_ptx(codes, words, plan, row_base=0, warp_mma=True)
+        lo, hi = decode_registers(codes, scales, warp_mma=True)
         if DIAGNOSTIC == "no_mma":
           _keep_alive(lo, hi, layout=plgpu.Layout.MMA_LHS(jnp.bfloat16))
           out.append(acc)
