@@ -39,6 +39,11 @@
 #                                         # per kernel of one MoE call,
 #                                         # e.g. deepseek-v3 4096,16384
 #                                         # autofused,wide
+#   bash scripts/gpu_session.sh profiles MODELS TOKENS VARIANTS
+#                                         # profile_moe.py for several
+#                                         # models, spread over the GPUs
+#                                         # (one after another on each);
+#                                         # logs profile_MODEL.log
 #   bash scripts/gpu_session.sh profile_matmul SHAPES TOKENS [ACTS [FORMS]]
 #                                         # scripts/profile_matmul.py: time
 #                                         # per kernel of one matmul call
@@ -157,6 +162,24 @@ case "${1:-tier}" in
   profile)
     timeout 580 python3 scripts/profile_moe.py "$2" "$3" "$4" 2>&1 \
       | tee "$out/profile_${2}.log" | grep -E "^==|mosaic"
+    ;;
+  profiles)
+    # One queue per GPU, its models one after another (processes sharing a
+    # GPU would time-slice each other's kernels).
+    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+    read -r -a models <<< "${2//,/ }"
+    for ((gpu = 0; gpu < gpus; gpu++)); do
+      (
+        for ((i = gpu; i < ${#models[@]}; i += gpus)); do
+          CUDA_VISIBLE_DEVICES=$gpu timeout 560 python3 scripts/profile_moe.py \
+            "${models[$i]}" "$3" "$4" > "$out/profile_${models[$i]}.log" 2>&1
+        done
+      ) &
+    done
+    wait
+    for model in "${models[@]}"; do
+      grep -E "^==|Error" "$out/profile_$model.log"
+    done
     ;;
   profile_matmul)
     timeout 580 python3 scripts/profile_matmul.py "$2" "$3" ${4:+"$4"} \

@@ -107,7 +107,7 @@ def _configs_for(
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
-  hidden = args[1]  # GEMM 1's K
+  hidden = kwargs["hidden"]  # GEMM 1's K (`_forward_fn` passes it by name)
   if gemm1_splits and -(-hidden // configs[0].block_k) % gemm1_splits == 0:
     configs = [dataclasses.replace(configs[0], splits=gemm1_splits), configs[1]]
   configs = [
