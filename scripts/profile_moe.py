@@ -55,7 +55,11 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # "warpmma": 64-row decode CTAs multiply with warp-level mma.sync
 # (config.WARP_MMA_DECODE) instead of wgmma; "split2": GEMM 1 splits K in
 # two (unfused SwiGLU only: "split2-auto"; at T = 1 Qwen3-30B-A3B's GEMM 1
-# has 96 or 192 CTAs, one or none on most SMs).
+# has 96 or 192 CTAs, one or none on most SMs); "k256": both GEMMs in K
+# steps of 256, the last one partial where K is not a multiple (gpt-oss-120b:
+# H = 2880 takes steps of 128 by default, config._block_k); "g1s2", "g1s3":
+# GEMM 1 with 2 or 3 pipeline stages (more CTAs per SM: the fused decode
+# CTAs' ~24 KB stages leave room for two at 4 stages).
 PREFIXES = (
   "old",
   "s3",
@@ -78,6 +82,9 @@ PREFIXES = (
   "counttopk",
   "warpmma",
   "split2",
+  "k256",
+  "g1s2",
+  "g1s3",
 )
 
 
@@ -98,15 +105,40 @@ def _short_steps(config, weights, bf16_out):
   return config
 
 
+def _fitting_stages(config, weights, bf16_out):
+  """`config` with as many of its stages as fit in shared memory."""
+  for stages in range(config.num_stages, 1, -1):
+    fitted = dataclasses.replace(config, num_stages=stages)
+    if fitted.smem_bytes(not bf16_out, weights) <= config_lib.SMEM_LIMIT:
+      return fitted
+  return config
+
+
 def _configs_for(
   *args,
   at_most_three_stages,
   no_split,
   short_steps=(),
   gemm1_splits=None,
+  long_steps=False,
+  gemm1_stages=None,
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
+  if long_steps:  # K steps of 256, the last one partial where K is ragged
+    ks = (kwargs["hidden"], kwargs["inter"])
+    configs = [
+      _fitting_stages(
+        dataclasses.replace(
+          c,
+          block_k=256,
+          splits=c.splits if -(-k // 256) % c.splits == 0 else 1,
+        ),
+        weights=2 - i,
+        bf16_out=i == 1,
+      )
+      for i, (c, k) in enumerate(zip(configs, ks, strict=True))
+    ]
   hidden = kwargs["hidden"]  # GEMM 1's K (`_forward_fn` passes it by name)
   if gemm1_splits and -(-hidden // configs[0].block_k) % gemm1_splits == 0:
     configs = [dataclasses.replace(configs[0], splits=gemm1_splits), configs[1]]
@@ -114,6 +146,11 @@ def _configs_for(
     _short_steps(c, weights=2 - i, bf16_out=i == 1) if i in short_steps else c
     for i, c in enumerate(configs)
   ]
+  if gemm1_stages:
+    configs = [
+      dataclasses.replace(configs[0], num_stages=gemm1_stages),
+      configs[1],
+    ]
   if no_split:
     configs = [dataclasses.replace(c, splits=1) for c in configs]
   if at_most_three_stages:
@@ -139,6 +176,12 @@ def main(argv):
         at_most_three_stages="s3" in prefixes,
         no_split="nosplit" in prefixes,
         gemm1_splits=2 if "split2" in prefixes else None,
+        long_steps="k256" in prefixes,
+        gemm1_stages=2
+        if "g1s2" in prefixes
+        else 3
+        if "g1s3" in prefixes
+        else None,
         short_steps=(0, 1)
         if "k64all" in prefixes
         else (1,)

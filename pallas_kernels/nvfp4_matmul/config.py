@@ -122,10 +122,11 @@ PREFILL = Config(block_k=64, block_m=256, num_stages=4, persistent=True)
 
 
 # Decode CTAs (64 rows) multiply with warp-level mma.sync instead of
-# wgmma (`Config.warp_mma`). Written after the thirteenth session's device
-# time ran out: the interpreter and sm_90 lowering pass; off until the H200
-# times it (`scripts/diag_decode_bound.py ... "warp_mma=1,async_mma=0"`,
-# `scripts/profile_moe.py ... warpmma-autofused`).
+# wgmma (`Config.warp_mma`). Off: on the H200 (kernel time, fourteenth
+# session, NOTES.md) it ties wgmma at one token (8192x28672 43.0 vs 42.8
+# us) and loses at 16 (49.8 -> 53.3; 28672x8192 45.3 -> 50.5), likely as
+# each of the four warps loads the whole token tile into registers and, at
+# 16 tokens, issues two m16n8k16 per 16 K columns.
 WARP_MMA_DECODE = False
 
 
