@@ -515,12 +515,12 @@ def counting_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   slots = (*x.shape[:-1], k, n)  # [..., r, i]
   place = jax.lax.broadcasted_iota(jnp.int32, slots, x.ndim - 1)
   element = jax.lax.broadcasted_iota(jnp.int32, slots, x.ndim)
-  chosen = rank[..., None, :] == place
-  ids = jnp.sum(jnp.where(chosen, element, 0), axis=-1, dtype=jnp.int32)
-  # The values by the same masks (a sibling reduction, which XLA can fuse
-  # with the ids' instead of a gather after it); max keeps -0.0.
-  values = jnp.max(jnp.where(chosen, x[..., None, :], -jnp.inf), axis=-1)
-  return values.astype(x.dtype), ids
+  ids = jnp.sum(
+    jnp.where(rank[..., None, :] == place, element, 0),
+    axis=-1,
+    dtype=jnp.int32,
+  )
+  return jnp.take_along_axis(x, ids, axis=-1), ids
 
 
 def _group_of_pairs(ids: jax.Array, plan: Plan) -> jax.Array:
