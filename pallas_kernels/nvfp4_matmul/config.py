@@ -144,11 +144,15 @@ def warp_mma(cta_rows: int) -> bool:
 
 
 # K steps that need not divide K (the kernel reads zeros past it with a
-# narrower swizzle): gpt-oss-120b's K = 2880 takes steps of 128, not 64.
-# Its MoE layer on the H200 (CUPTI, one call, same error against the
-# reference): T = 1 63.1 -> 47.6 us, 16 411 -> 350, 64 855 -> 759, 4096
-# 2436 -> 2362.
+# narrower swizzle): gpt-oss-120b's K = 2880 takes steps of 256 at decode
+# (11.25 of them), 128 in 128-token tiles, not 64. Its MoE layer on the H200
+# (CUPTI, one call, same error against the reference), steps of 64 -> 128:
+# T = 1 63.1 -> 47.6 us, 16 411 -> 350, 64 855 -> 759, 4096 2436 -> 2362;
+# 128 -> 256 (fourteenth session): T = 1 42.4 -> 41.1, 16 313.8 -> 279.5.
 RAGGED_K_STEPS = True
+# A partial last K step may add up to 1/RAGGED_K_WASTE of K in zeros (MMA
+# and decode work, no memory traffic: TMA fills them).
+RAGGED_K_WASTE = 8
 # The epilogue reads the per-tensor scales (alpha, input_scale_inv) as
 # kernel operands and multiplies them itself, instead of an XLA pass
 # building a per-block factor table before each call (one small kernel per
@@ -158,8 +162,8 @@ SCALES_AS_OPERANDS = True
 
 def _block_k(k: int, block_m: int, whole_steps: bool) -> int:
   """The largest K step that divides K, or (not `whole_steps`) whose last,
-  partial step adds at most 1/16 of K."""
-  waste = k + 1 if whole_steps else 16
+  partial step adds at most 1/RAGGED_K_WASTE of K."""
+  waste = k + 1 if whole_steps else RAGGED_K_WASTE
   block_k = next(bk for bk in (256, 128, 64) if waste * (-k % bk) <= k)
   if block_m > 64 and block_k == 256:
     block_k = 128

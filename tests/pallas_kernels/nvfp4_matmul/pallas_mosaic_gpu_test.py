@@ -260,17 +260,20 @@ def test_interpret_last_k_step_partial(rng, k, config):
   tolerance.assert_close(out, want, RTOL)
 
 
-@pytest.mark.parametrize("ragged, want", [(False, 64), (True, 128)])
+@pytest.mark.parametrize("ragged, want", [(False, 64), (True, 256)])
 def test_heuristic_k_steps_for_k_2880(monkeypatch, ragged, want):
   monkeypatch.setattr(config_lib, "RAGGED_K_STEPS", ragged)
-  # gpt-oss's MoE GEMM 1 at 1 token (4 experts' tiles fill the SMs): 22.5
-  # steps of 128 with RAGGED_K_STEPS, 45 of 64 without.
+  # gpt-oss's MoE GEMM 1 at 1 token (4 experts' tiles fill the SMs): 11.25
+  # steps of 256 with RAGGED_K_STEPS, 45 of 64 without.
   moe = config_lib.heuristic(32, 5760, 2880, block_m=8, token_tiles=4)
   assert moe.block_k == want and moe.splits == 1
-  # One token tile of a dense layer splits K: 23 steps of 128 cannot, so
-  # it keeps 45 of 64 either way.
-  dense = config_lib.heuristic(16, 2048, 2880)
-  assert dense.block_k == 64 and dense.splits > 1
+  # One token tile of a dense layer splits K either way (12 steps of 256 by
+  # three, or 45 of 64).
+  dense = config_lib.heuristic(16, 5120, 2880)
+  assert dense.block_k == want and dense.splits == 3
+  # 128-token tiles take steps of at most 128: 23 of them cannot split, so
+  # a split layer keeps 45 of 64.
+  assert config_lib.heuristic(256, 5120, 2880).block_k == 64
   assert config_lib.heuristic(16, 2048, 7168).block_k == 256  # divides K
 
 
