@@ -57,7 +57,8 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # two (unfused SwiGLU only: "split2-auto"; at T = 1 Qwen3-30B-A3B's GEMM 1
 # has 96 or 192 CTAs, one or none on most SMs); "k256": both GEMMs in K
 # steps of 256, the last one partial where K is not a multiple (gpt-oss-120b:
-# H = 2880 takes steps of 128 by default, config._block_k); "g1s2", "g1s3":
+# H = 2880 took steps of 128 by default before config.RAGGED_K_WASTE = 8);
+# "g1s2", "g1s3":
 # GEMM 1 with 2 or 3 pipeline stages (more CTAs per SM: the fused decode
 # CTAs' ~24 KB stages leave room for two at 4 stages).
 PREFIXES = (

@@ -221,8 +221,8 @@ def heuristic(
   best = _splits(tiles, -(-k // block_k), num_sms)
   ragged_k = _block_k(k, block_m, whole_steps=not RAGGED_K_STEPS)
   ragged_best = _splits(tiles, -(-k // ragged_k), num_sms)
-  # Longer steps, unless their count (23 for 2880 in steps of 128) cannot
-  # split K where the whole steps would.
+  # Longer steps, unless their count (23 for 2880 in the 128-token tiles'
+  # steps of 128) cannot split K where the whole steps would.
   if ragged_best > 1 or best == 1:
     block_k, best = ragged_k, ragged_best
   k_steps = -(-k // block_k)
