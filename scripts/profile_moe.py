@@ -22,6 +22,7 @@ from benchmarks import arg_specs
 from benchmarks import moe
 from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_moe import base as moe_base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
 CONFIGS_FOR = pallas_mosaic_gpu.configs_for
@@ -60,7 +61,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # H = 2880 took steps of 128 by default before config.RAGGED_K_WASTE = 8);
 # "g1s2", "g1s3":
 # GEMM 1 with 2 or 3 pipeline stages (more CTAs per SM: the fused decode
-# CTAs' ~24 KB stages leave room for two at 4 stages).
+# CTAs' ~24 KB stages leave room for two at 4 stages); "fullsoftmax":
+# renormalized routing through the softmax over all experts
+# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off).
 PREFIXES = (
   "old",
   "s3",
@@ -86,6 +89,7 @@ PREFIXES = (
   "k256",
   "g1s2",
   "g1s3",
+  "fullsoftmax",
 )
 
 
@@ -211,6 +215,7 @@ def main(argv):
       )
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
+      moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
         pad, transform.PAD_INTERMEDIATE_TO_TILES = (

@@ -58,3 +58,28 @@ def test_plane_ordered_leaf_where_it_cannot_be_is_refused(rng, monkeypatch):
   renamed["w2_weight_sm90_planes"] = renamed.pop("w2_weight_sm90")
   with pytest.raises(ValueError, match="w2_weight_sm90_planes"):
     base.StackedLinear.from_mapping(renamed, "w2_")
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_renormalized_softmax_routing_is_the_softmax_of_the_chosen(
+  rng, scale, monkeypatch
+):
+  # Large logits too: the chosen ones' softmax must not overflow, and where
+  # the full softmax underflows to zeros (ties it breaks by index) the
+  # logits still rank the experts.
+  logits = jnp.asarray(rng.standard_normal((16, 64)) * scale, jnp.float32)
+  weights, ids = base.route(logits, top_k=6, routed_scaling=1.5)
+  monkeypatch.setattr(base, "RENORMALIZED_SOFTMAX_OF_CHOSEN", False)
+  want_w, want_ids = base.route(logits, top_k=6, routed_scaling=1.5)
+  weights, want_w = np.asarray(weights), np.asarray(want_w)
+  ranked = want_w > 0
+  np.testing.assert_array_equal(
+    np.asarray(ids)[ranked], np.asarray(want_ids)[ranked]
+  )
+  np.testing.assert_array_equal(
+    np.asarray(ids),
+    np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :6],
+  )
+  assert np.isfinite(weights).all()
+  np.testing.assert_allclose(weights, want_w, rtol=2e-6, atol=1e-30)
+  np.testing.assert_allclose(weights.sum(-1), 1.5, rtol=1e-6)
