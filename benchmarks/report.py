@@ -45,7 +45,7 @@ def merge(results: list[dict], kind: str, prefer_first: bool = False) -> dict:
 
   `prefer_first`: runs are listed newest first, and a group comes from the
   first run that measured any of it (newer runs of a changed kernel that
-  timed only some implementations).
+  timed only some implementations), unless that run skipped part of it.
   """
   keys = GROUP_KEYS[kind]
 
@@ -54,15 +54,20 @@ def merge(results: list[dict], kind: str, prefer_first: bool = False) -> dict:
 
   # Each group's run: the first that measured most of its rows (the first
   # that lists it, where no run measured any).
-  source, measured = {}, {}
+  source, measured, partial = {}, {}, {}
   for run, result in enumerate(results):
+    skipped = collections.Counter(
+      group(r) for r in result["rows"] if r["status"].startswith("skipped")
+    )
     counts = collections.Counter(
       group(r) for r in result["rows"] if not r["status"].startswith("skipped")
     )
     for g in dict.fromkeys(group(r) for r in result["rows"]):
-      preferred = prefer_first and measured.get(g, 0) > 0
+      # A newer run keeps what it measured, unless it skipped part of the
+      # group (a time budget ran out): then a run that measured more wins.
+      preferred = prefer_first and measured.get(g, 0) > 0 and not partial[g]
       if g not in source or (counts[g] > measured[g] and not preferred):
-        source[g], measured[g] = run, counts[g]
+        source[g], measured[g], partial[g] = run, counts[g], skipped[g] > 0
   order = list(source)
   # Shapes (or models) in order of appearance, token counts ascending.
   outer = list(dict.fromkeys(g[:-1] for g in order))
