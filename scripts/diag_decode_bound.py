@@ -8,8 +8,9 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 (`pallas_mosaic_gpu_kernel_sm90.DIAGNOSTIC`; outputs are wrong then):
 "full" (the kernel as it is), "no_decode" (code words go to wgmma as they
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
-"no_mma" (decode without wgmma); "full" is checked against the XLA
-reference. Configs are `tune_matmul` overrides joined
+"one_scale_load" (one scale word loaded per row half and step, all still
+converted), "raw_scales" (every word loaded, none converted), "no_mma"
+(decode without wgmma); "full" is checked against the XLA reference. Configs are `tune_matmul` overrides joined
 by ";", each timed after the heuristic's own. `--lower` only lowers every variant for
 sm_90 (runs on CPU).
 """
@@ -27,7 +28,14 @@ from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 
-VARIANTS = ("full", "no_decode", "no_scales", "no_mma")
+VARIANTS = (
+  "full",
+  "no_decode",
+  "no_scales",
+  "one_scale_load",
+  "raw_scales",
+  "no_mma",
+)
 
 
 def select(variant: str):

@@ -77,7 +77,10 @@ PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 # wrong with any of them): "no_decode" feeds each code word to wgmma as it
 # is (no integer work, no scales), "no_scales" decodes with a constant
 # scale (no scale loads or conversions), "no_mma" decodes and issues no
-# wgmma (the registers are kept alive by empty volatile asm).
+# wgmma (the registers are kept alive by empty volatile asm); the block
+# scales' cost apart: "one_scale_load" loads one scale word per row half
+# and step (each chunk's word is it XOR the chunk: conversions stay),
+# "raw_scales" loads every word and multiplies by it unconverted.
 DIAGNOSTIC = ""
 
 
@@ -247,11 +250,17 @@ def _decode_ptx(
     count = codes.registers.shape[1] // plan.parts
     first = part * count
     scale_regs = {}
+    chunks = range(first // 2, -(-(first + count) // 2))
     for half in range(2):
       r = arith.addi(row, const(8 * half))
-      for chunk in range(first // 2, -(-(first + count) // 2)):
+      shared_word = load_word(r, chunks[0])  # "one_scale_load" only
+      for chunk in chunks:
         if DIAGNOSTIC == "no_scales":
           even = odd = const(0x7A807A80)  # bf16 {2**118, 2**118}
+        elif DIAGNOSTIC == "one_scale_load":
+          even, odd = pair_scales(arith.xori(shared_word, const(chunk)))
+        elif DIAGNOSTIC == "raw_scales":
+          even = odd = load_word(r, chunk)
         else:
           even, odd = pair_scales(load_word(r, chunk))
         scale_regs[half, 2 * chunk] = even
