@@ -23,6 +23,14 @@
 #                                         # tests and MoE profiles on GPU 0,
 #                                         # kernel-time diagnostics and the
 #                                         # tuner against wgmma on GPU 1
+#   bash scripts/gpu_session.sh scales    # on nvidia-h200-x2, ~6 min: what
+#                                         # the block scales cost, loads or
+#                                         # conversion (diag_decode_bound's
+#                                         # one_scale_load, raw_scales) on
+#                                         # GPU 0; the MoE prefill rows
+#                                         # (4096 tokens, after the
+#                                         # fourteenth session's routing)
+#                                         # on GPU 1
 #   bash scripts/gpu_session.sh matmul [M,...] [budget s]
 #                                         # benchmarks.matmul rows, e.g.
 #                                         # 2048,8192 (default: all M)
@@ -141,6 +149,18 @@ case "${1:-tier}" in
     grep -E "K=" "$out/diag_warp.log"
     grep -E "TB/s|WRONG|FAILED" "$out/tune_warp.log"
     grep -hE "^==" "$out"/profile_warp_*.log
+    ;;
+  scales)
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 scripts/diag_decode_bound.py \
+      8192:28672,28672:8192 1,16 full,no_scales,one_scale_load,raw_scales \
+      > "$out/diag_scales.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 560 python3 -m benchmarks.moe \
+      --models qwen3-30b-a3b,deepseek-v3,mixtral-8x7b,gpt-oss-120b --tokens 4096 \
+      --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget 400 \
+      --out "$out/moe_h200_prefill.json" > "$out/moe_prefill.log" 2>&1
+    wait
+    grep -E "K=" "$out/diag_scales.log"
+    grep -E "TFLOP/s|failed" "$out/moe_prefill.log" | tail -n 12
     ;;
   matmul)
     tokens=()
