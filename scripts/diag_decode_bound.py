@@ -10,9 +10,10 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
 "one_scale_load" (one scale word loaded per row half and step, all still
 converted), "raw_scales" (every word loaded, none converted), "no_mma"
-(decode without wgmma); "full" is checked against the XLA reference. Configs are `tune_matmul` overrides joined
-by ";", each timed after the heuristic's own. `--lower` only lowers every variant for
-sm_90 (runs on CPU).
+(decode without wgmma); "full" is checked against the XLA reference.
+Configs are `tune_matmul` overrides joined by ";", each timed after the
+heuristic's own. `--lower` only lowers every variant for sm_90 (runs on
+CPU).
 """
 
 import dataclasses

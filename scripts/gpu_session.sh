@@ -31,6 +31,14 @@
 #                                         # (4096 tokens, after the
 #                                         # fourteenth session's routing)
 #                                         # on GPU 1
+#   bash scripts/gpu_session.sh moe_check PYTEST_K VARIANTS [bench]
+#                                         # on nvidia-h200-x2, after an MoE
+#                                         # change: the MoE GPU tests that
+#                                         # match PYTEST_K on GPU 0; on GPU
+#                                         # 1 profile_moe.py of Qwen3 and
+#                                         # DeepSeek-V3 at 1 and 16 tokens
+#                                         # (VARIANTS), with "bench" then
+#                                         # benchmarks.moe's decode rows
 #   bash scripts/gpu_session.sh matmul [M,...] [budget s]
 #                                         # benchmarks.matmul rows, e.g.
 #                                         # 2048,8192 (default: all M)
@@ -161,6 +169,32 @@ case "${1:-tier}" in
     wait
     grep -E "K=" "$out/diag_scales.log"
     grep -E "TFLOP/s|failed" "$out/moe_prefill.log" | tail -n 12
+    ;;
+  moe_check)
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    CUDA_VISIBLE_DEVICES=0 timeout 380 python3 -m pytest -v -p no:cacheprovider \
+      -m gpu tests/pallas_kernels/nvfp4_moe -k "$2" \
+      > "$out/gpu_tier_moe.log" 2>&1 &
+    export CUDA_VISIBLE_DEVICES=1
+    for model in qwen3-30b-a3b deepseek-v3; do
+      timeout 80 python3 scripts/profile_moe.py "$model" 1,16 "$3" \
+        > "$out/profile_$model.log" 2>&1
+    done
+    if [ "${4:-}" = bench ]; then
+      timeout 200 python3 -m benchmarks.moe \
+        --models qwen3-30b-a3b,deepseek-v3,mixtral-8x7b,gpt-oss-120b \
+        --tokens 1,16 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
+        --time-budget 170 --out "$out/moe_h200.json" > "$out/moe_bench.log" 2>&1
+    fi
+    wait
+    echo "== moe: $(grep -c PASSED "$out/gpu_tier_moe.log") passed"
+    grep -E "FAILED|ERROR" "$out/gpu_tier_moe.log" | head -n 10
+    tail -n 1 "$out/gpu_tier_moe.log"
+    grep -hE "^==|fusion|mosaic" "$out"/profile_*.log | head -n 80
+    if [ -f "$out/moe_bench.log" ]; then
+      grep -E "TB/s|failed" "$out/moe_bench.log" | tail -n 20
+    fi
+    ! grep -qE "FAILED|ERROR" "$out/gpu_tier_moe.log"
     ;;
   matmul)
     tokens=()

@@ -253,7 +253,8 @@ def _decode_ptx(
     chunks = range(first // 2, -(-(first + count) // 2))
     for half in range(2):
       r = arith.addi(row, const(8 * half))
-      shared_word = load_word(r, chunks[0])  # "one_scale_load" only
+      if DIAGNOSTIC == "one_scale_load":
+        shared_word = load_word(r, chunks[0])
       for chunk in chunks:
         if DIAGNOSTIC == "no_scales":
           even = odd = const(0x7A807A80)  # bf16 {2**118, 2**118}

@@ -131,7 +131,6 @@ def route(
   if scoring not in SCORINGS:
     raise NotImplementedError(f"{scoring=} is not supported ({SCORINGS})")
   logits = router_logits.astype(jnp.float32)
-  n_experts = logits.shape[-1]
   if (
     RENORMALIZED_SOFTMAX_OF_CHOSEN
     and scoring == "softmax"
@@ -144,8 +143,20 @@ def route(
     # no softmax over all E, one gather-and-sum kernel on the GPU.
     chosen, ids = top_k_fn(logits, top_k)
     weights = jnp.exp(chosen - chosen[..., :1])
+  else:
+    weights, ids = _scored_top_k(
+      logits, top_k, scoring, correction_bias, num_groups, top_groups, top_k_fn
+    )
+  if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights * jnp.float32(routed_scaling), ids.astype(jnp.int32)
+  return weights * jnp.float32(routed_scaling), ids.astype(jnp.int32)
+
+
+def _scored_top_k(
+  logits, top_k, scoring, correction_bias, num_groups, top_groups, top_k_fn
+):
+  """`route`'s (scores of the chosen experts, their ids), not renormalized."""
+  n_experts = logits.shape[-1]
   if scoring == "softmax":
     probs = jax.nn.softmax(logits, axis=-1)
   else:
@@ -167,10 +178,7 @@ def route(
     keep = jax.nn.one_hot(best, num_groups).sum(-2) > 0  # [T, groups]
     choice = jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
   _, ids = top_k_fn(choice, top_k)
-  weights = jnp.take_along_axis(probs, ids, axis=-1)
-  if renormalize:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return weights * jnp.float32(routed_scaling), ids.astype(jnp.int32)
+  return jnp.take_along_axis(probs, ids, axis=-1), ids
 
 
 def silu(x: jax.Array) -> jax.Array:
