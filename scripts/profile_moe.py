@@ -63,7 +63,8 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # GEMM 1 with 2 or 3 pipeline stages (more CTAs per SM: the fused decode
 # CTAs' ~24 KB stages leave room for two at 4 stages); "fullsoftmax":
 # renormalized routing through the softmax over all experts
-# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off).
+# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off); "walk": 64-row decode CTAs
+# walk their tiles in one pipeline each (config.WALK_DECODE_TILES).
 PREFIXES = (
   "old",
   "s3",
@@ -90,6 +91,7 @@ PREFIXES = (
   "g1s2",
   "g1s3",
   "fullsoftmax",
+  "walk",
 )
 
 
@@ -215,6 +217,7 @@ def main(argv):
       )
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
+      config_lib.WALK_DECODE_TILES = "walk" in prefixes
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
