@@ -161,6 +161,38 @@ case "${1:-tier}" in
     grep -E "TB/s|WRONG|FAILED" "$out/tune_walk.log"
     grep -hE "^==" "$out"/profile_walk_*.log
     ;;
+  walk_modes)
+    # The walking CTAs' three accumulator resets (sm90.WALK_ACCUMULATORS):
+    # the dense tuner on GPU 0, MoE profiles on GPU 1.
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      for mode in reset_at_start reset_at_end values; do
+        timeout 110 python3 -c "
+import sys
+from benchmarks import tune_matmul
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
+sm90.WALK_ACCUMULATORS = '$mode'
+tune_matmul.main(sys.argv[1:])" --max-configs 2 \
+          --shapes 8192:28672,28672:8192,2048:5120 --tokens 1,16 \
+          --configs "ctas_per_sm=3" --out "$out/tune_walk_$mode.json" \
+          > "$out/tune_walk_$mode.log" 2>&1
+      done
+    ) &
+    export CUDA_VISIBLE_DEVICES=1
+    for model in qwen3-30b-a3b gpt-oss-120b deepseek-v3; do
+      timeout 100 python3 scripts/profile_moe.py "$model" 1,16 \
+        autofused,walk-autofused,walkvalues-autofused \
+        > "$out/profile_walk_$model.log" 2>&1
+    done
+    wait
+    for mode in reset_at_start reset_at_end values; do
+      echo "== $mode"
+      grep -E "TB/s|WRONG|FAILED" "$out/tune_walk_$mode.log" |
+        sed -E 's/Config\(.*splits=([0-9]+).*ctas_per_sm=([0-9]+)\)/splits=\1 ctas_per_sm=\2/'
+    done
+    grep -hE "^==" "$out"/profile_walk_*.log
+    ;;
   warp_mma)
     (
       export CUDA_VISIBLE_DEVICES=0

@@ -83,6 +83,12 @@ PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 # and step (each chunk's word is it XOR the chunk: conversions stay),
 # "raw_scales" loads every word and multiplies by it unconverted.
 DIAGNOSTIC = ""
+# How CTAs that walk their tiles (`Config.ctas_per_sm`) reset their
+# accumulators between tiles: "reset_at_start" stores zeros at a tile's
+# first step (a wgmma of the previous step may still be in flight),
+# "reset_at_end" after the last step's wait, "values" carries them as
+# values (each step's wgmmas awaited in `pl.run_state`, reset by a select).
+WALK_ACCUMULATORS = "reset_at_end"
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -861,15 +867,24 @@ def matmul(
         in_specs=in_specs(WG_ROWS, at),
         max_concurrent_steps=cfg.num_stages,
       )
-      if a_in_smem:
-        # The interpreter cannot store to a wgmma accumulator: the
-        # accumulators are values the pipeline carries, reset by a select.
+      if a_in_smem or WALK_ACCUMULATORS == "values":
+        # Accumulators as values the pipeline carries, reset by a select
+        # (the interpreter cannot store to a wgmma accumulator; on the GPU
+        # each step runs its wgmmas in `pl.run_state`, which awaits them).
         def value_body(indices, w_smem, xe_smem, xo_smem, s_smem, *rest):
           *up_refs, accs = rest
           ni, mi, si, k = locate(indices[0])
-          accs = tuple(jnp.where(k == 0, 0.0, acc) for acc in accs)
+          first = jnp.broadcast_to(k == 0, (WG_ROWS, cfg.block_m))
+          accs = tuple(jnp.where(first, jnp.zeros_like(a), a) for a in accs)
           weights = block_weights(ni, w_smem, s_smem, up_refs)
-          accs = value_step(weights, xe_smem, xo_smem, accs)
+          if a_in_smem:
+            accs = value_step(weights, xe_smem, xo_smem, accs)
+          else:
+
+            def run(acc_refs):
+              step(weights, xe_smem, xo_smem, list(acc_refs), slot=0)
+
+            accs = pl.run_state(run)(tuple(plgpu.ACC.init(a) for a in accs))
           expert = e_gmem[mi]
 
           @pl.when((k == steps - 1) & (expert >= 0))
@@ -880,7 +895,9 @@ def matmul(
 
         @pl.when(mine > 0)
         def _():
-          zeros = jnp.zeros((WG_ROWS, cfg.block_m), jnp.float32)
+          zeros = plgpu.layout_cast(
+            jnp.zeros((WG_ROWS, cfg.block_m), jnp.float32), plgpu.Layout.WGMMA
+          )
           pipeline(value_body, init_carry=(zeros,) * n_accs)(*operands)
 
         return
@@ -889,19 +906,28 @@ def matmul(
       def _(accs):
         def body(indices, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
           ni, mi, si, k = locate(indices[0])
+          if WALK_ACCUMULATORS == "reset_at_start":
 
-          @pl.when(k == 0)
-          def _():
-            for acc in accs:
-              acc[...] = jnp.zeros(acc.shape, acc.dtype)
+            @pl.when(k == 0)
+            def _():
+              for acc in accs:
+                acc[...] = jnp.zeros(acc.shape, acc.dtype)
 
           weights = block_weights(ni, w_smem, s_smem, up_refs)
           step(weights, xe_smem, xo_smem, accs, slot=0)
           expert = e_gmem[mi]
 
-          @pl.when((k == steps - 1) & (expert >= 0))
+          @pl.when(k == steps - 1)
           def _():
-            finish(accs, ni, expert, mi, si, 0)
+            plgpu.wgmma_wait(0)
+
+            @pl.when(expert >= 0)
+            def _():
+              finish(accs, ni, expert, mi, si, 0)
+
+            if WALK_ACCUMULATORS == "reset_at_end":  # after the wait
+              for acc in accs:
+                acc[...] = jnp.zeros(acc.shape, acc.dtype)
 
         @pl.when(mine > 0)
         def _():
