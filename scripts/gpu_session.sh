@@ -31,10 +31,6 @@
 #                                         # (4096 tokens, after the
 #                                         # fourteenth session's routing)
 #                                         # on GPU 1
-#   bash scripts/gpu_session.sh walk    # on nvidia-h200-x2: the walking
-#                                         # decode CTAs' GPU tests and dense
-#                                         # tuner (GPU 0), MoE profiles with
-#                                         # and without them (GPU 1)
 #   bash scripts/gpu_session.sh moe_check PYTEST_K VARIANTS [bench]
 #                                         # on nvidia-h200-x2, after an MoE
 #                                         # change: the MoE GPU tests that
@@ -134,64 +130,6 @@ case "${1:-tier}" in
       if grep -qE "FAILED|ERROR" "$out/gpu_tier_$part.log"; then status=1; fi
     done
     exit $status
-    ;;
-  walk)
-    # Decode CTAs that walk their tiles (Config.ctas_per_sm): their GPU
-    # tests and the dense tuner on GPU 0, MoE one-call profiles on GPU 1.
-    export XLA_PYTHON_CLIENT_PREALLOCATE=false
-    (
-      export CUDA_VISIBLE_DEVICES=0
-      timeout 240 python3 -m pytest -v -p no:cacheprovider -m gpu \
-        -k "walking" tests/pallas_kernels > "$out/walk_tests.log" 2>&1
-      timeout 300 python3 -m benchmarks.tune_matmul --max-configs 5 \
-        --shapes 8192:28672,28672:8192,4096:14336,7168:2048,2048:5120 \
-        --tokens 1,16 \
-        --configs "ctas_per_sm=2;ctas_per_sm=3;ctas_per_sm=3,splits=1;ctas_per_sm=4,num_stages=3" \
-        --out "$out/tune_walk_h200.json" > "$out/tune_walk.log" 2>&1
-    ) &
-    export CUDA_VISIBLE_DEVICES=1
-    for model in qwen3-30b-a3b deepseek-v3 gpt-oss-120b mixtral-8x7b; do
-      timeout 130 python3 scripts/profile_moe.py "$model" 1,16 \
-        autofused,walk-autofused > "$out/profile_walk_$model.log" 2>&1
-    done
-    wait
-    echo "== tests: $(grep -c PASSED "$out/walk_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/walk_tests.log" | head -n 10
-    tail -n 1 "$out/walk_tests.log"
-    grep -E "TB/s|WRONG|FAILED" "$out/tune_walk.log"
-    grep -hE "^==" "$out"/profile_walk_*.log
-    ;;
-  walk_modes)
-    # The walking CTAs' three accumulator resets (sm90.WALK_ACCUMULATORS):
-    # the dense tuner on GPU 0, MoE profiles on GPU 1.
-    export XLA_PYTHON_CLIENT_PREALLOCATE=false
-    (
-      export CUDA_VISIBLE_DEVICES=0
-      for mode in reset_at_start reset_at_end values; do
-        timeout 110 python3 -c "
-import sys
-from benchmarks import tune_matmul
-from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
-sm90.WALK_ACCUMULATORS = '$mode'
-tune_matmul.main(sys.argv[1:])" --max-configs 2 \
-          --shapes 8192:28672,28672:8192,2048:5120 --tokens 1,16 \
-          --configs "ctas_per_sm=3" --out "$out/tune_walk_$mode.json" \
-          > "$out/tune_walk_$mode.log" 2>&1
-      done
-    ) &
-    export CUDA_VISIBLE_DEVICES=1
-    for model in qwen3-30b-a3b gpt-oss-120b deepseek-v3; do
-      timeout 100 python3 scripts/profile_moe.py "$model" 1,16 \
-        autofused,walk-autofused,walkvalues-autofused \
-        > "$out/profile_walk_$model.log" 2>&1
-    done
-    wait
-    for mode in reset_at_start reset_at_end values; do
-      echo "== $mode"
-      grep -E "TB/s|WRONG|FAILED" "$out/tune_walk_$mode.log" |
-        sed -E 's/Config\(.*splits=([0-9]+).*ctas_per_sm=([0-9]+)\)/splits=\1 ctas_per_sm=\2/'
-    done
-    grep -hE "^==" "$out"/profile_walk_*.log
     ;;
   warp_mma)
     (

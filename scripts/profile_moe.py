@@ -22,7 +22,6 @@ from benchmarks import arg_specs
 from benchmarks import moe
 from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
-from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base as moe_base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
@@ -64,11 +63,7 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # GEMM 1 with 2 or 3 pipeline stages (more CTAs per SM: the fused decode
 # CTAs' ~24 KB stages leave room for two at 4 stages); "fullsoftmax":
 # renormalized routing through the softmax over all experts
-# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off); "walk": 64-row decode CTAs
-# walk their tiles in one pipeline each (config.WALK_DECODE_TILES),
-# resetting their accumulators after a tile's last wait; "walkstart": at a
-# tile's first step instead; "walkvalues": accumulators carried as values
-# (sm90.WALK_ACCUMULATORS).
+# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off).
 PREFIXES = (
   "old",
   "s3",
@@ -95,9 +90,6 @@ PREFIXES = (
   "g1s2",
   "g1s3",
   "fullsoftmax",
-  "walk",
-  "walkstart",
-  "walkvalues",
 )
 
 
@@ -223,12 +215,6 @@ def main(argv):
       )
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
-      walks = {"walk": "reset_at_end", "walkstart": "reset_at_start"}
-      walks["walkvalues"] = "values"
-      config_lib.WALK_DECODE_TILES = bool(prefixes & set(walks))
-      for prefix, mode in walks.items():
-        if prefix in prefixes:
-          sm90.WALK_ACCUMULATORS = mode
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:

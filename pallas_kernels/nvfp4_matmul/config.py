@@ -41,13 +41,6 @@ class Config:
       accumulators carried in registers) instead of wgmma: no warpgroup
       fence or wait between a step's decode and its MMAs. Not with
       `async_mma`.
-    ctas_per_sm: 64-row CTAs: 0 launches one CTA per output tile (and K
-      split); n > 0 launches n CTAs per SM, and CTA c runs one pipeline
-      over the K steps of tiles c, c + grid, c + 2 grid, ..., so a tile's
-      first loads are in flight during the previous tile's last steps and
-      no CTA fills or drains its pipeline more than once. n CTAs must fit
-      on an SM at once (`smem_bytes`), or the ones that do not wait for a
-      whole walk to end.
   """
 
   block_k: int = 128
@@ -60,7 +53,6 @@ class Config:
   async_mma: bool = False
   mma_parts: int = 2
   warp_mma: bool = False
-  ctas_per_sm: int = 0
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -83,13 +75,6 @@ class Config:
       )
     if self.warp_mma and (self.cta_rows != WGMMA_ROWS or self.async_mma):
       raise ValueError("warp_mma needs 64-row CTAs and no async_mma")
-    if self.ctas_per_sm < 0 or (
-      self.ctas_per_sm
-      and (self.cta_rows != WGMMA_ROWS or self.warp_mma or self.persistent)
-    ):
-      raise ValueError(
-        f"{self.ctas_per_sm=} must be >= 0, and > 0 only for 64-row wgmma CTAs"
-      )
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.async_mma and self.persistent:
@@ -143,14 +128,6 @@ PREFILL = Config(block_k=64, block_m=256, num_stages=4, persistent=True)
 # each of the four warps loads the whole token tile into registers and, at
 # 16 tokens, issues two m16n8k16 per 16 K columns.
 WARP_MMA_DECODE = False
-
-
-# Decode CTAs walk their output tiles with one pipeline each
-# (`Config.ctas_per_sm`), a fixed grid of as many CTAs per SM as fit.
-WALK_DECODE_TILES = False
-SM_SMEM = 228 * 1024
-# Four 64-row CTAs of ~110 registers a thread take half the register file.
-MAX_CTAS_PER_SM = 4
 
 
 def overlaps_mma(cta_rows: int) -> bool:
@@ -276,23 +253,4 @@ def heuristic(
 
   while not fits(config) and config.num_stages > 2:
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)
-  return walking(config, bf16_out, weights, scale_tiles)
-
-
-def walking(
-  config: Config,
-  bf16_out: bool = False,
-  weights: int = 1,
-  scale_tiles: int | None = None,
-) -> Config:
-  """`config` with `ctas_per_sm` as WALK_DECODE_TILES says: where its
-  64-row wgmma CTAs walk their tiles, as many per SM as the H200's 228 KiB
-  hold (1 KiB reserved per CTA; `smem_bytes` as `heuristic` takes them),
-  at most MAX_CTAS_PER_SM; else 0."""
-  ctas = 0
-  if (
-    WALK_DECODE_TILES and config.cta_rows == WGMMA_ROWS and not config.warp_mma
-  ):
-    smem = config.smem_bytes(not bf16_out, weights, scale_tiles)
-    ctas = max(1, min(MAX_CTAS_PER_SM, SM_SMEM // (smem + 1024)))
-  return dataclasses.replace(config, ctas_per_sm=ctas)
+  return config

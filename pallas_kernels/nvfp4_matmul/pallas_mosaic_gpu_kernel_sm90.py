@@ -51,7 +51,6 @@ split-K and the epilogues are the same code in both modes.
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +82,6 @@ PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 # and step (each chunk's word is it XOR the chunk: conversions stay),
 # "raw_scales" loads every word and multiplies by it unconverted.
 DIAGNOSTIC = ""
-# How CTAs that walk their tiles (`Config.ctas_per_sm`) reset their
-# accumulators between tiles: "reset_at_start" stores zeros at a tile's
-# first step (a wgmma of the previous step may still be in flight),
-# "reset_at_end" after the last step's wait, "values" carries them as
-# values (each step's wgmmas awaited in `pl.run_state`, reset by a select).
-WALK_ACCUMULATORS = "reset_at_end"
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -143,17 +136,6 @@ class Plan:
   def part_k(self) -> int:
     """Plane columns of one part: the K of its A tiles."""
     return self.plane_k // self.parts
-
-
-class Step(NamedTuple):
-  """What one pipeline step works on: the output tile's 64- or 128-row
-  block, its token tile, the K step, and the expert whose weights it
-  reads."""
-
-  row_block: jax.Array
-  mi: jax.Array
-  k: jax.Array
-  expert: jax.Array
 
 
 # ----------------------------------------------------------------- decoding
@@ -551,13 +533,6 @@ def matmul(
   single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
   compute_wgs = 1 if single else 2
 
-  row_blocks = n_tiles * TILE_ROWS // cfg.cta_rows
-  if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
-    # lie past the scale array (a blocked TMA copy promised in bounds).
-    row_blocks = -(-inter // cfg.cta_rows)
-  # With `ctas_per_sm`: a fixed grid, at most one CTA per output tile.
-  walkers = min(num_sms * cfg.ctas_per_sm, row_blocks * m_tiles * splits)
-
   def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, e_gmem, v_gmem, *refs):
     f_gmems, (o_gmem, o_smem, *rest) = (
       refs[: len(factors)],
@@ -567,52 +542,43 @@ def matmul(
     n_accs = 2 if swiglu else 1  # gate and up accumulators with SwiGLU
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
-    def in_specs(rows, at):
-      """Pipeline inputs of the output tile that step `k` works on (`at(k)`,
-      a `Step`): weight rows `[row_block * rows, +rows)`, both activation
-      planes, the row tile's block scales, and with SwiGLU the up rows (I
-      rows down) and their scales."""
+    def in_specs(rows, row_block, mi, k0, expert):
+      """Pipeline inputs of one output tile: weight rows `[row_block *
+      rows, +rows)`, both activation planes, the row tile's block scales,
+      and with SwiGLU the up rows (I rows down) and their scales."""
       per_tile = TILE_ROWS // rows
+      tile = row_block // per_tile
 
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(
           shape, index_map, transforms=transforms, delay_release=release
         )
 
-      def weight(block_of):
-        """Weight rows and scales of 64-row block `block_of(row_block)`."""
-
-        def w_map(k):
-          s = at(k)
-          return s.expert, block_of(s.row_block), s.k
-
-        def s_map(k):
-          s = at(k)
-          return s.expert, block_of(s.row_block) // per_tile, s.k, 0, 0
-
+      def weight(block, scale_tile):
         return [
           spec(
             (None, rows, plan.plane_k),
-            w_map,
+            lambda k: (expert, block, k0 + k),
             _swizzled(8, plan.plane_k, half_k),
           ),
-          spec((None, None, plan.scale_chunks, 2, 256), s_map),
+          spec(
+            (None, None, plan.scale_chunks, 2, 256),
+            lambda k: (expert, scale_tile, k0 + k, 0, 0),
+          ),
         ]
 
-      w_spec, s_spec = weight(lambda block: block)
+      w_spec, s_spec = weight(row_block, tile)
 
       # Swizzled per K part, so that a part is whole tiles for wgmma.
       def x_spec(plane):
         transforms = _swizzled(16, 2 * plan.part_k, 2 * half_k)
         if not stacked:
           return spec(
-            (cfg.block_m, plan.plane_k),
-            lambda k: (at(k).mi, at(k).k),
-            transforms,
+            (cfg.block_m, plan.plane_k), lambda k: (mi, k0 + k), transforms
           )
         return spec(
           (None, cfg.block_m, plan.plane_k),
-          lambda k: (plane, at(k).mi, at(k).k),
+          lambda k: (plane, mi, k0 + k),
           transforms,
         )
 
@@ -621,33 +587,23 @@ def matmul(
       if not swiglu:
         return specs
       if rows == WG_ROWS or not up_mid_tile:  # whole 64-row blocks
-        # 64-row block row_block * rows // 64 + up_blocks, in blocks of rows.
+        up_block = row_block * rows // WG_ROWS + up_blocks
         return specs + weight(
-          lambda block: (block * rows // WG_ROWS + up_blocks) * WG_ROWS // rows
+          up_block * WG_ROWS // rows, up_block * WG_ROWS // TILE_ROWS
         )
       # 128 up rows from row I + 128 row_block (an element offset), and the
       # two scale tiles they span.
-
-      def up_map(k):
-        s = at(k)
-        return s.expert, inter + s.row_block * rows, s.k
-
-      def up_scale_map(k):
-        s = at(k)
-        return s.expert, s.row_block // per_tile + up_blocks // 2, s.k, 0, 0
-
       return specs + [
         spec(
           (None, pl.Element(rows), plan.plane_k),
-          up_map,
+          lambda k: (expert, inter + row_block * rows, k0 + k),
           _swizzled(8, plan.plane_k, half_k),
         ),
-        spec((None, pl.Element(2), plan.scale_chunks, 2, 256), up_scale_map),
+        spec(
+          (None, pl.Element(2), plan.scale_chunks, 2, 256),
+          lambda k: (expert, tile + up_blocks // 2, k0 + k, 0, 0),
+        ),
       ]
-
-    def fixed_tile(row_block, mi, k0, expert):
-      """`at` of a pipeline over one output tile's K steps from `k0`."""
-      return lambda k: Step(row_block, mi, k0 + k, expert)
 
     def decode_registers(w, scales, *, part=0, warp_mma=False):
       """`_decode_ptx` of a weight tile whose `scales` are (the 128-row
@@ -719,12 +675,11 @@ def matmul(
         if cfg.async_mma:
           plgpu.wgmma_wait(2 * len(accs))  # all but this part's groups
 
-    def value_step(weights, xe_smem, xo_smem, accs):
-      """One K step on accumulators that are values the pipeline carries,
-      which come back: warp-level `mma.sync` (`Config.warp_mma`; the
+    def warp_mma_step(weights, xe_smem, xo_smem, accs):
+      """One K step with warp-level `mma.sync` (`Config.warp_mma`): the
       activations load once into the B layout, each weight tile decodes
-      into A registers, no warpgroup fences or waits between decode and
-      MMA), or in the interpreter plain dots."""
+      into A registers, and the accumulators (values the pipeline carries)
+      come back; no warpgroup fences or waits between decode and MMA."""
       if not a_in_smem:
         rhs = plgpu.Layout.MMA_RHS(jnp.bfloat16)
         xe = plgpu.load(xe_smem.T, layout=rhs)
@@ -734,12 +689,11 @@ def matmul(
         codes = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
         if a_in_smem:  # the interpreter has no mma.sync: plain dots
           s_ref, half, _ = scales
-          for part in range(plan.parts):
-            lo, hi = _decode_jnp(codes, s_ref, half, plan, part)
-            columns = pl.ds(part * plan.part_k, plan.part_k)
-            for tile, x_ref in ((lo, xe_smem), (hi, xo_smem)):
-              x = x_ref[:, columns]
-              acc = acc + jnp.dot(tile, x.T, preferred_element_type=jnp.float32)
+          lo, hi = _decode_jnp(codes, s_ref, half, plan)
+          for tile, x_ref in ((lo, xe_smem), (hi, xo_smem)):
+            acc = acc + jnp.dot(
+              tile, x_ref[...].T, preferred_element_type=jnp.float32
+            )
           out.append(acc)
           continue
         lo, hi = decode_registers(codes, scales, warp_mma=True)
@@ -750,10 +704,10 @@ def matmul(
         out.append(plgpu.mma(plgpu.mma(acc, lo, xe), hi, xo))
       return tuple(out)
 
-    def finish(accs, block, expert, mi, si, slot, values=cfg.warp_mma):
+    def finish(accs, block, expert, mi, si, slot):
       """Scales the accumulators of 64-row block `block` (and applies
       SwiGLU), then stores them from SMEM slot `slot`. `accs`: wgmma
-      accumulator refs, or `values`."""
+      accumulator refs, or values (`Config.warp_mma`)."""
 
       def scaled(acc_ref, factor_block):
         if per_block:
@@ -762,7 +716,7 @@ def matmul(
           scale = f_gmems[0][expert]
           for f_gmem in f_gmems[1:]:
             scale = scale * f_gmem[expert]
-        acc = acc_ref if values else acc_ref[...]
+        acc = acc_ref if cfg.warp_mma else acc_ref[...]
         return acc * (scale * (2.0**-PRODUCT_EXPONENT))
 
       acc = scaled(accs[0], block)
@@ -822,135 +776,37 @@ def matmul(
         mma_body,
         grid=(steps,),
         memory_registers=40,
-        in_specs=in_specs(TILE_ROWS, fixed_tile(ni, mi, si * steps, expert)),
+        in_specs=in_specs(TILE_ROWS, ni, mi, si * steps, expert),
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=cfg.num_stages,
         compute_context=compute_context,
       )
 
-    def block_weights(ni, w_smem, s_smem, up_refs):
-      """(weight, scales) of 64-row block `ni` (and its up rows) in a CTA
-      of one warpgroup, as `step` takes them."""
-      weights = [(w_smem, (s_smem, ni % 2, False))]
-      if swiglu:  # 64-row block ni + up_blocks
-        w_up, s_up = up_refs
-        weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
-      return weights
-
-    def walk_tiles():
-      """`Config.ctas_per_sm`: this CTA's output tiles (token tile, 64-row
-      block, K split: tiles c, c + grid, ...) in one pipeline over all
-      their K steps. A token tile without an expert (< 0; only where
-      `tile_expert` has gaps) reads expert 0 and stores nothing."""
-      cta = lax.axis_index("cta")
-      per_token_tile = row_blocks * splits
-      tiles = v_gmem[0] * per_token_tile
-      mine = (tiles - cta + walkers - 1) // walkers
-
-      def locate(u):
-        tile = cta + walkers * (u // steps)
-        return (
-          tile % per_token_tile // splits,  # 64-row block
-          tile // per_token_tile,  # token tile
-          tile % splits,
-          u % steps,  # K step in the split
-        )
-
-      def at(u):
-        ni, mi, si, k = locate(u)
-        return Step(ni, mi, si * steps + k, jnp.maximum(e_gmem[mi], 0))
-
-      pipeline = functools.partial(
-        plgpu.emit_pipeline,
-        grid=(mine * steps,),
-        in_specs=in_specs(WG_ROWS, at),
-        max_concurrent_steps=cfg.num_stages,
-      )
-      if a_in_smem or WALK_ACCUMULATORS == "values":
-        # Accumulators as values the pipeline carries, reset by a select
-        # (the interpreter cannot store to a wgmma accumulator; on the GPU
-        # each step runs its wgmmas in `pl.run_state`, which awaits them).
-        def value_body(indices, w_smem, xe_smem, xo_smem, s_smem, *rest):
-          *up_refs, accs = rest
-          ni, mi, si, k = locate(indices[0])
-          first = jnp.broadcast_to(k == 0, (WG_ROWS, cfg.block_m))
-          accs = tuple(jnp.where(first, jnp.zeros_like(a), a) for a in accs)
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
-          if a_in_smem:
-            accs = value_step(weights, xe_smem, xo_smem, accs)
-          else:
-
-            def run(acc_refs):
-              step(weights, xe_smem, xo_smem, list(acc_refs), slot=0)
-
-            accs = pl.run_state(run)(tuple(plgpu.ACC.init(a) for a in accs))
-          expert = e_gmem[mi]
-
-          @pl.when((k == steps - 1) & (expert >= 0))
-          def _():
-            finish(accs, ni, expert, mi, si, 0, values=True)
-
-          return accs
-
-        @pl.when(mine > 0)
-        def _():
-          zeros = plgpu.layout_cast(
-            jnp.zeros((WG_ROWS, cfg.block_m), jnp.float32), plgpu.Layout.WGMMA
-          )
-          pipeline(value_body, init_carry=(zeros,) * n_accs)(*operands)
-
-        return
-
-      @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
-      def _(accs):
-        def body(indices, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
-          ni, mi, si, k = locate(indices[0])
-          if WALK_ACCUMULATORS == "reset_at_start":
-
-            @pl.when(k == 0)
-            def _():
-              for acc in accs:
-                acc[...] = jnp.zeros(acc.shape, acc.dtype)
-
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
-          step(weights, xe_smem, xo_smem, accs, slot=0)
-          expert = e_gmem[mi]
-
-          @pl.when(k == steps - 1)
-          def _():
-            plgpu.wgmma_wait(0)
-
-            @pl.when(expert >= 0)
-            def _():
-              finish(accs, ni, expert, mi, si, 0)
-
-            if WALK_ACCUMULATORS == "reset_at_end":  # after the wait
-              for acc in accs:
-                acc[...] = jnp.zeros(acc.shape, acc.dtype)
-
-        @pl.when(mine > 0)
-        def _():
-          pipeline(body)(*operands)
-          plgpu.wgmma_wait(0)  # a skipped last tile's wgmmas
-
     def one_warpgroup_pipeline(ni, mi, si, expert):
       """The K loop of 64-row block `ni` on a CTA of one warpgroup, which
       issues its own TMA loads (plain pipeline, no register split); with
       `Config.warp_mma` the accumulators are values the pipeline carries."""
 
+      def block_weights(w_smem, s_smem, up_refs):
+        weights = [(w_smem, (s_smem, ni % 2, False))]
+        if swiglu:  # 64-row block ni + up_blocks
+          w_up, s_up = up_refs
+          weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
+        return weights
+
       pipeline = functools.partial(
         plgpu.emit_pipeline,
         grid=(steps,),
-        in_specs=in_specs(WG_ROWS, fixed_tile(ni, mi, si * steps, expert)),
+        in_specs=in_specs(WG_ROWS, ni, mi, si * steps, expert),
         max_concurrent_steps=cfg.num_stages,
       )
       if cfg.warp_mma:
 
         def warp_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
           *up_refs, accs = rest
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
-          return value_step(weights, xe_smem, xo_smem, accs)
+          weights = block_weights(w_smem, s_smem, up_refs)
+          return warp_mma_step(weights, xe_smem, xo_smem, accs)
 
         zeros = plgpu.layout_cast(
           jnp.zeros((WG_ROWS, cfg.block_m), jnp.float32),
@@ -963,7 +819,7 @@ def matmul(
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
         def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
+          weights = block_weights(w_smem, s_smem, up_refs)
           step(weights, xe_smem, xo_smem, accs, slot=0)
 
         pipeline(body)(*operands)
@@ -972,9 +828,6 @@ def matmul(
     operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)
     if swiglu:
       operands += (w_gmem, s_gmem)
-    if cfg.ctas_per_sm:
-      walk_tiles()
-      return
     if not cfg.persistent:
       ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
       expert = e_gmem[mi]
@@ -1034,9 +887,11 @@ def matmul(
   if cfg.persistent:
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
-  elif cfg.ctas_per_sm:
-    grid, grid_names = (walkers,), ("cta",)
   else:
+    row_blocks = n_tiles * TILE_ROWS // cfg.cta_rows
+    if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
+      # lie past the scale array (a blocked TMA copy promised in bounds).
+      row_blocks = -(-inter // cfg.cta_rows)
     grid, grid_names = (row_blocks, m_tiles, splits), ("n", "m", "split")
   call = plgpu.kernel(
     kernel,

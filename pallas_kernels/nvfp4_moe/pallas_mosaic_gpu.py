@@ -179,16 +179,8 @@ def configs_for(
       cta_rows=rows,
       async_mma=config_lib.overlaps_mma(rows),
       warp_mma=config_lib.warp_mma(rows),
-      ctas_per_sm=0,
     )
-    configs.append(
-      config_lib.walking(
-        config,
-        bf16_out=k == inter,
-        weights=2 if k == hidden else 1,
-        scale_tiles=3 if k == hidden and inter % config_lib.TILE_ROWS else None,
-      )
-    )
+    configs.append(config)
   return tuple(configs)
 
 
@@ -660,11 +652,7 @@ def _expert_gemms(
   itself when `gather` is None)."""
   inter = w13.shape[1] // 2
   row_expert = jnp.maximum(jnp.repeat(tile_expert, block_m), 0)
-  # Tiles up to the last with an expert: the used ones, which sorted
-  # placement puts first; direct placement may leave a dropped pair's gap.
-  used_tiles = jnp.max(
-    jnp.where(tile_expert >= 0, jnp.arange(1, tile_expert.size + 1), 0)
-  ).astype(jnp.int32)
+  used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
   gemm = functools.partial(
     _grouped_gemm,
     row_expert,

@@ -102,24 +102,6 @@ def run(x, layer, activation, config=None, interpret=True):
         ),
       ]
     ],
-    # 64-row CTAs walking several output tiles in one pipeline (4 SMs in
-    # interpret mode): 16 tiles on 4 CTAs, split-K and a partial last row
-    # tile; 12 tiles of 16 steps with wgmmas in flight; 16 tiles on 12 CTAs
-    # (one or two each); a partial last K step.
-    *[
-      (m, n, k, config_lib.Config(cta_rows=64, **fields))
-      for m, n, k, fields in [
-        (9, 200, 512, dict(block_k=64, block_m=8, splits=2, ctas_per_sm=1)),
-        (
-          20,
-          256,
-          1024,
-          dict(block_k=64, block_m=8, async_mma=True, ctas_per_sm=1),
-        ),
-        (9, 256, 256, dict(block_k=64, block_m=8, splits=2, ctas_per_sm=3)),
-        (5, 256, 320, dict(block_k=256, block_m=8, ctas_per_sm=1)),
-      ]
-    ],
     # Warp-level mma.sync (accumulators carried by the pipeline): plain,
     # split-K with a partial last tile, sm90 bit order.
     *[
@@ -451,29 +433,6 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
     layer, src = test_base.make_layer(rng, n, k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     config = config_lib.Config(cta_rows=64, warp_mma=True, **fields)
-    out = pallas_kernels.nvfp4_matmul(
-      x, layer, implementation="pallas", config=config
-    )
-    self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
-
-  @pytest.mark.parametrize("async_mma", [False, True])
-  @pytest.mark.parametrize(
-    "m, n, k, fields",
-    [
-      # 896 tiles on 396 CTAs; tiles of 16 tokens on 1 CTA per SM; K =
-      # 2880 in a partial last step; fewer tiles than CTAs.
-      (1, 28672, 8192, dict(block_k=256, block_m=8, splits=2, ctas_per_sm=3)),
-      (16, 8192, 2048, dict(block_k=256, block_m=16, ctas_per_sm=1)),
-      (7, 2880, 2880, dict(block_k=256, block_m=8, ctas_per_sm=2)),
-      (3, 200, 512, dict(block_k=64, block_m=8, splits=2, ctas_per_sm=4)),
-    ],
-  )
-  def test_walking_ctas(self, rng, m, n, k, fields, async_mma):
-    # 64-row CTAs that walk their output tiles in one pipeline
-    # (Config.ctas_per_sm): accumulators reset and stored mid-pipeline.
-    layer, src = test_base.make_layer(rng, n, k)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    config = config_lib.Config(cta_rows=64, async_mma=async_mma, **fields)
     out = pallas_kernels.nvfp4_matmul(
       x, layer, implementation="pallas", config=config
     )

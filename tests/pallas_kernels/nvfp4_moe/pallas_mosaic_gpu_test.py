@@ -221,18 +221,13 @@ def test_direct_tiles_give_each_pair_of_one_token_its_own_tile():
     pallas_mosaic_gpu.direct_tiles(ids, dataclasses.replace(plan, tokens=2))
 
 
-@pytest.mark.parametrize("walk", [False, True])
 @pytest.mark.parametrize("direct", [False, True])
 def test_interpret_one_token_with_and_without_the_sort(
-  rng, monkeypatch, direct, walk
+  rng, monkeypatch, direct
 ):
   # Decode of one token: the direct tiles (default) and the sorted ones
-  # give the same output, foreign and repeated ids included. walk: the
-  # decode CTAs walk two tiles each (4 interpreter SMs, one CTA each), the
-  # direct tiles with the dropped pair's gap among them.
+  # give the same output, foreign and repeated ids included.
   monkeypatch.setattr(pallas_mosaic_gpu, "DIRECT_DECODE", direct)
-  monkeypatch.setattr(config_lib, "WALK_DECODE_TILES", walk)
-  monkeypatch.setattr(config_lib, "MAX_CTAS_PER_SM", 1)
   experts, _ = test_base.make_experts(rng, 4, 128, 128)
   x = jnp.asarray(rng.standard_normal((1, 128)), jnp.bfloat16)
   ids = jnp.asarray([[2, -1, 2, 0]], jnp.int32)
@@ -408,25 +403,6 @@ def test_interpret_warp_mma_decode(rng, monkeypatch):
     rng, (40, 4, 256, 128), weight_layout="sm90", block_m=16, cta_rows=64
   )
   assert calls and all(calls), calls  # both GEMMs took mma.sync
-
-
-def test_interpret_walking_decode(rng, monkeypatch):
-  # 64-row decode CTAs walking their tiles (config.WALK_DECODE_TILES; 4
-  # interpreter SMs of one CTA): SwiGLU fused, sm90 layout, split GEMM 2.
-  monkeypatch.setattr(config_lib, "WALK_DECODE_TILES", True)
-  monkeypatch.setattr(config_lib, "MAX_CTAS_PER_SM", 1)
-  calls = spy_on_matmul(monkeypatch, "ctas_per_sm")
-  check_interpret_against_numpy(
-    rng, (40, 4, 256, 128), weight_layout="sm90", block_m=16, cta_rows=64
-  )
-  assert calls and all(c == 1 for c in calls), calls
-
-
-@pytest.mark.parametrize("tokens", [1, 16])
-@pytest.mark.parametrize("model", [QWEN3_30B, GPT_OSS])  # GPT_OSS: K = 2880
-def test_walking_decode_lowers_for_sm90(monkeypatch, model, tokens):
-  monkeypatch.setattr(config_lib, "WALK_DECODE_TILES", True)
-  lower_moe(model, tokens, False, 64, True)
 
 
 @pytest.mark.parametrize("tokens", [1, 16])
@@ -803,33 +779,6 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     assert calls and all(calls), calls
     want = pallas_kernels.nvfp4_moe(
       x, logits, experts, top_k=8, activation=activation, implementation="xla"
-    )
-    self.check(out, want.astype(jnp.float32))
-
-  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-  @pytest.mark.parametrize(
-    "tokens, experts, hidden, inter, top_k",
-    [(1, 16, 2048, 768, 8), (16, 16, 2048, 768, 8), (16, 8, 2880, 2880, 4)],
-  )
-  def test_walking_decode(
-    self, rng, monkeypatch, tokens, experts, hidden, inter, top_k, activation
-  ):
-    # Qwen3-30B-A3B's and gpt-oss-120b's shapes through 64-row decode CTAs
-    # that walk their tiles (config.WALK_DECODE_TILES).
-    monkeypatch.setattr(config_lib, "WALK_DECODE_TILES", True)
-    calls = spy_on_matmul(monkeypatch, "ctas_per_sm")  # clears jit caches
-    experts, _, x, logits = test_base.make_inputs(
-      rng, tokens, experts, hidden, inter
-    )
-    out = self.moe(x, logits, experts, top_k=top_k, activation=activation)
-    assert calls and all(calls), calls
-    want = pallas_kernels.nvfp4_moe(
-      x,
-      logits,
-      experts,
-      top_k=top_k,
-      activation=activation,
-      implementation="xla",
     )
     self.check(out, want.astype(jnp.float32))
 
