@@ -63,7 +63,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # GEMM 1 with 2 or 3 pipeline stages (more CTAs per SM: the fused decode
 # CTAs' ~24 KB stages leave room for two at 4 stages); "fullsoftmax":
 # renormalized routing through the softmax over all experts
-# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off).
+# (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off); "g2wide": GEMM 2 in 128-row
+# CTAs (two compute warpgroups fed by a TMA warpgroup, persistent) while
+# GEMM 1 keeps the heuristic's (at decode, 64-row CTAs): a short-K GEMM 2
+# (Qwen3-30B-A3B: 3 K steps) fills its pipeline once per 128 rows.
 PREFIXES = (
   "old",
   "s3",
@@ -90,6 +93,7 @@ PREFIXES = (
   "g1s2",
   "g1s3",
   "fullsoftmax",
+  "g2wide",
 )
 
 
@@ -127,6 +131,7 @@ def _configs_for(
   gemm1_splits=None,
   long_steps=False,
   gemm1_stages=None,
+  gemm2_wide=False,
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
@@ -156,6 +161,15 @@ def _configs_for(
       dataclasses.replace(configs[0], num_stages=gemm1_stages),
       configs[1],
     ]
+  if gemm2_wide and configs[1].cta_rows == config_lib.WGMMA_ROWS:
+    wide = dataclasses.replace(
+      configs[1],
+      cta_rows=config_lib.TILE_ROWS,
+      persistent=True,
+      async_mma=False,
+      warp_mma=False,
+    )
+    configs = [configs[0], _fitting_stages(wide, weights=1, bf16_out=True)]
   if no_split:
     configs = [dataclasses.replace(c, splits=1) for c in configs]
   if at_most_three_stages:
@@ -182,6 +196,7 @@ def main(argv):
         no_split="nosplit" in prefixes,
         gemm1_splits=2 if "split2" in prefixes else None,
         long_steps="k256" in prefixes,
+        gemm2_wide="g2wide" in prefixes,
         gemm1_stages=2
         if "g1s2" in prefixes
         else 3
