@@ -32,10 +32,6 @@
 #                                         # (4096 tokens, after the
 #                                         # fourteenth session's routing)
 #                                         # on GPU 1
-#   bash scripts/gpu_session.sh sum_splits  # on nvidia-h200-x2: K splits
-#                                         # summed in the kernel: GPU tests
-#                                         # (GPU 0), dense timings with and
-#                                         # without (GPU 1)
 #   bash scripts/gpu_session.sh moe_check PYTEST_K VARIANTS [bench]
 #                                         # on nvidia-h200-x2, after an MoE
 #                                         # change: the MoE GPU tests that
@@ -144,36 +140,6 @@ case "${1:-tier}" in
       if grep -qE "FAILED|ERROR" "$out/gpu_tier_$part.log"; then status=1; fi
     done
     exit $status
-    ;;
-  sum_splits)
-    # K splits summed in the kernel (config.SUM_SPLITS_IN_KERNEL): its GPU
-    # tests on GPU 0; on GPU 1 the tuner's heuristic config of the five
-    # benchmark layers at 1 and 16 tokens, with the XLA sum and without.
-    export XLA_PYTHON_CLIENT_PREALLOCATE=false
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -v -p no:cacheprovider \
-      -m gpu -k "splits_summed" tests/pallas_kernels \
-      > "$out/sum_splits_tests.log" 2>&1 &
-    export CUDA_VISIBLE_DEVICES=1
-    for flag in False True; do
-      timeout 120 python3 -c "
-import sys
-from benchmarks import tune_matmul
-from pallas_kernels.nvfp4_matmul import config as config_lib
-config_lib.SUM_SPLITS_IN_KERNEL = $flag
-tune_matmul.main(sys.argv[1:])" --max-configs 1 \
-        --shapes 8192:28672,28672:8192,4096:14336,7168:2048,2048:5120 \
-        --tokens 1,16 --out "$out/tune_sum_splits_$flag.json" \
-        > "$out/tune_sum_splits_$flag.log" 2>&1
-    done
-    wait
-    echo "== tests: $(grep -c PASSED "$out/sum_splits_tests.log") passed"
-    grep -E "FAILED|ERROR|Timeout" "$out/sum_splits_tests.log" | head -n 10
-    tail -n 1 "$out/sum_splits_tests.log"
-    for flag in False True; do
-      echo "== in kernel: $flag"
-      grep -E "TB/s|WRONG|FAILED" "$out/tune_sum_splits_$flag.log" |
-        sed -E 's/Config\(.*splits=([0-9]+).*\)/splits=\1/'
-    done
     ;;
   warp_mma)
     (

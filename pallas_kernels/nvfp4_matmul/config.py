@@ -130,22 +130,6 @@ PREFILL = Config(block_k=64, block_m=256, num_stages=4, persistent=True)
 WARP_MMA_DECODE = False
 
 
-# K splits summed by the kernel (the last split's CTA waits on a semaphore
-# for the others' float32 tiles) instead of by an XLA kernel after it
-# (~2 us at decode on the H200). GPU only: the interpreter has no global
-# semaphores.
-SUM_SPLITS_IN_KERNEL = False
-
-
-def sums_splits(config: Config, interpret: bool, float32_out: bool = False):
-  """Whether a call with `config` sums its K splits in the kernel."""
-  return (
-    SUM_SPLITS_IN_KERNEL
-    and config.splits > 1
-    and not (config.persistent or interpret or float32_out)
-  )
-
-
 def overlaps_mma(cta_rows: int) -> bool:
   """Whether CTAs of `cta_rows` rows take `async_mma`: on the 64-row
   decode CTAs it saved 1-3% (NOTES.md, tune_async_h200.json); on 128-row

@@ -102,11 +102,10 @@ def _run(x, leaves, *, activation, config, interpret):
     layer.block_scale.reshape(1, n_tiles, padded_blocks // 4, 2, 256),
     _epilogue_factor(factors, n_tiles),
     config=config,
-    sum_splits=(sum_splits := config_lib.sums_splits(config, interpret)),
     num_sms=common.num_sms(interpret),
     interpret=interpret,
   )
-  if splits > 1 and not sum_splits:
+  if splits > 1:
     out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)

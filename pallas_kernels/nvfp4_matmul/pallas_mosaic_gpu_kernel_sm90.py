@@ -440,7 +440,6 @@ def matmul(
   float32_out: bool = False,
   swiglu: bool = False,
   planes_out: bool = False,
-  sum_splits: bool = False,
   num_sms: int = config_lib.H200_SMS,
   interpret: bool = False,
 ) -> jax.Array:
@@ -464,13 +463,7 @@ def matmul(
 
   Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
   `float32_out`, else float32 partial sums `[splits, ceil128(N), M]` (the
-  caller adds them and slices), both times `factor`. With `sum_splits`
-  (GPU only, not with `config.persistent`) the kernel adds them itself and
-  returns bf16: the CTAs of K splits 0 to splits - 2 store their float32
-  partial tile to a workspace and signal the tile's semaphore; the last
-  split's CTA waits for them, adds them to its own and stores the bf16
-  tile. The grid's split axis varies fastest (CUDA x), so a waiting CTA's
-  producers were dispatched before it: no deadlock. `planes_out` (bf16
+  caller adds them and slices), both times `factor`. `planes_out` (bf16
   only) writes the bf16 output as the planes `[2, M, ceil128(N) / 2]` of a
   next kernel's activations instead: 64-row block `b` of each 128-row tile
   becomes plane `b % 2`, columns `64 (b // 2) + [0, 64)`, which is
@@ -490,13 +483,7 @@ def matmul(
     raise ValueError(
       f"swiglu needs splits == 1, bf16 output and N % 128 == 0 ({n=})"
     )
-  if sum_splits and (float32_out or config.persistent or interpret):
-    raise ValueError(
-      "sum_splits needs bf16 output, no persistent grid and a GPU (the"
-      " interpreter has no global semaphores)"
-    )
-  sum_splits = sum_splits and splits > 1
-  bf16_out = (splits == 1 or sum_splits) and not float32_out
+  bf16_out = splits == 1 and not float32_out
   if planes_out and not bf16_out:
     raise ValueError("planes_out needs splits == 1 and bf16 output")
   stacked = not isinstance(x_planes, tuple)
@@ -547,15 +534,10 @@ def matmul(
   compute_wgs = 1 if single else 2
 
   def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, e_gmem, v_gmem, *refs):
-    f_gmems, refs = refs[: len(factors)], refs[len(factors) :]
-    if sum_splits:
-      o_gmem, part_gmem, o_smem, part_smem, part_barrier, *rest = refs
-      # One semaphore per output tile, left at zero by every call.
-      tile_sems = pl.get_global(
-        plgpu.SemaphoreType.REGULAR((n_tiles * TILE_ROWS // WG_ROWS * m_tiles,))
-      )
-    else:
-      o_gmem, o_smem, *rest = refs
+    f_gmems, (o_gmem, o_smem, *rest) = (
+      refs[: len(factors)],
+      refs[len(factors) :],
+    )
     a_smem = rest[0] if a_in_smem else None
     n_accs = 2 if swiglu else 1  # gate and up accumulators with SwiGLU
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
@@ -747,54 +729,6 @@ def matmul(
         acc = acc / (1.0 + jnp.exp(-acc)) * up
       rows = pl.ds(block * WG_ROWS, WG_ROWS)
       tokens = pl.ds(mi * cfg.block_m, cfg.block_m)
-      if sum_splits:
-        tile_sem = tile_sems.at[block * m_tiles + mi]
-        last = si == splits - 1
-
-        @pl.when(jnp.logical_not(last))
-        def _():
-          publish_partial(acc, rows, tokens, si, slot, tile_sem)
-
-        @pl.when(last)
-        def _():
-          store(
-            add_partials(acc, rows, tokens, slot, tile_sem),
-            block,
-            rows,
-            tokens,
-            si,
-            slot,
-          )
-
-        return
-      store(acc, block, rows, tokens, si, slot)
-
-    def publish_partial(acc, rows, tokens, si, slot, tile_sem):
-      """A K split's float32 tile into the workspace, then its signal."""
-      part_smem[slot, 0] = acc
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(
-        part_smem.at[slot, 0], part_gmem.at[si, rows, tokens]
-      )
-      plgpu.wait_smem_to_gmem(0)  # written, not only read
-      pl.semaphore_signal(tile_sem, 1)
-
-    def add_partials(acc, rows, tokens, slot, tile_sem):
-      """`acc` plus the other K splits' tiles, once all have signalled
-      (the wait leaves the semaphore at zero for the next call)."""
-      pl.semaphore_wait(tile_sem, splits - 1)
-      plgpu.copy_gmem_to_smem(
-        part_gmem.at[:, rows, tokens], part_smem.at[slot], part_barrier.at[slot]
-      )
-      plgpu.barrier_wait(part_barrier.at[slot])
-      for j in range(splits - 1):
-        acc = acc + plgpu.load(
-          part_smem.at[slot, j], (), layout=plgpu.Layout.WGMMA
-        )
-      return acc
-
-    def store(acc, block, rows, tokens, si, slot):
-      """The epilogue's store of a scaled tile from SMEM slot `slot`."""
       if bf16_out:
         o_smem.at[slot].T[...] = acc.astype(jnp.bfloat16)
         plgpu.commit_smem()
@@ -937,20 +871,10 @@ def matmul(
       jnp.bfloat16,
       transforms=_swizzled(16, 2 * WG_ROWS),
     )
-    if sum_splits:  # and the K splits' float32 tiles
-      part_type = jax.ShapeDtypeStruct(
-        (splits - 1, n_rows, plan.m), jnp.float32
-      )
-      out_type = (out_type, part_type)
   else:
     out_type = jax.ShapeDtypeStruct((splits, n_rows, plan.m), jnp.float32)
     o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
-  if sum_splits:
-    scratch += [
-      plgpu.SMEM((compute_wgs, splits - 1, WG_ROWS, cfg.block_m), jnp.float32),
-      plgpu.Barrier(num_arrivals=1, num_barriers=compute_wgs),
-    ]
   if a_in_smem:
     a_tiles = (2 if swiglu else 1) * plan.parts
     scratch.append(
@@ -995,6 +919,4 @@ def matmul(
     # discharge the pipeline's TMA copies).
     with plgpu.force_gpu_interpret_mode():
       return call(*args)
-  if sum_splits:
-    return call(*args)[0]
   return call(*args)

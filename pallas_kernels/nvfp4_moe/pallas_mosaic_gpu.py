@@ -623,14 +623,11 @@ def _grouped_gemm(
     float32_out=float32_out,
     swiglu=swiglu,
     planes_out=planes_out,
-    sum_splits=(
-      sum_splits := config_lib.sums_splits(config, interpret, float32_out)
-    ),
     interpret=interpret,
   )
   if swiglu or planes_out:
     return out
-  if (config.splits > 1 and not sum_splits) or float32_out:
+  if config.splits > 1 or float32_out:
     out = out.sum(axis=0).T
     if not float32_out:
       out = out.astype(jnp.bfloat16)

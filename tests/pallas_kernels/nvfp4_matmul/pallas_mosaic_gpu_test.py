@@ -288,32 +288,6 @@ def test_config_that_does_not_split_k_evenly_is_rejected(rng):
     )
 
 
-def test_interpret_sums_splits_outside_the_kernel(rng, monkeypatch):
-  # SUM_SPLITS_IN_KERNEL needs global semaphores, which the interpreter
-  # lacks: interpret mode keeps the XLA sum, and asking the kernel for it
-  # there says why.
-  monkeypatch.setattr(config_lib, "SUM_SPLITS_IN_KERNEL", True)
-  config = config_lib.Config(block_k=64, block_m=8, splits=2, cta_rows=64)
-  assert not config_lib.sums_splits(config, interpret=True)
-  assert config_lib.sums_splits(config, interpret=False)
-  layer, src = test_base.make_layer(rng, 128, 256)
-  x = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
-  out = run(x, layer, "bf16", config)
-  want = test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16")
-  tolerance.assert_close(out, want, RTOL)
-  planes = tuple(sm90.split_activations(jnp.zeros((8, 256), jnp.bfloat16)))
-  with pytest.raises(ValueError, match="sum_splits"):
-    sm90.matmul(
-      jnp.zeros((1, 128, 128), jnp.uint8),
-      planes,
-      jnp.zeros((1, 1, 4, 2, 256), jnp.float8_e4m3fn),
-      (jnp.ones((1,), jnp.float32),),
-      config=config,
-      sum_splits=True,
-      interpret=True,
-    )
-
-
 def test_config_validation():
   with pytest.raises(ValueError, match="block_k"):
     config_lib.Config(block_k=96)
@@ -463,32 +437,6 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       x, layer, implementation="pallas", config=config
     )
     self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
-
-  @pytest.mark.parametrize(
-    "m, n, k, fields",
-    [
-      (1, 4096, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
-      (16, 2048, 7168, dict(block_k=256, block_m=16, splits=7, cta_rows=64)),
-      (5, 256, 1024, dict(block_k=128, block_m=8, splits=4)),  # 128 rows
-      (9, 200, 512, dict(block_k=64, block_m=8, splits=2, cta_rows=64)),
-    ],
-  )
-  def test_splits_summed_in_kernel(self, rng, monkeypatch, m, n, k, fields):
-    # The last K split's CTA adds the others' float32 tiles after a
-    # semaphore (config.SUM_SPLITS_IN_KERNEL). Three calls of one compiled
-    # kernel with fresh activations: the semaphores must be back at zero.
-    monkeypatch.setattr(config_lib, "SUM_SPLITS_IN_KERNEL", True)
-    jax.clear_caches()
-    layer, src = test_base.make_layer(rng, n, k)
-    async_mma = fields.get("cta_rows") == 64
-    config = config_lib.Config(async_mma=async_mma, **fields)
-    for _ in range(3):
-      x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-      out = pallas_kernels.nvfp4_matmul(
-        x, layer, implementation="pallas", config=config
-      )
-      want = test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16")
-      self.check(out, want)
 
   def test_batch_dims(self, rng):
     layer, src = test_base.make_layer(rng, 128, 256)

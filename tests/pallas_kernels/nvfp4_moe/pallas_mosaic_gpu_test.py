@@ -782,22 +782,6 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     )
     self.check(out, want.astype(jnp.float32))
 
-  @pytest.mark.parametrize("tokens", [1, 3])
-  def test_splits_summed_in_kernel(self, rng, monkeypatch, tokens):
-    # GEMM 2 of 8 experts with I = 8192 splits K at decode (4 splits at
-    # one token, 2 at three); the kernel adds the splits itself
-    # (config.SUM_SPLITS_IN_KERNEL), twice in a row.
-    monkeypatch.setattr(config_lib, "SUM_SPLITS_IN_KERNEL", True)
-    calls = spy_on_matmul(monkeypatch, "splits")  # clears jit caches
-    experts, _, x, logits = test_base.make_inputs(rng, tokens, 8, 1024, 8192)
-    want = pallas_kernels.nvfp4_moe(
-      x, logits, experts, top_k=2, implementation="xla"
-    )
-    for _ in range(2):
-      out = self.moe(x, logits, experts, top_k=2)
-      self.check(out, want.astype(jnp.float32))
-    assert max(calls) > 1, calls
-
   @pytest.mark.parametrize("tokens", [1, 64, 700])
   @pytest.mark.parametrize("mid_tile", [False, True])
   def test_gpt_oss_sized_experts(self, rng, monkeypatch, tokens, mid_tile):
