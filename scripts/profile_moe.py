@@ -105,22 +105,23 @@ def _prefixes(name: str) -> tuple[set[str], str]:
   return found, name
 
 
-def _short_steps(config, weights, bf16_out):
-  """`config` in K steps of 64, with as many stages (up to 4) as fit."""
-  for stages in (4, 3, 2):
-    short = dataclasses.replace(config, block_k=64, num_stages=stages)
-    if short.smem_bytes(not bf16_out, weights) <= config_lib.SMEM_LIMIT:
-      return short
-  return config
+def _fitted(config, weights, bf16_out):
+  """`config` with as many of its stages as fit in shared memory, or None
+  where even two do not."""
+  fitted = config_lib.fit_stages(config, bf16_out, weights)
+  fits = fitted.smem_bytes(not bf16_out, weights) <= config_lib.SMEM_LIMIT
+  return fitted if fits else None
 
 
 def _fitting_stages(config, weights, bf16_out):
-  """`config` with as many of its stages as fit in shared memory."""
-  for stages in range(config.num_stages, 1, -1):
-    fitted = dataclasses.replace(config, num_stages=stages)
-    if fitted.smem_bytes(not bf16_out, weights) <= config_lib.SMEM_LIMIT:
-      return fitted
-  return config
+  """`config` with as many of its stages as fit (itself if none do)."""
+  return _fitted(config, weights, bf16_out) or config
+
+
+def _short_steps(config, weights, bf16_out):
+  """`config` in K steps of 64, with as many stages (up to 4) as fit."""
+  short = dataclasses.replace(config, block_k=64, num_stages=4)
+  return _fitted(short, weights, bf16_out) or config
 
 
 def _configs_for(

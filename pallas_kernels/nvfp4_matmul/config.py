@@ -247,10 +247,20 @@ def heuristic(
     async_mma=overlaps_mma(cta_rows),
     warp_mma=warp_mma(cta_rows),
   )
+  return fit_stages(config, bf16_out, weights, scale_tiles)
 
-  def fits(config):
-    return config.smem_bytes(not bf16_out, weights, scale_tiles) <= SMEM_LIMIT
 
-  while not fits(config) and config.num_stages > 2:
+def fit_stages(
+  config: Config,
+  bf16_out: bool = False,
+  weights: int = 1,
+  scale_tiles: int | None = None,
+) -> Config:
+  """`config` with its stages cut (down to 2) until its shared memory
+  (`Config.smem_bytes`, as `heuristic` takes the arguments) fits."""
+  while (
+    config.smem_bytes(not bf16_out, weights, scale_tiles) > SMEM_LIMIT
+    and config.num_stages > 2
+  ):
     config = dataclasses.replace(config, num_stages=config.num_stages - 1)
   return config
