@@ -67,6 +67,17 @@
 #                                         # (W4A16 and W4A4), e.g.
 #                                         # 8192:28672,7168:2048 1,16
 #                                         # bf16,nvfp4 operands,table
+#   bash scripts/gpu_session.sh ncu "K:N:M:VARIANT ..."
+#                                         # Nsight Compute on the matmul
+#                                         # kernel (scripts/ncu_matmul.py),
+#                                         # one case per GPU at a time:
+#                                         # ncu_CASE.txt (speed of light,
+#                                         # occupancy, scheduler and warp
+#                                         # stall statistics, memory) and
+#                                         # ncu_CASE_sass.csv (stall samples
+#                                         # per SASS instruction); with the
+#                                         # first case's SASS and ptxas
+#                                         # report from Mosaic GPU's dumps
 #   bash scripts/gpu_session.sh sharded [MODEL [TOKENS]]
 #                                         # on nvidia-h200-x2: the two-GPU
 #                                         # tests (tests/sharding_gpu_test.py)
@@ -249,6 +260,46 @@ case "${1:-tier}" in
     timeout 580 python3 scripts/profile_matmul.py "$2" "$3" ${4:+"$4"} \
       ${5:+"$5"} 2>&1 \
       | tee "$out/profile_matmul.log" | grep -E "^==|us "
+    ;;
+  ncu)
+    ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    echo "ncu: ${ncu_bin:-none}"
+    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+    read -r -a cases <<< "$2"
+    # Mosaic GPU's own dumps (SASS by nvdisasm, ptxas -v) of the first case.
+    IFS=: read -r k n m variant <<< "${cases[0]}"
+    MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_SASS=1 \
+      MOSAIC_GPU_DUMP_PTXAS=1 CUDA_VISIBLE_DEVICES=0 timeout 120 \
+      python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 1 \
+      > "$out/dump.log" 2>&1
+    ls -la "$out/dump" 2>&1 | head -n 20
+    for ((gpu = 0; gpu < gpus; gpu++)); do
+      (
+        for ((i = gpu; i < ${#cases[@]}; i += gpus)); do
+          IFS=: read -r k n m variant <<< "${cases[$i]}"
+          tag="${k}x${n}_m${m}_${variant}"
+          # The clocks stay as the driver sets them (device METHOD.md); the
+          # fourth launch streams a layer the first three did not touch.
+          CUDA_VISIBLE_DEVICES=$gpu timeout 280 "$ncu_bin" \
+            --clock-control none --kernel-name regex:mosaic_gpu \
+            --launch-skip 3 --launch-count 1 \
+            --section SpeedOfLight --section LaunchStats \
+            --section Occupancy --section SchedulerStats \
+            --section WarpStateStats --section MemoryWorkloadAnalysis \
+            --section ComputeWorkloadAnalysis --section InstructionStats \
+            --section SourceCounters -f -o "$out/ncu_$tag" \
+            python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 6 \
+            > "$out/ncu_${tag}_run.log" 2>&1
+          "$ncu_bin" -i "$out/ncu_$tag.ncu-rep" --page details \
+            > "$out/ncu_$tag.txt" 2>&1
+          "$ncu_bin" -i "$out/ncu_$tag.ncu-rep" --page source \
+            --print-source sass --csv > "$out/ncu_${tag}_sass.csv" 2>&1
+          rm -f "$out/ncu_$tag.ncu-rep"
+        done
+      ) &
+    done
+    wait
+    for f in "$out"/ncu_*_run.log; do echo "== $f"; tail -n 3 "$f"; done
     ;;
   sharded)
     timeout 280 python3 -m pytest -v -p no:cacheprovider \
