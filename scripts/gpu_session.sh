@@ -67,14 +67,7 @@
 #                                         # (W4A16 and W4A4), e.g.
 #                                         # 8192:28672,7168:2048 1,16
 #                                         # bf16,nvfp4 operands,table
-#   bash scripts/gpu_session.sh step_barrier
-#                                         # on nvidia-h200-x2, ~6 min:
-#                                         # Config.step_barrier's GPU tests
-#                                         # and MoE profiles (three models,
-#                                         # 1 and 16 tokens) on GPU 0;
-#                                         # kernel time, the tuner and ncu
-#                                         # against the default on GPU 1
-#   bash scripts/gpu_session.sh ncu "K:N:M:VARIANT[:OVERRIDES] ..."
+#   bash scripts/gpu_session.sh ncu "K:N:M:VARIANT ..."
 #                                         # Nsight Compute on the matmul
 #                                         # kernel (scripts/ncu_matmul.py),
 #                                         # one case per GPU at a time:
@@ -268,63 +261,23 @@ case "${1:-tier}" in
       ${5:+"$5"} 2>&1 \
       | tee "$out/profile_matmul.log" | grep -E "^==|us "
     ;;
-  step_barrier)
-    (
-      export CUDA_VISIBLE_DEVICES=0
-      timeout 150 python3 -m pytest -v -p no:cacheprovider -m gpu \
-        -k step_barrier tests/pallas_kernels > "$out/step_barrier_tests.log" 2>&1
-      for model in qwen3-30b-a3b gpt-oss-120b deepseek-v3; do
-        timeout 90 python3 scripts/profile_moe.py "$model" 1,16 \
-          autofused,stepbarrier-autofused,autofused,stepbarrier-autofused \
-          > "$out/profile_sb_$model.log" 2>&1
-      done
-    ) &
-    (
-      export CUDA_VISIBLE_DEVICES=1
-      timeout 150 python3 scripts/diag_decode_bound.py 8192:28672,28672:8192 \
-        1,16 full "step_barrier=1" > "$out/diag_sb.log" 2>&1
-      timeout 200 python3 -m benchmarks.tune_matmul --max-configs 2 \
-        --shapes 8192:28672,28672:8192,4096:14336,7168:2048,2048:5120 \
-        --tokens 1,16 --configs "step_barrier=1" \
-        --out "$out/tune_step_barrier_h200.json" > "$out/tune_sb.log" 2>&1
-      ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -n 1)
-      timeout 120 "$ncu_bin" --clock-control none --kernel-name regex:mosaic_gpu \
-        --launch-skip 3 --launch-count 1 --section SpeedOfLight \
-        --section SchedulerStats --section WarpStateStats \
-        --section InstructionStats --section SourceCounters \
-        -f -o "$out/ncu_sb" python3 scripts/ncu_matmul.py 8192:28672 1 full 6 \
-        "step_barrier=1" > "$out/ncu_sb_run.log" 2>&1
-      "$ncu_bin" -i "$out/ncu_sb.ncu-rep" --page details > "$out/ncu_sb.txt" 2>&1
-      "$ncu_bin" -i "$out/ncu_sb.ncu-rep" --page source --print-source sass \
-        --csv > "$out/ncu_sb_sass.csv" 2>&1
-      rm -f "$out/ncu_sb.ncu-rep"
-    ) &
-    wait
-    echo "== tests: $(grep -c PASSED "$out/step_barrier_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/step_barrier_tests.log" | head -n 10
-    tail -n 1 "$out/step_barrier_tests.log"
-    grep -E "K=" "$out/diag_sb.log"
-    grep -E "TB/s|WRONG|FAILED" "$out/tune_sb.log"
-    grep -hE "^==" "$out"/profile_sb_*.log
-    grep -E "Duration|Issue Slots|Eligible|No Eligible|Issued Instructions" "$out/ncu_sb.txt"
-    ;;
   ncu)
     ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
     echo "ncu: ${ncu_bin:-none}"
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
     read -r -a cases <<< "$2"
     # Mosaic GPU's own dumps (SASS by nvdisasm, ptxas -v) of the first case.
-    IFS=: read -r k n m variant fields <<< "${cases[0]}"
+    IFS=: read -r k n m variant <<< "${cases[0]}"
     MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_SASS=1 \
       MOSAIC_GPU_DUMP_PTXAS=1 CUDA_VISIBLE_DEVICES=0 timeout 120 \
-      python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 1 "$fields" \
+      python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 1 \
       > "$out/dump.log" 2>&1
     ls -la "$out/dump" 2>&1 | head -n 20
     for ((gpu = 0; gpu < gpus; gpu++)); do
       (
         for ((i = gpu; i < ${#cases[@]}; i += gpus)); do
-          IFS=: read -r k n m variant fields <<< "${cases[$i]}"
-          tag="${k}x${n}_m${m}_${variant}${fields:+_${fields//[=,]/}}"
+          IFS=: read -r k n m variant <<< "${cases[$i]}"
+          tag="${k}x${n}_m${m}_${variant}"
           # The clocks stay as the driver sets them (device METHOD.md); the
           # fourth launch streams a layer the first three did not touch.
           CUDA_VISIBLE_DEVICES=$gpu timeout 280 "$ncu_bin" \
@@ -336,7 +289,7 @@ case "${1:-tier}" in
             --section ComputeWorkloadAnalysis --section InstructionStats \
             --section SourceCounters -f -o "$out/ncu_$tag" \
             python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 6 \
-            "$fields" > "$out/ncu_${tag}_run.log" 2>&1
+            > "$out/ncu_${tag}_run.log" 2>&1
           "$ncu_bin" -i "$out/ncu_$tag.ncu-rep" --page details \
             > "$out/ncu_$tag.txt" 2>&1
           "$ncu_bin" -i "$out/ncu_$tag.ncu-rep" --page source \

@@ -66,10 +66,7 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off); "g2wide": GEMM 2 in 128-row
 # CTAs (two compute warpgroups fed by a TMA warpgroup, persistent) while
 # GEMM 1 keeps the heuristic's (at decode, 64-row CTAs): a short-K GEMM 2
-# (Qwen3-30B-A3B: 3 K steps) fills its pipeline once per 128 rows;
-# "stepbarrier" / "autobarriers": 64-row CTAs with one warpgroup barrier a
-# K step, or Pallas' barrier before each TMA copy (config.STEP_BARRIER_DECODE
-# on or off; otherwise its default).
+# (Qwen3-30B-A3B: 3 K steps) fills its pipeline once per 128 rows.
 PREFIXES = (
   "old",
   "s3",
@@ -97,10 +94,7 @@ PREFIXES = (
   "g1s3",
   "fullsoftmax",
   "g2wide",
-  "stepbarrier",
-  "autobarriers",
 )
-STEP_BARRIER_DEFAULT = config_lib.STEP_BARRIER_DECODE
 
 
 def _prefixes(name: str) -> tuple[set[str], str]:
@@ -237,9 +231,6 @@ def main(argv):
       )
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
-      config_lib.STEP_BARRIER_DECODE = "stepbarrier" in prefixes or (
-        STEP_BARRIER_DEFAULT and "autobarriers" not in prefixes
-      )
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:

@@ -41,11 +41,6 @@ class Config:
       accumulators carried in registers) instead of wgmma: no warpgroup
       fence or wait between a step's decode and its MMAs. Not with
       `async_mma`.
-    step_barrier: 64-row CTAs synchronize their four warps once per K
-      step, at its end, with Pallas' automatic barriers off; by default
-      Pallas puts a warpgroup barrier before each of the step's TMA copies
-      (four a step, weights, two activation planes and scales). Not with
-      `warp_mma`.
   """
 
   block_k: int = 128
@@ -58,7 +53,6 @@ class Config:
   async_mma: bool = False
   mma_parts: int = 2
   warp_mma: bool = False
-  step_barrier: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256):
@@ -81,8 +75,6 @@ class Config:
       )
     if self.warp_mma and (self.cta_rows != WGMMA_ROWS or self.async_mma):
       raise ValueError("warp_mma needs 64-row CTAs and no async_mma")
-    if self.step_barrier and (self.cta_rows != WGMMA_ROWS or self.warp_mma):
-      raise ValueError("step_barrier needs 64-row CTAs and no warp_mma")
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.async_mma and self.persistent:
@@ -149,18 +141,6 @@ def overlaps_mma(cta_rows: int) -> bool:
 def warp_mma(cta_rows: int) -> bool:
   """Whether CTAs of `cta_rows` rows take `Config.warp_mma`."""
   return cta_rows == WGMMA_ROWS and WARP_MMA_DECODE
-
-
-# Decode CTAs (64 rows) synchronize once per K step (`Config.step_barrier`)
-# instead of before each TMA copy. Nsight Compute on the H200 (sixteenth
-# session, 8192x28672 at M = 1) put 5% of the warps' stall samples after
-# those four barriers a step.
-STEP_BARRIER_DECODE = False
-
-
-def step_barrier(cta_rows: int) -> bool:
-  """Whether CTAs of `cta_rows` rows take `Config.step_barrier`."""
-  return cta_rows == WGMMA_ROWS and STEP_BARRIER_DECODE and not WARP_MMA_DECODE
 
 
 # K steps that need not divide K (the kernel reads zeros past it with a
@@ -266,7 +246,6 @@ def heuristic(
     cta_rows=cta_rows,
     async_mma=overlaps_mma(cta_rows),
     warp_mma=warp_mma(cta_rows),
-    step_barrier=step_barrier(cta_rows),
   )
   return fit_stages(config, bf16_out, weights, scale_tiles)
 

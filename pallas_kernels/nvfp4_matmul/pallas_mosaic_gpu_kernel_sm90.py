@@ -363,16 +363,6 @@ _TWIDDLED_DECODE = """{
         }"""
 
 
-def _warpgroup_barrier():
-  """bar.sync of this thread's warpgroup (Mosaic GPU's warpgroup barrier)."""
-
-  @plgpu.inline_mgpu()
-  def barrier(_):
-    mgpu_utils.warpgroup_barrier()
-
-  barrier()
-
-
 def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):
   """Empty volatile asm that reads every register of `tiles` (in
   `layout`), so that their computation is not removed (`DIAGNOSTIC`)."""
@@ -540,9 +530,6 @@ def matmul(
   steps = plan.steps_per_split
   release = 1 if cfg.async_mma else 0  # input slots held one step longer
   a_in_smem = interpret
-  # Config.step_barrier: Pallas inserts no barriers; the pipeline body ends
-  # with one. (The interpreter runs the kernel with Pallas' own barriers.)
-  manual_barriers = cfg.step_barrier and not interpret
   single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
   compute_wgs = 1 if single else 2
 
@@ -834,11 +821,6 @@ def matmul(
         def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
           weights = block_weights(w_smem, s_smem, up_refs)
           step(weights, xe_smem, xo_smem, accs, slot=0)
-          if manual_barriers:
-            # The pipeline refills a slot after this body: every warp must
-            # be past its reads of it (codes, scales, and through its
-            # wgmma wait, the activations).
-            _warpgroup_barrier()
 
         pipeline(body)(*operands)
         finish(accs, ni, expert, mi, si, 0)
@@ -921,11 +903,6 @@ def matmul(
     num_threads=None if single else 3,
     thread_name=None if single else "wg",
     scratch_types=scratch,
-    compiler_params=(
-      plgpu.CompilerParams(unsafe_no_auto_barriers=True)
-      if manual_barriers
-      else None
-    ),
   )
   if used_tiles is None:
     used_tiles = jnp.full((1,), m_tiles, jnp.int32)

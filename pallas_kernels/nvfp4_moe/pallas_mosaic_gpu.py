@@ -179,7 +179,6 @@ def configs_for(
       cta_rows=rows,
       async_mma=config_lib.overlaps_mma(rows),
       warp_mma=config_lib.warp_mma(rows),
-      step_barrier=config_lib.step_barrier(rows),
     )
     configs.append(config)
   return tuple(configs)

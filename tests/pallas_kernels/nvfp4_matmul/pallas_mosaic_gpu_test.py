@@ -37,20 +37,6 @@ REAL_SHAPES = [
   (7, 2880, 2880),  # gpt-oss: N is no multiple of 128, K of 64
 ]
 # Configs with wgmmas in flight across K steps at real shapes.
-# Decode CTAs with one warpgroup barrier a K step (Config.step_barrier):
-# with and without wgmmas in flight across steps, split-K, sm90 bit order,
-# K steps that do not divide K, two stages.
-STEP_BARRIER_CONFIGS = [
-  (1, 28672, 8192, dict(block_k=256, block_m=8, splits=2, async_mma=True)),
-  (16, 8192, 4096, dict(block_k=256, block_m=16, twiddled=True)),
-  (
-    7,
-    2880,
-    2880,
-    dict(block_k=256, block_m=8, async_mma=True, num_stages=2),
-  ),
-  (3, 200, 512, dict(block_k=64, block_m=8, splits=2, async_mma=True)),
-]
 ASYNC_REAL_CONFIGS = [
   (8192, 28672, 8192, dict(block_k=128, block_m=128)),
   (2048, 5120, 2048, dict(block_k=64, block_m=256, num_stages=3)),
@@ -126,15 +112,6 @@ def run(x, layer, activation, config=None, interpret=True):
         (5, 128, 512, dict(block_k=256, block_m=8, twiddled=True)),
       ]
     ],
-    # One barrier a K step (the interpreter keeps Pallas' barriers).
-    (
-      9,
-      200,
-      512,
-      config_lib.Config(
-        block_k=64, block_m=16, splits=2, cta_rows=64, step_barrier=True
-      ),
-    ),
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -227,11 +204,6 @@ def test_interpret_batch_dims_and_weight_only(rng):
     *[
       (m, n, k, config_lib.Config(async_mma=True, **fields))
       for m, n, k, fields in ASYNC_REAL_CONFIGS
-    ],
-    # One barrier a K step, Pallas' own barriers off.
-    *[
-      (m, n, k, config_lib.Config(cta_rows=64, step_barrier=True, **fields))
-      for m, n, k, fields in STEP_BARRIER_CONFIGS
     ],
   ],
 )
@@ -339,10 +311,6 @@ def test_config_validation():
     config_lib.Config(warp_mma=True)  # 128-row CTAs
   with pytest.raises(ValueError, match="warp_mma"):
     config_lib.Config(cta_rows=64, warp_mma=True, async_mma=True)
-  with pytest.raises(ValueError, match="step_barrier"):
-    config_lib.Config(step_barrier=True)  # 128-row CTAs
-  with pytest.raises(ValueError, match="step_barrier"):
-    config_lib.Config(cta_rows=64, step_barrier=True, warp_mma=True)
 
 
 @pytest.mark.parametrize("m, n, k", REAL_SHAPES + PARTIAL_SHAPES)
@@ -448,21 +416,6 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       x, layer, implementation="pallas", config=config
     )
     self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
-
-  @pytest.mark.parametrize("m, n, k, fields", STEP_BARRIER_CONFIGS)
-  def test_step_barrier(self, rng, m, n, k, fields):
-    # Decode CTAs that synchronize once a K step (Config.step_barrier,
-    # Pallas' automatic barriers off): a slot refilled while a lagging
-    # warp still reads it would give wrong rows. Three calls, fresh inputs.
-    layer, src = test_base.make_layer(rng, n, k)
-    config = config_lib.Config(cta_rows=64, step_barrier=True, **fields)
-    for _ in range(3):
-      x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-      out = pallas_kernels.nvfp4_matmul(
-        x, layer, implementation="pallas", config=config
-      )
-      want = test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16")
-      self.check(out, want)
 
   @pytest.mark.parametrize(
     "m, n, k, fields",

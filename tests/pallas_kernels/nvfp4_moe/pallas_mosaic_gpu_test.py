@@ -412,13 +412,6 @@ def test_warp_mma_decode_lowers_for_sm90(monkeypatch, model, tokens):
   lower_moe(model, tokens, False, 64, True)
 
 
-@pytest.mark.parametrize("tokens", [1, 16])
-@pytest.mark.parametrize("model", [QWEN3_30B, GPT_OSS])
-def test_step_barrier_decode_lowers_for_sm90(monkeypatch, model, tokens):
-  monkeypatch.setattr(config_lib, "STEP_BARRIER_DECODE", True)
-  lower_moe(model, tokens, False, 64, True)
-
-
 @pytest.mark.parametrize(
   "activation, weight_layout", [("bf16", "natural"), ("nvfp4", "sm90")]
 )
@@ -781,21 +774,6 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     # mma.sync (config.WARP_MMA_DECODE), SwiGLU fused.
     monkeypatch.setattr(config_lib, "WARP_MMA_DECODE", True)
     calls = spy_on_matmul(monkeypatch, "warp_mma")  # clears jit caches
-    experts, _, x, logits = test_base.make_inputs(rng, tokens, 16, 2048, 768)
-    out = self.moe(x, logits, experts, top_k=8, activation=activation)
-    assert calls and all(calls), calls
-    want = pallas_kernels.nvfp4_moe(
-      x, logits, experts, top_k=8, activation=activation, implementation="xla"
-    )
-    self.check(out, want.astype(jnp.float32))
-
-  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-  @pytest.mark.parametrize("tokens", [1, 16])
-  def test_step_barrier_decode(self, rng, monkeypatch, tokens, activation):
-    # Qwen3-30B-A3B's shapes through 64-row decode CTAs that synchronize
-    # once a K step (config.STEP_BARRIER_DECODE), SwiGLU fused.
-    monkeypatch.setattr(config_lib, "STEP_BARRIER_DECODE", True)
-    calls = spy_on_matmul(monkeypatch, "step_barrier")  # clears jit caches
     experts, _, x, logits = test_base.make_inputs(rng, tokens, 16, 2048, 768)
     out = self.moe(x, logits, experts, top_k=8, activation=activation)
     assert calls and all(calls), calls
