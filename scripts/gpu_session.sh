@@ -67,7 +67,7 @@
 #                                         # (W4A16 and W4A4), e.g.
 #                                         # 8192:28672,7168:2048 1,16
 #                                         # bf16,nvfp4 operands,table
-#   bash scripts/gpu_session.sh ncu "K:N:M:VARIANT ..."
+#   bash scripts/gpu_session.sh ncu "K:N:M:VARIANT[:OVERRIDES] ..."
 #                                         # Nsight Compute on the matmul
 #                                         # kernel (scripts/ncu_matmul.py),
 #                                         # one case per GPU at a time:
@@ -267,17 +267,17 @@ case "${1:-tier}" in
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
     read -r -a cases <<< "$2"
     # Mosaic GPU's own dumps (SASS by nvdisasm, ptxas -v) of the first case.
-    IFS=: read -r k n m variant <<< "${cases[0]}"
+    IFS=: read -r k n m variant fields <<< "${cases[0]}"
     MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_SASS=1 \
       MOSAIC_GPU_DUMP_PTXAS=1 CUDA_VISIBLE_DEVICES=0 timeout 120 \
-      python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 1 \
+      python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 1 "$fields" \
       > "$out/dump.log" 2>&1
     ls -la "$out/dump" 2>&1 | head -n 20
     for ((gpu = 0; gpu < gpus; gpu++)); do
       (
         for ((i = gpu; i < ${#cases[@]}; i += gpus)); do
-          IFS=: read -r k n m variant <<< "${cases[$i]}"
-          tag="${k}x${n}_m${m}_${variant}"
+          IFS=: read -r k n m variant fields <<< "${cases[$i]}"
+          tag="${k}x${n}_m${m}_${variant}${fields:+_${fields//[=,]/}}"
           # The clocks stay as the driver sets them (device METHOD.md); the
           # fourth launch streams a layer the first three did not touch.
           CUDA_VISIBLE_DEVICES=$gpu timeout 280 "$ncu_bin" \
@@ -289,7 +289,7 @@ case "${1:-tier}" in
             --section ComputeWorkloadAnalysis --section InstructionStats \
             --section SourceCounters -f -o "$out/ncu_$tag" \
             python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 6 \
-            > "$out/ncu_${tag}_run.log" 2>&1
+            "$fields" > "$out/ncu_${tag}_run.log" 2>&1
           "$ncu_bin" -i "$out/ncu_$tag.ncu-rep" --page details \
             > "$out/ncu_$tag.txt" 2>&1
           "$ncu_bin" -i "$out/ncu_$tag.ncu-rep" --page source \

@@ -2,22 +2,24 @@
 its own, for Nsight Compute (`ncu`) to read its hardware counters.
 
   PYTHONPATH=. ncu --kernel-name regex:mosaic_gpu ... \
-    python scripts/ncu_matmul.py K:N M [variant] [calls]
+    python scripts/ncu_matmul.py K:N M [variant] [calls] [overrides]
 
 `variant` is one of `diag_decode_bound.VARIANTS` ("full": the kernel as it
 is; the others switch parts of its work off and give wrong outputs). Each
 call runs on the next of several rotating layers (larger than L2 together,
 as the benchmarks), so that the profiled launch streams its weights from
-HBM. `gpu_session.sh ncu` wraps it.
+HBM. `overrides` (`tune_matmul` syntax, e.g. "step_barrier=1") change the
+heuristic's config. `gpu_session.sh ncu` wraps it.
 """
 
+import dataclasses
 import sys
 
 import jax
-import jax.numpy as jnp
 
 import pallas_kernels
 from benchmarks import tune_matmul
+from pallas_kernels.nvfp4_matmul import config as config_lib
 from scripts import diag_decode_bound
 
 
@@ -26,16 +28,20 @@ def main(argv):
   m = int(argv[1])
   variant = argv[2] if len(argv) > 2 else "full"
   calls = int(argv[3]) if len(argv) > 3 else 6
+  (fields,) = tune_matmul.parse_overrides(argv[4]) if len(argv) > 4 else [{}]
+  config = dataclasses.replace(config_lib.heuristic(m, n, k), **fields)
   diag_decode_bound.select(variant)
   ((_, _, _, x, layers, layer_bytes, _),) = tune_matmul.cases([(k, n)], [m])
 
   @jax.jit
   def run(x, layer):
-    return pallas_kernels.nvfp4_matmul(x, layer, implementation="pallas")
+    return pallas_kernels.nvfp4_matmul(
+      x, layer, implementation="pallas", config=config
+    )
 
   for i in range(calls):
     run(x, layers[i % len(layers)]).block_until_ready()
-  print(f"K={k} N={n} M={m} {variant}: {calls} calls, {layer_bytes} bytes")
+  print(f"K={k} N={n} M={m} {variant} {config}: {calls} calls")
 
 
 if __name__ == "__main__":

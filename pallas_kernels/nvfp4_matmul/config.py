@@ -55,7 +55,7 @@ class Config:
   warp_mma: bool = False
 
   def __post_init__(self):
-    if self.block_k not in (64, 128, 256):
+    if self.block_k not in (64, 128, 256, 512):
       raise ValueError(f"{self.block_k=} must be 64, 128 or 256")
     if self.block_m % 8 or not 8 <= self.block_m <= 256:
       raise ValueError(f"{self.block_m=} must be a multiple of 8 in [8, 256]")
