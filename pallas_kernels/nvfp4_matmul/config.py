@@ -18,7 +18,7 @@ class Config:
   SM, so more warps hide the decode's latency at small token counts).
 
   Attributes:
-    block_k: K per pipeline step: 64, 128 or 256.
+    block_k: K per pipeline step: 64, 128, 256 or 512.
     block_m: tokens per CTA (the MMA's N side); a multiple of 8, <= 256.
     num_stages: pipeline depth (concurrent TMA loads).
     splits: CTAs that share one output tile's K range (split-K), so that
@@ -56,7 +56,7 @@ class Config:
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256, 512):
-      raise ValueError(f"{self.block_k=} must be 64, 128 or 256")
+      raise ValueError(f"{self.block_k=} must be 64, 128, 256 or 512")
     if self.block_m % 8 or not 8 <= self.block_m <= 256:
       raise ValueError(f"{self.block_m=} must be a multiple of 8 in [8, 256]")
     if self.num_stages < 1:
@@ -160,6 +160,23 @@ RAGGED_K_WASTE = 8
 SCALES_AS_OPERANDS = True
 
 
+# Dense decode CTAs (64 rows, one token tile, one weight tile a step) whose
+# grid fits one wave of LONG_STEP_CTAS_PER_SM CTAs per SM and that each
+# cover at least LONG_STEP_MIN_K of K take K steps of LONG_STEP_K in three
+# stages: half the steps, so half the pipeline's per-step work (the wait,
+# four TMA issues, descriptor updates); Nsight Compute counted 18% fewer
+# instructions on 8192x28672. Its registers (216 a thread) and shared
+# memory leave two CTAs per SM instead of three, so where the grid takes
+# several waves it loses. H200, whole call, K steps of 256 -> 512
+# (tune_k512_h200.json, sixteenth session): 28672x8192 M = 1 45.9 -> 42.5
+# us, M = 16 47.8 -> 46.2; 4096x14336 14.7 -> 14.3, 15.6 -> 15.3; but
+# 8192x28672 (896 CTAs) M = 1 45.7 -> 47.3; 7168x2048 and 2048x5120 (two K
+# steps a CTA) 3-9% slower.
+LONG_STEP_K = 512
+LONG_STEP_MIN_K = 4096
+LONG_STEP_CTAS_PER_SM = 2
+
+
 def _block_k(k: int, block_m: int, whole_steps: bool) -> int:
   """The largest K step that divides K, or (not `whole_steps`) whose last,
   partial step adds at most 1/RAGGED_K_WASTE of K."""
@@ -238,6 +255,15 @@ def heuristic(
     if best == 1 and k_steps >= 32 and k_steps % 2 == 0 and token_tiles == 1:
       best = 2
   stages = 4
+  if (
+    cta_rows == WGMMA_ROWS
+    and weights == 1
+    and token_tiles == 1
+    and tiles * best <= LONG_STEP_CTAS_PER_SM * num_sms
+    and k % (best * LONG_STEP_K) == 0
+    and k // best >= LONG_STEP_MIN_K
+  ):
+    block_k, stages = LONG_STEP_K, 3
   config = Config(
     block_k=block_k,
     block_m=block_m,

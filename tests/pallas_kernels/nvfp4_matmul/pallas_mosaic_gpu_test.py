@@ -102,6 +102,21 @@ def run(x, layer, activation, config=None, interpret=True):
         ),
       ]
     ],
+    # K steps of 512 (config.LONG_STEP_K), split, sm90 bit order.
+    (
+      5,
+      256,
+      2048,
+      config_lib.Config(
+        block_k=512,
+        block_m=8,
+        num_stages=3,
+        splits=2,
+        cta_rows=64,
+        async_mma=True,
+        twiddled=True,
+      ),
+    ),
     # Warp-level mma.sync (accumulators carried by the pipeline): plain,
     # split-K with a partial last tile, sm90 bit order.
     *[
@@ -172,6 +187,8 @@ def test_interpret_batch_dims_and_weight_only(rng):
       config_lib.Config(block_k=256, block_m=8, splits=2, persistent=True),
     ),
     (1, 28672, 8192, config_lib.Config(block_k=256, block_m=8, cta_rows=64)),
+    # K steps of 512 as the heuristic gives 8192x28672 (N x K) at 1 and 16.
+    *[(m, 8192, 28672, config_lib.heuristic(m, 8192, 28672)) for m in (1, 16)],
     # K = 2880 (gpt-oss) in steps that do not divide it: narrower swizzles.
     (16, 2880, 2880, config_lib.Config(block_k=128, block_m=16)),
     (
@@ -275,6 +292,25 @@ def test_heuristic_k_steps_for_k_2880(monkeypatch, ragged, want):
   # a split layer keeps 45 of 64.
   assert config_lib.heuristic(256, 5120, 2880).block_k == 64
   assert config_lib.heuristic(16, 2048, 7168).block_k == 256  # divides K
+
+
+def test_heuristic_long_k_steps():
+  # Dense decode grids of at most two CTAs per SM with >= 4096 of K a CTA
+  # take K steps of 512 in three stages (config.LONG_STEP_K).
+  for m in (1, 16):
+    for n, k, splits in ((8192, 28672, 2), (14336, 4096, 1)):
+      cfg = config_lib.heuristic(m, n, k)
+      assert (cfg.block_k, cfg.num_stages, cfg.splits) == (512, 3, splits)
+      assert cfg.smem_bytes() <= config_lib.SMEM_LIMIT // 2  # two a SM
+    # 896 CTAs (several waves), two K steps a CTA: steps of 256.
+    assert config_lib.heuristic(m, 28672, 8192).block_k == 256
+    assert config_lib.heuristic(m, 2048, 7168).block_k == 256
+  # Not for MoE token tiles, nor SwiGLU's two weight tiles a step.
+  assert (
+    config_lib.heuristic(8, 8192, 28672, block_m=8, token_tiles=2).block_k
+    == 256
+  )
+  assert config_lib.heuristic(1, 8192, 28672, weights=2).block_k == 256
 
 
 def test_config_that_does_not_split_k_evenly_is_rejected(rng):
@@ -404,6 +440,15 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       # K steps that do not divide K = 2880 (narrower swizzles).
       (16, 2880, 2880, dict(block_k=128, block_m=16)),
       (1, 2880, 2880, dict(block_k=256, block_m=8, cta_rows=64)),
+      # K steps of 512 (config.LONG_STEP_K), split, and a partial last one.
+      (1, 8192, 28672, dict(block_k=512, block_m=8, splits=2, cta_rows=64)),
+      (
+        16,
+        14336,
+        4096,
+        dict(block_k=512, block_m=16, num_stages=3, cta_rows=64),
+      ),
+      (5, 2880, 2880, dict(block_k=512, block_m=8, cta_rows=64)),
     ],
   )
   def test_configs(self, rng, m, n, k, fields, async_mma):
