@@ -160,18 +160,20 @@ RAGGED_K_WASTE = 8
 SCALES_AS_OPERANDS = True
 
 
-# Dense decode CTAs (64 rows, one token tile, one weight tile a step) whose
-# grid fits one wave of LONG_STEP_CTAS_PER_SM CTAs per SM and that each
-# cover at least LONG_STEP_MIN_K of K take K steps of LONG_STEP_K in three
-# stages: half the steps, so half the pipeline's per-step work (the wait,
-# four TMA issues, descriptor updates); Nsight Compute counted 18% fewer
-# instructions on 8192x28672. Its registers (216 a thread) and shared
-# memory leave two CTAs per SM instead of three, so where the grid takes
-# several waves it loses. H200, whole call, K steps of 256 -> 512
-# (tune_k512_h200.json, sixteenth session): 28672x8192 M = 1 45.9 -> 42.5
-# us, M = 16 47.8 -> 46.2; 4096x14336 14.7 -> 14.3, 15.6 -> 15.3; but
-# 8192x28672 (896 CTAs) M = 1 45.7 -> 47.3; 7168x2048 and 2048x5120 (two K
-# steps a CTA) 3-9% slower.
+# Dense decode CTAs (64 rows, one token tile, one weight tile a step) that
+# each cover at least LONG_STEP_MIN_K of K take K steps of LONG_STEP_K in
+# three stages: half the steps, so half the pipeline's per-step work (the
+# wait, four TMA issues, descriptor updates); Nsight Compute counted 18%
+# fewer instructions on 8192x28672. Its registers (216 a thread) and shared
+# memory leave two CTAs per SM instead of three, so with 8-token tiles it
+# pays only where the grid fits one wave of LONG_STEP_CTAS_PER_SM CTAs per
+# SM; 16-token tiles, with twice the MMA work a step, gain either way.
+# H200, whole call, K steps of 256 -> 512 (tune_k512_h200.json and
+# tune_k512b_h200.json, sixteenth session): 28672x8192 M = 1 45.9 -> 42.5
+# and 46.0 -> 42.6 us, M = 16 47.8 -> 46.2 and 46.3 -> 45.4; 4096x14336
+# 14.7 -> 14.3, 15.6 -> 15.3; 8192x28672 (896 CTAs) M = 16 52.9 -> 50.7
+# and 53.2 -> 50.5, but M = 1 45.7 -> 47.3 and 44.7 -> 46.9; 7168x2048 and
+# 2048x5120 (two K steps a CTA) 3-9% slower.
 LONG_STEP_K = 512
 LONG_STEP_MIN_K = 4096
 LONG_STEP_CTAS_PER_SM = 2
@@ -259,7 +261,7 @@ def heuristic(
     cta_rows == WGMMA_ROWS
     and weights == 1
     and token_tiles == 1
-    and tiles * best <= LONG_STEP_CTAS_PER_SM * num_sms
+    and (block_m > 8 or tiles * best <= LONG_STEP_CTAS_PER_SM * num_sms)
     and k % (best * LONG_STEP_K) == 0
     and k // best >= LONG_STEP_MIN_K
   ):

@@ -295,16 +295,19 @@ def test_heuristic_k_steps_for_k_2880(monkeypatch, ragged, want):
 
 
 def test_heuristic_long_k_steps():
-  # Dense decode grids of at most two CTAs per SM with >= 4096 of K a CTA
-  # take K steps of 512 in three stages (config.LONG_STEP_K).
+  # Dense decode CTAs with >= 4096 of K each take K steps of 512 in three
+  # stages (config.LONG_STEP_K) where their grid is one wave of two CTAs
+  # per SM, or their tiles hold 16 tokens.
   for m in (1, 16):
     for n, k, splits in ((8192, 28672, 2), (14336, 4096, 1)):
       cfg = config_lib.heuristic(m, n, k)
       assert (cfg.block_k, cfg.num_stages, cfg.splits) == (512, 3, splits)
       assert cfg.smem_bytes() <= config_lib.SMEM_LIMIT // 2  # two a SM
-    # 896 CTAs (several waves), two K steps a CTA: steps of 256.
-    assert config_lib.heuristic(m, 28672, 8192).block_k == 256
+    # Two K steps a CTA: steps of 256.
     assert config_lib.heuristic(m, 2048, 7168).block_k == 256
+  # 896 CTAs (several waves): steps of 512 only for 16-token tiles.
+  assert config_lib.heuristic(1, 28672, 8192).block_k == 256
+  assert config_lib.heuristic(16, 28672, 8192).block_k == 512
   # Not for MoE token tiles, nor SwiGLU's two weight tiles a step.
   assert (
     config_lib.heuristic(8, 8192, 28672, block_m=8, token_tiles=2).block_k
@@ -442,6 +445,12 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       (1, 2880, 2880, dict(block_k=256, block_m=8, cta_rows=64)),
       # K steps of 512 (config.LONG_STEP_K), split, and a partial last one.
       (1, 8192, 28672, dict(block_k=512, block_m=8, splits=2, cta_rows=64)),
+      (
+        16,
+        28672,
+        8192,
+        dict(block_k=512, block_m=16, num_stages=3, splits=2, cta_rows=64),
+      ),
       (
         16,
         14336,
