@@ -66,7 +66,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # (base.RENORMALIZED_SOFTMAX_OF_CHOSEN off); "g2wide": GEMM 2 in 128-row
 # CTAs (two compute warpgroups fed by a TMA warpgroup, persistent) while
 # GEMM 1 keeps the heuristic's (at decode, 64-row CTAs): a short-K GEMM 2
-# (Qwen3-30B-A3B: 3 K steps) fills its pipeline once per 128 rows.
+# (Qwen3-30B-A3B: 3 K steps) fills its pipeline once per 128 rows;
+# "g2k512": GEMM 2's 64-row decode CTAs in K steps of 512 with 3 stages
+# where I is a multiple of 512 (as config.LONG_STEP_K gives dense decode
+# layers; Mixtral-8x7B's K = 14336, DeepSeek-V3's 2048).
 PREFIXES = (
   "old",
   "s3",
@@ -94,6 +97,7 @@ PREFIXES = (
   "g1s3",
   "fullsoftmax",
   "g2wide",
+  "g2k512",
 )
 
 
@@ -133,9 +137,22 @@ def _configs_for(
   long_steps=False,
   gemm1_stages=None,
   gemm2_wide=False,
+  gemm2_long=False,
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
+  inter = kwargs["inter"]
+  step = config_lib.LONG_STEP_K
+  if (
+    gemm2_long
+    and configs[1].cta_rows == config_lib.WGMMA_ROWS
+    and inter % step == 0
+  ):
+    splits = configs[1].splits if inter // step % configs[1].splits == 0 else 1
+    long = dataclasses.replace(
+      configs[1], block_k=step, num_stages=3, splits=splits
+    )
+    configs = [configs[0], _fitting_stages(long, weights=1, bf16_out=True)]
   if long_steps:  # K steps of 256, the last one partial where K is ragged
     ks = (kwargs["hidden"], kwargs["inter"])
     configs = [
@@ -198,6 +215,7 @@ def main(argv):
         gemm1_splits=2 if "split2" in prefixes else None,
         long_steps="k256" in prefixes,
         gemm2_wide="g2wide" in prefixes,
+        gemm2_long="g2k512" in prefixes,
         gemm1_stages=2
         if "g1s2" in prefixes
         else 3
