@@ -75,9 +75,7 @@
 #                                         # occupancy, scheduler and warp
 #                                         # stall statistics, memory) and
 #                                         # ncu_CASE_sass.csv (stall samples
-#                                         # per SASS instruction); with the
-#                                         # first case's SASS and ptxas
-#                                         # report from Mosaic GPU's dumps
+#                                         # per SASS instruction)
 #   bash scripts/gpu_session.sh sharded [MODEL [TOKENS]]
 #                                         # on nvidia-h200-x2: the two-GPU
 #                                         # tests (tests/sharding_gpu_test.py)
@@ -266,13 +264,6 @@ case "${1:-tier}" in
     echo "ncu: ${ncu_bin:-none}"
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
     read -r -a cases <<< "$2"
-    # Mosaic GPU's own dumps (SASS by nvdisasm, ptxas -v) of the first case.
-    IFS=: read -r k n m variant fields <<< "${cases[0]}"
-    MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_SASS=1 \
-      MOSAIC_GPU_DUMP_PTXAS=1 CUDA_VISIBLE_DEVICES=0 timeout 120 \
-      python3 scripts/ncu_matmul.py "$k:$n" "$m" "$variant" 1 "$fields" \
-      > "$out/dump.log" 2>&1
-    ls -la "$out/dump" 2>&1 | head -n 20
     for ((gpu = 0; gpu < gpus; gpu++)); do
       (
         for ((i = gpu; i < ${#cases[@]}; i += gpus)); do
