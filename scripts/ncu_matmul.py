@@ -8,8 +8,8 @@ its own, for Nsight Compute (`ncu`) to read its hardware counters.
 is; the others switch parts of its work off and give wrong outputs). Each
 call runs on the next of several rotating layers (larger than L2 together,
 as the benchmarks), so that the profiled launch streams its weights from
-HBM. `overrides` (`tune_matmul` syntax, e.g. "step_barrier=1") change the
-heuristic's config. `gpu_session.sh ncu` wraps it.
+HBM. `overrides` (`tune_matmul` syntax, e.g. "block_k=512,num_stages=3")
+change the heuristic's config. `gpu_session.sh ncu` wraps it.
 """
 
 import dataclasses
