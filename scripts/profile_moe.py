@@ -141,7 +141,8 @@ def _configs_for(
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
-  inter = kwargs["inter"]
+  # GEMM 1's K and GEMM 2's (`_forward_fn` passes them by name).
+  hidden, inter = kwargs["hidden"], kwargs["inter"]
   step = config_lib.LONG_STEP_K
   if (
     gemm2_long
@@ -154,7 +155,7 @@ def _configs_for(
     )
     configs = [configs[0], _fitting_stages(long, weights=1, bf16_out=True)]
   if long_steps:  # K steps of 256, the last one partial where K is ragged
-    ks = (kwargs["hidden"], kwargs["inter"])
+    ks = (hidden, inter)
     configs = [
       _fitting_stages(
         dataclasses.replace(
@@ -167,7 +168,6 @@ def _configs_for(
       )
       for i, (c, k) in enumerate(zip(configs, ks, strict=True))
     ]
-  hidden = kwargs["hidden"]  # GEMM 1's K (`_forward_fn` passes it by name)
   if gemm1_splits and -(-hidden // configs[0].block_k) % gemm1_splits == 0:
     configs = [dataclasses.replace(configs[0], splits=gemm1_splits), configs[1]]
   configs = [
