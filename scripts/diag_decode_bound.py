@@ -10,7 +10,9 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
 "one_scale_load" (one scale word loaded per row half and step, all still
 converted), "raw_scales" (every word loaded, none converted), "no_mma"
-(decode without wgmma); "full" is checked against the XLA reference.
+(decode without wgmma); a prefix "half_scales_" or "copied_scales_" (alone:
+the full kernel) turns the kernel's `SCALE_HALF_OPERANDS` on or off; the
+full kernels are checked against the XLA reference.
 Configs are `tune_matmul` overrides joined by ";", each timed after the
 heuristic's own. `--lower` only lowers every variant for sm_90 (runs on
 CPU).
@@ -39,8 +41,19 @@ VARIANTS = (
 )
 
 
+CORRECT_VARIANTS = ("full", "half_scales", "copied_scales")
+_SCALE_HALVES_DEFAULT = sm90.SCALE_HALF_OPERANDS
+
+
 def select(variant: str):
-  """Sets the kernel module's switch for `variant`."""
+  """Sets the kernel module's switches for `variant`: a prefix
+  "half_scales" or "copied_scales" turns `SCALE_HALF_OPERANDS` on or off
+  (else its default), the rest names the `DIAGNOSTIC` ("full": none)."""
+  sm90.SCALE_HALF_OPERANDS = _SCALE_HALVES_DEFAULT
+  for prefix, on in (("half_scales", True), ("copied_scales", False)):
+    if variant.startswith(prefix):
+      sm90.SCALE_HALF_OPERANDS = on
+      variant = variant.removeprefix(prefix).removeprefix("_") or "full"
   sm90.DIAGNOSTIC = "" if variant == "full" else variant
 
 
@@ -109,7 +122,7 @@ def main(argv):
 
         try:
           error = ""
-          if variant == "full":  # the others are wrong by design
+          if variant in CORRECT_VARIANTS:  # the others are wrong by design
             got = run(x, layers[:1])[0].astype(jnp.float32)
             err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
             error = f" rel.err {err:.1e}" + ("" if err < 2.0**-7 else " BAD")

@@ -30,7 +30,8 @@ def main(argv):
   m = int(argv[1])
   variant = argv[2] if len(argv) > 2 else "full"
   calls = int(argv[3]) if len(argv) > 3 else 6
-  (fields,) = tune_matmul.parse_overrides(argv[4]) if len(argv) > 4 else [{}]
+  # No overrides, or an empty argument (gpu_session.sh passes one): none.
+  (fields,) = tune_matmul.parse_overrides(" ".join(argv[4:5])) or [{}]
   config = dataclasses.replace(config_lib.heuristic(m, n, k), **fields)
   diag_decode_bound.select(variant)
   # No reference output: only the kernel under ncu needs to run.

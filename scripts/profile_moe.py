@@ -22,6 +22,7 @@ from benchmarks import arg_specs
 from benchmarks import moe
 from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base as moe_base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
@@ -69,7 +70,10 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # (Qwen3-30B-A3B: 3 K steps) fills its pipeline once per 128 rows;
 # "g2k512": GEMM 2's 64-row decode CTAs in K steps of 512 with 3 stages
 # where I is a multiple of 512 (as config.LONG_STEP_K gives dense decode
-# layers; Mixtral-8x7B's K = 14336, DeepSeek-V3's 2048).
+# layers; Mixtral-8x7B's K = 14336, DeepSeek-V3's 2048); "copiedscales":
+# the decode multiplies by copies of each block scale made by byte permutes
+# (the sm90 kernel's SCALE_HALF_OPERANDS off), not by halves of one
+# register per word of four scales.
 PREFIXES = (
   "old",
   "s3",
@@ -98,6 +102,7 @@ PREFIXES = (
   "fullsoftmax",
   "g2wide",
   "g2k512",
+  "copiedscales",
 )
 
 
@@ -249,6 +254,7 @@ def main(argv):
       )
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
+      sm90.SCALE_HALF_OPERANDS = "copiedscales" not in prefixes
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:

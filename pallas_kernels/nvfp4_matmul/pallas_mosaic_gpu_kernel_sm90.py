@@ -82,6 +82,14 @@ PRODUCT_EXPONENT = -8  # decoded weight x scale carries 2**-8 (module doc)
 # and step (each chunk's word is it XOR the chunk: conversions stay),
 # "raw_scales" loads every word and multiplies by it unconverted.
 DIAGNOSTIC = ""
+# Block scales as one bf16x2 register {s_even, s_odd} per word of four, each
+# decode multiply taking its half as a broadcast operand (`mov.b32 {h, h}`)
+# rather than a copy made by a byte permute (two per word of scales). H200,
+# kernel time (`diag_decode_bound.py`, seventeenth session): 8192x28672 M =
+# 1 42.6 -> 42.0 us, M = 16 48.4 -> 45.7; 28672x8192 M = 1 41.3 -> 38.8,
+# M = 16 44.9 -> 40.6; MoE layers (one call each) DeepSeek-V3 T = 1 73.8
+# -> 71.1, T = 16 782 -> 761; Mixtral-8x7B 74.9 -> 73.1, 261 -> 253.
+SCALE_HALF_OPERANDS = True
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -245,11 +253,29 @@ def _decode_ptx(
         result_types=[i32, i32],
       )
 
+    def scale_halves(word):
+      """`pair_scales` without the broadcasts: one bf16x2 {s_even, s_odd}."""
+      return mgpu_utils.inline_ptx(
+        """{
+        .reg .b32 p, two119, zero;
+        mov.b32 two119, 0x7B007B00;
+        mov.b32 zero, 0;
+        prmt.b32 p, $1, zero, $2;
+        shl.b32 p, p, 4;
+        mul.rn.bf16x2 p, p, two119;
+        mul.rn.bf16x2 $0, p, two119;
+        }""",
+        word,
+        pick,
+        result_types=[i32],
+      )[0]
+
     # Register j holds plane columns [16j, 16j + 16): this part's are
     # `first` to `first + count`, scaled by chunk j // 2.
     count = codes.registers.shape[1] // plan.parts
     first = part * count
     scale_regs = {}
+    halves = SCALE_HALF_OPERANDS and DIAGNOSTIC in ("", "no_mma")
     chunks = range(first // 2, -(-(first + count) // 2))
     for half in range(2):
       r = arith.addi(row, const(8 * half))
@@ -262,6 +288,8 @@ def _decode_ptx(
           even, odd = pair_scales(arith.xori(shared_word, const(chunk)))
         elif DIAGNOSTIC == "raw_scales":
           even = odd = load_word(r, chunk)
+        elif halves:
+          even = odd = scale_halves(load_word(r, chunk))
         else:
           even, odd = pair_scales(load_word(r, chunk))
         scale_regs[half, 2 * chunk] = even
@@ -282,8 +310,13 @@ def _decode_ptx(
       else:
         # Both decoders put each code's sign at bit 15 of its bf16 half and
         # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
+        decode_ptx = (
+          _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE
+        )
+        if halves:
+          decode_ptx = _with_scale_half(decode_ptx, j % 2)
         hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
-          _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE,
+          decode_ptx,
           word,
           scale_regs[half, j],
           result_types=[i32] * 4,
@@ -361,6 +394,21 @@ _TWIDDLED_DECODE = """{
         lop3.b32 r, r, mant, keep, 0xEA;
         mul.rn.bf16x2 $0, r, $5;
         }"""
+
+
+def _with_scale_half(decode_ptx: str, half: int) -> str:
+  """`decode_ptx` multiplying by half `half` of its scale operand ($5)
+  broadcast to both halves (`SCALE_HALF_OPERANDS`)."""
+  lines = decode_ptx.replace("$5", "scale").split("\n")
+  declared = max(i for i, line in enumerate(lines) if ".reg" in line)
+  pick = "{lo, lo}" if half == 0 else "{hi, hi}"
+  lines[declared + 1 : declared + 1] = [
+    "        .reg .b16 lo, hi;",
+    "        .reg .b32 scale;",
+    "        mov.b32 {lo, hi}, $5;",
+    f"        mov.b32 scale, {pick};",
+  ]
+  return "\n".join(lines)
 
 
 def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):
