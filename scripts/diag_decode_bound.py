@@ -10,9 +10,9 @@ Times the Pallas kernel alone (CUPTI, kernels named mosaic_gpu, median of
 are: memory, pipeline and MMA only), "no_scales" (a constant block scale),
 "one_scale_load" (one scale word loaded per row half and step, all still
 converted), "raw_scales" (every word loaded, none converted), "no_mma"
-(decode without wgmma); a prefix "half_scales_" or "copied_scales_" (alone:
-the full kernel) turns the kernel's `SCALE_HALF_OPERANDS` on or off; the
-full kernels are checked against the XLA reference.
+(decode without wgmma); prefixes from `SWITCHES` (e.g. "copied_scales_",
+"two_copies_"; alone: the full kernel) set the kernel's switches; the full
+kernels are checked against the XLA reference.
 Configs are `tune_matmul` overrides joined by ";", each timed after the
 heuristic's own. `--lower` only lowers every variant for sm_90 (runs on
 CPU).
@@ -41,20 +41,34 @@ VARIANTS = (
 )
 
 
-CORRECT_VARIANTS = ("full", "half_scales", "copied_scales")
-_SCALE_HALVES_DEFAULT = sm90.SCALE_HALF_OPERANDS
+# Variant prefixes that set one of the kernel module's switches (a prefix
+# alone is the full kernel with it).
+SWITCHES = {
+  "half_scales": ("SCALE_HALF_OPERANDS", True),
+  "copied_scales": ("SCALE_HALF_OPERANDS", False),
+  "one_copy": ("ONE_ACTIVATION_COPY", True),
+  "two_copies": ("ONE_ACTIVATION_COPY", False),
+}
+_DEFAULTS = {name: getattr(sm90, name) for name, _ in SWITCHES.values()}
 
 
-def select(variant: str):
-  """Sets the kernel module's switches for `variant`: a prefix
-  "half_scales" or "copied_scales" turns `SCALE_HALF_OPERANDS` on or off
-  (else its default), the rest names the `DIAGNOSTIC` ("full": none)."""
-  sm90.SCALE_HALF_OPERANDS = _SCALE_HALVES_DEFAULT
-  for prefix, on in (("half_scales", True), ("copied_scales", False)):
-    if variant.startswith(prefix):
-      sm90.SCALE_HALF_OPERANDS = on
-      variant = variant.removeprefix(prefix).removeprefix("_") or "full"
+def select(variant: str) -> bool:
+  """Sets the kernel module's switches for `variant` (prefixes from
+  `SWITCHES`, each followed by "_", then a `DIAGNOSTIC` or "full"); ->
+  whether the outputs should be right (no diagnostic)."""
+  for name, value in _DEFAULTS.items():
+    setattr(sm90, name, value)
+  found = True
+  while found:
+    found = False
+    for prefix, (name, value) in SWITCHES.items():
+      if variant.startswith(prefix):
+        setattr(sm90, name, value)
+        variant = variant.removeprefix(prefix).removeprefix("_")
+        found = True
+  variant = variant or "full"
   sm90.DIAGNOSTIC = "" if variant == "full" else variant
+  return variant == "full"
 
 
 def configs_for(m, n, k, text):
@@ -109,7 +123,7 @@ def main(argv):
     sets = len(layers)
     for cfg in configs_for(m, n, k, text):
       for variant in variants:
-        select(variant)
+        correct = select(variant)
         jax.clear_caches()  # the switches are no jit keys
 
         def run(x, ws, cfg=cfg):
@@ -122,7 +136,7 @@ def main(argv):
 
         try:
           error = ""
-          if variant in CORRECT_VARIANTS:  # the others are wrong by design
+          if correct:  # the diagnostics are wrong by design
             got = run(x, layers[:1])[0].astype(jnp.float32)
             err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
             error = f" rel.err {err:.1e}" + ("" if err < 2.0**-7 else " BAD")

@@ -73,7 +73,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # layers; Mixtral-8x7B's K = 14336, DeepSeek-V3's 2048); "copiedscales":
 # the decode multiplies by copies of each block scale made by byte permutes
 # (the sm90 kernel's SCALE_HALF_OPERANDS off), not by halves of one
-# register per word of four scales.
+# register per word of four scales; "twocopies": GEMM 2's stacked
+# activation planes load in two TMA copies a step, one per plane (the sm90
+# kernel's ONE_ACTIVATION_COPY off).
 PREFIXES = (
   "old",
   "s3",
@@ -103,6 +105,7 @@ PREFIXES = (
   "g2wide",
   "g2k512",
   "copiedscales",
+  "twocopies",
 )
 
 
@@ -255,6 +258,7 @@ def main(argv):
       pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
       sm90.SCALE_HALF_OPERANDS = "copiedscales" not in prefixes
+      sm90.ONE_ACTIVATION_COPY = "twocopies" not in prefixes
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:

@@ -95,7 +95,7 @@ def _run(x, leaves, *, activation, config, interpret):
   n_tiles = scale_rows // 128
   out = sm90.matmul(
     weight[None],
-    tuple(sm90.split_activations(rows)),  # as two arrays (as measured)
+    _activation_planes(rows),
     # A free reshape: [1, row tile, K/64 chunk, 2, 256] holds one 128x4
     # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).
@@ -109,6 +109,13 @@ def _run(x, leaves, *, activation, config, interpret):
     out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)
+
+
+def _activation_planes(rows):
+  """The kernel's activations: stacked planes, which it loads in one TMA
+  copy a step (`sm90.ONE_ACTIVATION_COPY`), else two arrays."""
+  planes = sm90.split_activations(rows)
+  return planes if sm90.ONE_ACTIVATION_COPY else tuple(planes)
 
 
 def _epilogue_factor(factors, n_tiles: int):

@@ -38,7 +38,8 @@ times `2**118`, so products carry a `2**-8` factor that the epilogue removes
 together with the tensor scale. Every E2M1 x E4M3 product is exact in bf16.
 From natural order that is 15 integer operations per 8 codes; from the
 `fp4jax.format.sm90_layout` order (`Config.twiddled`) 9; block scales are
-turned into bf16 by a byte permute and a shift. Integer
+turned into bf16 by a byte permute and a shift, two to a register, and each
+multiply takes its scale as a half of that register. Integer
 ops issue at half rate on Hopper; at decode sizes neither the decode nor
 the MMA bounds the kernel alone, they share the warpgroup's issue slots
 (NOTES.md, `scripts/diag_decode_bound.py`).
@@ -90,6 +91,9 @@ DIAGNOSTIC = ""
 # M = 16 44.9 -> 40.6; MoE layers (one call each) DeepSeek-V3 T = 1 73.8
 # -> 71.1, T = 16 782 -> 761; Mixtral-8x7B 74.9 -> 73.1, 261 -> 253.
 SCALE_HALF_OPERANDS = True
+# Stacked activation planes `[2, M, K/2]` load as one TMA copy a step (one
+# block of both planes) rather than one copy per plane.
+ONE_ACTIVATION_COPY = True
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -535,6 +539,7 @@ def matmul(
   if planes_out and not bf16_out:
     raise ValueError("planes_out needs splits == 1 and bf16 output")
   stacked = not isinstance(x_planes, tuple)
+  one_copy = stacked and ONE_ACTIVATION_COPY
   planes = (x_planes, x_planes) if stacked else x_planes
   m = planes[0].shape[-2]
   want = (2, m, half_k) if stacked else (m, half_k)
@@ -618,8 +623,9 @@ def matmul(
       w_spec, s_spec = weight(row_block, tile)
 
       # Swizzled per K part, so that a part is whole tiles for wgmma.
+      transforms = _swizzled(16, 2 * plan.part_k, 2 * half_k)
+
       def x_spec(plane):
-        transforms = _swizzled(16, 2 * plan.part_k, 2 * half_k)
         if not stacked:
           return spec(
             (cfg.block_m, plan.plane_k), lambda k: (mi, k0 + k), transforms
@@ -630,8 +636,17 @@ def matmul(
           transforms,
         )
 
-      xe_spec, xo_spec = x_spec(0), x_spec(1)
-      specs = [w_spec, xe_spec, xo_spec, s_spec]
+      if one_copy:
+        x_specs = [
+          spec(
+            (2, cfg.block_m, plan.plane_k),
+            lambda k: (0, mi, k0 + k),
+            transforms,
+          )
+        ]
+      else:
+        x_specs = [x_spec(0), x_spec(1)]
+      specs = [w_spec, *x_specs, s_spec]
       if not swiglu:
         return specs
       if rows == WG_ROWS or not up_mid_tile:  # whole 64-row blocks
@@ -652,6 +667,15 @@ def matmul(
           lambda k: (expert, tile + up_blocks // 2, k0 + k, 0, 0),
         ),
       ]
+
+    def body_refs(refs):
+      """(weights, even plane, odd plane, scales, the rest) of a pipeline
+      body's SMEM refs (one stacked activation block with `one_copy`)."""
+      if one_copy:
+        w_smem, x_smem, s_smem, *rest = refs
+        return w_smem, x_smem.at[0], x_smem.at[1], s_smem, rest
+      w_smem, xe_smem, xo_smem, s_smem, *rest = refs
+      return w_smem, xe_smem, xo_smem, s_smem, rest
 
     def decode_registers(w, scales, *, part=0, warp_mma=False):
       """`_decode_ptx` of a weight tile whose `scales` are (the 128-row
@@ -797,7 +821,8 @@ def matmul(
       """The K loop of one 128-row output tile (rows ni, tokens mi, K split
       si) on two compute warpgroups fed by a TMA warpgroup."""
 
-      def mma_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
+      def mma_body(_, *refs):
+        w_smem, xe_smem, xo_smem, s_smem, rest = body_refs(refs)
         *up_refs, accs = rest
         wg = lax.axis_index("wg")
         rows = pl.ds(wg * WG_ROWS, WG_ROWS)
@@ -851,7 +876,8 @@ def matmul(
       )
       if cfg.warp_mma:
 
-        def warp_body(_, w_smem, xe_smem, xo_smem, s_smem, *rest):
+        def warp_body(_, *refs):
+          w_smem, xe_smem, xo_smem, s_smem, rest = body_refs(refs)
           *up_refs, accs = rest
           weights = block_weights(w_smem, s_smem, up_refs)
           return warp_mma_step(weights, xe_smem, xo_smem, accs)
@@ -866,14 +892,19 @@ def matmul(
 
       @functools.partial(pl.run_scoped, accs=[acc_type] * n_accs)
       def _(accs):
-        def body(_, w_smem, xe_smem, xo_smem, s_smem, *up_refs):
+        def body(_, *refs):
+          w_smem, xe_smem, xo_smem, s_smem, up_refs = body_refs(refs)
           weights = block_weights(w_smem, s_smem, up_refs)
           step(weights, xe_smem, xo_smem, accs, slot=0)
 
         pipeline(body)(*operands)
         finish(accs, ni, expert, mi, si, 0)
 
-    operands = (w_gmem, xe_gmem, xo_gmem, s_gmem)
+    operands = (
+      (w_gmem, xe_gmem, s_gmem)
+      if one_copy
+      else (w_gmem, xe_gmem, xo_gmem, s_gmem)
+    )
     if swiglu:
       operands += (w_gmem, s_gmem)
     if not cfg.persistent:
