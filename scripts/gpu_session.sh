@@ -32,6 +32,12 @@
 #                                         # (4096 tokens, after the
 #                                         # fourteenth session's routing)
 #                                         # on GPU 1
+#   bash scripts/gpu_session.sh planes    # on nvidia-h200-x2, ~4 min: the
+#                                         # one-pass W4A4 quantize-and-split
+#                                         # kernel (quantize_planes_sm90,
+#                                         # off): its GPU tests on GPU 0,
+#                                         # profile_matmul.py W4A4 with and
+#                                         # without it on GPU 1
 #   bash scripts/gpu_session.sh moe_check PYTEST_K VARIANTS [bench]
 #                                         # on nvidia-h200-x2, after an MoE
 #                                         # change: the MoE GPU tests that
@@ -188,6 +194,19 @@ case "${1:-tier}" in
     wait
     grep -E "K=" "$out/diag_scales.log"
     grep -E "TFLOP/s|failed" "$out/moe_prefill.log" | tail -n 12
+    ;;
+  planes)
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -v -p no:cacheprovider \
+      -m gpu tests/pallas_kernels/nvfp4_matmul/quantize_planes_sm90_test.py \
+      > "$out/planes_tests.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 300 python3 scripts/profile_matmul.py \
+      7168:2048,2048:5120,28672:8192 64,256,2048,8192 nvfp4 operands,planes \
+      > "$out/profile_planes.log" 2>&1 &
+    wait
+    echo "== tests: $(grep -c PASSED "$out/planes_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/planes_tests.log" | head -n 10
+    tail -n 1 "$out/planes_tests.log"
+    grep -E "^==" "$out/profile_planes.log"
     ;;
   moe_check)
     export XLA_PYTHON_CLIENT_PREALLOCATE=false

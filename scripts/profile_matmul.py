@@ -19,6 +19,7 @@ import pallas_kernels
 from benchmarks import matmul
 from pallas_kernels import activation_quant
 from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 
 
 def main(argv):
@@ -31,9 +32,12 @@ def main(argv):
   # A form is "operands" (the defaults) or switches joined by "+":
   # "table": the epilogue scales as an XLA-built table, as before
   # config.SCALES_AS_OPERANDS; "recompute": W4A4's quantizer recomputes
-  # each block scale per element at any size (no stored scales).
+  # each block scale per element at any size (no stored scales); "planes":
+  # W4A4's activations quantized, padded and split by the one-pass kernel
+  # (`quantize_planes_sm90`, pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS).
   forms = argv[3].split(",") if len(argv) > 3 else ["operands"]
   recompute_default = activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS
+  planes_default = pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS
   for k, n in shapes:
     _, prepared, _ = matmul.make_weights(k, n, 1)
     layer = prepared[0]
@@ -45,6 +49,9 @@ def main(argv):
           config_lib.SCALES_AS_OPERANDS = "table" not in switches
           activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS = (
             1 << 62 if "recompute" in switches else recompute_default
+          )
+          pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS = (
+            0 if "planes" in switches else planes_default
           )
           jax.clear_caches()  # the switches are not jit keys
 

@@ -9,9 +9,10 @@ bit order of the Hopper decoder (`fp4jax.format.sm90_layout`), so `prepare`
 picks the layout for the GPU it serves on.
 
 W4A4 quantizes the activations in XLA (`activation_quant`, the reference's
-values bit for bit, fused with the activation split at decode sizes); every
-E2M1 x E4M3 value is exact in bf16, so the same kernel multiplies them and
-its epilogue scales by alpha.
+values bit for bit, fused with the activation split at decode sizes), or,
+from `QUANTIZE_PLANES_MIN_ELEMENTS`, in one Pallas pass that also pads and
+splits them (`quantize_planes_sm90`); every E2M1 x E4M3 value is exact in
+bf16, so the same kernel multiplies them and its epilogue scales by alpha.
 
 Status: passes the GPU tier on the H200 and is the default on sm90.
 Numbers and the targets not yet met: BENCHMARKS.md and NOTES.md. Any N and
@@ -31,6 +32,7 @@ from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
+from pallas_kernels.nvfp4_matmul import quantize_planes_sm90
 
 
 def nvfp4_matmul(
@@ -63,6 +65,12 @@ def nvfp4_matmul(
   )
 
 
+# W4A4 activations of at least this many elements are quantized, padded
+# and split by `quantize_planes_sm90` (one memory pass) instead of XLA (three
+# passes from RECOMPUTE_SCALES_MAX_ELEMENTS on). None: off, until the H200
+# has run it (written after the seventeenth session's device time ran out).
+QUANTIZE_PLANES_MIN_ELEMENTS = None
+
 K_ALIGN = 64  # K that the swizzled TMA views take in whole steps
 N_ALIGN = 8  # weight rows per TMA tile row group
 
@@ -76,26 +84,31 @@ def _run(x, leaves, *, activation, config, interpret):
   lead, k = x.shape[:-1], x.shape[-1]
   rows = x.reshape(-1, k)
   m = rows.shape[0]
-  if activation == "nvfp4":
-    # e2m1 x e4m3 products are exact in bf16, so the MMA sees the quantized
-    # activations exactly; alpha supplies both tensor scales.
-    rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
-  factors = common.epilogue_scale_operands(
-    layer.alpha, layer.input_scale_inv, activation
-  )
-  rows = rows.astype(jnp.bfloat16)
   weight = layer.weight
   pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
   if pad_k or pad_n:  # a copy of the weight per call (module doc)
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
   weight, config = sm90.kernel_weight(weight, layer.weight_layout, config)
   padded = -(-m // config.block_m) * config.block_m
-  rows = jnp.pad(rows, ((0, padded - m), (0, pad_k)))
+  factors = common.epilogue_scale_operands(
+    layer.alpha, layer.input_scale_inv, activation
+  )
+  # e2m1 x e4m3 products are exact in bf16, so with W4A4 the MMA sees the
+  # quantized activations exactly; alpha supplies both tensor scales.
+  if activation == "nvfp4" and _quantizes_planes(rows, pad_k, interpret):
+    x_planes = quantize_planes_sm90.quantize_planes(
+      rows, layer.input_scale_inv, padded
+    )
+  else:
+    if activation == "nvfp4":
+      rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
+    rows = jnp.pad(rows.astype(jnp.bfloat16), ((0, padded - m), (0, pad_k)))
+    x_planes = _activation_planes(rows)
   scale_rows, padded_blocks = layer.block_scale.shape
   n_tiles = scale_rows // 128
   out = sm90.matmul(
     weight[None],
-    _activation_planes(rows),
+    x_planes,
     # A free reshape: [1, row tile, K/64 chunk, 2, 256] holds one 128x4
     # tile (512 bytes) of the layout per chunk (TMA boxes take at most 256
     # elements per dimension).
@@ -109,6 +122,20 @@ def _run(x, leaves, *, activation, config, interpret):
     out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)
+
+
+def _quantizes_planes(rows, pad_k: int, interpret: bool) -> bool:
+  """Whether W4A4's activations go through `quantize_planes_sm90` (inline
+  Mosaic GPU code: not in the interpreter; bf16, K a multiple of 64, one
+  input scale, stacked planes)."""
+  return (
+    QUANTIZE_PLANES_MIN_ELEMENTS is not None
+    and rows.size >= QUANTIZE_PLANES_MIN_ELEMENTS
+    and not interpret
+    and rows.dtype == jnp.bfloat16
+    and not pad_k
+    and sm90.ONE_ACTIVATION_COPY
+  )
 
 
 def _activation_planes(rows):

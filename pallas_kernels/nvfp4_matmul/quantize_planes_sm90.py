@@ -1,0 +1,247 @@
+"""W4A4's activations in one memory pass on sm90: quantize, pad and split.
+
+`quantize_planes(x, input_scale_inv, rows)` is meant to equal, bit for
+bit, `split_activations` of `fake_quantize_rows(x, input_scale_inv)` in
+bf16, padded with zero rows to `rows`: the stacked planes the sm90 matmul
+reads. At >= 1M elements XLA runs that as three passes over x (block max,
+quantization, activation split: 14.0 + 24.0 + 19.8 us at 7168x2048, M =
+2048, on the H200), which is why W4A4 trails W4A16 most on small layers.
+
+One thread per 32-column group of a row: it loads the group's 64 bytes,
+takes both block maxima, the E4M3 scales and output scales as the
+reference does (f32 products, the E4M3 rounding on the bits, IEEE
+reciprocals by `rcp.rn.f32`), rounds each value to E2M1 (ties to even, as
+three `roundeven`s and selects), and writes its 16 values of each plane as
+two 32-byte runs, permuted in its registers (`split_activations`' order).
+
+Inline Mosaic GPU code, so the CPU interpreter cannot run it: callers use
+the XLA pass there. Not yet run on a GPU (written in the seventeenth
+session after the device time ran out; NOTES.md), hence off by default
+(`config.QUANTIZE_PLANES_MIN_ELEMENTS`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
+from jax._src.lib.mlir.dialects import llvm
+from jax._src.lib.mlir.dialects import math as mlir_math
+from jax._src.lib.mlir.dialects import vector
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from fp4jax.format import nvfp4
+
+GROUP = 32  # K columns a thread quantizes: two blocks, 16 of each plane
+THREADS = 128  # one warpgroup per CTA
+_E4M3_MIN_NORMAL = 2.0**-6
+_E4M3_SUBNORMAL_STEPS = 2.0**9
+
+
+def plane_position(i: int) -> tuple[int, int]:
+  """(plane, column in the group's 16) of column `i` of a 32-column group:
+  `i = 8t + 4e + 2h + n` sits at plane n, column 8h + 2t + e
+  (`split_activations`)."""
+  t, rest = divmod(i, 8)
+  e, rest = divmod(rest, 4)
+  h, n = divmod(rest, 2)
+  return n, 8 * h + 2 * t + e
+
+
+def quantize_planes(
+  x: jax.Array, input_scale_inv: jax.Array, rows: int
+) -> jax.Array:
+  """bf16 `[M, K]` -> bf16 `[2, rows, K/2]`: the fake-quantized activations
+  as the sm90 kernel's stacked planes, rows past M zero.
+
+  Args:
+    x: bf16 activations, K a multiple of 64.
+    input_scale_inv: float32 scalar (one per layer).
+    rows: padded row count, >= M.
+  """
+  m, k = x.shape
+  if x.dtype != jnp.bfloat16 or k % 64 or rows < m or m < 1:
+    raise ValueError(
+      f"quantize_planes takes bf16 [M >= 1, K % 64 == 0] and rows >= M;"
+      f" got {x.dtype} {x.shape}, {rows=}"
+    )
+  groups = k // GROUP
+  pairs, padded_pairs = m * groups, rows * groups
+  ctas = -(-padded_pairs // THREADS)
+
+  def kernel(x_gmem, s_gmem, o_gmem):
+    _quantize_groups(x_gmem, s_gmem, o_gmem)
+
+  call = plgpu.kernel(
+    kernel,
+    out_type=jax.ShapeDtypeStruct((2, padded_pairs, 16), jnp.bfloat16),
+    grid=(ctas,),
+    grid_names=("group_tiles",),
+  )
+  del pairs  # the kernel reads it from the shapes
+  scale = jnp.asarray(input_scale_inv, jnp.float32).reshape(1)
+  out = call(x.reshape(m * groups, GROUP), scale)
+  return out.reshape(2, rows, k // 2)
+
+
+@plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
+def _quantize_groups(_, x_ref, s_ref, o_ref):
+  i32 = ir.IntegerType.get_signless(32)
+  i8 = ir.IntegerType.get_signless(8)
+  f32 = ir.F32Type.get()
+  words4 = ir.VectorType.get((4,), i32)
+  pairs = ir.MemRefType(x_ref.type).shape[0]
+  padded_pairs = ir.MemRefType(o_ref.type).shape[1]
+
+  def const(v):
+    return arith.constant(i32, v)
+
+  def fconst(v):
+    return arith.constant(f32, float(np.float32(v)))
+
+  pair = arith.addi(
+    arith.muli(mgpu_utils.block_idx(), const(THREADS)),
+    mgpu_utils.thread_idx(),
+  )
+  valid = arith.cmpi(arith.CmpIPredicate.slt, pair, const(pairs))
+  in_output = arith.cmpi(arith.CmpIPredicate.slt, pair, const(padded_pairs))
+  # Padding rows read the last group (any in-bounds one) and store zeros.
+  source = arith.select(valid, pair, const(pairs - 1))
+
+  x_base = mgpu_utils.memref_ptr(x_ref)
+  values = []
+  for q in range(4):  # 4 x 16 bytes: 8 bf16 each
+    offset = arith.addi(arith.muli(source, const(2 * GROUP)), const(16 * q))
+    ptr = mgpu_utils.getelementptr(x_base, [offset], i8)
+    vec = llvm.load(words4, ptr, alignment=16)
+    for w in range(4):
+      word = vector.extract(vec, dynamic_position=[], static_position=[w])
+      low = arith.shli(word, const(16))
+      high = arith.andi(word, const(-65536))  # 0xFFFF0000
+      values += [arith.bitcast(f32, low), arith.bitcast(f32, high)]
+  scale_inv = llvm.load(f32, mgpu_utils.memref_ptr(s_ref))
+  # IEEE reciprocal (the reference rounds 1 / d correctly too).
+  inv_scale_inv = _rcp(scale_inv)
+
+  out = []
+  for block in range(2):
+    block_values = values[16 * block : 16 * (block + 1)]
+    block_max = _abs(block_values[0])
+    for v in block_values[1:]:
+      block_max = arith.maximumf(block_max, _abs(v))
+    scaled = arith.mulf(scale_inv, arith.mulf(block_max, fconst(1.0 / 6.0)))
+    sf = _round_to_e4m3(arith.minimumf(scaled, fconst(nvfp4.E4M3_MAX)))
+    zero_scale = arith.cmpf(arith.CmpFPredicate.OEQ, sf, fconst(0.0))
+    safe = arith.select(zero_scale, fconst(1.0), sf)
+    out_scale = arith.select(
+      zero_scale, fconst(0.0), _rcp(arith.mulf(safe, inv_scale_inv))
+    )
+    for v in block_values:
+      rounded = _round_to_e2m1(arith.mulf(v, out_scale))
+      out.append(arith.mulf(rounded, sf))
+
+  o_base = mgpu_utils.memref_ptr(o_ref)
+  planes = [[None] * 16 for _ in range(2)]
+  for i, v in enumerate(out):
+    n, column = plane_position(i)
+    planes[n][column] = v
+  with mgpu_utils.when(in_output):
+    for n, plane in enumerate(planes):
+      words = []
+      for j in range(8):  # bf16x2 word j: columns 2j (low) and 2j + 1
+        word = _pack_bf16x2(plane[2 * j], plane[2 * j + 1])
+        words.append(arith.select(valid, word, const(0)))
+      for s in range(2):
+        vec = vector.from_elements(words4, words[4 * s : 4 * s + 4])
+        row = arith.addi(arith.muli(const(n), const(padded_pairs)), pair)
+        offset = arith.addi(arith.muli(row, const(32)), const(16 * s))
+        llvm.store(
+          vec, mgpu_utils.getelementptr(o_base, [offset], i8), alignment=16
+        )
+
+
+def _abs(v):
+  """|v| on the bits (as jnp.abs: NaN stays NaN)."""
+  i32 = ir.IntegerType.get_signless(32)
+  bits = arith.bitcast(i32, v)
+  return arith.bitcast(
+    v.type, arith.andi(bits, arith.constant(i32, 0x7FFFFFFF))
+  )
+
+
+def _rcp(v):
+  """Correctly rounded f32 1 / v."""
+  return mgpu_utils.inline_ptx(
+    "rcp.rn.f32 $0, $1;", v, result_types=ir.F32Type.get()
+  )
+
+
+def _round_to_e4m3(v):
+  """`activation_quant._round_to_e4m3`: non-negative f32 <= 448 -> the
+  nearest E4M3 value (ties to even), as f32."""
+  i32 = ir.IntegerType.get_signless(32)
+  f32 = ir.F32Type.get()
+  bits = arith.bitcast(i32, v)
+  lowest_kept = arith.andi(
+    arith.shrui(bits, arith.constant(i32, 20)), arith.constant(i32, 1)
+  )
+  rounded = arith.addi(
+    arith.addi(bits, arith.constant(i32, 0x7FFFF)), lowest_kept
+  )
+  normal = arith.bitcast(
+    f32, arith.andi(rounded, arith.constant(i32, -(1 << 20)))
+  )
+  steps = mlir_math.roundeven(
+    arith.mulf(v, arith.constant(f32, _E4M3_SUBNORMAL_STEPS))
+  )
+  subnormal = arith.mulf(steps, arith.constant(f32, 1 / _E4M3_SUBNORMAL_STEPS))
+  is_normal = arith.cmpf(
+    arith.CmpFPredicate.OGE, v, arith.constant(f32, _E4M3_MIN_NORMAL)
+  )
+  return arith.select(is_normal, normal, subnormal)
+
+
+def _round_to_e2m1(v):
+  """`e2m1.round_to_values`: the nearest E2M1 value (ties to even, at most
+  6 in magnitude; NaN and -0 give +0). Steps of 0.5 below 2, 1 below 4, 2
+  above: each a `roundeven`, whose even integers are the even codes."""
+  f32 = ir.F32Type.get()
+
+  def c(x):
+    return arith.constant(f32, x)
+
+  magnitude = _abs(v)
+  halves = arith.mulf(
+    mlir_math.roundeven(arith.mulf(magnitude, c(2.0))), c(0.5)
+  )
+  ones = mlir_math.roundeven(magnitude)
+  twos = arith.minimumf(
+    arith.mulf(mlir_math.roundeven(arith.mulf(magnitude, c(0.5))), c(2.0)),
+    c(6.0),
+  )
+
+  def below(x):
+    return arith.cmpf(arith.CmpFPredicate.OLT, magnitude, c(x))
+
+  at_least_four = arith.cmpf(arith.CmpFPredicate.OGE, magnitude, c(4.0))
+  value = arith.select(
+    below(2.0),
+    halves,
+    arith.select(below(4.0), ones, arith.select(at_least_four, twos, c(0.0))),
+  )
+  negative = arith.andi(
+    arith.cmpf(arith.CmpFPredicate.OLT, v, c(0.0)),
+    arith.cmpf(arith.CmpFPredicate.OGT, value, c(0.0)),
+  )
+  return arith.select(negative, arith.negf(value), value)
+
+
+def _pack_bf16x2(low, high):
+  """Two f32 (exact in bf16) -> one bf16x2 word, `low` in bits 0..15."""
+  return mgpu_utils.inline_ptx(
+    "cvt.rn.bf16x2.f32 $0, $1, $2;",
+    high,
+    low,
+    result_types=ir.IntegerType.get_signless(32),
+  )
