@@ -200,7 +200,7 @@ case "${1:-tier}" in
       -m gpu tests/pallas_kernels/nvfp4_matmul/quantize_planes_sm90_test.py \
       > "$out/planes_tests.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 timeout 300 python3 scripts/profile_matmul.py \
-      7168:2048,2048:5120,28672:8192 64,256,2048,8192 nvfp4 operands,planes \
+      7168:2048,2048:5120,28672:8192 16,64,256,2048,8192 nvfp4 operands,planes \
       > "$out/profile_planes.log" 2>&1 &
     wait
     echo "== tests: $(grep -c PASSED "$out/planes_tests.log") passed"

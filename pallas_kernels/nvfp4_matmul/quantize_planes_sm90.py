@@ -7,12 +7,15 @@ reads. At >= 1M elements XLA runs that as three passes over x (block max,
 quantization, activation split: 14.0 + 24.0 + 19.8 us at 7168x2048, M =
 2048, on the H200), which is why W4A4 trails W4A16 most on small layers.
 
-One thread per 32-column group of a row: it loads the group's 64 bytes,
-takes both block maxima, the E4M3 scales and output scales as the
-reference does (f32 products, the E4M3 rounding on the bits, IEEE
-reciprocals by `rcp.rn.f32`), rounds each value to E2M1 (ties to even, as
-three `roundeven`s and selects), and writes its 16 values of each plane as
-two 32-byte runs, permuted in its registers (`split_activations`' order).
+Four threads per 32-column group of a row, each loading 16 consecutive
+bytes (8 values; a warp reads 512 contiguous bytes): a block of 16 is two
+threads, whose maxima meet by one butterfly shuffle. Each takes the E4M3
+scale and the output scale as the reference does (f32 products, the E4M3
+rounding on the bits, IEEE reciprocals by `rcp.rn.f32`), rounds its values
+to E2M1 (ties to even, as three `roundeven`s and selects), and writes them
+as four bf16x2 words, two per plane, in `split_activations`' order (thread
+t of a group holds columns 8t..8t+7, which land on plane columns 8h + 2t
++ e).
 
 Inline Mosaic GPU code, so the CPU interpreter cannot run it: callers use
 the XLA pass there. Not yet run on a GPU (written in the seventeenth
@@ -33,7 +36,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4jax.format import nvfp4
 
-GROUP = 32  # K columns a thread quantizes: two blocks, 16 of each plane
+GROUP = 32  # K columns of one group: two blocks, 16 of each plane
+THREADS_PER_GROUP = 4  # each loads 8 columns (16 bytes)
 THREADS = 128  # one warpgroup per CTA
 _E4M3_MIN_NORMAL = 2.0**-6
 _E4M3_SUBNORMAL_STEPS = 2.0**9
@@ -68,7 +72,7 @@ def quantize_planes(
     )
   groups = k // GROUP
   pairs, padded_pairs = m * groups, rows * groups
-  ctas = -(-padded_pairs // THREADS)
+  ctas = -(-padded_pairs * THREADS_PER_GROUP // THREADS)
 
   def kernel(x_gmem, s_gmem, o_gmem):
     _quantize_groups(x_gmem, s_gmem, o_gmem)
@@ -93,6 +97,7 @@ def _quantize_groups(_, x_ref, s_ref, o_ref):
   words4 = ir.VectorType.get((4,), i32)
   pairs = ir.MemRefType(x_ref.type).shape[0]
   padded_pairs = ir.MemRefType(o_ref.type).shape[1]
+  per_group = THREADS_PER_GROUP
 
   def const(v):
     return arith.constant(i32, v)
@@ -100,64 +105,66 @@ def _quantize_groups(_, x_ref, s_ref, o_ref):
   def fconst(v):
     return arith.constant(f32, float(np.float32(v)))
 
-  pair = arith.addi(
+  thread = arith.addi(
     arith.muli(mgpu_utils.block_idx(), const(THREADS)),
     mgpu_utils.thread_idx(),
   )
+  pair = arith.divui(thread, const(per_group))
+  quarter = arith.remui(thread, const(per_group))  # columns 8q .. 8q + 7
   valid = arith.cmpi(arith.CmpIPredicate.slt, pair, const(pairs))
   in_output = arith.cmpi(arith.CmpIPredicate.slt, pair, const(padded_pairs))
   # Padding rows read the last group (any in-bounds one) and store zeros.
   source = arith.select(valid, pair, const(pairs - 1))
 
-  x_base = mgpu_utils.memref_ptr(x_ref)
+  offset = arith.addi(
+    arith.muli(source, const(2 * GROUP)), arith.muli(quarter, const(16))
+  )
+  vec = llvm.load(
+    words4,
+    mgpu_utils.getelementptr(mgpu_utils.memref_ptr(x_ref), [offset], i8),
+    alignment=16,
+  )
   values = []
-  for q in range(4):  # 4 x 16 bytes: 8 bf16 each
-    offset = arith.addi(arith.muli(source, const(2 * GROUP)), const(16 * q))
-    ptr = mgpu_utils.getelementptr(x_base, [offset], i8)
-    vec = llvm.load(words4, ptr, alignment=16)
-    for w in range(4):
-      word = vector.extract(vec, dynamic_position=[], static_position=[w])
-      low = arith.shli(word, const(16))
-      high = arith.andi(word, const(-65536))  # 0xFFFF0000
-      values += [arith.bitcast(f32, low), arith.bitcast(f32, high)]
+  for w in range(4):
+    word = vector.extract(vec, dynamic_position=[], static_position=[w])
+    low = arith.shli(word, const(16))
+    high = arith.andi(word, const(-65536))  # 0xFFFF0000
+    values += [arith.bitcast(f32, low), arith.bitcast(f32, high)]
   scale_inv = llvm.load(f32, mgpu_utils.memref_ptr(s_ref))
   # IEEE reciprocal (the reference rounds 1 / d correctly too).
   inv_scale_inv = _rcp(scale_inv)
 
-  out = []
-  for block in range(2):
-    block_values = values[16 * block : 16 * (block + 1)]
-    block_max = _abs(block_values[0])
-    for v in block_values[1:]:
-      block_max = arith.maximumf(block_max, _abs(v))
-    scaled = arith.mulf(scale_inv, arith.mulf(block_max, fconst(1.0 / 6.0)))
-    sf = _round_to_e4m3(arith.minimumf(scaled, fconst(nvfp4.E4M3_MAX)))
-    zero_scale = arith.cmpf(arith.CmpFPredicate.OEQ, sf, fconst(0.0))
-    safe = arith.select(zero_scale, fconst(1.0), sf)
-    out_scale = arith.select(
-      zero_scale, fconst(0.0), _rcp(arith.mulf(safe, inv_scale_inv))
-    )
-    for v in block_values:
-      rounded = _round_to_e2m1(arith.mulf(v, out_scale))
-      out.append(arith.mulf(rounded, sf))
+  # The block's other 8 values are the neighbouring thread's (quarter ^ 1).
+  block_max = _abs(values[0])
+  for v in values[1:]:
+    block_max = arith.maximumf(block_max, _abs(v))
+  block_max = arith.maximumf(block_max, mgpu_utils.shfl_bfly(block_max, 1))
+  scaled = arith.mulf(scale_inv, arith.mulf(block_max, fconst(1.0 / 6.0)))
+  sf = _round_to_e4m3(arith.minimumf(scaled, fconst(nvfp4.E4M3_MAX)))
+  zero_scale = arith.cmpf(arith.CmpFPredicate.OEQ, sf, fconst(0.0))
+  safe = arith.select(zero_scale, fconst(1.0), sf)
+  out_scale = arith.select(
+    zero_scale, fconst(0.0), _rcp(arith.mulf(safe, inv_scale_inv))
+  )
+  out = [
+    arith.mulf(_round_to_e2m1(arith.mulf(v, out_scale)), sf) for v in values
+  ]
 
+  # Value j = 4e + 2h + n of this thread (column 8q + j) goes to plane n,
+  # column 8h + 2q + e: word (n, h) holds e = 0 low, e = 1 high.
   o_base = mgpu_utils.memref_ptr(o_ref)
-  planes = [[None] * 16 for _ in range(2)]
-  for i, v in enumerate(out):
-    n, column = plane_position(i)
-    planes[n][column] = v
   with mgpu_utils.when(in_output):
-    for n, plane in enumerate(planes):
-      words = []
-      for j in range(8):  # bf16x2 word j: columns 2j (low) and 2j + 1
-        word = _pack_bf16x2(plane[2 * j], plane[2 * j + 1])
-        words.append(arith.select(valid, word, const(0)))
-      for s in range(2):
-        vec = vector.from_elements(words4, words[4 * s : 4 * s + 4])
+    for n in range(2):
+      for h in range(2):
+        word = _pack_bf16x2(out[2 * h + n], out[4 + 2 * h + n])
+        word = arith.select(valid, word, const(0))
         row = arith.addi(arith.muli(const(n), const(padded_pairs)), pair)
-        offset = arith.addi(arith.muli(row, const(32)), const(16 * s))
+        column = arith.addi(const(8 * h), arith.muli(quarter, const(2)))
+        offset = arith.muli(
+          arith.addi(arith.muli(row, const(16)), column), const(2)
+        )
         llvm.store(
-          vec, mgpu_utils.getelementptr(o_base, [offset], i8), alignment=16
+          word, mgpu_utils.getelementptr(o_base, [offset], i8), alignment=4
         )
 
 
