@@ -38,6 +38,13 @@
 #                                         # off): its GPU tests on GPU 0,
 #                                         # profile_matmul.py W4A4 with and
 #                                         # without it on GPU 1
+#   bash scripts/gpu_session.sh routing   # on nvidia-h200-x2, ~4 min: decode
+#                                         # routing and placement in one
+#                                         # kernel (route_decode_sm90,
+#                                         # off): its GPU tests on GPU 0,
+#                                         # MoE profiles with and without
+#                                         # it (Qwen3, gpt-oss, Mixtral at
+#                                         # 1 and 16 tokens) on GPU 1
 #   bash scripts/gpu_session.sh moe_check PYTEST_K VARIANTS [bench]
 #                                         # on nvidia-h200-x2, after an MoE
 #                                         # change: the MoE GPU tests that
@@ -207,6 +214,23 @@ case "${1:-tier}" in
     grep -E "FAILED|ERROR" "$out/planes_tests.log" | head -n 10
     tail -n 1 "$out/planes_tests.log"
     grep -E "^==" "$out/profile_planes.log"
+    ;;
+  routing)
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -v -p no:cacheprovider \
+      -m gpu tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+      > "$out/routing_tests.log" 2>&1 &
+    (
+      for model in qwen3-30b-a3b gpt-oss-120b mixtral-8x7b; do
+        CUDA_VISIBLE_DEVICES=1 timeout 100 python3 scripts/profile_moe.py \
+          "$model" 1,16 autofused,routekernel-autofused \
+          > "$out/profile_routing_$model.log" 2>&1
+      done
+    ) &
+    wait
+    echo "== tests: $(grep -c PASSED "$out/routing_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/routing_tests.log" | head -n 10
+    tail -n 1 "$out/routing_tests.log"
+    grep -hE "^==|Error" "$out"/profile_routing_*.log
     ;;
   moe_check)
     export XLA_PYTHON_CLIENT_PREALLOCATE=false

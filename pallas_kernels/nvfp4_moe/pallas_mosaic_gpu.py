@@ -39,6 +39,7 @@ from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base
+from pallas_kernels.nvfp4_moe import route_decode_sm90
 
 FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
 # One CTA per SM walking the used token tiles (config.persistent): 24-32%
@@ -89,6 +90,12 @@ RANK_BY_COUNTING = True
 # at 1 token, 102.4 -> 102.0 at 16; DeepSeek-V3 79.2 -> 78.3 at 1, 800.6 ->
 # 800.4 at 16 (1M comparisons). Larger counts are unmeasured.
 COUNTING_TOP_K_MAX = 1 << 20
+# Decode steps route and place their pairs in one kernel
+# (`route_decode_sm90`: softmax routing renormalized over the chosen
+# experts, no bias or groups, <= 16 tokens) instead of ~12 XLA kernels. Off
+# until the H200 has run it (written after the seventeenth session's device
+# time ran out).
+DECODE_ROUTING_KERNEL = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,6 +702,18 @@ def _expert_gemms(
 @functools.partial(jax.jit, static_argnames=("forward", "routing"))
 def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   tokens, n_experts = router_logits.shape
+  if _routes_in_kernel(router_logits, correction_bias, dict(routing), forward):
+    plan, direct = forward.keywords["plan"], forward.keywords["direct"]
+    weights, ids, *placed = route_decode_sm90.route_and_place(
+      router_logits,
+      plan.top_k,
+      block_m=plan.block_m,
+      max_tiles=plan.max_tiles,
+      place=not direct,
+      routed_scaling=dict(routing).get("routed_scaling", 1.0),
+    )
+    out = forward(x, weights, ids, experts, placed=tuple(placed) or None)
+    return out.astype(x.dtype)
   counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
   weights, ids = base.route(
     router_logits,
@@ -703,6 +722,27 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
     **dict(routing),
   )
   return forward(x, weights, ids, experts).astype(x.dtype)
+
+
+def _routes_in_kernel(router_logits, correction_bias, routing, forward):
+  """Whether `route_decode_sm90` routes this call: its routing (softmax
+  renormalized over the chosen experts, as `base.route` computes it with
+  RENORMALIZED_SOFTMAX_OF_CHOSEN), its sizes, and a placement it makes
+  (counted, or one token's direct tiles)."""
+  options = forward.keywords
+  plan = options["plan"]
+  return (
+    DECODE_ROUTING_KERNEL
+    and not options["interpret"]
+    and (options["direct"] or options["counted"])
+    and routing.get("scoring", "softmax") == "softmax"
+    and routing.get("renormalize", True)
+    and routing.get("num_groups", 1) == 1
+    and correction_bias is None
+    and base.RENORMALIZED_SOFTMAX_OF_CHOSEN
+    and router_logits.dtype in (jnp.float32, jnp.bfloat16)
+    and route_decode_sm90.supports(plan.tokens, plan.experts, plan.top_k)
+  )
 
 
 @functools.partial(
@@ -732,17 +772,19 @@ def _forward(
   interpret,
   counted=False,
   remainder_configs=None,
+  placed=None,
 ):
   """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine
   (the two GEMMs once more over the remainder tiles, if the plan has
-  them)."""
+  them). `placed`: the sort's (position, token, tile_expert), made already
+  (`route_decode_sm90`)."""
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   if direct:
     place = direct_tiles
   else:
     place = count_by_expert if counted else sort_by_expert
-  position, token, tile_expert = place(ids, plan)
+  position, token, tile_expert = placed or place(ids, plan)
   gemms = functools.partial(
     _expert_gemms,
     w13=w13,

@@ -1,0 +1,160 @@
+"""Decode routing and placement in one kernel equal XLA's.
+
+The kernel is inline Mosaic GPU code: the CPU tier checks its bounds and
+that it lowers for sm_90, alone and in the MoE; the GPU tier checks its
+experts, rows and tiles exactly and its weights to float32 rounding
+against `base.route` and `count_by_expert`, then the MoE through it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.nvfp4_moe import base
+from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
+from pallas_kernels.nvfp4_moe import route_decode_sm90
+from tests.pallas_kernels.nvfp4_moe import test_base
+
+# (tokens, experts, top_k): Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-120b at 16
+# tokens, odd sizes, and one token (direct tiles: no placement).
+CASES = [(16, 128, 8), (16, 8, 2), (16, 128, 4), (5, 40, 3), (1, 128, 8)]
+
+
+def _plan(tokens, experts, top_k):
+  return pallas_mosaic_gpu.Plan(
+    tokens=tokens,
+    top_k=top_k,
+    experts=experts,
+    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, experts),
+  )
+
+
+def _route_and_place(logits, top_k):
+  tokens, experts = logits.shape
+  plan = _plan(tokens, experts, top_k)
+  return route_decode_sm90.route_and_place(
+    logits,
+    top_k,
+    block_m=plan.block_m,
+    max_tiles=plan.max_tiles,
+    place=tokens > 1,
+  )
+
+
+def test_supports_decode_sizes_only():
+  assert route_decode_sm90.supports(16, 128, 8)
+  assert route_decode_sm90.supports(1, 8, 2)
+  assert not route_decode_sm90.supports(17, 128, 8)  # one warp a token
+  assert not route_decode_sm90.supports(16, 512, 8)  # 8 logits a lane
+  assert not route_decode_sm90.supports(4, 4, 5)  # top_k > experts
+  with pytest.raises(ValueError, match="route_and_place"):
+    route_decode_sm90.route_and_place(
+      jnp.zeros((32, 8)), 2, block_m=8, max_tiles=16
+    )
+  with pytest.raises(ValueError, match="float32 or bfloat16"):
+    route_decode_sm90.route_and_place(
+      jnp.zeros((2, 8), jnp.float16), 2, block_m=8, max_tiles=4
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens, experts, top_k", CASES)
+def test_lowers_for_sm90(tokens, experts, top_k, dtype):
+  logits = jax.ShapeDtypeStruct((tokens, experts), dtype)
+  lowered = (
+    jax.jit(lambda x: _route_and_place(x, top_k))
+    .trace(logits)
+    .lower(lowering_platforms=("cuda",))
+  )
+  assert lowered.as_text().count("stablehlo.custom_call") == 1
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_moe_lowers_through_it(monkeypatch, tokens):
+  monkeypatch.setattr(pallas_mosaic_gpu, "DECODE_ROUTING_KERNEL", True)
+  # Lowering for sm_90 needs no GPU; the backend's device check would stop it.
+  monkeypatch.setattr(pallas_mosaic_gpu.common, "check_sm90", lambda *_: None)
+  n_experts, top_k, hidden, inter = 128, 8, 2048, 768  # Qwen3-30B-A3B
+  experts = {}
+  for prefix, (n, k) in (
+    ("w13_", (2 * inter, hidden)),
+    ("w2_", (hidden, inter)),
+  ):
+    experts[prefix + "weight_sm90"] = jax.ShapeDtypeStruct(
+      (n_experts, n, k // 2), jnp.uint8
+    )
+    experts[prefix + "block_scale"] = jax.ShapeDtypeStruct(
+      (n_experts, n, k // 16), jnp.float8_e4m3fn
+    )
+    for key in ("alpha", "input_scale_inv"):
+      experts[prefix + key] = jax.ShapeDtypeStruct((n_experts,), jnp.float32)
+  x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
+  logits = jax.ShapeDtypeStruct((tokens, n_experts), jnp.float32)
+
+  def moe(x, logits, experts):
+    return pallas_mosaic_gpu.nvfp4_moe(x, logits, experts, top_k=top_k)
+
+  lowered = jax.jit(moe).trace(x, logits, experts)
+  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+  # The routing kernel and the two expert GEMMs.
+  assert text.count("stablehlo.custom_call") == 3
+
+
+def _logits(rng, tokens, experts, dtype):
+  logits = rng.standard_normal((tokens, experts)).astype(np.float32)
+  logits[0] = np.round(logits[0])  # ties, broken by the lower expert
+  if tokens > 2:
+    logits[2] = 0.5  # all tied
+    logits[1, ::3] = -0.0  # signed zeros: +0 ranks above -0
+    logits[1, 1::3] = 0.0
+  return jnp.asarray(logits, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens, experts, top_k", CASES)
+def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
+  logits = _logits(rng, tokens, experts, dtype)
+  got = jax.jit(_route_and_place, static_argnums=1)(logits, top_k)
+  want_weights, want_ids = jax.jit(
+    lambda x: base.route(
+      x, top_k=top_k, top_k_fn=pallas_mosaic_gpu.counting_top_k
+    )
+  )(logits)
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want_ids))
+  np.testing.assert_allclose(
+    np.asarray(got[0]), np.asarray(want_weights), rtol=2e-6, atol=1e-7
+  )
+  if tokens > 1:
+    plan = _plan(tokens, experts, top_k)
+    placed = jax.jit(lambda ids: pallas_mosaic_gpu.count_by_expert(ids, plan))(
+      want_ids
+    )
+    for a, b in zip(got[2:], placed, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_moe_through_it_equals_the_xla_routing(rng, monkeypatch, tokens):
+  experts, _ = test_base.make_experts(rng, 16, 256, 128, weight_layout="sm90")
+  x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
+  logits = _logits(rng, tokens, 16, jnp.float32)
+
+  def moe(x, logits):
+    return pallas_kernels.nvfp4_moe(
+      x, logits, experts, top_k=4, implementation="pallas"
+    )
+
+  want = np.asarray(jax.jit(moe)(x, logits), np.float32)
+  monkeypatch.setattr(pallas_mosaic_gpu, "DECODE_ROUTING_KERNEL", True)
+  jax.clear_caches()  # the switch is no jit key
+  got = np.asarray(jax.jit(moe)(x, logits), np.float32)
+  assert np.isfinite(want).all()
+  # Same experts and rows; weights within float32 rounding, so outputs
+  # within a bf16 rounding of each other.
+  np.testing.assert_allclose(
+    got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max()
+  )
