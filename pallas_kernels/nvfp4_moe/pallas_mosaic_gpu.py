@@ -19,7 +19,8 @@ Data flow (one jitted function):
 (REMAINDER_TILES, off: steps 2-3 once more over 64-row remainder tiles.)
 
 Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
-with the reference.
+with the reference; with DECODE_ROUTING_KERNEL (off) decode steps route and
+place their pairs in one kernel instead (`route_decode_sm90`).
 
 W4A4 (activation="nvfp4") takes GEMM 1's output in float32 and SwiGLU in
 XLA, so that the intermediate's FP4 codes are those of the reference (the
