@@ -71,7 +71,7 @@ def quantize_planes(
       f" got {x.dtype} {x.shape}, {rows=}"
     )
   groups = k // GROUP
-  pairs, padded_pairs = m * groups, rows * groups
+  padded_pairs = rows * groups  # (row, group) pairs of the output
   ctas = -(-padded_pairs * THREADS_PER_GROUP // THREADS)
 
   def kernel(x_gmem, s_gmem, o_gmem):
@@ -83,7 +83,6 @@ def quantize_planes(
     grid=(ctas,),
     grid_names=("group_tiles",),
   )
-  del pairs  # the kernel reads it from the shapes
   scale = jnp.asarray(input_scale_inv, jnp.float32).reshape(1)
   out = call(x.reshape(m * groups, GROUP), scale)
   return out.reshape(2, rows, k // 2)
