@@ -34,8 +34,8 @@ from fp4jax.format import nvfp4
 # kept. Recomputing the scales at every size gives the same kernels.
 RECOMPUTE_SCALES_MAX_ELEMENTS = 1 << 20
 
-_E4M3_MIN_NORMAL = np.float32(2.0**-6)
-_E4M3_SUBNORMAL_STEPS = np.float32(2.0**9)  # E4M3 subnormals: k * 2^-9
+E4M3_MIN_NORMAL = np.float32(2.0**-6)
+E4M3_SUBNORMAL_STEPS = np.float32(2.0**9)  # E4M3 subnormals: k * 2^-9
 
 
 def fake_quantize_rows(x: jax.Array, input_scale_inv: jax.Array) -> jax.Array:
@@ -87,8 +87,8 @@ def _round_to_e4m3(v: jax.Array) -> jax.Array:
   normal = jax.lax.bitcast_convert_type(
     (bits + 0x7FFFF + lowest_kept) & np.uint32(0xFFF00000), jnp.float32
   )
-  subnormal = jnp.round(v * _E4M3_SUBNORMAL_STEPS) * np.float32(2.0**-9)
-  return jnp.where(v >= _E4M3_MIN_NORMAL, normal, subnormal)
+  subnormal = jnp.round(v * E4M3_SUBNORMAL_STEPS) * np.float32(2.0**-9)
+  return jnp.where(v >= E4M3_MIN_NORMAL, normal, subnormal)
 
 
 def _reciprocal(d: jax.Array) -> jax.Array:

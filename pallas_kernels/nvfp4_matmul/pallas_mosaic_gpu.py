@@ -127,14 +127,13 @@ def _run(x, leaves, *, activation, config, interpret):
 def _quantizes_planes(rows, pad_k: int, interpret: bool) -> bool:
   """Whether W4A4's activations go through `quantize_planes_sm90` (inline
   Mosaic GPU code: not in the interpreter; bf16, K a multiple of 64, one
-  input scale, stacked planes)."""
+  input scale)."""
   return (
     QUANTIZE_PLANES_MIN_ELEMENTS is not None
     and rows.size >= QUANTIZE_PLANES_MIN_ELEMENTS
     and not interpret
     and rows.dtype == jnp.bfloat16
     and not pad_k
-    and sm90.ONE_ACTIVATION_COPY
   )
 
 

@@ -314,11 +314,10 @@ def _decode_ptx(
       else:
         # Both decoders put each code's sign at bit 15 of its bf16 half and
         # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
-        decode_ptx = (
-          _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE
+        decode_ptx = _decode_text(
+          _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE,
+          j % 2 if halves else None,
         )
-        if halves:
-          decode_ptx = _with_scale_half(decode_ptx, j % 2)
         hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
           decode_ptx,
           word,
@@ -355,25 +354,26 @@ def _decode_ptx(
 # shifted by 4 between codes; 15 integer operations per 8 codes.
 _NATURAL_DECODE = """{
         .reg .b32 q4, q8, q12, m;
+        SCALE_SETUP
         shl.b32 q4, $4, 4;
         shl.b32 q8, $4, 8;
         shl.b32 q12, $4, 12;
         and.b32 m, $4, 0x70007000;
         shr.b32 m, m, 6;
         lop3.b32 m, $4, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $0, m, $5;
+        mul.rn.bf16x2 $0, m, SCALE;
         and.b32 m, q4, 0x70007000;
         shr.b32 m, m, 6;
         lop3.b32 m, q4, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $1, m, $5;
+        mul.rn.bf16x2 $1, m, SCALE;
         and.b32 m, q8, 0x70007000;
         shr.b32 m, m, 6;
         lop3.b32 m, q8, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $2, m, $5;
+        mul.rn.bf16x2 $2, m, SCALE;
         and.b32 m, q12, 0x70007000;
         shr.b32 m, m, 6;
         lop3.b32 m, q12, m, 0x80008000, 0xEC;
-        mul.rn.bf16x2 $3, m, $5;
+        mul.rn.bf16x2 $3, m, SCALE;
         }"""
 
 # `sm90_layout` order: outputs (n0, n4), (n1, n5), (n2, n6) are the word
@@ -381,38 +381,43 @@ _NATURAL_DECODE = """{
 # its mantissa bits from the word rotated by 8 (prmt); 9 integer operations.
 _TWIDDLED_DECODE = """{
         .reg .b32 r, mask, keep, mant;
+        SCALE_SETUP
         mov.b32 mask, 0x81C081C0;
         mov.b32 keep, 0x81808180;
         mov.b32 mant, 0x00400040;
         shf.l.wrap.b32 r, $4, $4, 2;
         and.b32 r, r, mask;
-        mul.rn.bf16x2 $3, r, $5;
+        mul.rn.bf16x2 $3, r, SCALE;
         shf.l.wrap.b32 r, $4, $4, 6;
         and.b32 r, r, mask;
-        mul.rn.bf16x2 $2, r, $5;
+        mul.rn.bf16x2 $2, r, SCALE;
         shf.l.wrap.b32 r, $4, $4, 12;
         and.b32 r, r, mask;
-        mul.rn.bf16x2 $1, r, $5;
+        mul.rn.bf16x2 $1, r, SCALE;
         prmt.b32 r, $4, $4, 0x2103;
         and.b32 keep, $4, keep;
         lop3.b32 r, r, mant, keep, 0xEA;
-        mul.rn.bf16x2 $0, r, $5;
+        mul.rn.bf16x2 $0, r, SCALE;
         }"""
 
 
-def _with_scale_half(decode_ptx: str, half: int) -> str:
-  """`decode_ptx` multiplying by half `half` of its scale operand ($5)
-  broadcast to both halves (`SCALE_HALF_OPERANDS`)."""
-  lines = decode_ptx.replace("$5", "scale").split("\n")
-  declared = max(i for i, line in enumerate(lines) if ".reg" in line)
+def _decode_text(decode_ptx: str, half: int | None = None) -> str:
+  """`decode_ptx` multiplying by its scale operand ($5) as it is, or (half
+  0 or 1) by that half of it broadcast to both (`SCALE_HALF_OPERANDS`)."""
+  if half is None:
+    return decode_ptx.replace("        SCALE_SETUP\n", "").replace(
+      "SCALE", "$5"
+    )
   pick = "{lo, lo}" if half == 0 else "{hi, hi}"
-  lines[declared + 1 : declared + 1] = [
-    "        .reg .b16 lo, hi;",
-    "        .reg .b32 scale;",
-    "        mov.b32 {lo, hi}, $5;",
-    f"        mov.b32 scale, {pick};",
-  ]
-  return "\n".join(lines)
+  setup = "\n".join(
+    [
+      ".reg .b16 lo, hi;",
+      "        .reg .b32 scale;",
+      "        mov.b32 {lo, hi}, $5;",
+      f"        mov.b32 scale, {pick};",
+    ]
+  )
+  return decode_ptx.replace("SCALE_SETUP", setup).replace("SCALE", "scale")
 
 
 def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):

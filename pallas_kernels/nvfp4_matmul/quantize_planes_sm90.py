@@ -35,12 +35,11 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fp4jax.format import nvfp4
+from pallas_kernels import activation_quant
 
 GROUP = 32  # K columns of one group: two blocks, 16 of each plane
 THREADS_PER_GROUP = 4  # each loads 8 columns (16 bytes)
 THREADS = 128  # one warpgroup per CTA
-_E4M3_MIN_NORMAL = 2.0**-6
-_E4M3_SUBNORMAL_STEPS = 2.0**9
 
 
 def plane_position(i: int) -> tuple[int, int]:
@@ -199,11 +198,17 @@ def _round_to_e4m3(v):
     f32, arith.andi(rounded, arith.constant(i32, -(1 << 20)))
   )
   steps = mlir_math.roundeven(
-    arith.mulf(v, arith.constant(f32, _E4M3_SUBNORMAL_STEPS))
+    arith.mulf(
+      v, arith.constant(f32, float(activation_quant.E4M3_SUBNORMAL_STEPS))
+    )
   )
-  subnormal = arith.mulf(steps, arith.constant(f32, 1 / _E4M3_SUBNORMAL_STEPS))
+  subnormal = arith.mulf(
+    steps, arith.constant(f32, 1 / float(activation_quant.E4M3_SUBNORMAL_STEPS))
+  )
   is_normal = arith.cmpf(
-    arith.CmpFPredicate.OGE, v, arith.constant(f32, _E4M3_MIN_NORMAL)
+    arith.CmpFPredicate.OGE,
+    v,
+    arith.constant(f32, float(activation_quant.E4M3_MIN_NORMAL)),
   )
   return arith.select(is_normal, normal, subnormal)
 

@@ -131,12 +131,11 @@ def route(
   if scoring not in SCORINGS:
     raise NotImplementedError(f"{scoring=} is not supported ({SCORINGS})")
   logits = router_logits.astype(jnp.float32)
-  if (
-    RENORMALIZED_SOFTMAX_OF_CHOSEN
-    and scoring == "softmax"
-    and renormalize
-    and correction_bias is None
-    and num_groups == 1
+  if routes_by_chosen_softmax(
+    renormalize=renormalize,
+    scoring=scoring,
+    correction_bias=correction_bias,
+    num_groups=num_groups,
   ):
     # Softmax keeps the order, and renormalized over the chosen experts it
     # is their logits' softmax, whose max is the first (top-k sorts them):
@@ -150,6 +149,25 @@ def route(
   if renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return weights * jnp.float32(routed_scaling), ids.astype(jnp.int32)
+
+
+def routes_by_chosen_softmax(
+  *,
+  renormalize: bool = True,
+  scoring: str = "softmax",
+  correction_bias: jax.Array | None = None,
+  num_groups: int = 1,
+  **_other_options,
+) -> bool:
+  """Whether `route` (with these options; the others do not matter) takes
+  its weights as the softmax of the chosen experts' logits."""
+  return (
+    RENORMALIZED_SOFTMAX_OF_CHOSEN
+    and scoring == "softmax"
+    and renormalize
+    and correction_bias is None
+    and num_groups == 1
+  )
 
 
 def _scored_top_k(

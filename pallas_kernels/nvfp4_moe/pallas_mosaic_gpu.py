@@ -703,7 +703,8 @@ def _expert_gemms(
 @functools.partial(jax.jit, static_argnames=("forward", "routing"))
 def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   tokens, n_experts = router_logits.shape
-  if _routes_in_kernel(router_logits, correction_bias, dict(routing), forward):
+  options = dict(routing)
+  if _routes_in_kernel(router_logits, correction_bias, options, forward):
     plan, direct = forward.keywords["plan"], forward.keywords["direct"]
     weights, ids, *placed = route_decode_sm90.route_and_place(
       router_logits,
@@ -711,7 +712,7 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
       block_m=plan.block_m,
       max_tiles=plan.max_tiles,
       place=not direct,
-      routed_scaling=dict(routing).get("routed_scaling", 1.0),
+      routed_scaling=options.get("routed_scaling", 1.0),
     )
     out = forward(x, weights, ids, experts, placed=tuple(placed) or None)
     return out.astype(x.dtype)
@@ -720,27 +721,25 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
     router_logits,
     correction_bias=correction_bias,
     top_k_fn=counting_top_k if counted else jax.lax.top_k,
-    **dict(routing),
+    **options,
   )
   return forward(x, weights, ids, experts).astype(x.dtype)
 
 
 def _routes_in_kernel(router_logits, correction_bias, routing, forward):
-  """Whether `route_decode_sm90` routes this call: its routing (softmax
-  renormalized over the chosen experts, as `base.route` computes it with
-  RENORMALIZED_SOFTMAX_OF_CHOSEN), its sizes, and a placement it makes
-  (counted, or one token's direct tiles)."""
+  """Whether `route_decode_sm90` routes this call: its routing (the
+  softmax of the chosen experts' logits, as `base.route` takes it), its
+  sizes, and a placement it makes (counted, or one token's direct
+  tiles)."""
   options = forward.keywords
   plan = options["plan"]
   return (
     DECODE_ROUTING_KERNEL
     and not options["interpret"]
     and (options["direct"] or options["counted"])
-    and routing.get("scoring", "softmax") == "softmax"
-    and routing.get("renormalize", True)
-    and routing.get("num_groups", 1) == 1
-    and correction_bias is None
-    and base.RENORMALIZED_SOFTMAX_OF_CHOSEN
+    and base.routes_by_chosen_softmax(
+      correction_bias=correction_bias, **routing
+    )
     and router_logits.dtype in (jnp.float32, jnp.bfloat16)
     and route_decode_sm90.supports(plan.tokens, plan.experts, plan.top_k)
   )

@@ -293,24 +293,20 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
 def _total_order_key(value):
   """int32 key of an f32 whose signed order is the float total order (as
   `counting_top_k`: +0 above -0, NaN by its bits)."""
-  i32 = ir.IntegerType.get_signless(32)
-  bits = arith.bitcast(i32, value)
-  negative = arith.cmpi(arith.CmpIPredicate.slt, bits, arith.constant(i32, 0))
-  return arith.select(
-    negative, arith.xori(bits, arith.constant(i32, 0x7FFFFFFF)), bits
-  )
+  return _flip_negative(arith.bitcast(ir.IntegerType.get_signless(32), value))
 
 
 def _key_value(key):
   """`_total_order_key`'s inverse."""
-  return arith.bitcast(ir.F32Type.get(), _total_order_key_inverse(key))
+  return arith.bitcast(ir.F32Type.get(), _flip_negative(key))
 
 
-def _total_order_key_inverse(key):
+def _flip_negative(bits):
+  """Negative int32s with all but the sign bit flipped (its own inverse)."""
   i32 = ir.IntegerType.get_signless(32)
-  negative = arith.cmpi(arith.CmpIPredicate.slt, key, arith.constant(i32, 0))
+  negative = arith.cmpi(arith.CmpIPredicate.slt, bits, arith.constant(i32, 0))
   return arith.select(
-    negative, arith.xori(key, arith.constant(i32, 0x7FFFFFFF)), key
+    negative, arith.xori(bits, arith.constant(i32, 0x7FFFFFFF)), bits
   )
 
 
