@@ -67,9 +67,14 @@ def nvfp4_matmul(
 
 # W4A4 activations of at least this many elements are quantized, padded
 # and split by `quantize_planes_sm90` (one memory pass) instead of XLA (three
-# passes from RECOMPUTE_SCALES_MAX_ELEMENTS on). None: off, until the H200
-# has run it (written after the seventeenth session's device time ran out).
-QUANTIZE_PLANES_MIN_ELEMENTS = None
+# passes above activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS, one fusion
+# below); None: always XLA. H200, benchmarks.matmul W4A4 (eighteenth
+# session, both ways), us: 7168x2048 M = 2048 118.3 -> 92.6, M = 8192 465
+# -> 362; 2048x5120 M = 8192 278 -> 243; 28672x8192 M = 64 (1.8M elements)
+# 68.1 -> 63.8. Below about 1M elements XLA's one fusion is as fast or
+# faster: 7168x2048 M = 1 7.3 vs 8.1, M = 64 11.2 vs 11.5; 2048x5120 M =
+# 256 16.1 vs 16.8; 4096x14336 M = 256 (1M) 55.7 vs 55.1.
+QUANTIZE_PLANES_MIN_ELEMENTS = 1 << 20
 
 K_ALIGN = 64  # K that the swizzled TMA views take in whole steps
 N_ALIGN = 8  # weight rows per TMA tile row group
