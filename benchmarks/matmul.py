@@ -6,8 +6,9 @@ Times, in the same run: fp4jax Pallas W4A16 and W4A4 (when implemented),
 XLA's bf16 dot on bf16 weights, XLA dequantize-then-dot from packed FP4 and
 `jax.nn.scaled_dot_general` with the nvfp4 config; plus the two ceilings (a
 device-to-device copy and a bf16 8192^3 dot). Each timed call runs the op
-over several weight sets that together exceed L2; the median of 7 trials is
-reported. Render the JSON with `python -m benchmarks.report`.
+over several weight sets that together exceed L2, each with its own
+activations (so that nothing done to x is shared between calls); the
+median of 7 trials is reported. Render the JSON with `python -m benchmarks.report`.
 """
 
 import argparse
@@ -107,27 +108,24 @@ def scaled_dot(x, w):
 
 
 def runner(impl: str, bf16_sets, prepared_sets, row_major_sets):
-  """`(fn, args)` timing one call per weight set, or a reason it can't run."""
+  """`(fn, weight sets)`: `fn(xs, ws)` calls the op once per (activation,
+  weight) set, or raises why it can't run."""
   if impl == "xla_bf16":
-    return lambda x, ws: [jnp.einsum("mk,nk->mn", x, w) for w in ws], bf16_sets
-  if impl == "xla_dequant_dot":
-    return (
-      lambda x, ws: [
-        dequant_dot(x, w["packed"], w["scale"], w["gs"]) for w in ws
-      ],
-      row_major_sets,
+    op, sets = lambda x, w: jnp.einsum("mk,nk->mn", x, w), bf16_sets
+  elif impl == "xla_dequant_dot":
+    op = lambda x, w: dequant_dot(x, w["packed"], w["scale"], w["gs"])  # noqa: E731
+    sets = row_major_sets
+  elif impl == "scaled_dot_general":
+    op, sets = scaled_dot, bf16_sets
+  else:
+    activation = "bf16" if impl.endswith("w4a16") else "nvfp4"
+    op = lambda x, w: pallas_kernels.nvfp4_matmul(  # noqa: E731
+      x, w, activation=activation, implementation="pallas"
     )
-  if impl == "scaled_dot_general":
-    return lambda x, ws: [scaled_dot(x, w) for w in ws], bf16_sets
-  activation = "bf16" if impl.endswith("w4a16") else "nvfp4"
+    sets = prepared_sets
   return (
-    lambda x, ws: [
-      pallas_kernels.nvfp4_matmul(
-        x, w, activation=activation, implementation="pallas"
-      )
-      for w in ws
-    ],
-    prepared_sets,
+    lambda xs, ws: [op(x, w) for x, w in zip(xs, ws, strict=True)],
+    sets,
   )
 
 
@@ -163,7 +161,16 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
   # Tokens outer: with a time budget, every shape gets the decode sizes.
   for m in tokens:
     for (k, n), (layer_bytes, sets, weights) in layers.items():
-      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      # One activation per weight set: with one shared x, XLA computed its
+      # per-call preparation (the W4A16 split, W4A4's and scaled_dot's
+      # quantization) once for all the sets, which hid most of its cost
+      # (seen in the eighteenth session).
+      xs = [
+        jax.random.normal(
+          jax.random.fold_in(jax.random.key(m), s), (m, k)
+        ).astype(jnp.bfloat16)
+        for s in range(sets)
+      ]
       flops = 2 * m * n * k
       roofline_s = max(
         (layer_bytes + 2 * m * (k + n)) / HBM_BYTES_PER_S,
@@ -177,7 +184,9 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
           continue
         fn, ws = runner(impl, *weights)
         try:
-          us, samples, timer = timing.median_us(fn, x, ws, calls_per_trial=sets)
+          us, samples, timer = timing.median_us(
+            fn, xs, ws, calls_per_trial=sets
+          )
         except NotImplementedError as e:
           rows.append({**row, "status": f"not implemented: {e}"})
           continue

@@ -9,7 +9,7 @@ same run for: fp4jax Pallas (W4A16), the fp4jax XLA reference, and
 XLA). Weights are random in the prepared layout (values do not change the
 time); the Pallas output is checked against the reference once per model.
 Each timed call runs the layer over rotating weight sets whose active
-experts together exceed L2; median of 7 trials (CUPTI kernel time on GPU).
+experts together exceed L2, each with its own activations and logits; median of 7 trials (CUPTI kernel time on GPU).
 Render with `python -m benchmarks.report --kind moe results.json`.
 """
 
@@ -102,14 +102,17 @@ def ragged_dot_moe(x, logits, w13, w2, *, top_k):
 
 
 def runner(impl: str, top_k: int):
+  """`fn(xs, logits, ws)`: the layer once per (activation, logits, weight)
+  set."""
   if impl == "ragged_dot_bf16":
-    return lambda x, logits, ws: [
-      ragged_dot_moe(x, logits, *w, top_k=top_k) for w in ws
-    ]
-  name = "xla" if impl == "fp4jax_xla" else "pallas"
-  return lambda x, logits, ws: [
-    pallas_kernels.nvfp4_moe(x, logits, w, top_k=top_k, implementation=name)
-    for w in ws
+    layer = lambda x, logits, w: ragged_dot_moe(x, logits, *w, top_k=top_k)  # noqa: E731
+  else:
+    name = "xla" if impl == "fp4jax_xla" else "pallas"
+    layer = lambda x, logits, w: pallas_kernels.nvfp4_moe(  # noqa: E731
+      x, logits, w, top_k=top_k, implementation=name
+    )
+  return lambda xs, logits, ws: [
+    layer(*s) for s in zip(xs, logits, ws, strict=True)
   ]
 
 
@@ -187,12 +190,26 @@ def run(
     print(f"{name}: pallas vs reference {checks[name]}", flush=True)
     bf16_sets = None
     for t in tokens:
-      x = jax.random.normal(jax.random.key(t), (t, hidden), jnp.bfloat16)
-      logits = jax.random.normal(
-        jax.random.key(t + 1), (t, n_experts), jnp.float32
+      # Activations and logits per weight set: shared ones let XLA route
+      # once for all the sets, which hid most of the routing's cost (seen
+      # in the eighteenth session).
+      xs = [
+        jax.random.normal(
+          jax.random.fold_in(jax.random.key(t), s), (t, hidden)
+        ).astype(jnp.bfloat16)
+        for s in range(sets)
+      ]
+      logits = [
+        jax.random.normal(
+          jax.random.fold_in(jax.random.key(t + 1), s), (t, n_experts)
+        )
+        for s in range(sets)
+      ]
+      # Mean active experts of a call (each set routes its own logits).
+      active = (
+        sum(int(jnp.unique(base.route(g, top_k=top_k)[1]).size) for g in logits)
+        / sets
       )
-      _, ids = base.route(logits, top_k=top_k)
-      active = int(jnp.unique(ids).size)
       active_bytes = active * per_expert
       flops = 2 * t * top_k * 3 * hidden * inter
       for impl in impls:
@@ -221,7 +238,7 @@ def run(
           ws = fp4_sets
         try:
           us, samples, timer = timing.median_us(
-            runner(impl, top_k), x, logits, ws, calls_per_trial=sets
+            runner(impl, top_k), xs, logits, ws, calls_per_trial=sets
           )
         except NotImplementedError as e:
           rows.append({**row, "status": f"not implemented: {e}"})
@@ -239,7 +256,7 @@ def run(
             "timer": timer,
             "us": us,
             "samples_us": samples,
-            "active_experts": active,
+            "active_experts": round(active, 1),
             "fp4_tb_per_s": active_bytes / (us * 1e-6) / 1e12,
             "tflop_per_s": flops / (us * 1e-6) / 1e12,
           }

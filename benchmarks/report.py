@@ -56,15 +56,21 @@ def merge(results: list[dict], kind: str, prefer_first: bool = False) -> dict:
   # that lists it, where no run measured any).
   source, measured, partial = {}, {}, {}
   for run, result in enumerate(results):
+    # Only fp4jax rows count as skipped: a newer run that timed the
+    # product but not an anchor keeps its group (the anchor shows as
+    # skipped) rather than giving way to an older kernel's numbers.
     skipped = collections.Counter(
-      group(r) for r in result["rows"] if r["status"].startswith("skipped")
+      group(r)
+      for r in result["rows"]
+      if r["status"].startswith("skipped") and r["impl"].startswith("fp4jax")
     )
     counts = collections.Counter(
       group(r) for r in result["rows"] if not r["status"].startswith("skipped")
     )
     for g in dict.fromkeys(group(r) for r in result["rows"]):
-      # A newer run keeps what it measured, unless it skipped part of the
-      # group (a time budget ran out): then a run that measured more wins.
+      # A newer run keeps what it measured, unless it skipped an fp4jax row
+      # of the group (a time budget ran out): then a run that measured more
+      # wins.
       preferred = prefer_first and measured.get(g, 0) > 0 and not partial[g]
       if g not in source or (counts[g] > measured[g] and not preferred):
         source[g], measured[g], partial[g] = run, counts[g], skipped[g] > 0
@@ -270,7 +276,7 @@ def moe_markdown(result: dict, plot_path: str | None = None) -> str:
         continue
       ratio = anchor.get(r["T"])
       lines.append(
-        f"| {r['T']} | {label} | {r['us']:.1f} | {r['active_experts']} |"
+        f"| {r['T']} | {label} | {r['us']:.1f} | {r['active_experts']:g} |"
         f" {r['fp4_tb_per_s']:.2f} | {r['tflop_per_s']:.1f} |"
         f" {_fmt(None if ratio is None else ratio / r['us'], '.2f')} |"
         + _run_cell(r)

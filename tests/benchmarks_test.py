@@ -230,14 +230,24 @@ def test_report_merges_runs_group_by_group():
   for prefer, want_run in ((False, 3), (True, 2)):
     merged = report.merge([empty, first, third], "moe", prefer_first=prefer)
     assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {want_run}
-  # A newer run that skipped part of a group (its time budget ran out)
-  # gives way to one that measured the whole group.
+  # A newer run that skipped an fp4jax row of a group (its time budget ran
+  # out) gives way to one that measured the whole group; one that skipped
+  # only an anchor keeps its group.
   cut = run(
     "e",
+    [
+      row(16, "fp4jax_pallas_w4a16", us=2.5),
+      row(16, "fp4jax_pallas_w4a4", "skipped: time budget"),
+    ],
+  )
+  merged = report.merge([cut, third], "moe", prefer_first=True)
+  assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {2}
+  no_anchor = run(
+    "f",
     [
       row(16, "fp4jax_pallas_w4a16", us=2.5),
       row(16, "ragged_dot_bf16", "skipped: time budget"),
     ],
   )
-  merged = report.merge([cut, third], "moe", prefer_first=True)
-  assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {2}
+  merged = report.merge([no_anchor, third], "moe", prefer_first=True)
+  assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {1}
