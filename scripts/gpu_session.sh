@@ -35,13 +35,14 @@
 #   bash scripts/gpu_session.sh planes    # on nvidia-h200-x2, ~4 min: the
 #                                         # one-pass W4A4 quantize-and-split
 #                                         # kernel (quantize_planes_sm90,
-#                                         # off): its GPU tests on GPU 0,
+#                                         # on from 1M elements): its GPU
+#                                         # tests on GPU 0,
 #                                         # profile_matmul.py W4A4 with and
 #                                         # without it on GPU 1
 #   bash scripts/gpu_session.sh routing   # on nvidia-h200-x2, ~4 min: decode
 #                                         # routing and placement in one
 #                                         # kernel (route_decode_sm90,
-#                                         # off): its GPU tests on GPU 0,
+#                                         # on): its GPU tests on GPU 0,
 #                                         # MoE profiles with and without
 #                                         # it (Qwen3, gpt-oss, Mixtral at
 #                                         # 1 and 16 tokens) on GPU 1
@@ -222,7 +223,7 @@ case "${1:-tier}" in
     (
       for model in qwen3-30b-a3b gpt-oss-120b mixtral-8x7b; do
         CUDA_VISIBLE_DEVICES=1 timeout 100 python3 scripts/profile_moe.py \
-          "$model" 1,16 autofused,routekernel-autofused \
+          "$model" 1,16 xlarouting-autofused,autofused \
           > "$out/profile_routing_$model.log" 2>&1
       done
     ) &

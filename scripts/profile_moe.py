@@ -75,8 +75,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # (the sm90 kernel's SCALE_HALF_OPERANDS off), not by halves of one
 # register per word of four scales; "twocopies": GEMM 2's stacked
 # activation planes load in two TMA copies a step, one per plane (the sm90
-# kernel's ONE_ACTIVATION_COPY off); "routekernel": decode routing and
-# placement in one kernel (route_decode_sm90, DECODE_ROUTING_KERNEL on).
+# kernel's ONE_ACTIVATION_COPY off); "xlarouting": decode steps route and
+# place in XLA (~12 kernels), not in one kernel (route_decode_sm90,
+# DECODE_ROUTING_KERNEL off).
 PREFIXES = (
   "old",
   "s3",
@@ -107,7 +108,7 @@ PREFIXES = (
   "g2k512",
   "copiedscales",
   "twocopies",
-  "routekernel",
+  "xlarouting",
 )
 
 
@@ -261,7 +262,7 @@ def main(argv):
       config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
       sm90.SCALE_HALF_OPERANDS = "copiedscales" not in prefixes
       sm90.ONE_ACTIVATION_COPY = "twocopies" not in prefixes
-      pallas_mosaic_gpu.DECODE_ROUTING_KERNEL = "routekernel" in prefixes
+      pallas_mosaic_gpu.DECODE_ROUTING_KERNEL = "xlarouting" not in prefixes
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
