@@ -12,18 +12,22 @@ from fp4jax.format import swizzle
 # Leaf name of the packed weight per bit layout (`transform.prepare`).
 # "sm90_planes": an experts' [gate; up] stack in the sm90 bit order with its
 # rows in `sm90_layout.to_plane_rows` order within each half.
+# "sm90_row_pairs": a dense weight in the sm90 bit order after
+# `sm90_layout.to_row_pairs` (the kernel's `Config.row_pairs` experiment;
+# `prepare` does not make it).
 WEIGHT_KEYS = {
   "natural": "weight",
   "sm90": sm90_layout.WEIGHT_LEAF,
   "sm90_planes": sm90_layout.PLANE_ROWS_LEAF,
+  "sm90_row_pairs": sm90_layout.ROW_PAIRS_LEAF,
 }
 # Layouts whose bytes are in the sm90 bit order.
-TWIDDLED = ("sm90", "sm90_planes")
+TWIDDLED = ("sm90", "sm90_planes", "sm90_row_pairs")
 
 
 def weight_key(node: Mapping, prefix: str = "") -> tuple[str, str]:
   """(leaf name, layout) of the packed weight a prepared node holds."""
-  for layout in ("sm90_planes", "sm90"):
+  for layout in ("sm90_planes", "sm90_row_pairs", "sm90"):
     if prefix + WEIGHT_KEYS[layout] in node:
       return prefix + WEIGHT_KEYS[layout], layout
   return prefix + WEIGHT_KEYS["natural"], "natural"
@@ -31,7 +35,10 @@ def weight_key(node: Mapping, prefix: str = "") -> tuple[str, str]:
 
 def natural_weight(weight: jax.Array, layout: str) -> jax.Array:
   """Packed E2M1 bytes in natural bit order, from any layout (rows stay in
-  the layout's order)."""
+  the layout's order; row pairs, which keep their scales' rows, are
+  ungrouped)."""
+  if layout == "sm90_row_pairs":
+    return sm90_layout.from_row_pairs(sm90_layout.untwiddle(weight))
   return sm90_layout.untwiddle(weight) if layout in TWIDDLED else weight
 
 

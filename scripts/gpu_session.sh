@@ -46,6 +46,12 @@
 #                                         # MoE profiles with and without
 #                                         # it (Qwen3, gpt-oss, Mixtral at
 #                                         # 1 and 16 tokens) on GPU 1
+#   bash scripts/gpu_session.sh row_pairs # on nvidia-h200-x2, ~8 min: the
+#                                         # row-pair layout (Config.row_pairs,
+#                                         # natural activations, no split):
+#                                         # its GPU tests and one-call
+#                                         # profiles against the default on
+#                                         # GPU 0, decode kernel time on GPU 1
 #   bash scripts/gpu_session.sh w4a4_small
 #                                         # on nvidia-h200-x2, ~4 min:
 #                                         # benchmarks.matmul M = 1 to 256
@@ -271,6 +277,28 @@ case "${1:-tier}" in
     timeout 580 python3 -m benchmarks.matmul "${tokens[@]}" \
       --time-budget "${3:-400}" --out "$out/matmul_h200.json" 2>&1 \
       | grep -E "fp4jax|wrote" | tail -n 40
+    ;;
+  row_pairs)
+    # The row-pair experiment (Config.row_pairs): its GPU tests, then
+    # one-call profiles against the default layout (split included) on GPU
+    # 0; kernel time of the decode CTAs with and without it on GPU 1.
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu \
+        tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+        -k row_pairs > "$out/row_pairs_tests.log" 2>&1
+      timeout 300 python3 scripts/profile_matmul.py \
+        7168:2048,2048:5120,4096:14336,28672:8192,8192:28672 1,16,256,2048,8192 \
+        bf16 operands,rowpairs > "$out/profile_row_pairs.log" 2>&1
+    ) &
+    CUDA_VISIBLE_DEVICES=1 timeout 500 python3 scripts/diag_decode_bound.py \
+      8192:28672,28672:8192,7168:2048 1,16 full,no_mma "row_pairs=1" \
+      > "$out/diag_row_pairs.log" 2>&1 &
+    wait
+    echo "== tests: $(grep -c PASSED "$out/row_pairs_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/row_pairs_tests.log" | head -n 10
+    grep -E "^==" "$out/profile_row_pairs.log"
+    cat "$out/diag_row_pairs.log" | tail -n 30
     ;;
   w4a4_small)
     # The small-M W4A4 rows with the one-pass quantizer at every size

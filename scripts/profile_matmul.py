@@ -18,6 +18,7 @@ from jax.experimental.mosaic.gpu import profiler
 import pallas_kernels
 from benchmarks import matmul
 from pallas_kernels import activation_quant
+from pallas_kernels.nvfp4_matmul import base
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 
@@ -34,13 +35,19 @@ def main(argv):
   # config.SCALES_AS_OPERANDS; "recompute": W4A4's quantizer recomputes
   # each block scale per element at any size (no stored scales); "planes":
   # W4A4's activations quantized, padded and split by the one-pass kernel
-  # (`quantize_planes_sm90`, pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS).
+  # (`quantize_planes_sm90`, pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS);
+  # "rowpairs": the layer stored in row pairs, read with natural activations
+  # (`Config.row_pairs`, `pallas_mosaic_gpu.row_pair_layer`): no split.
   forms = argv[3].split(",") if len(argv) > 3 else ["operands"]
   recompute_default = activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS
   planes_default = pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS
   for k, n in shapes:
     _, prepared, _ = matmul.make_weights(k, n, 1)
-    layer = prepared[0]
+    layers = {False: prepared[0]}
+    if any("rowpairs" in form.split("+") for form in forms):
+      layers[True] = pallas_mosaic_gpu.row_pair_layer(
+        base.PreparedLinear.from_mapping(prepared[0])
+      ).to_mapping()
     for m in tokens:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       for activation in activations:
@@ -60,6 +67,7 @@ def main(argv):
               x, layer, activation=activation, implementation="pallas"
             )
 
+          layer = layers["rowpairs" in switches]
           _, timings = profiler.measure(jax.jit(call), aggregate=False)(
             x, layer
           )

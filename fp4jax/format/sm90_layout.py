@@ -125,3 +125,54 @@ def from_plane_rows(x, axis: int = -2) -> jnp.ndarray:
   """The inverse of `to_plane_rows`."""
   planes = tuple(_NATURAL_AXES[i - 1] for i in _TO_PLANES[1:])
   return _permute_rows(x, axis, _TO_NATURAL, planes)
+
+
+# ------------------------------------------------------------- row pairs
+# A regrouping of natural packed bytes (before `twiddle`) for an sm90 decode
+# that reads activations in natural K order (no activation split; the
+# kernel's `Config.row_pairs`, an experiment). In each 16-row group, the
+# 16-byte group j of row q (q < 8) holds 16-column chunk 2j of rows q and q
+# + 8, and that of row q + 8 chunk 2j + 1 of the same two rows: the
+# WGMMA_8BIT register of thread t then carries the codes of one k16 wgmma's
+# A fragment, columns 2t, 2t + 1, 2t + 8, 2t + 9 of rows q and q + 8. Its
+# nibbles n0..n7 (n = u + 2 h + 4 e) are row q + 8h, column 8u + 2t + e of
+# the chunk, so that the decode's outputs (n0, n4), (n1, n5), (n2, n6),
+# (n3, n7) are the fragment's registers a0, a2, a1, a3.
+ROW_PAIR_ROWS = 16
+# Leaf name of a dense packed weight regrouped so and then twiddled.
+ROW_PAIRS_LEAF = "weight_sm90_row_pairs"
+# [group, h, q, J, p, u, t, e] (natural rows 16 group + 8h + q, columns 32J
+# + 16p + 8u + 2t + e) -> [group, p, q, J, t, e, h, u] (rows 16 group + 8p
+# + q, nibbles 32J + 8t + 4e + 2h + u).
+_TO_ROW_PAIRS = (0, 4, 2, 3, 6, 7, 1, 5)
+_FROM_ROW_PAIRS = tuple(int(i) for i in np.argsort(_TO_ROW_PAIRS))
+
+
+def _regroup_codes(packed, order, from_shape) -> jnp.ndarray:
+  n, half_k = packed.shape[-2:]
+  if n % ROW_PAIR_ROWS or half_k % 16:
+    raise ValueError(
+      f"row pairs need rows % {ROW_PAIR_ROWS} == 0 and K % 32 == 0,"
+      f" got {packed.shape}"
+    )
+  lead = packed.shape[:-2]
+  codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1)  # [..., N, K]
+  codes = codes.reshape(*lead, n // 16, *from_shape(half_k))
+  perm = (*range(len(lead)), *(len(lead) + i for i in order))
+  codes = codes.transpose(perm).reshape(*lead, n, half_k, 2)
+  return (codes[..., 0] | codes[..., 1] << 4).astype(jnp.uint8)
+
+
+def to_row_pairs(packed: jnp.ndarray) -> jnp.ndarray:
+  """Natural packed E2M1 bytes `[..., N, K/2]` (N % 16 == 0, K % 32 == 0)
+  -> the row-pair grouping above (still natural bit order)."""
+  return _regroup_codes(
+    packed, _TO_ROW_PAIRS, lambda hk: (2, 8, hk // 16, 2, 2, 4, 2)
+  )
+
+
+def from_row_pairs(packed: jnp.ndarray) -> jnp.ndarray:
+  """The inverse of `to_row_pairs`."""
+  return _regroup_codes(
+    packed, _FROM_ROW_PAIRS, lambda hk: (2, 8, hk // 16, 4, 2, 2, 2)
+  )

@@ -41,6 +41,12 @@ class Config:
       accumulators carried in registers) instead of wgmma: no warpgroup
       fence or wait between a step's decode and its MMAs. Not with
       `async_mma`.
+    row_pairs: weights in `sm90_layout.to_row_pairs` grouping, activations
+      read in natural K order: no activation split, twice the block-scale
+      conversions per weight (NOTES.md, eighteenth session). An
+      experiment: `nvfp4_matmul` regroups the weight per call (a copy), and
+      only the dense matmul takes it (no SwiGLU, planes output or
+      `warp_mma`).
   """
 
   block_k: int = 128
@@ -53,6 +59,7 @@ class Config:
   async_mma: bool = False
   mma_parts: int = 2
   warp_mma: bool = False
+  row_pairs: bool = False
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256, 512):
@@ -75,6 +82,8 @@ class Config:
       )
     if self.warp_mma and (self.cta_rows != WGMMA_ROWS or self.async_mma):
       raise ValueError("warp_mma needs 64-row CTAs and no async_mma")
+    if self.row_pairs and self.warp_mma:
+      raise ValueError("row_pairs has no warp_mma")
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.async_mma and self.persistent:

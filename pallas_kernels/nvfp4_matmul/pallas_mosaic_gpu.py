@@ -22,11 +22,13 @@ other shapes copy a zero-padded weight per call (slow, and rare: no
 published model has them; gpt-oss's 2880 needs no copy).
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from fp4jax.format import sm90_layout
 from pallas_kernels import activation_quant
 from pallas_kernels import common
 from pallas_kernels.nvfp4_matmul import base
@@ -90,7 +92,10 @@ def _run(x, leaves, *, activation, config, interpret):
   rows = x.reshape(-1, k)
   m = rows.shape[0]
   weight = layer.weight
-  pad_k, pad_n = -k % K_ALIGN, -layer.n % N_ALIGN
+  # Row pairs (an experiment, Config.row_pairs) group rows by 16.
+  row_pairs = config.row_pairs or layer.weight_layout == "sm90_row_pairs"
+  n_align = sm90_layout.ROW_PAIR_ROWS if row_pairs else N_ALIGN
+  pad_k, pad_n = -k % K_ALIGN, -layer.n % n_align
   if pad_k or pad_n:  # a copy of the weight per call (module doc)
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))
   weight, config = sm90.kernel_weight(weight, layer.weight_layout, config)
@@ -100,7 +105,12 @@ def _run(x, leaves, *, activation, config, interpret):
   )
   # e2m1 x e4m3 products are exact in bf16, so with W4A4 the MMA sees the
   # quantized activations exactly; alpha supplies both tensor scales.
-  if activation == "nvfp4" and _quantizes_planes(rows, pad_k, interpret):
+  planes = not config.row_pairs  # else natural activations
+  if (
+    planes
+    and activation == "nvfp4"
+    and _quantizes_planes(rows, pad_k, interpret)
+  ):
     x_planes = quantize_planes_sm90.quantize_planes(
       rows, layer.input_scale_inv, padded
     )
@@ -108,7 +118,7 @@ def _run(x, leaves, *, activation, config, interpret):
     if activation == "nvfp4":
       rows = activation_quant.fake_quantize_rows(rows, layer.input_scale_inv)
     rows = jnp.pad(rows.astype(jnp.bfloat16), ((0, padded - m), (0, pad_k)))
-    x_planes = _activation_planes(rows)
+    x_planes = _activation_planes(rows) if planes else rows
   scale_rows, padded_blocks = layer.block_scale.shape
   n_tiles = scale_rows // 128
   out = sm90.matmul(
@@ -127,6 +137,18 @@ def _run(x, leaves, *, activation, config, interpret):
     out = out[:, : layer.n].sum(axis=0).T
   y = out[:m, : layer.n]
   return y.astype(x.dtype).reshape(*lead, layer.n)
+
+
+def row_pair_layer(layer: base.PreparedLinear) -> base.PreparedLinear:
+  """`layer` with its weight in the "sm90_row_pairs" layout (N % 16 == 0):
+  the row-pair kernel without a per-call regrouping (`Config.row_pairs`,
+  for measurements)."""
+  natural = common.natural_weight(layer.weight, layer.weight_layout)
+  return dataclasses.replace(
+    layer,
+    weight=sm90_layout.twiddle(sm90_layout.to_row_pairs(natural)),
+    weight_layout="sm90_row_pairs",
+  )
 
 
 def _quantizes_planes(rows, pad_k: int, interpret: bool) -> bool:

@@ -180,7 +180,8 @@ def _decode_ptx(
   warp_mma: bool = False,
 ):
   """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles of K
-  part `part` (`plan.part_k` columns each), PTX.
+  part `part` (`plan.part_k` columns each), PTX; with `config.row_pairs`
+  one A tile of the part's natural K columns (`2 * plan.part_k`).
 
   The 64 rows start at `row_base` of the 128-row scale tile, or (None) at
   64 times this thread's warpgroup index. With `warp_mma` the tiles come in
@@ -190,13 +191,16 @@ def _decode_ptx(
   layout = (
     plgpu.Layout.MMA_LHS(jnp.bfloat16) if warp_mma else plgpu.Layout.WGMMA
   )
+  row_pairs = plan.config.row_pairs
   bf16_type = plgpu.ShapeDtypeStruct(
-    (WG_ROWS, plan.part_k), jnp.bfloat16, layout=layout
+    (WG_ROWS, plan.part_k * (2 if row_pairs else 1)),
+    jnp.bfloat16,
+    layout=layout,
   )
 
   @plgpu.inline_mgpu(
     arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.RefType()),
-    return_type=(bf16_type, bf16_type),
+    return_type=bf16_type if row_pairs else (bf16_type, bf16_type),
   )
   def decode(_, codes, scales):
     i32 = ir.IntegerType.get_signless(32)
@@ -278,6 +282,8 @@ def _decode_ptx(
     # `first` to `first + count`, scaled by chunk j // 2.
     count = codes.registers.shape[1] // plan.parts
     first = part * count
+    if row_pairs:
+      return _decode_row_pairs(codes, row, load_word, first, count)
     scale_regs = {}
     halves = SCALE_HALF_OPERANDS and DIAGNOSTIC in ("", "no_mma")
     chunks = range(first // 2, -(-(first + count) // 2))
@@ -350,6 +356,74 @@ def _decode_ptx(
   return decode(w, s_smem)
 
 
+def _decode_row_pairs(codes, row, load_word, first: int, count: int):
+  """`_decode_ptx` of a `sm90_layout.to_row_pairs` tile (registers `first`
+  to `first + count` along K): one bf16 A tile in natural K order.
+
+  Register (j, h) holds 16-column chunk c = 2j + h of rows `row` and `row +
+  8`; its decode outputs (n0, n4), (n1, n5) go to A registers (2c, 2c + 1)
+  of the first row and (n2, n6), (n3, n7) to those of the second, scaled
+  by the halves of one bf16x2 {s(row, c), s(row + 8, c)}.
+  """
+  i32 = ir.IntegerType.get_signless(32)
+
+  def const(v):
+    return arith.constant(i32, v)
+
+  def row_scales(chunk: int):
+    """bf16x2 {s(row, b), s(row + 8, b)} * 2**118 of 16-column chunk
+    `chunk` of the step (b = chunk % 4 of scale chunk chunk // 4)."""
+    b = chunk % 4
+    # prmt picks byte b of each row's word into the low byte of each half;
+    # selector bit 3 copies a byte's sign bit, so 8 | b gives a zero byte
+    # (block scales are non-negative).
+    pick = b | (8 | b) << 4 | (4 + b) << 8 | (8 | (4 + b)) << 12
+    return mgpu_utils.inline_ptx(
+      f"""{{
+      .reg .b32 p, two119;
+      mov.b32 two119, 0x7B007B00;
+      prmt.b32 p, $1, $2, {pick};
+      shl.b32 p, p, 4;
+      mul.rn.bf16x2 p, p, two119;
+      mul.rn.bf16x2 $0, p, two119;
+      }}""",
+      load_word(row, chunk // 4),
+      load_word(arith.addi(row, const(8)), chunk // 4),
+      result_types=[i32],
+    )[0]
+
+  decode_ptx = _decode_text(_TWIDDLED_DECODE, rows=True)
+  bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+  out_shape = list(codes.registers.shape)
+  out_shape[1] = 4 * count  # 8-column groups of the part's 32 count columns
+  out_shape[4] = 2
+  regs = np.empty(out_shape, dtype=object)
+  for idx, reg in np.ndenumerate(codes.registers):
+    j, half = idx[1], idx[4]
+    if not first <= j < first + count:
+      continue
+    chunk = 2 * j + half
+    o3, o2, o1, o0 = mgpu_utils.inline_ptx(
+      decode_ptx,
+      mgpu_utils.bitcast(reg, i32),
+      row_scales(chunk),
+      result_types=[i32] * 4,
+    )
+    local = chunk - 2 * first
+    for value, group, row_half in (
+      (o0, 2 * local, 0),
+      (o1, 2 * local + 1, 0),
+      (o2, 2 * local, 1),
+      (o3, 2 * local + 1, 1),
+    ):
+      out_idx = list(idx)
+      out_idx[1], out_idx[4] = group, row_half
+      regs[tuple(out_idx)] = mgpu_utils.bitcast(value, bf16x2)
+  return mgpu.FragmentedArray(
+    _registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None
+  )
+
+
 # Natural order: each 16-bit half's top nibble is one code, so the word is
 # shifted by 4 between codes; 15 integer operations per 8 codes.
 _NATURAL_DECODE = """{
@@ -401,9 +475,32 @@ _TWIDDLED_DECODE = """{
         }"""
 
 
-def _decode_text(decode_ptx: str, half: int | None = None) -> str:
+def _decode_text(
+  decode_ptx: str, half: int | None = None, rows: bool = False
+) -> str:
   """`decode_ptx` multiplying by its scale operand ($5) as it is, or (half
-  0 or 1) by that half of it broadcast to both (`SCALE_HALF_OPERANDS`)."""
+  0 or 1) by that half of it broadcast to both (`SCALE_HALF_OPERANDS`), or
+  (`rows`, `Config.row_pairs`) outputs $2 and $3 by its low half and $0
+  and $1 by its high half."""
+  if rows:
+    setup = "\n".join(
+      [
+        ".reg .b16 lo, hi;",
+        "        .reg .b32 slo, shi;",
+        "        mov.b32 {lo, hi}, $5;",
+        "        mov.b32 slo, {lo, lo};",
+        "        mov.b32 shi, {hi, hi};",
+      ]
+    )
+    text = decode_ptx.replace("SCALE_SETUP", setup)
+    for out, scale in (
+      ("$0", "shi"),
+      ("$1", "shi"),
+      ("$2", "slo"),
+      ("$3", "slo"),
+    ):
+      text = text.replace(f"{out}, r, SCALE", f"{out}, r, {scale}")
+    return text
   if half is None:
     return decode_ptx.replace("        SCALE_SETUP\n", "").replace(
       "SCALE", "$5"
@@ -437,9 +534,12 @@ def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):
 
 
 def _decode_jnp(w, s_smem, wg, plan: Plan, part: int = 0):
-  """The same numbers and column order with jnp ops, for the interpreter."""
+  """The same numbers and column order with jnp ops, for the interpreter
+  (one natural-order tile with `config.row_pairs`)."""
   if plan.config.twiddled:
     w = sm90_layout.untwiddle(w)
+  if plan.config.row_pairs:
+    w = sm90_layout.from_row_pairs(w)
   codes = w.astype(jnp.int32)
   scale_bytes = lax.bitcast_convert_type(s_smem[...], jnp.uint8)
   scale_bytes = scale_bytes.reshape(plan.scale_chunks, 512)
@@ -453,24 +553,41 @@ def _decode_jnp(w, s_smem, wg, plan: Plan, part: int = 0):
     scales.astype(jnp.float32), PLANE_COLUMNS_PER_BLOCK, axis=1
   )
 
-  def plane(c):
+  def values(c, scales):
     # f16 bit pattern of the code times 2**14 (flush-safe on CPU).
     bits = ((c & 8) << 12) | ((c & 7) << 9)
     half = lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16)
     value = half.astype(jnp.float32) * 2.0**14
-    value = value * scales * 2.0**PRODUCT_EXPONENT
+    return value * scales * 2.0**PRODUCT_EXPONENT
+
+  def plane(c):
+    value = values(c, scales)
     # plane column 4t + 2e + h -> A column 8h + 2t + e
     value = value.reshape(WG_ROWS, -1, 4, 2, 2).transpose(0, 1, 4, 2, 3)
     return value.reshape(WG_ROWS, -1).astype(jnp.bfloat16)
 
+  if plan.config.row_pairs:  # natural K order, two codes a byte
+    natural = jnp.stack([codes & 0xF, codes >> 4], axis=-1)
+    natural = natural.reshape(WG_ROWS, -1)
+    value = values(natural, jnp.repeat(scales, 2, axis=1))
+    width = 2 * plan.part_k
+    return value[:, part * width : (part + 1) * width].astype(jnp.bfloat16)
   columns = slice(part * plan.part_k, (part + 1) * plan.part_k)
   return plane(codes & 0xF)[:, columns], plane(codes >> 4)[:, columns]
 
 
 def kernel_weight(weight, weight_layout: str, config: config_lib.Config):
   """(weight, config) for `matmul`: `sm90_layout` weights get the matching
-  decoder; a natural weight under a `twiddled` config is permuted per call
-  (a copy, for tuning)."""
+  decoder (row-pair weights the row-pair kernel); a natural weight under a
+  `twiddled` config, or any other under a `row_pairs` one, is rearranged
+  per call (a copy, for tuning)."""
+  if weight_layout == "sm90_row_pairs":
+    return weight, dataclasses.replace(config, twiddled=True, row_pairs=True)
+  if config.row_pairs:  # an experiment: regrouped per call (Config doc)
+    if weight_layout in common.TWIDDLED:
+      weight = sm90_layout.untwiddle(weight)
+    weight = sm90_layout.twiddle(sm90_layout.to_row_pairs(weight))
+    return weight, dataclasses.replace(config, twiddled=True)
   if weight_layout in common.TWIDDLED:
     return weight, dataclasses.replace(config, twiddled=True)
   if config.twiddled:
@@ -543,11 +660,19 @@ def matmul(
   bf16_out = splits == 1 and not float32_out
   if planes_out and not bf16_out:
     raise ValueError("planes_out needs splits == 1 and bf16 output")
+  row_pairs = config.row_pairs
+  if row_pairs and (swiglu or planes_out or isinstance(x_planes, tuple)):
+    raise ValueError(
+      "row_pairs takes natural activations [M, K] and no swiglu or planes_out"
+    )
   stacked = not isinstance(x_planes, tuple)
-  one_copy = stacked and ONE_ACTIVATION_COPY
+  one_copy = stacked and (ONE_ACTIVATION_COPY or row_pairs)
   planes = (x_planes, x_planes) if stacked else x_planes
   m = planes[0].shape[-2]
-  want = (2, m, half_k) if stacked else (m, half_k)
+  if row_pairs:  # natural activations, not planes
+    want = (m, 2 * half_k)
+  else:
+    want = (2, m, half_k) if stacked else (m, half_k)
   if any(p.shape != want for p in planes):
     shapes = [p.shape for p in planes]
     raise ValueError(f"activation planes {shapes} != {want} ({stacked=})")
@@ -557,7 +682,7 @@ def matmul(
     plan.m % cfg.block_m
     or plan.k % SCALE_CHUNK_K
     or plan.k_steps % splits
-    or n % 8
+    or n % (sm90_layout.ROW_PAIR_ROWS if row_pairs else 8)
   ):
     raise ValueError(
       f"shapes {packed.shape}, {want} not tiled by {cfg}, {splits=}"
@@ -641,7 +766,15 @@ def matmul(
           transforms,
         )
 
-      if one_copy:
+      if row_pairs:
+        x_specs = [
+          spec(
+            (cfg.block_m, cfg.block_k),
+            lambda k: (mi, k0 + k),
+            _swizzled(16, 4 * plan.part_k, 4 * half_k),
+          )
+        ]
+      elif one_copy:
         x_specs = [
           spec(
             (2, cfg.block_m, plan.plane_k),
@@ -676,6 +809,9 @@ def matmul(
     def body_refs(refs):
       """(weights, even plane, odd plane, scales, the rest) of a pipeline
       body's SMEM refs (one stacked activation block with `one_copy`)."""
+      if row_pairs:  # natural activations: one [block_m, block_k] tile
+        w_smem, x_smem, s_smem, *rest = refs
+        return w_smem, x_smem, None, s_smem, rest
       if one_copy:
         w_smem, x_smem, s_smem, *rest = refs
         return w_smem, x_smem.at[0], x_smem.at[1], s_smem, rest
@@ -699,7 +835,23 @@ def matmul(
       """Decodes K part `part` of a [64, plane_k] weight tile and issues
       both nibble planes' wgmmas (two groups). `scales`: (the 128-row scale
       tile, the half its rows are in, whether that half is the warpgroup
-      index of a two-warpgroup CTA)."""
+      index of a two-warpgroup CTA). With `row_pairs`: one A tile of
+      natural K columns and one wgmma against the natural activations."""
+      if row_pairs:
+        if a_in_smem:
+          s_ref, half, _ = scales
+          a_ref = a_smem.at[slot[0], slot[1], 0]
+          a_ref[...] = _decode_jnp(w, s_ref, half, plan, part)
+          plgpu.commit_smem()
+          a = a_ref
+        else:
+          a = decode_registers(w, scales, part=part)
+        if DIAGNOSTIC == "no_mma" and not a_in_smem:
+          _keep_alive(a)
+          return
+        columns = pl.ds(part * 2 * plan.part_k, 2 * plan.part_k)
+        plgpu.wgmma(acc_ref, a, xe_smem.at[:, columns].T)
+        return
       if a_in_smem:
         s_ref, half, _ = scales
         lo, hi = _decode_jnp(w, s_ref, half, plan, part)
@@ -961,11 +1113,13 @@ def matmul(
   scratch = [o_smem]
   if a_in_smem:
     a_tiles = (2 if swiglu else 1) * plan.parts
+    # Two plane tiles of part_k columns, or one natural tile of twice that.
+    tiles, width = (1, 2 * plan.part_k) if row_pairs else (2, plan.part_k)
     scratch.append(
       plgpu.SMEM(
-        (compute_wgs, a_tiles, 2, WG_ROWS, plan.part_k),
+        (compute_wgs, a_tiles, tiles, WG_ROWS, width),
         jnp.bfloat16,
-        transforms=_swizzled(16, 2 * plan.part_k),
+        transforms=_swizzled(16, 2 * width),
       )
     )
   if cfg.persistent:

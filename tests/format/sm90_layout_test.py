@@ -43,3 +43,26 @@ def test_decoder_steps_give_each_code_in_bf16_position(rng):
       code = (natural >> (4 * (output + 4 * half))) & 0xF
       want = ((code & 8) << 12) | ((code & 7) << 6)
       np.testing.assert_array_equal((got >> (16 * half)) & 0xFFFF, want)
+
+
+def test_row_pairs_invert_and_place_each_code_as_the_kernel_reads_it(rng):
+  packed = jnp.asarray(rng.integers(0, 256, (2, 32, 64), dtype=np.uint8))
+  grouped = sm90_layout.to_row_pairs(packed)
+  assert grouped.shape == packed.shape and grouped.dtype == jnp.uint8
+  np.testing.assert_array_equal(sm90_layout.from_row_pairs(grouped), packed)
+  codes = np.stack([np.asarray(packed) & 0xF, np.asarray(packed) >> 4], -1)
+  codes = codes.reshape(2, 32, 128)  # natural codes [E, N, K]
+  words = np.asarray(sm90_layout._words(grouped))  # [E, N, K/8]
+  # Thread t's word of 16-byte group j of stored row 16g + 8p + q (the
+  # WGMMA_8BIT register of row half p) is chunk c = 2j + p of rows 16g + q
+  # and 16g + q + 8. The decode's output o = u + 2h, half e (nibble o + 4e)
+  # goes to A register (column group 2c + u, row half h): row 16g + q +
+  # 8h, column 16c + 8u + 2t + e.
+  for g, p, q, j, t in np.ndindex(2, 2, 8, 4, 4):
+    word = words[:, 16 * g + 8 * p + q, 4 * j + t]
+    c = 2 * j + p
+    for o, e in np.ndindex(4, 2):
+      u, h = o % 2, o // 2
+      got = (word >> (4 * (o + 4 * e))) & 0xF
+      want = codes[:, 16 * g + q + 8 * h, 16 * c + 8 * u + 2 * t + e]
+      np.testing.assert_array_equal(got, want)

@@ -8,6 +8,8 @@ is checked by lowering for sm_90 on CPU (Python-side errors) and by the GPU
 tier (`pytest -m gpu`), which runs the shared op suite at real shapes.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,22 @@ ASYNC_REAL_CONFIGS = [
   (1, 28672, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
   (64, 14336, 4096, dict(block_k=128, block_m=64)),
 ]
+# Row-pair weights (Config.row_pairs): decode CTAs, 64 and 256 tokens,
+# prefill tiles, a K of 2880 (steps that do not divide it).
+ROW_PAIR_SHAPES = [
+  (1, 28672, 8192),
+  (16, 8192, 28672),
+  (64, 2048, 7168),
+  (256, 14336, 4096),
+  (2048, 5120, 2048),
+  (7, 2880, 2880),
+]
+
+
+def _row_pairs(config):
+  return dataclasses.replace(config, row_pairs=True)
+
+
 # Shapes that do not fill whole tiles (N % 128, N % 8, K % 64, M < 8).
 PARTIAL_SHAPES = [(3, 200, 64), (2, 128, 48), (5, 60, 96), (9, 192, 320)]
 
@@ -127,6 +145,22 @@ def run(x, layer, activation, config=None, interpret=True):
         (5, 128, 512, dict(block_k=256, block_m=8, twiddled=True)),
       ]
     ],
+    # Row-pair weights, natural activations (Config.row_pairs): each CTA
+    # shape, split-K, wgmmas in flight, a persistent grid, prefill tiles.
+    *[
+      (m, n, k, config_lib.Config(row_pairs=True, **fields))
+      for m, n, k, fields in [
+        (5, 256, 512, dict(block_k=128, block_m=8)),
+        (9, 208, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
+        (3, 256, 1024, dict(block_k=256, block_m=8, async_mma=True)),
+        (
+          20,
+          128,
+          512,
+          dict(block_k=64, block_m=8, splits=2, persistent=True),
+        ),
+      ]
+    ],
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -136,6 +170,27 @@ def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
   assert out.shape == (m, n) and out.dtype == jnp.bfloat16
   want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
   tolerance.assert_close(out, want, RTOL)
+
+
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_interpret_row_pair_layer(rng, activation):
+  # A layer stored in row pairs runs the row-pair kernel with no per-call
+  # regrouping, and the reference ungroups it.
+  layer, src = test_base.make_layer(rng, 208, 512)
+  grouped = pallas_mosaic_gpu.row_pair_layer(
+    base.PreparedLinear.from_mapping(layer)
+  )
+  assert grouped.weight_layout == "sm90_row_pairs"
+  leaves = grouped.to_mapping()
+  assert sm90_layout.ROW_PAIRS_LEAF in leaves
+  x = jnp.asarray(rng.standard_normal((5, 512)), jnp.bfloat16)
+  want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
+  config = config_lib.Config(block_k=128, block_m=8)
+  tolerance.assert_close(run(x, leaves, activation, config), want, RTOL)
+  reference = pallas_kernels.nvfp4_matmul(
+    x, leaves, activation=activation, implementation="xla"
+  )
+  tolerance.assert_close(reference, want, RTOL)
 
 
 @pytest.mark.parametrize(
@@ -221,6 +276,11 @@ def test_interpret_batch_dims_and_weight_only(rng):
     *[
       (m, n, k, config_lib.Config(async_mma=True, **fields))
       for m, n, k, fields in ASYNC_REAL_CONFIGS
+    ],
+    # Row-pair weights and natural activations on the heuristic's tiles.
+    *[
+      (m, n, k, _row_pairs(config_lib.heuristic(m, n, k)))
+      for m, n, k in ROW_PAIR_SHAPES
     ],
   ],
 )
@@ -491,6 +551,21 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       x, layer, implementation="pallas", config=config
     )
     self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
+
+  @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+  @pytest.mark.parametrize("m, n, k", ROW_PAIR_SHAPES)
+  def test_row_pairs(self, rng, m, n, k, activation):
+    # Row-pair weights read with natural activations: the decode's
+    # outputs placed as A registers of two rows, each row's scale a half
+    # of one register.
+    layer, src = test_base.make_layer(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    config = _row_pairs(config_lib.heuristic(m, n, k))
+    out = pallas_kernels.nvfp4_matmul(
+      x, layer, activation=activation, implementation="pallas", config=config
+    )
+    want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
+    self.check(out, want)
 
   def test_batch_dims(self, rng):
     layer, src = test_base.make_layer(rng, 128, 256)
