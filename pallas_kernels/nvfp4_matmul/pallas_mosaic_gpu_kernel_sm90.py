@@ -287,6 +287,8 @@ def _decode_ptx(
     count = codes.registers.shape[1] // plan.parts
     first = part * count
     if row_pairs:
+      if DIAGNOSTIC not in ("", "no_mma"):
+        raise ValueError(f"row_pairs has no {DIAGNOSTIC=} decode")
       return _decode_row_pairs(codes, row, load_word, first, count)
     scale_regs = {}
     halves = SCALE_HALF_OPERANDS and DIAGNOSTIC in ("", "no_mma")
