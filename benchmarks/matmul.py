@@ -220,6 +220,7 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
     "meta": {
       **timing.run_meta("benchmarks.matmul"),
       "timer": "cupti" if timing.on_gpu() else "host",
+      "inputs_per_set": True,
       "weight_layout": weight_layout,
       **ceilings,
     },

@@ -272,6 +272,7 @@ def run(
     "meta": {
       **timing.run_meta("benchmarks.moe"),
       "timer": "cupti" if timing.on_gpu() else "host",
+      "inputs_per_set": True,
       "weight_layout": weight_layout,
       "models": {
         k: dict(zip(("E", "top_k", "H", "I"), v, strict=True))

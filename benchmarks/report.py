@@ -106,8 +106,17 @@ def _provenance(meta: dict) -> str:
     return "Several runs, listed below with their commands."
   return (
     f"Date {meta['date']}, {meta['device']}, jax {meta['jax']}, command"
-    f" `{meta['command']}`."
+    f" `{meta['command']}`. {_inputs(meta)}"
   )
+
+
+def _inputs(meta: dict) -> str:
+  """How a run's rotating sets got their activations (and MoE logits):
+  runs before the eighteenth session shared one `x` between the sets, so
+  XLA did the per-call work on it once per trial."""
+  if meta.get("inputs_per_set"):
+    return "Each weight set had its own inputs."
+  return "One x served every weight set (older harness)."
 
 
 def _runs(meta: dict) -> list[str]:
@@ -119,7 +128,7 @@ def _runs(meta: dict) -> list[str]:
     note = f" {run['note']}" if run.get("note") else ""
     lines.append(
       f"{i}. {run['date']}, {run['device']}, jax {run['jax']},"
-      f" `{run['command']}`.{note}"
+      f" `{run['command']}`. {_inputs(run)}{note}"
     )
   return [*lines, ""]
 
