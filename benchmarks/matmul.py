@@ -8,7 +8,8 @@ XLA's bf16 dot on bf16 weights, XLA dequantize-then-dot from packed FP4 and
 device-to-device copy and a bf16 8192^3 dot). Each timed call runs the op
 over several weight sets that together exceed L2, each with its own
 activations (so that nothing done to x is shared between calls); the
-median of 7 trials is reported. Render the JSON with `python -m benchmarks.report`.
+median of 7 trials is reported. Render the JSON with
+`python -m benchmarks.report`.
 """
 
 import argparse
@@ -161,16 +162,7 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
   # Tokens outer: with a time budget, every shape gets the decode sizes.
   for m in tokens:
     for (k, n), (layer_bytes, sets, weights) in layers.items():
-      # One activation per weight set: with one shared x, XLA computed its
-      # per-call preparation (the W4A16 split, W4A4's and scaled_dot's
-      # quantization) once for all the sets, which hid most of its cost
-      # (seen in the eighteenth session).
-      xs = [
-        jax.random.normal(
-          jax.random.fold_in(jax.random.key(m), s), (m, k)
-        ).astype(jnp.bfloat16)
-        for s in range(sets)
-      ]
+      xs = timing.rotating_inputs(jax.random.key(m), sets, (m, k), jnp.bfloat16)
       flops = 2 * m * n * k
       roofline_s = max(
         (layer_bytes + 2 * m * (k + n)) / HBM_BYTES_PER_S,

@@ -9,7 +9,8 @@ same run for: fp4jax Pallas (W4A16), the fp4jax XLA reference, and
 XLA). Weights are random in the prepared layout (values do not change the
 time); the Pallas output is checked against the reference once per model.
 Each timed call runs the layer over rotating weight sets whose active
-experts together exceed L2, each with its own activations and logits; median of 7 trials (CUPTI kernel time on GPU).
+experts together exceed L2, each with its own activations and logits;
+median of 7 trials (CUPTI kernel time on GPU).
 Render with `python -m benchmarks.report --kind moe results.json`.
 """
 
@@ -190,21 +191,12 @@ def run(
     print(f"{name}: pallas vs reference {checks[name]}", flush=True)
     bf16_sets = None
     for t in tokens:
-      # Activations and logits per weight set: shared ones let XLA route
-      # once for all the sets, which hid most of the routing's cost (seen
-      # in the eighteenth session).
-      xs = [
-        jax.random.normal(
-          jax.random.fold_in(jax.random.key(t), s), (t, hidden)
-        ).astype(jnp.bfloat16)
-        for s in range(sets)
-      ]
-      logits = [
-        jax.random.normal(
-          jax.random.fold_in(jax.random.key(t + 1), s), (t, n_experts)
-        )
-        for s in range(sets)
-      ]
+      xs = timing.rotating_inputs(
+        jax.random.key(t), sets, (t, hidden), jnp.bfloat16
+      )
+      logits = timing.rotating_inputs(
+        jax.random.key(t + 1), sets, (t, n_experts)
+      )
       # Mean active experts of a call (each set routes its own logits).
       active = (
         sum(int(jnp.unique(base.route(g, top_k=top_k)[1]).size) for g in logits)

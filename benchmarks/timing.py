@@ -13,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def on_gpu() -> bool:
@@ -30,6 +31,16 @@ def run_meta(module: str, device=None) -> dict:
     "jax": jax.__version__,
     "command": f"python -m {module} " + " ".join(sys.argv[1:]),
   }
+
+
+def rotating_inputs(key, sets: int, shape, dtype=jnp.float32) -> list:
+  """`sets` standard-normal arrays, one for each rotating weight set: with
+  one input shared by the sets, XLA does per-call work on it (the
+  activation split, quantization, routing) once for all of them."""
+  return [
+    jax.random.normal(jax.random.fold_in(key, s), shape).astype(dtype)
+    for s in range(sets)
+  ]
 
 
 def median_us(

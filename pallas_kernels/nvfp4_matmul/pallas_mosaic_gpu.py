@@ -93,8 +93,10 @@ def _run(x, leaves, *, activation, config, interpret):
   m = rows.shape[0]
   weight = layer.weight
   # Row pairs (an experiment, Config.row_pairs) group rows by 16.
-  row_pairs = config.row_pairs or layer.weight_layout == "sm90_row_pairs"
-  n_align = sm90_layout.ROW_PAIR_ROWS if row_pairs else N_ALIGN
+  if sm90.uses_row_pairs(layer.weight_layout, config):
+    n_align = sm90_layout.ROW_PAIR_ROWS
+  else:
+    n_align = N_ALIGN
   pad_k, pad_n = -k % K_ALIGN, -layer.n % n_align
   if pad_k or pad_n:  # a copy of the weight per call (module doc)
     weight = jnp.pad(weight, ((0, pad_n), (0, pad_k // 2)))

@@ -185,7 +185,8 @@ def _decode_ptx(
 ):
   """u8 [64, plane_k] (WGMMA_8BIT) -> scaled bf16 (lo, hi) A tiles of K
   part `part` (`plan.part_k` columns each), PTX; with `config.row_pairs`
-  one A tile of the part's natural K columns (`2 * plan.part_k`).
+  a tuple of one A tile of the part's natural K columns (`2 *
+  plan.part_k`).
 
   The 64 rows start at `row_base` of the 128-row scale tile, or (None) at
   64 times this thread's warpgroup index. With `warp_mma` the tiles come in
@@ -328,7 +329,7 @@ def _decode_ptx(
         # its magnitude at bits 6..8 (a bf16 worth code * 2**-126).
         decode_ptx = _decode_text(
           _TWIDDLED_DECODE if plan.config.twiddled else _NATURAL_DECODE,
-          j % 2 if halves else None,
+          (j % 2,) * 4 if halves else None,
         )
         hi1, lo1, hi0, lo0 = mgpu_utils.inline_ptx(
           decode_ptx,
@@ -359,7 +360,8 @@ def _decode_ptx(
 
     return array(lo_regs), array(hi_regs)
 
-  return decode(w, s_smem)
+  tiles = decode(w, s_smem)
+  return (tiles,) if row_pairs else tiles
 
 
 def _decode_row_pairs(codes, row, load_word, first: int, count: int):
@@ -398,7 +400,8 @@ def _decode_row_pairs(codes, row, load_word, first: int, count: int):
       result_types=[i32],
     )[0]
 
-  decode_ptx = _decode_text(_TWIDDLED_DECODE, rows=True)
+  # $3, $2: the first row's registers; $1, $0: the second row's.
+  decode_ptx = _decode_text(_TWIDDLED_DECODE, halves=(1, 1, 0, 0))
   bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
   out_shape = list(codes.registers.shape)
   out_shape[1] = 4 * count  # 8-column groups of the part's 32 count columns
@@ -481,46 +484,30 @@ _TWIDDLED_DECODE = """{
         }"""
 
 
-def _decode_text(
-  decode_ptx: str, half: int | None = None, rows: bool = False
-) -> str:
-  """`decode_ptx` multiplying by its scale operand ($5) as it is, or (half
-  0 or 1) by that half of it broadcast to both (`SCALE_HALF_OPERANDS`), or
-  (`rows`, `Config.row_pairs`) outputs $2 and $3 by its low half and $0
-  and $1 by its high half."""
-  if rows:
-    setup = "\n".join(
-      [
-        ".reg .b16 lo, hi;",
-        "        .reg .b32 slo, shi;",
-        "        mov.b32 {lo, hi}, $5;",
-        "        mov.b32 slo, {lo, lo};",
-        "        mov.b32 shi, {hi, hi};",
-      ]
-    )
-    text = decode_ptx.replace("SCALE_SETUP", setup)
-    for out, scale in (
-      ("$0", "shi"),
-      ("$1", "shi"),
-      ("$2", "slo"),
-      ("$3", "slo"),
-    ):
-      text = text.replace(f"{out}, r, SCALE", f"{out}, r, {scale}")
-    return text
-  if half is None:
+def _decode_text(decode_ptx: str, halves: tuple[int, ...] | None = None) -> str:
+  """`decode_ptx` multiplying by its scale operand ($5) as it is, or, with
+  `halves`, output $o by half `halves[o]` of it (0 low, 1 high) broadcast
+  to both (`SCALE_HALF_OPERANDS`: one half for all four; `Config.row_pairs`:
+  $2 and $3 the low one, $0 and $1 the high one)."""
+  if halves is None:
     return decode_ptx.replace("        SCALE_SETUP\n", "").replace(
       "SCALE", "$5"
     )
-  pick = "{lo, lo}" if half == 0 else "{hi, hi}"
-  setup = "\n".join(
+  used = sorted(set(halves))
+  setup = "\n        ".join(
     [
       ".reg .b16 lo, hi;",
-      "        .reg .b32 scale;",
-      "        mov.b32 {lo, hi}, $5;",
-      f"        mov.b32 scale, {pick};",
+      ".reg .b32 " + ", ".join(f"s{h}" for h in used) + ";",
+      "mov.b32 {lo, hi}, $5;",
+      *(f"mov.b32 s{h}, {('{lo, lo}', '{hi, hi}')[h]};" for h in used),
     ]
   )
-  return decode_ptx.replace("SCALE_SETUP", setup).replace("SCALE", "scale")
+  lines = decode_ptx.replace("SCALE_SETUP", setup).split("\n")
+  for i, line in enumerate(lines):
+    if "SCALE" in line:  # mul.rn.bf16x2 $o, value, SCALE;
+      out = int(line.split("$")[1][0])
+      lines[i] = line.replace("SCALE", f"s{halves[out]}")
+  return "\n".join(lines)
 
 
 def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):
@@ -541,7 +528,7 @@ def _keep_alive(*tiles, layout=plgpu.Layout.WGMMA):
 
 def _decode_jnp(w, s_smem, wg, plan: Plan, part: int = 0):
   """The same numbers and column order with jnp ops, for the interpreter
-  (one natural-order tile with `config.row_pairs`)."""
+  (a tuple of one natural-order tile with `config.row_pairs`)."""
   if plan.config.twiddled:
     w = sm90_layout.untwiddle(w)
   if plan.config.row_pairs:
@@ -577,9 +564,15 @@ def _decode_jnp(w, s_smem, wg, plan: Plan, part: int = 0):
     natural = natural.reshape(WG_ROWS, -1)
     value = values(natural, jnp.repeat(scales, 2, axis=1))
     width = 2 * plan.part_k
-    return value[:, part * width : (part + 1) * width].astype(jnp.bfloat16)
+    return (value[:, part * width : (part + 1) * width].astype(jnp.bfloat16),)
   columns = slice(part * plan.part_k, (part + 1) * plan.part_k)
   return plane(codes & 0xF)[:, columns], plane(codes >> 4)[:, columns]
+
+
+def uses_row_pairs(weight_layout: str, config: config_lib.Config) -> bool:
+  """Whether `kernel_weight` gives the row-pair kernel (`Config.row_pairs`,
+  or a layer stored so)."""
+  return config.row_pairs or weight_layout == "sm90_row_pairs"
 
 
 def kernel_weight(weight, weight_layout: str, config: config_lib.Config):
@@ -587,13 +580,11 @@ def kernel_weight(weight, weight_layout: str, config: config_lib.Config):
   decoder (row-pair weights the row-pair kernel); a natural weight under a
   `twiddled` config, or any other under a `row_pairs` one, is rearranged
   per call (a copy, for tuning)."""
-  if weight_layout == "sm90_row_pairs":
+  if uses_row_pairs(weight_layout, config):
+    if weight_layout != "sm90_row_pairs":  # regrouped per call (Config doc)
+      natural = common.natural_weight(weight, weight_layout)
+      weight = sm90_layout.twiddle(sm90_layout.to_row_pairs(natural))
     return weight, dataclasses.replace(config, twiddled=True, row_pairs=True)
-  if config.row_pairs:  # an experiment: regrouped per call (Config doc)
-    if weight_layout in common.TWIDDLED:
-      weight = sm90_layout.untwiddle(weight)
-    weight = sm90_layout.twiddle(sm90_layout.to_row_pairs(weight))
-    return weight, dataclasses.replace(config, twiddled=True)
   if weight_layout in common.TWIDDLED:
     return weight, dataclasses.replace(config, twiddled=True)
   if config.twiddled:
@@ -815,11 +806,10 @@ def matmul(
     def body_refs(refs):
       """(weights, even plane, odd plane, scales, the rest) of a pipeline
       body's SMEM refs (one stacked activation block with `one_copy`)."""
-      if row_pairs:  # natural activations: one [block_m, block_k] tile
-        w_smem, x_smem, s_smem, *rest = refs
-        return w_smem, x_smem, None, s_smem, rest
       if one_copy:
         w_smem, x_smem, s_smem, *rest = refs
+        if row_pairs:  # natural activations: one [block_m, block_k] tile
+          return w_smem, x_smem, None, s_smem, rest
         return w_smem, x_smem.at[0], x_smem.at[1], s_smem, rest
       w_smem, xe_smem, xo_smem, s_smem, *rest = refs
       return w_smem, xe_smem, xo_smem, s_smem, rest
@@ -842,38 +832,26 @@ def matmul(
       both nibble planes' wgmmas (two groups). `scales`: (the 128-row scale
       tile, the half its rows are in, whether that half is the warpgroup
       index of a two-warpgroup CTA). With `row_pairs`: one A tile of
-      natural K columns and one wgmma against the natural activations."""
-      if row_pairs:
-        if a_in_smem:
-          s_ref, half, _ = scales
-          a_ref = a_smem.at[slot[0], slot[1], 0]
-          a_ref[...] = _decode_jnp(w, s_ref, half, plan, part)
-          plgpu.commit_smem()
-          a = a_ref
-        else:
-          a = decode_registers(w, scales, part=part)
-        if DIAGNOSTIC == "no_mma" and not a_in_smem:
-          _keep_alive(a)
-          return
-        columns = pl.ds(part * 2 * plan.part_k, 2 * plan.part_k)
-        plgpu.wgmma(acc_ref, a, xe_smem.at[:, columns].T)
-        return
+      natural K columns and one wgmma against the natural activations
+      (`xe_smem`)."""
       if a_in_smem:
         s_ref, half, _ = scales
-        lo, hi = _decode_jnp(w, s_ref, half, plan, part)
+        tiles = _decode_jnp(w, s_ref, half, plan, part)
         a_ref = a_smem.at[slot[0], slot[1]]
-        a_ref[0] = lo
-        a_ref[1] = hi
+        for i, tile in enumerate(tiles):
+          a_ref[i] = tile
         plgpu.commit_smem()
-        lo, hi = a_ref.at[0], a_ref.at[1]
+        tiles = [a_ref.at[i] for i in range(len(tiles))]
       else:
-        lo, hi = decode_registers(w, scales, part=part)
+        tiles = decode_registers(w, scales, part=part)
       if DIAGNOSTIC == "no_mma" and not a_in_smem:
-        _keep_alive(lo, hi)
+        _keep_alive(*tiles)
         return
-      columns = pl.ds(part * plan.part_k, plan.part_k)
-      plgpu.wgmma(acc_ref, lo, xe_smem.at[:, columns].T)
-      plgpu.wgmma(acc_ref, hi, xo_smem.at[:, columns].T)
+      width = plan.part_k * (2 if row_pairs else 1)  # K columns of a tile
+      columns = pl.ds(part * width, width)
+      sources = (xe_smem,) if row_pairs else (xe_smem, xo_smem)
+      for tile, x_smem in zip(tiles, sources, strict=True):
+        plgpu.wgmma(acc_ref, tile, x_smem.at[:, columns].T)
 
     def step(weights, xe_smem, xo_smem, accs, *, slot):
       """One K step: decode and MMA each (weight, scales) into its
