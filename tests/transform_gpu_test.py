@@ -19,6 +19,20 @@ def bytes_in_use() -> int:
   return jax.devices()[0].memory_stats()["bytes_in_use"]
 
 
+def recurring_floor(readings: list[int]) -> int:
+  """The lowest reading that another reading matches to two granules."""
+  recurring = [
+    r
+    for i, r in enumerate(readings)
+    if any(
+      abs(r - other) <= 2 * ALLOCATION_GRANULE
+      for j, other in enumerate(readings)
+      if j != i
+    )
+  ]
+  return min(recurring or readings)
+
+
 def big_source(rng):
   """~0.6 GB of NVFP4 layers: linears of 4096x4096 and a 64-expert node."""
   layers = {}
@@ -63,11 +77,13 @@ def test_hundred_reloads_keep_device_memory_flat(rng):
   # Each reading is the steady state plus whatever frees are still in
   # flight when we read the counter: 0 to a few leaves (+1 to +13.6 MB
   # readings between flat ones on the H200, in some runs more than half of
-  # them), so neither single readings nor medians are the steady state. The
-  # floor is: flat readings repeat to within two granules. A leak of one
-  # leaf (>= 256 bytes) a cycle would lift the last 25 cycles' floor above
-  # the first 25's by 51 granules or more.
+  # them), and now and then a one-off dip (-30 MB once in 100 cycles), so
+  # neither single readings, minima nor medians are the steady state. The
+  # steady state is the lowest reading that recurs: flat readings repeat to
+  # within two granules, dips and in-flight frees do not. A leak of one leaf
+  # (>= 256 bytes) a cycle would lift the last 25 cycles' level above the
+  # first 25's by 51 granules or more.
   largest_leaf = max(x.nbytes for x in jax.tree.leaves(host))
-  early_floor, late_floor = min(used[:25]), min(used[-25:])
-  assert late_floor < early_floor + 51 * ALLOCATION_GRANULE
+  early, late = recurring_floor(used[:25]), recurring_floor(used[-25:])
+  assert late < early + 51 * ALLOCATION_GRANULE, (early, late)
   assert max(used) - min(used) <= 2 * largest_leaf
