@@ -3,7 +3,8 @@
   python -m benchmarks.matmul [--ci] [--out results.json] [--time-budget S]
 
 Times, in the same run: fp4jax Pallas W4A16 and W4A4 (when implemented),
-XLA's bf16 dot on bf16 weights, XLA dequantize-then-dot from packed FP4 and
+each with the layer prepared in the run's layout ("sm90") and in
+"sm90_row_pairs" (no activation split), XLA's bf16 dot on bf16 weights, XLA dequantize-then-dot from packed FP4 and
 `jax.nn.scaled_dot_general` with the nvfp4 config; plus the two ceilings (a
 device-to-device copy and a bf16 8192^3 dot). Each timed call runs the op
 over several weight sets that together exceed L2, each with its own
@@ -39,6 +40,8 @@ IMPLEMENTATIONS = (
   "scaled_dot_general",
   "fp4jax_pallas_w4a16",
   "fp4jax_pallas_w4a4",
+  "fp4jax_pallas_w4a16_row_pairs",
+  "fp4jax_pallas_w4a4_row_pairs",
 )
 
 
@@ -65,9 +68,13 @@ def fp4_bytes(k: int, n: int) -> int:
   return n * k // 2 + math.prod(swizzle.padded_shape(n, k // 16))
 
 
-def make_weights(k: int, n: int, sets: int, weight_layout: str = "sm90"):
-  """`sets` copies (distinct buffers) of one random layer in three forms
-  (the prepared one in `weight_layout`, see `fp4jax.prepare`)."""
+def make_weights(
+  k: int, n: int, sets: int, weight_layout: str = "sm90", row_pairs=False
+) -> dict[str, list]:
+  """`sets` copies (distinct buffers) of one random layer in each form:
+  "bf16", "prepared" (in `weight_layout`, see `fp4jax.prepare`),
+  "row_major" (the checkpoint's packed bytes and scales) and, with
+  `row_pairs`, "row_pairs" (prepared in "sm90_row_pairs")."""
   w = (jax.random.normal(jax.random.key(k * 7 + n), (n, k)) * 0.02).astype(
     jnp.bfloat16
   )
@@ -78,14 +85,21 @@ def make_weights(k: int, n: int, sets: int, weight_layout: str = "sm90"):
     "weight_scale_2": t.global_scale,
     "input_scale": jnp.float32(4.0 / 2688),
   }
-  prepared, _ = fp4jax.prepare({"l": src}, weight_layout=weight_layout)
-  row_major = {"packed": t.packed, "scale": t.block_scale, "gs": t.global_scale}
+  forms = {
+    "bf16": w,
+    "prepared": fp4jax.prepare({"l": src}, weight_layout=weight_layout)[0]["l"],
+    "row_major": {
+      "packed": t.packed,
+      "scale": t.block_scale,
+      "gs": t.global_scale,
+    },
+  }
+  if row_pairs:
+    forms["row_pairs"] = fp4jax.prepare(
+      {"l": src}, weight_layout="sm90_row_pairs"
+    )[0]["l"]
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
-  return (
-    [copy(w) for _ in range(sets)],
-    [copy(prepared["l"]) for _ in range(sets)],
-    [copy(row_major) for _ in range(sets)],
-  )
+  return {name: [copy(f) for _ in range(sets)] for name, f in forms.items()}
 
 
 def dequant_dot(x, packed, scale, gs):
@@ -108,22 +122,22 @@ def scaled_dot(x, w):
   )
 
 
-def runner(impl: str, bf16_sets, prepared_sets, row_major_sets):
+def runner(impl: str, weights: dict[str, list]):
   """`(fn, weight sets)`: `fn(xs, ws)` calls the op once per (activation,
-  weight) set, or raises why it can't run."""
+  weight) set, or raises why it can't run (`weights` from `make_weights`)."""
   if impl == "xla_bf16":
-    op, sets = lambda x, w: jnp.einsum("mk,nk->mn", x, w), bf16_sets
+    op, sets = lambda x, w: jnp.einsum("mk,nk->mn", x, w), weights["bf16"]
   elif impl == "xla_dequant_dot":
     op = lambda x, w: dequant_dot(x, w["packed"], w["scale"], w["gs"])  # noqa: E731
-    sets = row_major_sets
+    sets = weights["row_major"]
   elif impl == "scaled_dot_general":
-    op, sets = scaled_dot, bf16_sets
+    op, sets = scaled_dot, weights["bf16"]
   else:
-    activation = "bf16" if impl.endswith("w4a16") else "nvfp4"
+    activation = "bf16" if "_w4a16" in impl else "nvfp4"
     op = lambda x, w: pallas_kernels.nvfp4_matmul(  # noqa: E731
       x, w, activation=activation, implementation="pallas"
     )
-    sets = prepared_sets
+    sets = weights["row_pairs" if impl.endswith("row_pairs") else "prepared"]
   return (
     lambda xs, ws: [op(x, w) for x, w in zip(xs, ws, strict=True)],
     sets,
@@ -140,7 +154,7 @@ def rotating_layers(k: int, n: int) -> tuple[list, int]:
   """(prepared sm90 copies of one random layer, enough to rotate through,
   the layer's FP4 bytes), for the tuner and diagnostics."""
   layer_bytes = fp4_bytes(k, n)
-  _, prepared, _ = make_weights(k, n, rotating_sets(layer_bytes))
+  prepared = make_weights(k, n, rotating_sets(layer_bytes))["prepared"]
   return prepared, layer_bytes
 
 
@@ -156,7 +170,7 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
     layers[k, n] = (
       layer_bytes,
       sets,
-      make_weights(k, n, sets, weight_layout),
+      make_weights(k, n, sets, weight_layout, row_pairs=True),
     )
   rows = []
   # Tokens outer: with a time budget, every shape gets the decode sizes.
@@ -174,7 +188,7 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
         if time.monotonic() - start > time_budget:
           rows.append({**row, "status": "skipped: time budget"})
           continue
-        fn, ws = runner(impl, *weights)
+        fn, ws = runner(impl, weights)
         try:
           us, samples, timer = timing.median_us(
             fn, xs, ws, calls_per_trial=sets

@@ -24,6 +24,8 @@ LABELS = {
   "scaled_dot_general": "jax.nn.scaled_dot_general nvfp4",
   "fp4jax_pallas_w4a16": "fp4jax Pallas W4A16",
   "fp4jax_pallas_w4a4": "fp4jax Pallas W4A4",
+  "fp4jax_pallas_w4a16_row_pairs": "fp4jax Pallas W4A16, row pairs",
+  "fp4jax_pallas_w4a4_row_pairs": "fp4jax Pallas W4A4, row pairs",
 }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from fp4jax import checkpoint
 from fp4jax import errors
+from fp4jax import transform
 from fp4jax.checkpoint import safetensors_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,8 +60,6 @@ def convert(args) -> None:
 
 def memory(args) -> None:
   import jax
-
-  from fp4jax import transform
 
   params, _ = checkpoint.load_modelopt(args.path, progress=not args.quiet)
   before = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -115,9 +114,10 @@ def demo(args) -> None:
 def _weight_layout_option(s) -> None:
   s.add_argument(
     "--weight-layout",
-    choices=("natural", "sm90"),
+    choices=transform.WEIGHT_LAYOUTS,
     default="natural",
-    help="packed-weight bit order after prepare (sm90: fastest on Hopper)",
+    help="packed-weight layout after prepare (on Hopper: sm90 fastest at"
+    " decode, sm90_row_pairs for prefill-heavy work)",
   )
 
 

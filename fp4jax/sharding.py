@@ -20,7 +20,11 @@ Layouts, for a mesh axis of size S (`jax.sharding.PartitionSpec` per leaf):
   permutation stays inside 4-byte groups along K, so every shard's bytes
   are the permutation of its own natural bytes (twiddled per shard). The
   experts' `w13_weight_sm90_planes` also permutes rows, within each expert,
-  so it splits along E the same way.
+  so it splits along E the same way. `weight_sm90_row_pairs`
+  (`weight_layout="sm90_row_pairs"`) regroups within 16-row groups and
+  32-column chunks, which whole shards of the divisibility checks below
+  keep (a column shard whose K is no multiple of 32 stays "sm90", as on one
+  device); experts take "sm90" under that layout.
 
 `prepare_linear` / `prepare_experts` swizzle the block scales per shard
 under `jax.jit(jax.shard_map(...))`, optionally donating the source scales
@@ -65,7 +69,8 @@ def linear_specs(kind: str, axis: str, *, prepared: bool) -> dict[str, P]:
     raise ValueError(f"{kind=} must be one of {KINDS}")
   split = P(axis, None) if kind == "column" else P(None, axis)
   specs = {name: P() for name in SCALARS}
-  specs["weight"] = specs[sm90_layout.WEIGHT_LEAF] = split
+  for name in ("weight", sm90_layout.WEIGHT_LEAF, sm90_layout.ROW_PAIRS_LEAF):
+    specs[name] = split
   if prepared:
     specs["block_scale"] = P(axis, None) if kind == "column" else P(axis)
   else:
@@ -152,17 +157,24 @@ def _swizzle_per_shard(
   return _per_shard(mesh, local, scales, specs, out_specs, donate)
 
 
-def _sm90_weights(out, node, prefixes, spec, mesh, donate, plane_rows=()):
+def _sm90_weights(
+  out, node, prefixes, spec, mesh, donate, plane_rows=(), row_pairs=False
+):
   """Replaces `out`'s natural weights (`prefix + "weight"`) by their
   per-shard sm90 permutation, donating the natural ones; prefixes in
-  `plane_rows` (experts' gate/up stacks) also get plane-ordered rows."""
+  `plane_rows` (experts' gate/up stacks) also get plane-ordered rows, and
+  with `row_pairs` (dense) every shard is regrouped into row pairs."""
   leaf = {True: sm90_layout.PLANE_ROWS_LEAF, False: sm90_layout.WEIGHT_LEAF}
+  if row_pairs:
+    leaf[False] = sm90_layout.ROW_PAIRS_LEAF
   names = {p + "weight": p + leaf[p in plane_rows] for p in prefixes}
   specs = {name: spec for name in names}
 
   def local(name, weight):
     if name.removesuffix("weight") in plane_rows:
       weight = transform.gate_up_plane_rows(weight)
+    if row_pairs:
+      weight = sm90_layout.to_row_pairs(weight)
     return sm90_layout.twiddle(weight)
 
   twiddled = _per_shard(
@@ -211,8 +223,20 @@ def prepare_linear(
     donate=donate,
   )
   out["block_scale"] = scales["weight_scale"]
-  if weight_layout == "sm90":
-    _sm90_weights(out, node, [""], source["weight"], mesh, donate)
+  if weight_layout != "natural":
+    shard_shape = (
+      (n // size, k // 2) if kind == "column" else (n, k // 2 // size)
+    )
+    _sm90_weights(
+      out,
+      node,
+      [""],
+      source["weight"],
+      mesh,
+      donate,
+      row_pairs=weight_layout == "sm90_row_pairs"
+      and transform.row_pairs_fit(shard_shape),
+    )
   return place(out, mesh, prepared)
 
 
@@ -228,6 +252,7 @@ def prepare_experts(
   """Prepares one source experts node with the experts split across `axis`
   (`weight_layout` as in `prepare_linear`)."""
   _check_layout(weight_layout)
+  weight_layout = transform.experts_layout(weight_layout)
   size = mesh.shape[axis]
   n_experts = node["w13_weight"].shape[0]
   if n_experts % size:

@@ -9,7 +9,10 @@ Orbax restore. For each NVFP4 linear node it derives
 
 keeps `weight` (or, with `weight_layout="sm90"`, replaces it by
 `weight_sm90`: the same bytes with the bits of each 4-byte group in the
-order the Hopper kernel decodes fastest, `fp4jax.format.sm90_layout`), and
+order the Hopper kernel decodes fastest, `fp4jax.format.sm90_layout`; with
+`weight_layout="sm90_row_pairs"`, by `weight_sm90_row_pairs`: each 16-row
+group's bytes regrouped into row pairs and twiddled, which the Hopper
+kernel reads with activations in natural K order, no split pass), and
 removes `weight_scale`, `weight_scale_2` and `input_scale`. A weight-only node (no `input_scale`) gets
 `alpha = weight_scale_2` and no `input_scale_inv`. Weight-only kernels read
 `weight_scale_2` back as `alpha * input_scale_inv`, which is within one ulp
@@ -54,9 +57,10 @@ DERIVED_LEAVES = (
   "input_scale_inv",
   sm90_layout.WEIGHT_LEAF,
   sm90_layout.PLANE_ROWS_LEAF,
+  sm90_layout.ROW_PAIRS_LEAF,
 )
 MOE_PREFIXES = ("w13_", "w2_")
-WEIGHT_LAYOUTS = ("natural", "sm90")
+WEIGHT_LAYOUTS = ("natural", "sm90", "sm90_row_pairs")
 # With weight_layout="sm90", experts whose I is no multiple of 128
 # (gpt-oss: 2880) get I padded to the next one (`pad_intermediate`), so
 # that w13 takes the plane order: the H200 spent 132 of 2110 us of
@@ -197,7 +201,9 @@ def _derive_linear(
     _check(swizzle_scales, path, "plane-ordered rows need swizzle_scales")
     w, ws = (gate_up_plane_rows(x) for x in (w, ws))
     out = {sm90_layout.PLANE_ROWS_LEAF: sm90_layout.twiddle(w)}
-  elif weight_layout == "sm90":
+  elif weight_layout == "sm90_row_pairs" and row_pairs_fit(w.shape):
+    out = {sm90_layout.ROW_PAIRS_LEAF: sm90_layout.twiddle(row_pairs(w))}
+  elif weight_layout in ("sm90", "sm90_row_pairs"):
     out = {sm90_layout.WEIGHT_LEAF: sm90_layout.twiddle(w)}
   else:
     out = {"weight": w}
@@ -212,6 +218,24 @@ def _derive_linear(
     _check_scales(path, weight_scale_2=ws2)
     out["alpha"] = ws2
   return out
+
+
+def row_pairs_fit(packed_shape) -> bool:
+  """Whether a packed `[..., N, K/2]` weight takes the row-pair layout (N
+  % 16 == 0, K % 32 == 0); others stay in "sm90"."""
+  *_, n, half_k = packed_shape
+  return n % sm90_layout.ROW_PAIR_ROWS == 0 and half_k % 16 == 0
+
+
+@jax.jit
+def row_pairs(w):
+  return sm90_layout.to_row_pairs(w)
+
+
+def experts_layout(weight_layout: str) -> str:
+  """The layout `prepare` gives experts nodes: the MoE kernels have no
+  row-pair form yet, so "sm90_row_pairs" keeps its experts in "sm90"."""
+  return "sm90" if weight_layout == "sm90_row_pairs" else weight_layout
 
 
 @jax.jit
@@ -395,7 +419,7 @@ def _records(path: str, leaves: Mapping[str, Any]) -> list[LeafRecord]:
 def _owned_leaves(experts: bool, weight_layout: str) -> set[str]:
   """Leaf names the pass derives from, or derives, in one node."""
   names = SOURCE_LEAVES + DERIVED_LEAVES + ("alpha_up",)
-  if weight_layout == "sm90":  # the natural weight is a source leaf then
+  if weight_layout != "natural":  # the natural weight is a source leaf then
     names += ("weight",)
   if experts:
     return {p + n for p in MOE_PREFIXES for n in names}
@@ -421,6 +445,8 @@ def _prepare_node(path, node, donate, removed, created, layout):
       for k, v in node.items()
     }
   derive = _derive_experts if experts else _derive_linear
+  if experts:
+    layout = experts_layout(layout)
   derived = derive(path, node, weight_layout=layout)
   owned = _owned_leaves(experts, layout)
   # Stale derived leaves from an earlier pass count as removed: everything
@@ -465,7 +491,12 @@ def prepare(
     weight_layout: "natural" keeps `weight` as the checkpoint packs it;
       "sm90" stores `weight_sm90` instead, which the Hopper kernels decode
       with 9 instead of 15 integer operations per 8 weights (same bytes;
-      every implementation reads both).
+      every implementation reads both). "sm90_row_pairs" stores dense
+      linears as `weight_sm90_row_pairs` (where N % 16 == 0 and K % 32 ==
+      0; others as "sm90"): the Hopper kernel then reads activations as
+      they are, without the pass that splits them into two K planes, which
+      is faster from a few hundred tokens but ~10% slower at decode on the
+      large layers (BENCHMARKS.md). Experts stay "sm90".
 
   Returns:
     `(prepared, report)`: a new nested dict (the input is not mutated) and a

@@ -13,8 +13,7 @@ from fp4jax.format import swizzle
 # "sm90_planes": an experts' [gate; up] stack in the sm90 bit order with its
 # rows in `sm90_layout.to_plane_rows` order within each half.
 # "sm90_row_pairs": a dense weight in the sm90 bit order after
-# `sm90_layout.to_row_pairs` (the kernel's `Config.row_pairs` experiment;
-# `prepare` does not make it).
+# `sm90_layout.to_row_pairs` (`prepare(weight_layout="sm90_row_pairs")`).
 WEIGHT_KEYS = {
   "natural": "weight",
   "sm90": sm90_layout.WEIGHT_LEAF,

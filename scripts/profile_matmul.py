@@ -42,7 +42,7 @@ def main(argv):
   recompute_default = activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS
   planes_default = pallas_mosaic_gpu.QUANTIZE_PLANES_MIN_ELEMENTS
   for k, n in shapes:
-    _, prepared, _ = matmul.make_weights(k, n, 1)
+    prepared = matmul.make_weights(k, n, 1)["prepared"]
     layers = {False: prepared[0]}
     if any("rowpairs" in form.split("+") for form in forms):
       layers[True] = pallas_mosaic_gpu.row_pair_layer(

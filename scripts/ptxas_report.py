@@ -23,7 +23,7 @@ from pallas_kernels.nvfp4_matmul import config as config_lib
 
 def main(m, n, k, fields):
   rng = np.random.default_rng(0)
-  _, prepared_sets, _ = matmul_bench.make_weights(k, n, 1)
+  prepared_sets = matmul_bench.make_weights(k, n, 1)["prepared"]
   layer = prepared_sets[0]
   config = config_lib.Config(**tune_matmul.parse_overrides(fields)[0])
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)

@@ -19,6 +19,7 @@ def test_matmul_harness_and_report(tmp_path):
   assert {r["M"] for r in result["rows"]} == {3}
   assert result["meta"]["weight_layout"] == "sm90"
   statuses = {r["impl"]: r["status"] for r in result["rows"]}
+  assert set(statuses) == set(matmul.IMPLEMENTATIONS)
   for anchor in ("xla_bf16", "xla_dequant_dot", "scaled_dot_general"):
     assert statuses[anchor] == "ok", statuses[anchor]
   ok = [r for r in result["rows"] if r["status"] == "ok"]

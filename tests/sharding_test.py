@@ -32,7 +32,7 @@ def unsharded(node, weight_layout="natural"):
   return prepared["l"]
 
 
-@pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
+@pytest.mark.parametrize("weight_layout", transform.WEIGHT_LAYOUTS)
 def test_column_parallel_prepare_equals_the_unsharded_leaves(
   rng, weight_layout
 ):
@@ -75,26 +75,35 @@ def test_row_parallel_scales_are_one_swizzle_per_shard(rng):
     )
 
 
-def test_row_parallel_sm90_weight_is_the_unsharded_one(rng):
-  # The permutation stays inside 4-byte groups along K, so twiddling each
-  # K shard gives the slices of the whole weight's permutation.
+@pytest.mark.parametrize(
+  "weight_layout, leaf",
+  [("sm90", "weight_sm90"), ("sm90_row_pairs", "weight_sm90_row_pairs")],
+)
+def test_row_parallel_sm90_weight_is_the_unsharded_one(
+  rng, weight_layout, leaf
+):
+  # The bit permutation stays inside 4-byte groups along K and row pairs
+  # inside 32-column chunks, so each K shard's layout is the slice of the
+  # whole weight's.
   mesh = cpu_mesh(4, "tp")
   node = linear_source(rng, 128, 1024)
-  got = sharding.prepare_linear(node, mesh, "row", weight_layout="sm90")
+  got = sharding.prepare_linear(node, mesh, "row", weight_layout=weight_layout)
   assert "weight" not in got
-  assert got["weight_sm90"].sharding.spec == jax.sharding.PartitionSpec(
-    None, "tp"
-  )
+  assert got[leaf].sharding.spec == jax.sharding.PartitionSpec(None, "tp")
   np.testing.assert_array_equal(
-    np.asarray(got["weight_sm90"]),
-    np.asarray(unsharded(node, "sm90")["weight_sm90"]),
+    np.asarray(got[leaf]), np.asarray(unsharded(node, weight_layout)[leaf])
   )
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])
 @pytest.mark.parametrize(
   "activation, weight_layout",
-  [("bf16", "natural"), ("nvfp4", "natural"), ("bf16", "sm90")],
+  [
+    ("bf16", "natural"),
+    ("nvfp4", "natural"),
+    ("bf16", "sm90"),
+    ("nvfp4", "sm90_row_pairs"),
+  ],
 )
 def test_sharded_matmul_equals_unsharded(rng, kind, activation, weight_layout):
   mesh = cpu_mesh(4, "tp")

@@ -130,7 +130,7 @@ def from_plane_rows(x, axis: int = -2) -> jnp.ndarray:
 # ------------------------------------------------------------- row pairs
 # A regrouping of natural packed bytes (before `twiddle`) for an sm90 decode
 # that reads activations in natural K order (no activation split; the
-# kernel's `Config.row_pairs`, an experiment). In each 16-row group, the
+# "sm90_row_pairs" layout of `fp4jax.prepare`). In each 16-row group, the
 # 16-byte group j of row q (q < 8) holds 16-column chunk 2j of rows q and q
 # + 8, and that of row q + 8 chunk 2j + 1 of the same two rows: the
 # WGMMA_8BIT register of thread t then carries the codes of one k16 wgmma's

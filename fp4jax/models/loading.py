@@ -57,7 +57,9 @@ def from_pretrained(
       embeddings, norms, routers and lm_head stay replicated.
     axis: the mesh axis to split along.
     weight_layout: "sm90" stores the packed weights in the bit order the
-      Hopper kernels decode fastest (`fp4jax.transform.prepare`).
+      Hopper kernels decode fastest, "sm90_row_pairs" the dense ones in the
+      layout that skips the activation split, faster for prefill
+      (`fp4jax.transform.prepare`).
 
   Returns:
     A `CausalLM` in prepared state (source scale leaves dropped).

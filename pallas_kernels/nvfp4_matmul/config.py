@@ -43,10 +43,11 @@ class Config:
       `async_mma`.
     row_pairs: weights in `sm90_layout.to_row_pairs` grouping, activations
       read in natural K order: no activation split, twice the block-scale
-      conversions per weight (NOTES.md, eighteenth session). An
-      experiment: `nvfp4_matmul` regroups the weight per call (a copy), and
-      only the dense matmul takes it (no SwiGLU, planes output or
-      `warp_mma`).
+      conversions per weight (NOTES.md, eighteenth session). A layer
+      prepared with `weight_layout="sm90_row_pairs"` always takes it; set
+      on another layer, `nvfp4_matmul` regroups the weight per call (a
+      copy, for measurements). Only the dense matmul takes it (no SwiGLU,
+      planes output or `warp_mma`).
   """
 
   block_k: int = 128

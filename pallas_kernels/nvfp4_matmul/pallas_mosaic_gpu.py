@@ -92,7 +92,7 @@ def _run(x, leaves, *, activation, config, interpret):
   rows = x.reshape(-1, k)
   m = rows.shape[0]
   weight = layer.weight
-  # Row pairs (an experiment, Config.row_pairs) group rows by 16.
+  # Row pairs group rows by 16.
   if sm90.uses_row_pairs(layer.weight_layout, config):
     n_align = sm90_layout.ROW_PAIR_ROWS
   else:

@@ -14,10 +14,10 @@ bits inside each 4-byte group are permuted, at prepare time):
   kernel's `planes_out`): two wgmmas into one accumulator.
   In a plane, the 16 values of one block scale are 8 adjacent columns, which
   is exactly one register column group of the WGMMA layout.
-- `Config.row_pairs` (an experiment): weights regrouped by
-  `sm90_layout.to_row_pairs`, each register one k16 A fragment of rows r
-  and r + 8, multiply the activations in natural K order (no split), at
-  twice the block-scale conversions per weight.
+- Row pairs (`weight_layout="sm90_row_pairs"`, `Config.row_pairs`):
+  weights regrouped by `sm90_layout.to_row_pairs`, each register one k16 A
+  fragment of rows r and r + 8, multiply the activations in natural K
+  order (no split), at twice the block-scale conversions per weight.
 - Block scales are read from the checkpoint's 128x4 swizzled layout as
   int32 words: word `(r % 32) * 4 + r // 32` of a 512-byte chunk holds the
   four E4M3 scales of row `r` for four consecutive K blocks.

@@ -555,17 +555,27 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
   @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
   @pytest.mark.parametrize("m, n, k", ROW_PAIR_SHAPES)
   def test_row_pairs(self, rng, m, n, k, activation):
-    # Row-pair weights read with natural activations: the decode's
-    # outputs placed as A registers of two rows, each row's scale a half
-    # of one register.
-    layer, src = test_base.make_layer(rng, n, k)
+    # A layer prepared in row pairs, read with natural activations: the
+    # decode's outputs placed as A registers of two rows, each row's scale
+    # a half of one register.
+    layer, src = test_base.make_layer(rng, n, k, weight_layout="sm90_row_pairs")
+    assert "weight_sm90_row_pairs" in layer
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    config = _row_pairs(config_lib.heuristic(m, n, k))
     out = pallas_kernels.nvfp4_matmul(
-      x, layer, activation=activation, implementation="pallas", config=config
+      x, layer, activation=activation, implementation="pallas"
     )
     want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
     self.check(out, want)
+
+  def test_row_pairs_regrouped_per_call(self, rng):
+    # Config.row_pairs on an sm90 layer: the weight is regrouped per call.
+    layer, src = test_base.make_layer(rng, 2048, 7168, weight_layout="sm90")
+    x = jnp.asarray(rng.standard_normal((64, 7168)), jnp.bfloat16)
+    config = _row_pairs(config_lib.heuristic(64, 2048, 7168))
+    out = pallas_kernels.nvfp4_matmul(
+      x, layer, implementation="pallas", config=config
+    )
+    self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
 
   def test_batch_dims(self, rng):
     layer, src = test_base.make_layer(rng, 128, 256)
