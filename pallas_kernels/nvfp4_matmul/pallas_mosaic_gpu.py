@@ -8,10 +8,10 @@ read natural-order weights, while `weight_layout="sm90"` layers carry the
 bit order of the Hopper decoder (`fp4jax.format.sm90_layout`), so `prepare`
 picks the layout for the GPU it serves on.
 
-W4A4 quantizes the activations in XLA (`activation_quant`, the reference's
-values bit for bit, fused with the activation split at decode sizes), or,
-from `QUANTIZE_PLANES_MIN_ELEMENTS`, in one Pallas pass that also pads and
-splits them (`quantize_planes_sm90`); every E2M1 x E4M3 value is exact in
+W4A4 quantizes the activations in one Pallas pass that also pads them and,
+unless the layer is in row pairs, splits them (`quantize_planes_sm90`; in
+XLA, `activation_quant`, where that cannot run: the reference's values bit
+for bit either way); every E2M1 x E4M3 value is exact in
 bf16, so the same kernel multiplies them and its epilogue scales by alpha.
 
 Status: passes the GPU tier on the H200 and is the default on sm90.
@@ -68,15 +68,16 @@ def nvfp4_matmul(
 
 
 # W4A4 activations of at least this many elements are quantized, padded
-# and split by `quantize_planes_sm90` (one memory pass) instead of XLA (three
-# passes above activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS, one fusion
-# below); None: always XLA. H200, benchmarks.matmul W4A4 (eighteenth
-# session, both ways), us: 7168x2048 M = 2048 118.3 -> 92.6, M = 8192 465
-# -> 362; 2048x5120 M = 8192 278 -> 243; 28672x8192 M = 64 (1.8M elements)
-# 68.1 -> 63.8. Below about 1M elements XLA's one fusion is as fast or
-# faster: 7168x2048 M = 1 7.3 vs 8.1, M = 64 11.2 vs 11.5; 2048x5120 M =
-# 256 16.1 vs 16.8; 4096x14336 M = 256 (1M) 55.7 vs 55.1.
-QUANTIZE_PLANES_MIN_ELEMENTS = 1 << 20
+# (and split) by `quantize_planes_sm90` (one memory pass) instead of XLA
+# (three passes above activation_quant.RECOMPUTE_SCALES_MAX_ELEMENTS, one
+# fusion below); None: always XLA. H200, benchmarks.matmul W4A4 (eighteenth
+# session), us: 7168x2048 M = 2048 118.3 -> 92.6, M = 8192 465 -> 362;
+# 2048x5120 M = 8192 278 -> 243. Small sizes gain too, once every weight
+# set has its own x (nineteenth session, from 1M elements -> from 0):
+# 7168x2048 M = 16 10.3 -> 8.8, M = 64 13.5 -> 11.9; 2048x5120 M = 16 9.8
+# -> 8.4, M = 64 12.7 -> 10.9; M = 1 equal (the earlier 1M came from a
+# harness that shared x between calls).
+QUANTIZE_PLANES_MIN_ELEMENTS = 0
 
 K_ALIGN = 64  # K that the swizzled TMA views take in whole steps
 N_ALIGN = 8  # weight rows per TMA tile row group
@@ -108,13 +109,9 @@ def _run(x, leaves, *, activation, config, interpret):
   # e2m1 x e4m3 products are exact in bf16, so with W4A4 the MMA sees the
   # quantized activations exactly; alpha supplies both tensor scales.
   planes = not config.row_pairs  # else natural activations
-  if (
-    planes
-    and activation == "nvfp4"
-    and _quantizes_planes(rows, pad_k, interpret)
-  ):
+  if activation == "nvfp4" and _quantizes_planes(rows, pad_k, interpret):
     x_planes = quantize_planes_sm90.quantize_planes(
-      rows, layer.input_scale_inv, padded
+      rows, layer.input_scale_inv, padded, planes=planes
     )
   else:
     if activation == "nvfp4":

@@ -3,7 +3,8 @@
 `quantize_planes(x, input_scale_inv, rows)` is meant to equal, bit for
 bit, `split_activations` of `fake_quantize_rows(x, input_scale_inv)` in
 bf16, padded with zero rows to `rows`: the stacked planes the sm90 matmul
-reads. At >= 1M elements XLA runs that as three passes over x (block max,
+reads. With `planes=False` it writes the same values in natural K order
+(`[rows, K]`, what the row-pair kernel reads). At >= 1M elements XLA runs that as three passes over x (block max,
 quantization, activation split: 14.0 + 24.0 + 19.8 us at 7168x2048, M =
 2048, on the H200), which is why W4A4 trails W4A16 most on small layers.
 
@@ -53,7 +54,7 @@ def plane_position(i: int) -> tuple[int, int]:
 
 
 def quantize_planes(
-  x: jax.Array, input_scale_inv: jax.Array, rows: int
+  x: jax.Array, input_scale_inv: jax.Array, rows: int, planes: bool = True
 ) -> jax.Array:
   """bf16 `[M, K]` -> bf16 `[2, rows, K/2]`: the fake-quantized activations
   as the sm90 kernel's stacked planes, rows past M zero.
@@ -62,6 +63,7 @@ def quantize_planes(
     x: bf16 activations, K a multiple of 64.
     input_scale_inv: float32 scalar (one per layer).
     rows: padded row count, >= M.
+    planes: False writes `[rows, K]` in natural order instead.
   """
   m, k = x.shape
   if x.dtype != jnp.bfloat16 or k % 64 or rows < m or m < 1:
@@ -76,15 +78,16 @@ def quantize_planes(
   def kernel(x_gmem, s_gmem, o_gmem):
     _quantize_groups(x_gmem, s_gmem, o_gmem)
 
+  out_shape = (2, padded_pairs, 16) if planes else (1, padded_pairs, GROUP)
   call = plgpu.kernel(
     kernel,
-    out_type=jax.ShapeDtypeStruct((2, padded_pairs, 16), jnp.bfloat16),
+    out_type=jax.ShapeDtypeStruct(out_shape, jnp.bfloat16),
     grid=(ctas,),
     grid_names=("group_tiles",),
   )
   scale = jnp.asarray(input_scale_inv, jnp.float32).reshape(1)
   out = call(x.reshape(m * groups, GROUP), scale)
-  return out.reshape(2, rows, k // 2)
+  return out.reshape(2, rows, k // 2) if planes else out.reshape(rows, k)
 
 
 @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 3)
@@ -94,7 +97,7 @@ def _quantize_groups(_, x_ref, s_ref, o_ref):
   f32 = ir.F32Type.get()
   words4 = ir.VectorType.get((4,), i32)
   pairs = ir.MemRefType(x_ref.type).shape[0]
-  padded_pairs = ir.MemRefType(o_ref.type).shape[1]
+  n_planes, padded_pairs, _ = ir.MemRefType(o_ref.type).shape
   per_group = THREADS_PER_GROUP
 
   def const(v):
@@ -114,12 +117,16 @@ def _quantize_groups(_, x_ref, s_ref, o_ref):
   # Padding rows read the last group (any in-bounds one) and store zeros.
   source = arith.select(valid, pair, const(pairs - 1))
 
-  offset = arith.addi(
-    arith.muli(source, const(2 * GROUP)), arith.muli(quarter, const(16))
-  )
+  def offset_of(group, quarter):  # bytes: a group's 32 bf16, 16 a quarter
+    return arith.addi(
+      arith.muli(group, const(2 * GROUP)), arith.muli(quarter, const(16))
+    )
+
   vec = llvm.load(
     words4,
-    mgpu_utils.getelementptr(mgpu_utils.memref_ptr(x_ref), [offset], i8),
+    mgpu_utils.getelementptr(
+      mgpu_utils.memref_ptr(x_ref), [offset_of(source, quarter)], i8
+    ),
     alignment=16,
   )
   values = []
@@ -148,9 +155,21 @@ def _quantize_groups(_, x_ref, s_ref, o_ref):
     arith.mulf(_round_to_e2m1(arith.mulf(v, out_scale)), sf) for v in values
   ]
 
+  o_base = mgpu_utils.memref_ptr(o_ref)
+  if n_planes == 1:  # natural order: the thread's 8 columns, 16 bytes
+    words = [
+      arith.select(valid, _pack_bf16x2(out[2 * w], out[2 * w + 1]), const(0))
+      for w in range(4)
+    ]
+    with mgpu_utils.when(in_output):
+      llvm.store(
+        vector.from_elements(words4, words),
+        mgpu_utils.getelementptr(o_base, [offset_of(pair, quarter)], i8),
+        alignment=16,
+      )
+    return
   # Value j = 4e + 2h + n of this thread (column 8q + j) goes to plane n,
   # column 8h + 2q + e: word (n, h) holds e = 0 low, e = 1 high.
-  o_base = mgpu_utils.memref_ptr(o_ref)
   with mgpu_utils.when(in_output):
     for n in range(2):
       for h in range(2):
