@@ -9,7 +9,8 @@ each with the layer prepared in the run's layout ("sm90") and in
 device-to-device copy and a bf16 8192^3 dot). Each timed call runs the op
 over several weight sets that together exceed L2, each with its own
 activations (so that nothing done to x is shared between calls); the
-median of 7 trials is reported. Render the JSON with
+median of 7 trials is reported, the implementations of a case timed trial
+by trial in turn (`timing.interleaved_medians`). Render the JSON with
 `python -m benchmarks.report`.
 """
 
@@ -182,25 +183,32 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
         (layer_bytes + 2 * m * (k + n)) / HBM_BYTES_PER_S,
         flops / ceilings["bf16_flops_per_s"],
       )
+      rows_of = {
+        impl: {"K": k, "N": n, "M": m, "impl": impl, "sets": sets}
+        for impl in IMPLEMENTATIONS
+      }
+      if time.monotonic() - start > time_budget:
+        rows += [
+          {**r, "status": "skipped: time budget"} for r in rows_of.values()
+        ]
+        continue
+      cases = {}
+      for impl in IMPLEMENTATIONS:
+        fn, ws = runner(impl, weights)
+        cases[impl] = (fn, (xs, ws), sets)
+      timed = timing.interleaved_medians(cases)
       bf16_us = None
       for impl in IMPLEMENTATIONS:
-        row = {"K": k, "N": n, "M": m, "impl": impl, "sets": sets}
-        if time.monotonic() - start > time_budget:
-          rows.append({**row, "status": "skipped: time budget"})
+        row, got = rows_of[impl], timed[impl]
+        if isinstance(got, NotImplementedError):
+          rows.append({**row, "status": f"not implemented: {got}"})
           continue
-        fn, ws = runner(impl, weights)
-        try:
-          us, samples, timer = timing.median_us(
-            fn, xs, ws, calls_per_trial=sets
-          )
-        except NotImplementedError as e:
-          rows.append({**row, "status": f"not implemented: {e}"})
-          continue
-        except Exception as e:  # an anchor that fails is recorded, not fatal
+        if isinstance(got, Exception):  # an anchor that fails is recorded
           rows.append(
-            {**row, "status": f"failed: {type(e).__name__}: {e}"[:300]}
+            {**row, "status": f"failed: {type(got).__name__}: {got}"[:300]}
           )
           continue
+        us, samples, timer = got
         if impl == "xla_bf16":
           bf16_us = us
         rows.append(
@@ -227,6 +235,7 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
       **timing.run_meta("benchmarks.matmul"),
       "timer": "cupti" if timing.on_gpu() else "host",
       "inputs_per_set": True,
+      "interleaved_trials": True,
       "weight_layout": weight_layout,
       **ceilings,
     },

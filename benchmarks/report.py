@@ -115,10 +115,17 @@ def _provenance(meta: dict) -> str:
 def _inputs(meta: dict) -> str:
   """How a run's rotating sets got their activations (and MoE logits):
   runs before the eighteenth session shared one `x` between the sets, so
-  XLA did the per-call work on it once per trial."""
+  XLA did the per-call work on it once per trial), and whether the
+  implementations took their trials in turn (`timing.interleaved_medians`,
+  matmul runs from the nineteenth session)."""
+  turns = (
+    " Implementations took their trials in turn."
+    if meta.get("interleaved_trials")
+    else ""
+  )
   if meta.get("inputs_per_set"):
-    return "Each weight set had its own inputs."
-  return "One x served every weight set (older harness)."
+    return "Each weight set had its own inputs." + turns
+  return "One x served every weight set (older harness)." + turns
 
 
 def _runs(meta: dict) -> list[str]:

@@ -1,5 +1,12 @@
 """One timer for every implementation: CUPTI kernel time on GPU.
 
+`interleaved_medians` times several implementations of one case trial by
+trial in turn, so that each sees the same mix of GPU clock states: under
+long bf16-rate GEMMs the H200's clocks drop (8192x28672 at M = 8192: XLA's
+dot took 4.63 ms in its first trials and 5.41 ms once hot, nineteenth
+session), and timing one implementation after another gave the ones timed
+first the cool GPU.
+
 On a GPU, `jax.experimental.mosaic.gpu.profiler.measure` sums the device
 time of every kernel a call launches (CUPTI), which excludes host dispatch;
 host-timed loops understated XLA's bf16 dot by up to 17% on the H200. On CPU
@@ -81,3 +88,47 @@ def median_us(
       samples.append((time.perf_counter() - start) * 1e6 / calls_per_trial)
     timer = "host"
   return statistics.median(samples), samples, timer
+
+
+def _trial_us(fn, args, calls_per_trial: int) -> float:
+  """One timed call of a compiled `fn(*args)`, per op, in µs."""
+  if on_gpu():
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, ms = profiler.measure(fn, aggregate=True)(*args)
+    if ms is None:
+      raise RuntimeError("CUPTI recorded no kernel")
+    return ms * 1e3 / calls_per_trial
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return (time.perf_counter() - start) * 1e6 / calls_per_trial
+
+
+def interleaved_medians(cases: dict, trials: int = 7) -> dict:
+  """`median_us` for several implementations at once, their trials taken
+  in turn (module doc).
+
+  Args:
+    cases: `{name: (fn, args, calls_per_trial)}`.
+
+  Returns:
+    `{name: (median_us, samples_us, timer_name)}`, or for a case that
+    failed to compile or run its warm-up, `{name: the exception}`.
+  """
+  results, ready = {}, {}
+  for name, (fn, args, calls) in cases.items():
+    try:
+      fn = jax.jit(fn)
+      jax.block_until_ready(fn(*args))
+    except Exception as e:  # recorded by the caller, the others still run
+      results[name] = e
+      continue
+    ready[name] = (fn, args, calls)
+  samples = {name: [] for name in ready}
+  for _ in range(trials):
+    for name, (fn, args, calls) in ready.items():
+      samples[name].append(_trial_us(fn, args, calls))
+  timer = "cupti" if on_gpu() else "host"
+  for name, got in samples.items():
+    results[name] = (statistics.median(got), got, timer)
+  return results

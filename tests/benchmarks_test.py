@@ -8,6 +8,7 @@ from benchmarks import matmul
 from benchmarks import moe
 from benchmarks import report
 from benchmarks import sharded_moe
+from benchmarks import timing
 
 
 def test_matmul_harness_and_report(tmp_path):
@@ -247,3 +248,29 @@ def test_report_merges_runs_group_by_group():
     )
     merged = report.merge([cut, third], "moe", prefer_first=True)
     assert {r["run"] for r in merged["rows"] if r["T"] == 16} == {want_run}
+
+
+def test_interleaved_medians_take_trials_in_turn(monkeypatch):
+  order = []
+
+  def trial(fn, args, calls):
+    order.append(args[0])
+    return 10.0 * args[0] / calls
+
+  monkeypatch.setattr(timing, "_trial_us", trial)
+
+  def broken(x):
+    raise NotImplementedError("no kernel here")
+
+  got = timing.interleaved_medians(
+    {
+      "a": (lambda x: x + 1, (1,), 1),
+      "broken": (broken, (3,), 1),
+      "b": (lambda x: x * 2, (2,), 2),
+    },
+    trials=3,
+  )
+  assert order == [1, 2] * 3
+  assert got["a"][:2] == (10.0, [10.0] * 3)
+  assert got["b"][:2] == (10.0, [10.0] * 3)
+  assert isinstance(got["broken"], NotImplementedError)
