@@ -151,11 +151,15 @@ def rotating_sets(layer_bytes: int) -> int:
   return max(3, math.ceil(2 * arg_specs.L2_BYTES / layer_bytes))
 
 
-def rotating_layers(k: int, n: int) -> tuple[list, int]:
-  """(prepared sm90 copies of one random layer, enough to rotate through,
-  the layer's FP4 bytes), for the tuner and diagnostics."""
+def rotating_layers(
+  k: int, n: int, weight_layout: str = "sm90"
+) -> tuple[list, int]:
+  """(prepared copies of one random layer, enough to rotate through, the
+  layer's FP4 bytes), for the tuner and diagnostics."""
   layer_bytes = fp4_bytes(k, n)
-  prepared = make_weights(k, n, rotating_sets(layer_bytes))["prepared"]
+  # The host fallback only exercises the harness (as `run`).
+  sets = rotating_sets(layer_bytes) if timing.on_gpu() else 3
+  prepared = make_weights(k, n, sets, weight_layout)["prepared"]
   return prepared, layer_bytes
 
 

@@ -2,6 +2,7 @@
 
   python -m benchmarks.tune_matmul [--out tuning.json] [--shapes K:N,...]
       [--tokens M,...] [--configs "wg_pairs=2;block_k=128,wg_pairs=2"]
+      [--weight-layout sm90|sm90_row_pairs]
 
 Each config's output is compared with the XLA reference first (a config
 that is wrong is reported, never timed), then timed with the same timer and
@@ -96,12 +97,12 @@ def candidates(m: int, n: int, k: int, overrides: list[dict] | None = None):
   )
 
 
-def cases(shapes, tokens, activation="bf16"):
+def cases(shapes, tokens, activation="bf16", weight_layout="sm90"):
   """Per layer shape and token count: (K, N, M, fresh activations, layer
   copies to rotate through, the layer's FP4 bytes, the XLA reference output
   in float32)."""
   for k, n in shapes:
-    layers, layer_bytes = matmul_bench.rotating_layers(k, n)
+    layers, layer_bytes = matmul_bench.rotating_layers(k, n, weight_layout)
     for m in tokens:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       want = pallas_kernels.nvfp4_matmul(
@@ -117,12 +118,19 @@ def tune(
   activation="bf16",
   overrides=None,
   kernels="",
+  weight_layout="sm90",
 ) -> list[dict]:
+  """Checks each candidate config against the reference, then times the
+  correct ones with their trials in turn (`timing.interleaved_medians`),
+  each weight set with its own activations (`benchmarks.matmul`)."""
   rows = []
   for k, n, m, x, layers, layer_bytes, want in cases(
-    shapes, tokens, activation
+    shapes, tokens, activation, weight_layout
   ):
     sets = len(layers)
+    xs = [x, *timing.rotating_inputs(jax.random.key(-m), sets - 1, (m, k))]
+    xs = [v.astype(jnp.bfloat16) for v in xs]
+    timed_rows, to_time = [], {}
     for i, cfg in enumerate(candidates(m, n, k, overrides)):
       if i >= max_configs:
         break
@@ -131,32 +139,51 @@ def tune(
         "N": n,
         "M": m,
         "activation": activation,
+        "weight_layout": weight_layout,
         "config": dataclasses.asdict(cfg),
       }
-      run = lambda x, ws, cfg=cfg: [  # noqa: E731
+      run = lambda xs, ws, cfg=cfg: [  # noqa: E731
         pallas_kernels.nvfp4_matmul(
           x, w, activation=activation, implementation="pallas", config=cfg
         )
-        for w in ws
+        for x, w in zip(xs, ws, strict=True)
       ]
       try:
-        got = run(x, layers[:1])[0].astype(jnp.float32)
-        err = float(
-          jnp.max(jnp.abs(got - want))
-          / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
-        )
-        row["rel_err"] = err
-        if not err < 2.0**-7:
-          rows.append({**row, "status": "wrong"})
-          print(k, n, m, cfg, "WRONG", err, flush=True)
-          continue
-        us, _, timer = timing.median_us(
-          run, x, layers, calls_per_trial=sets, kernels=kernels
-        )
+        got = run(xs[:1], layers[:1])[0].astype(jnp.float32)
       except Exception as e:  # a config that fails to build is recorded
         rows.append({**row, "status": f"failed: {type(e).__name__}: {e}"[:300]})
         print(k, n, m, cfg, "FAILED", str(e)[:200], flush=True)
         continue
+      err = float(
+        jnp.max(jnp.abs(got - want))
+        / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30)
+      )
+      row["rel_err"] = err
+      if not err < 2.0**-7:
+        rows.append({**row, "status": "wrong"})
+        print(k, n, m, cfg, "WRONG", err, flush=True)
+        continue
+      to_time[i] = (run, (xs, layers), sets)
+      timed_rows.append((i, cfg, row))
+    if kernels:  # per-kernel filtering: one config after another
+      timed = {}
+      for i, (fn, args, calls) in to_time.items():
+        try:
+          timed[i] = timing.median_us(
+            fn, *args, calls_per_trial=calls, kernels=kernels
+          )
+        except Exception as e:
+          timed[i] = e
+    else:
+      timed = timing.interleaved_medians(to_time)
+    for i, cfg, row in timed_rows:
+      got = timed[i]
+      if isinstance(got, Exception):
+        rows.append(
+          {**row, "status": f"failed: {type(got).__name__}: {got}"[:300]}
+        )
+        continue
+      us, _, timer = got
       tb = layer_bytes / (us * 1e-6) / 1e12
       rows.append(
         {**row, "status": "ok", "us": us, "timer": timer, "fp4_tb_per_s": tb}
@@ -171,6 +198,9 @@ def main(argv=None):
   parser.add_argument("--max-configs", type=int, default=6)
   parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
   parser.add_argument("--activation", default="bf16", choices=("bf16", "nvfp4"))
+  parser.add_argument(
+    "--weight-layout", default="sm90", choices=("sm90", "sm90_row_pairs")
+  )
   parser.add_argument(
     "--shapes", default=None, help="K:N pairs, e.g. 8192:28672,7168:2048"
   )
@@ -193,7 +223,13 @@ def main(argv=None):
   tokens = [int(t) for t in args.tokens.split(",")]
   overrides = parse_overrides(args.configs) if args.configs else None
   rows = tune(
-    shapes, tokens, args.max_configs, args.activation, overrides, args.kernels
+    shapes,
+    tokens,
+    args.max_configs,
+    args.activation,
+    overrides,
+    args.kernels,
+    args.weight_layout,
   )
   if args.out:
     with open(args.out, "w") as f:

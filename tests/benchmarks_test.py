@@ -274,3 +274,26 @@ def test_interleaved_medians_take_trials_in_turn(monkeypatch):
   assert got["a"][:2] == (10.0, [10.0] * 3)
   assert got["b"][:2] == (10.0, [10.0] * 3)
   assert isinstance(got["broken"], NotImplementedError)
+
+
+def test_tuner_checks_then_times_configs_in_turn(monkeypatch):
+  import pallas_kernels
+  from benchmarks import tune_matmul
+
+  real = pallas_kernels.nvfp4_matmul
+
+  def reference(x, layer, *, config=None, implementation=None, **kw):
+    del config, implementation  # the reference stands in for the kernel
+    return real(x, layer, implementation="xla", **kw)
+
+  monkeypatch.setattr(tune_matmul.pallas_kernels, "nvfp4_matmul", reference)
+  rows = tune_matmul.tune(
+    [(256, 256)],
+    [8],
+    max_configs=2,
+    overrides=[{"num_stages": 3}],
+    weight_layout="sm90_row_pairs",
+  )
+  assert [r["status"] for r in rows] == ["ok", "ok"]
+  assert rows[0]["config"] != rows[1]["config"]
+  assert all(r["us"] > 0 and r["rel_err"] == 0 for r in rows)
