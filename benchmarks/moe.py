@@ -10,7 +10,8 @@ XLA). Weights are random in the prepared layout (values do not change the
 time); the Pallas output is checked against the reference once per model.
 Each timed call runs the layer over rotating weight sets whose active
 experts together exceed L2, each with its own activations and logits;
-median of 7 trials (CUPTI kernel time on GPU).
+median of 7 trials, the implementations taking their trials in turn
+(`timing.interleaved_medians`; CUPTI kernel time on GPU).
 Render with `python -m benchmarks.report --kind moe results.json`.
 """
 
@@ -204,43 +205,43 @@ def run(
       )
       active_bytes = active * per_expert
       flops = 2 * t * top_k * 3 * hidden * inter
+      statuses, cases = {}, {}
       for impl in impls:
-        row = {"model": name, "T": t, "impl": impl, "sets": sets}
         if time.monotonic() - start > share:
-          rows.append({**row, "status": "skipped: time budget"})
-          continue
-        if impl == "fp4jax_xla" and t > REFERENCE_MAX_TOKENS:
-          rows.append({**row, "status": "skipped: reference only to T=256"})
-          continue
-        if impl == "fp4jax_xla" and 12 * n_experts * hidden * inter > (
+          statuses[impl] = "skipped: time budget"
+        elif impl == "fp4jax_xla" and t > REFERENCE_MAX_TOKENS:
+          statuses[impl] = "skipped: reference only to T=256"
+        elif impl == "fp4jax_xla" and 12 * n_experts * hidden * inter > (
           REFERENCE_MAX_BYTES
         ):
-          rows.append({**row, "status": "skipped: float32 experts too large"})
-          continue
-        if impl == "ragged_dot_bf16":
-          if bf16_sets is None:
+          statuses[impl] = "skipped: float32 experts too large"
+        else:
+          if impl == "ragged_dot_bf16" and bf16_sets is None:
             bf16_sets = [
               random_bf16_experts(
                 jax.random.fold_in(key, s), n_experts, hidden, inter
               )
               for s in range(sets)
             ]
-          ws = bf16_sets
-        else:
-          ws = fp4_sets
-        try:
-          us, samples, timer = timing.median_us(
-            runner(impl, top_k), xs, logits, ws, calls_per_trial=sets
-          )
-        except NotImplementedError as e:
-          rows.append({**row, "status": f"not implemented: {e}"})
+          ws = bf16_sets if impl == "ragged_dot_bf16" else fp4_sets
+          cases[impl] = (runner(impl, top_k), (xs, logits, ws), sets)
+      timed = timing.interleaved_medians(cases)
+      for impl in impls:
+        row = {"model": name, "T": t, "impl": impl, "sets": sets}
+        got = timed.get(impl)
+        if got is None:
+          rows.append({**row, "status": statuses[impl]})
           continue
-        except Exception as e:  # out of memory and the like are recorded
+        if isinstance(got, NotImplementedError):
+          rows.append({**row, "status": f"not implemented: {got}"})
+          continue
+        if isinstance(got, Exception):  # out of memory and the like
           rows.append(
-            {**row, "status": f"failed: {type(e).__name__}: {e}"[:300]}
+            {**row, "status": f"failed: {type(got).__name__}: {got}"[:300]}
           )
           print(name, t, impl, rows[-1]["status"][:120], flush=True)
           continue
+        us, samples, timer = got
         rows.append(
           {
             **row,
@@ -265,6 +266,7 @@ def run(
       **timing.run_meta("benchmarks.moe"),
       "timer": "cupti" if timing.on_gpu() else "host",
       "inputs_per_set": True,
+      "interleaved_trials": True,
       "weight_layout": weight_layout,
       "models": {
         k: dict(zip(("E", "top_k", "H", "I"), v, strict=True))
