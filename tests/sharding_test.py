@@ -433,7 +433,8 @@ def test_pallas_matmul_inside_shard_map_lowers_for_sm90(
     x,
     layer,
   )
-  assert count == 1
+  # W4A4 quantizes its activations in a kernel of its own first.
+  assert count == (2 if activation == "nvfp4" else 1)
 
 
 @pytest.mark.parametrize("tokens_sharded", [False, True])
