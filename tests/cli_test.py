@@ -29,6 +29,10 @@ def test_memory(capsys):
   assert "weight_sm90" not in out
   cli.main(["memory", str(LLAMA), "--quiet", "--weight-layout", "sm90"])
   assert "weight_sm90" in capsys.readouterr().out
+  cli.main(
+    ["memory", str(LLAMA), "--quiet", "--weight-layout", "sm90_row_pairs"]
+  )
+  assert "weight_sm90_row_pairs" in capsys.readouterr().out
 
 
 def test_convert_then_generate_from_the_orbax_cache(tmp_path, capsys):
@@ -54,12 +58,13 @@ def test_convert_then_generate_from_the_orbax_cache(tmp_path, capsys):
   # bf16 compute here, so only the first tokens are compared with the f32
   # transformers run; the full match is tested in float32 in tests/models.
   assert got[:9] == want[:9].tolist()
-  # The sm90 weight layout holds the same weights: the same tokens.
-  cli.main(
-    ["generate", str(LLAMA), "--prompt-ids", *prompt, "--max-new-tokens"]
-    + ["8", "--weight-layout", "sm90"]
-  )
-  assert [int(t) for t in capsys.readouterr().out.split()] == got
+  # The Hopper weight layouts hold the same weights: the same tokens.
+  for layout in ("sm90", "sm90_row_pairs"):
+    cli.main(
+      ["generate", str(LLAMA), "--prompt-ids", *prompt, "--max-new-tokens"]
+      + ["8", "--weight-layout", layout]
+    )
+    assert [int(t) for t in capsys.readouterr().out.split()] == got, layout
 
 
 def test_bad_path_is_a_clear_error(capsys):
