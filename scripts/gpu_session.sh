@@ -52,12 +52,6 @@
 #                                         # its GPU tests and one-call
 #                                         # profiles against the default on
 #                                         # GPU 0, decode kernel time on GPU 1
-#   bash scripts/gpu_session.sh w4a4_small
-#                                         # on nvidia-h200-x2, ~4 min:
-#                                         # benchmarks.matmul M = 1 to 256
-#                                         # with the one-pass W4A4
-#                                         # quantizer at every size (GPU 0)
-#                                         # and with the defaults (GPU 1)
 #   bash scripts/gpu_session.sh moe_check PYTEST_K VARIANTS [bench]
 #                                         # on nvidia-h200-x2, after an MoE
 #                                         # change: the MoE GPU tests that
@@ -299,24 +293,6 @@ case "${1:-tier}" in
     grep -E "FAILED|ERROR" "$out/row_pairs_tests.log" | head -n 10
     grep -E "^==" "$out/profile_row_pairs.log"
     cat "$out/diag_row_pairs.log" | tail -n 30
-    ;;
-  w4a4_small)
-    # The small-M W4A4 rows with the one-pass quantizer at every size
-    # (QUANTIZE_PLANES_MIN_ELEMENTS = 0), GPU 0, and as the defaults are,
-    # GPU 1, at the same time.
-    for gpu in 0 1; do
-      CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 -c "
-import runpy, sys
-from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu as p
-if $gpu == 0:
-  p.QUANTIZE_PLANES_MIN_ELEMENTS = 0
-sys.argv = ['benchmarks.matmul', '--tokens', '1,16,64,256',
-            '--time-budget', '230', '--out', '$out/matmul_w4a4_gpu$gpu.json']
-runpy.run_module('benchmarks.matmul', run_name='__main__')
-" > "$out/w4a4_gpu$gpu.log" 2>&1 &
-    done
-    wait
-    grep -hE "fp4jax|wrote" "$out"/w4a4_gpu*.log
     ;;
   moe)
     timeout 580 python3 -m benchmarks.moe --models "$2" --tokens "$3" \
