@@ -4,8 +4,9 @@
 
 Times, in the same run: fp4jax Pallas W4A16 and W4A4 (when implemented),
 each with the layer prepared in the run's layout ("sm90") and in
-"sm90_row_pairs" (no activation split), XLA's bf16 dot on bf16 weights, XLA dequantize-then-dot from packed FP4 and
-`jax.nn.scaled_dot_general` with the nvfp4 config; plus the two ceilings (a
+"sm90_row_pairs" (no activation split), XLA's bf16 dot on bf16 weights,
+XLA dequantize-then-dot from packed FP4 and `jax.nn.scaled_dot_general`
+with the nvfp4 config; plus the two ceilings (a
 device-to-device copy and a bf16 8192^3 dot). Each timed call runs the op
 over several weight sets that together exceed L2, each with its own
 activations (so that nothing done to x is shared between calls); the
@@ -204,13 +205,8 @@ def run(shapes, tokens, time_budget: float, weight_layout="sm90") -> dict:
       bf16_us = None
       for impl in IMPLEMENTATIONS:
         row, got = rows_of[impl], timed[impl]
-        if isinstance(got, NotImplementedError):
-          rows.append({**row, "status": f"not implemented: {got}"})
-          continue
         if isinstance(got, Exception):  # an anchor that fails is recorded
-          rows.append(
-            {**row, "status": f"failed: {type(got).__name__}: {got}"[:300]}
-          )
+          rows.append({**row, "status": timing.failure_status(got)})
           continue
         us, samples, timer = got
         if impl == "xla_bf16":

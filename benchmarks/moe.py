@@ -232,13 +232,8 @@ def run(
         if got is None:
           rows.append({**row, "status": statuses[impl]})
           continue
-        if isinstance(got, NotImplementedError):
-          rows.append({**row, "status": f"not implemented: {got}"})
-          continue
         if isinstance(got, Exception):  # out of memory and the like
-          rows.append(
-            {**row, "status": f"failed: {type(got).__name__}: {got}"[:300]}
-          )
+          rows.append({**row, "status": timing.failure_status(got)})
           print(name, t, impl, rows[-1]["status"][:120], flush=True)
           continue
         us, samples, timer = got

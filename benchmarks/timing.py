@@ -50,6 +50,39 @@ def rotating_inputs(key, sets: int, shape, dtype=jnp.float32) -> list:
   ]
 
 
+def _samples_us(fn, args, calls_per_trial: int, trials: int, kernels: str):
+  """`trials` back-to-back timed calls of a compiled `fn(*args)`: µs per
+  op each (see `median_us`)."""
+  if not on_gpu():
+    samples = []
+    for _ in range(trials):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      samples.append((time.perf_counter() - start) * 1e6 / calls_per_trial)
+    return samples
+  from jax.experimental.mosaic.gpu import profiler
+
+  _, per_trial = profiler.measure(fn, iterations=trials, aggregate=not kernels)(
+    *args
+  )
+  if per_trial is None:
+    raise RuntimeError("CUPTI recorded no kernel")
+  if trials == 1:  # the profiler unwraps a single iteration
+    per_trial = [per_trial]
+  if kernels:
+    per_trial = [
+      sum(ms for name, ms in launches if kernels in name)
+      for launches in per_trial
+    ]
+  return [ms * 1e3 / calls_per_trial for ms in per_trial]
+
+
+def _timer(kernels: str) -> str:
+  if not on_gpu():
+    return "host"
+  return f"cupti:{kernels}" if kernels else "cupti"
+
+
 def median_us(
   fn, *args, trials: int = 7, calls_per_trial: int = 1, kernels: str = ""
 ):
@@ -65,48 +98,17 @@ def median_us(
   """
   fn = jax.jit(fn)
   jax.block_until_ready(fn(*args))
-  if on_gpu():
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, per_trial = profiler.measure(
-      fn, iterations=trials, aggregate=not kernels
-    )(*args)
-    if per_trial is None:
-      raise RuntimeError("CUPTI recorded no kernel")
-    if kernels:
-      per_trial = [
-        sum(ms for name, ms in launches if kernels in name)
-        for launches in per_trial
-      ]
-    samples = [ms * 1e3 / calls_per_trial for ms in per_trial]
-    timer = f"cupti:{kernels}" if kernels else "cupti"
-  else:
-    samples = []
-    for _ in range(trials):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      samples.append((time.perf_counter() - start) * 1e6 / calls_per_trial)
-    timer = "host"
-  return statistics.median(samples), samples, timer
+  samples = _samples_us(fn, args, calls_per_trial, trials, kernels)
+  return statistics.median(samples), samples, _timer(kernels)
 
 
-def _trial_us(fn, args, calls_per_trial: int) -> float:
-  """One timed call of a compiled `fn(*args)`, per op, in µs."""
-  if on_gpu():
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, ms = profiler.measure(fn, aggregate=True)(*args)
-    if ms is None:
-      raise RuntimeError("CUPTI recorded no kernel")
-    return ms * 1e3 / calls_per_trial
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return (time.perf_counter() - start) * 1e6 / calls_per_trial
-
-
-def interleaved_medians(cases: dict, trials: int = 7) -> dict:
+def interleaved_medians(
+  cases: dict, trials: int = 7, kernels: str = ""
+) -> dict:
   """`median_us` for several implementations at once, their trials taken
-  in turn (module doc).
+  in turn (module doc). On a GPU each trial is one profiler call, which
+  runs one untimed call of its own first: wall time doubles, the measured
+  kernels do not change.
 
   Args:
     cases: `{name: (fn, args, calls_per_trial)}`.
@@ -127,8 +129,15 @@ def interleaved_medians(cases: dict, trials: int = 7) -> dict:
   samples = {name: [] for name in ready}
   for _ in range(trials):
     for name, (fn, args, calls) in ready.items():
-      samples[name].append(_trial_us(fn, args, calls))
-  timer = "cupti" if on_gpu() else "host"
+      samples[name] += _samples_us(fn, args, calls, 1, kernels)
   for name, got in samples.items():
-    results[name] = (statistics.median(got), got, timer)
+    results[name] = (statistics.median(got), got, _timer(kernels))
   return results
+
+
+def failure_status(error: Exception) -> str:
+  """A results row's status for an implementation that could not be timed
+  (`interleaved_medians`' exceptions)."""
+  if isinstance(error, NotImplementedError):
+    return f"not implemented: {error}"
+  return f"failed: {type(error).__name__}: {error}"[:300]

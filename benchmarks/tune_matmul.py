@@ -165,23 +165,11 @@ def tune(
         continue
       to_time[i] = (run, (xs, layers), sets)
       timed_rows.append((i, cfg, row))
-    if kernels:  # per-kernel filtering: one config after another
-      timed = {}
-      for i, (fn, args, calls) in to_time.items():
-        try:
-          timed[i] = timing.median_us(
-            fn, *args, calls_per_trial=calls, kernels=kernels
-          )
-        except Exception as e:
-          timed[i] = e
-    else:
-      timed = timing.interleaved_medians(to_time)
+    timed = timing.interleaved_medians(to_time, kernels=kernels)
     for i, cfg, row in timed_rows:
       got = timed[i]
       if isinstance(got, Exception):
-        rows.append(
-          {**row, "status": f"failed: {type(got).__name__}: {got}"[:300]}
-        )
+        rows.append({**row, "status": timing.failure_status(got)})
         continue
       us, _, timer = got
       tb = layer_bytes / (us * 1e-6) / 1e12

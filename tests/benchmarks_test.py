@@ -253,11 +253,11 @@ def test_report_merges_runs_group_by_group():
 def test_interleaved_medians_take_trials_in_turn(monkeypatch):
   order = []
 
-  def trial(fn, args, calls):
+  def trial(fn, args, calls, trials, kernels):
     order.append(args[0])
-    return 10.0 * args[0] / calls
+    return [10.0 * args[0] / calls] * trials
 
-  monkeypatch.setattr(timing, "_trial_us", trial)
+  monkeypatch.setattr(timing, "_samples_us", trial)
 
   def broken(x):
     raise NotImplementedError("no kernel here")

@@ -4,9 +4,10 @@
 bit, `split_activations` of `fake_quantize_rows(x, input_scale_inv)` in
 bf16, padded with zero rows to `rows`: the stacked planes the sm90 matmul
 reads. With `planes=False` it writes the same values in natural K order
-(`[rows, K]`, what the row-pair kernel reads). At >= 1M elements XLA runs that as three passes over x (block max,
-quantization, activation split: 14.0 + 24.0 + 19.8 us at 7168x2048, M =
-2048, on the H200), which is why W4A4 trails W4A16 most on small layers.
+(`[rows, K]`, what the row-pair kernel reads). At >= 1M elements XLA runs
+that as three passes over x (block max, quantization, activation split:
+14.0 + 24.0 + 19.8 us at 7168x2048, M = 2048, on the H200), which is why
+W4A4 trailed W4A16 most on small layers before this kernel.
 
 Four threads per 32-column group of a row, each loading 16 consecutive
 bytes (8 values; a warp reads 512 contiguous bytes): a block of 16 is two
