@@ -865,6 +865,11 @@ def matmul(
       last part's wgmmas still read their input slot when the step ends,
       so slots are released a step late (`delay_release`).
       """
+      # Row pairs issue one wgmma a part per weight, planes two: waiting
+      # for two groups a weight with row pairs once left the previous
+      # part's wgmmas in flight while the next decode reused their A
+      # registers (a rare garbage output on the H200).
+      wgmmas_per_part = 1 if row_pairs else 2
       # Each tile's codes load just before their first decode (fewer live
       # registers with SwiGLU's second weight).
       codes = [None] * len(weights)
@@ -885,8 +890,8 @@ def matmul(
           )
           if not cfg.async_mma:
             plgpu.wgmma_wait(0)
-        if cfg.async_mma:
-          plgpu.wgmma_wait(2 * len(accs))  # all but this part's groups
+        if cfg.async_mma:  # all but this part's groups (one per wgmma)
+          plgpu.wgmma_wait(wgmmas_per_part * len(accs))
 
     def warp_mma_step(weights, xe_smem, xo_smem, accs):
       """One K step with warp-level `mma.sync` (`Config.warp_mma`): the

@@ -306,6 +306,57 @@ def test_lowers_for_sm90(m, n, k, config, activation):
   jax.jit(f).trace(x, layer).lower(lowering_platforms=("cuda",))
 
 
+def _wgmma_waits(jaxpr):
+  """(wgmmas issued since the previous wait, the wait's n) for every
+  `wgmma_wait` in `jaxpr` and the jaxprs nested in it."""
+  found, issued = [], 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "wgmma_ref":
+      issued += 1
+    elif eqn.primitive.name == "wgmma_wait":
+      found.append((issued, eqn.params["n"]))
+      issued = 0
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _wgmma_waits(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += _wgmma_waits(sub)
+  return found
+
+
+@pytest.mark.parametrize("row_pairs", [False, True])
+@pytest.mark.parametrize("m, n, k", ROW_PAIR_SHAPES)
+def test_async_waits_cover_all_but_the_last_part(m, n, k, row_pairs):
+  # With async_mma a K part's decode reuses the A registers of the part
+  # before: each wait must leave in flight only the wgmmas just issued
+  # (row pairs issue one a part, planes two; waiting for two with row pairs
+  # gave a rare garbage output on the H200).
+  config = config_lib.heuristic(m, n, k)
+  if row_pairs:
+    config = _row_pairs(config)
+  leaf = "weight_sm90_row_pairs" if row_pairs else "weight_sm90"
+  layer = {
+    leaf: jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+    "block_scale": jax.ShapeDtypeStruct(
+      (-(-n // 128) * 128, -(-(k // 16) // 4) * 4), jnp.float8_e4m3fn
+    ),
+    "alpha": jax.ShapeDtypeStruct((), jnp.float32),
+    "input_scale_inv": jax.ShapeDtypeStruct((), jnp.float32),
+  }
+
+  def f(x, leaves):
+    return pallas_mosaic_gpu._run(
+      x, leaves, activation="bf16", config=config, interpret=False
+    )
+
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  waits = _wgmma_waits(jax.make_jaxpr(f)(x, layer).jaxpr)
+  assert waits, "no wgmma_wait in the kernel"
+  for issued, n_left in waits:
+    assert n_left in (0, issued), (config, waits)
+
+
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 @pytest.mark.parametrize("m, n, k", PARTIAL_SHAPES)
 def test_interpret_partial_tiles(rng, m, n, k, activation):
