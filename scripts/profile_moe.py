@@ -49,6 +49,8 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
+# "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
+# CTAs, which stream an expert's weights for a few rows);
 # "unpadded": I not padded to a multiple of 128 (by default `fp4jax.prepare`
 # pads it, transform.PAD_INTERMEDIATE_TO_TILES: gpt-oss-120b 2880 -> 2944,
 # w13 in plane order); "sortrank": pairs ranked within their expert by XLA's
@@ -95,6 +97,8 @@ PREFIXES = (
   "midtile",
   "nomidtile",
   "remainder",
+  "rem16",
+  "rem32",
   "unpadded",
   "sortrank",
   "counttopk",
@@ -247,7 +251,13 @@ def main(argv):
       )
       config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
       pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "nomidtile" not in prefixes
-      pallas_mosaic_gpu.REMAINDER_TILES = "remainder" in prefixes
+      remainder_rows = (
+        16 if "rem16" in prefixes else 32 if "rem32" in prefixes else 64
+      )
+      pallas_mosaic_gpu.REMAINDER_TILES = (
+        "remainder" in prefixes or remainder_rows != 64
+      )
+      pallas_mosaic_gpu.REMAINDER_ROWS = remainder_rows
       pallas_mosaic_gpu.MID_TILE_MIN_CTA_ROWS = (
         64 if "midtile" in prefixes else config_lib.TILE_ROWS
       )

@@ -66,8 +66,12 @@ MID_TILE_MIN_CTA_ROWS = config_lib.TILE_ROWS
 # second launches and gathers (CUPTI, one call each, eleventh session):
 # DeepSeek-V3 4096 tokens GEMMs 5842 -> 5684 us, layer 6425 -> 6369; 16384
 # 20116 -> 20047; gpt-oss-120b 4096 2129 -> 2179, 16384 6306 -> 6417;
-# Qwen3-30B-A3B 4096 815 -> 835, 16384 2660 -> 2732. A native FP4 MMA
-# (sm_100), which has no decode, may pay for it.
+# Qwen3-30B-A3B 4096 815 -> 835, 16384 2660 -> 2732. Smaller remainder
+# tiles barely pay either (twentieth session, 4096 tokens, layer us):
+# 16 rows (64-row decode CTAs) gpt-oss-120b 1853 -> 1844, Qwen3 754 -> 766;
+# 32 rows 1802 and 757. The 16-row GEMM 1 streams its experts at ~2 TB/s,
+# not the ~2.8 of a decode step. A native FP4 MMA (sm_100), which has no
+# decode, may pay for it.
 REMAINDER_TILES = False
 REMAINDER_ROWS = 64
 # One token (decode): tile i holds pair i, no sort (its top-k experts are

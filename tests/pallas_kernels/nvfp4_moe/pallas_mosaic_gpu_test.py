@@ -186,24 +186,29 @@ def test_interpret_pairs_placed_by_counting(rng, monkeypatch):
   check_interpret_against_numpy(rng, (9, 4, 128, 128))
 
 
+@pytest.mark.parametrize("tokens, remainder_rows", [(150, 64), (140, 16)])
 @pytest.mark.parametrize(
   "activation, fused_swiglu",
   [("bf16", True), ("bf16", False), ("nvfp4", False)],
 )
-def test_interpret_remainder_tiles(rng, monkeypatch, activation, fused_swiglu):
-  # Two experts, top-2: each gets all 150 tokens, one 128-row tile and a
-  # 22-row remainder tile, which a second pair of GEMMs runs.
+def test_interpret_remainder_tiles(
+  rng, monkeypatch, activation, fused_swiglu, tokens, remainder_rows
+):
+  # Two experts, top-2: each gets all the tokens, one 128-row tile and a
+  # remainder tile of the other 22 (or 12), which a second pair of GEMMs
+  # runs (16-row ones in 64-row decode CTAs).
   monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
+  monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
   monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 0)
   calls = spy_on_matmul(monkeypatch, "block_m")
   check_interpret_against_numpy(
     rng,
-    (150, 2, 128, 128),
+    (tokens, 2, 128, 128),
     activation,
     block_m=128,
     fused_swiglu=fused_swiglu,
   )
-  assert calls == [128, 128, 64, 64]
+  assert calls == [128, 128, remainder_rows, remainder_rows]
 
 
 def test_direct_tiles_give_each_pair_of_one_token_its_own_tile():
@@ -674,9 +679,13 @@ def test_gpt_oss_with_padded_intermediate_lowers_for_sm90(tokens, swiglu):
   lower_moe((n_experts, top_k, hidden, 2944), tokens, True, None, swiglu)
 
 
+@pytest.mark.parametrize("remainder_rows", [64, 16])
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, GPT_OSS])
-def test_remainder_tiles_lower_for_sm90(model, swiglu):
+def test_remainder_tiles_lower_for_sm90(
+  monkeypatch, model, swiglu, remainder_rows
+):
+  monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
   lower_moe(model, 4096, True, None, swiglu, remainder=True)
 
 
@@ -796,17 +805,21 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     )
     self.check(out, want.astype(jnp.float32))
 
+  @pytest.mark.parametrize("remainder_rows", [64, 16])
   @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
   @pytest.mark.parametrize("inter", [1024, 2880])
-  def test_remainder_tiles(self, rng, monkeypatch, inter, activation):
+  def test_remainder_tiles(
+    self, rng, monkeypatch, inter, activation, remainder_rows
+  ):
     # 16 experts, top-4 of 600 tokens: groups of ~150 rows, a 128-row tile
-    # each and most of the rest in 64-row remainder tiles (spied, so traced
-    # anew).
+    # each and the rest, where it fits, in remainder tiles (spied, so traced
+    # anew; 16-row ones run in 64-row decode CTAs).
     monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
+    monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
     calls = spy_on_matmul(monkeypatch, "block_m")
     experts, _, x, logits = test_base.make_inputs(rng, 600, 16, 1024, inter)
     out = self.moe(x, logits, experts, top_k=4, activation=activation)
-    assert calls == [128, 128, 64, 64]
+    assert calls == [128, 128, remainder_rows, remainder_rows]
     want = pallas_kernels.nvfp4_moe(
       x, logits, experts, top_k=4, activation=activation, implementation="xla"
     )
