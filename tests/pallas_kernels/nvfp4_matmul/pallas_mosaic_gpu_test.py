@@ -23,6 +23,7 @@ from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from tests import conftest
 from tests import tolerance
+from tests.pallas_kernels import jaxpr_checks
 from tests.pallas_kernels.nvfp4_matmul import test_base
 
 # bf16 activations, f32 accumulation: as the reference, plus summation order.
@@ -306,25 +307,6 @@ def test_lowers_for_sm90(m, n, k, config, activation):
   jax.jit(f).trace(x, layer).lower(lowering_platforms=("cuda",))
 
 
-def _wgmma_waits(jaxpr):
-  """(wgmmas issued since the previous wait, the wait's n) for every
-  `wgmma_wait` in `jaxpr` and the jaxprs nested in it."""
-  found, issued = [], 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "wgmma_ref":
-      issued += 1
-    elif eqn.primitive.name == "wgmma_wait":
-      found.append((issued, eqn.params["n"]))
-      issued = 0
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          found += _wgmma_waits(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          found += _wgmma_waits(sub)
-  return found
-
-
 @pytest.mark.parametrize("row_pairs", [False, True])
 @pytest.mark.parametrize("m, n, k", ROW_PAIR_SHAPES)
 def test_async_waits_cover_all_but_the_last_part(m, n, k, row_pairs):
@@ -351,10 +333,9 @@ def test_async_waits_cover_all_but_the_last_part(m, n, k, row_pairs):
     )
 
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-  waits = _wgmma_waits(jax.make_jaxpr(f)(x, layer).jaxpr)
-  assert waits, "no wgmma_wait in the kernel"
-  for issued, n_left in waits:
-    assert n_left in (0, issued), (config, waits)
+  jaxpr_checks.assert_waits_leave_only_the_last_part(
+    jax.make_jaxpr(f)(x, layer).jaxpr
+  )
 
 
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])

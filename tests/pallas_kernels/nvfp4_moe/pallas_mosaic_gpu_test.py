@@ -20,6 +20,7 @@ from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from tests import conftest
 from tests import tolerance
+from tests.pallas_kernels import jaxpr_checks
 from tests.pallas_kernels.nvfp4_moe import test_base
 
 # Real models: (experts, top_k, hidden, intermediate).
@@ -689,7 +690,11 @@ def test_remainder_tiles_lower_for_sm90(
   lower_moe(model, 4096, True, None, swiglu, remainder=True)
 
 
-def lower_moe(
+def lower_moe(*args, **kwargs):
+  trace_moe(*args, **kwargs).lower(lowering_platforms=("cuda",))
+
+
+def trace_moe(
   model,
   tokens,
   persistent,
@@ -699,6 +704,8 @@ def lower_moe(
   activation="bf16",
   remainder=False,
 ):
+  """The MoE layer's `_forward` on these tiles, traced for abstract
+  experts (what `_forward_fn` would plan, but with the given tiles)."""
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -719,9 +726,10 @@ def lower_moe(
   )
   remainder_configs = None
   if remainder:  # as _forward_fn plans them
-    plan = dataclasses.replace(plan, remainder_m=64)
+    rows = pallas_mosaic_gpu.REMAINDER_ROWS
+    plan = dataclasses.replace(plan, remainder_m=rows)
     remainder_configs = pallas_mosaic_gpu.configs_for(
-      dataclasses.replace(plan, block_m=64, remainder_m=0),
+      dataclasses.replace(plan, block_m=rows, remainder_m=0),
       hidden,
       inter,
       num_sms=132,
@@ -751,7 +759,17 @@ def lower_moe(
       remainder_configs=remainder_configs,
     )
 
-  jax.jit(f).trace(x, logits, experts).lower(lowering_platforms=("cuda",))
+  return jax.jit(f).trace(x, logits, experts)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("model", [QWEN3_30B, GPT_OSS])
+def test_async_waits_cover_all_but_the_last_part(model, tokens, swiglu):
+  # The decode CTAs' async wgmmas, with SwiGLU's two accumulators too
+  # (the row-pair race, in the matmul's tests).
+  traced = trace_moe(model, tokens, False, None, swiglu)
+  jaxpr_checks.assert_waits_leave_only_the_last_part(traced.jaxpr.jaxpr)
 
 
 @pytest.mark.gpu
