@@ -829,7 +829,7 @@ def matmul(
 
     def decode_and_mma(w, scales, xe_smem, xo_smem, acc_ref, *, slot, part):
       """Decodes K part `part` of a [64, plane_k] weight tile and issues
-      both nibble planes' wgmmas (two groups). `scales`: (the 128-row scale
+      both nibble planes' wgmmas (two groups); -> the wgmmas issued. `scales`: (the 128-row scale
       tile, the half its rows are in, whether that half is the warpgroup
       index of a two-warpgroup CTA). With `row_pairs`: one A tile of
       natural K columns and one wgmma against the natural activations
@@ -846,12 +846,13 @@ def matmul(
         tiles = decode_registers(w, scales, part=part)
       if DIAGNOSTIC == "no_mma" and not a_in_smem:
         _keep_alive(*tiles)
-        return
+        return 0
       width = plan.part_k * (2 if row_pairs else 1)  # K columns of a tile
       columns = pl.ds(part * width, width)
       sources = (xe_smem,) if row_pairs else (xe_smem, xo_smem)
       for tile, x_smem in zip(tiles, sources, strict=True):
         plgpu.wgmma(acc_ref, tile, x_smem.at[:, columns].T)
+      return len(sources)  # wgmmas issued, each its own commit group
 
     def step(weights, xe_smem, xo_smem, accs, *, slot):
       """One K step: decode and MMA each (weight, scales) into its
@@ -865,21 +866,17 @@ def matmul(
       last part's wgmmas still read their input slot when the step ends,
       so slots are released a step late (`delay_release`).
       """
-      # Row pairs issue one wgmma a part per weight, planes two: waiting
-      # for two groups a weight with row pairs once left the previous
-      # part's wgmmas in flight while the next decode reused their A
-      # registers (a rare garbage output on the H200).
-      wgmmas_per_part = 1 if row_pairs else 2
       # Each tile's codes load just before their first decode (fewer live
       # registers with SwiGLU's second weight).
       codes = [None] * len(weights)
       for part in range(plan.parts):
+        issued = 0
         for i, ((w_ref, scales), acc_ref) in enumerate(
           zip(weights, accs, strict=True)
         ):
           if codes[i] is None:
             codes[i] = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
-          decode_and_mma(
+          issued += decode_and_mma(
             codes[i],
             scales,
             xe_smem,
@@ -890,8 +887,12 @@ def matmul(
           )
           if not cfg.async_mma:
             plgpu.wgmma_wait(0)
-        if cfg.async_mma:  # all but this part's groups (one per wgmma)
-          plgpu.wgmma_wait(wgmmas_per_part * len(accs))
+        if cfg.async_mma:
+          # All but this part's groups. Counting what was issued, not
+          # assuming two a weight: row pairs issue one, and a wait for two
+          # left the previous part's wgmmas in flight while the next
+          # decode reused their A registers (garbage outputs on the H200).
+          plgpu.wgmma_wait(issued)
 
     def warp_mma_step(weights, xe_smem, xo_smem, accs):
       """One K step with warp-level `mma.sync` (`Config.warp_mma`): the

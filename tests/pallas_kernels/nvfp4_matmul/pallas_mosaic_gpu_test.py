@@ -288,23 +288,28 @@ def test_interpret_batch_dims_and_weight_only(rng):
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 def test_lowers_for_sm90(m, n, k, config, activation):
   # Lowering also checks that the tiles fit in shared memory (227 KiB).
+  config = config or config_lib.heuristic(m, n, k)
+  trace_run(m, n, k, config, activation).lower(lowering_platforms=("cuda",))
+
+
+def trace_run(m, n, k, config, activation, weight_leaf="weight"):
+  """`pallas_mosaic_gpu._run` on these tiles, traced for an abstract
+  layer (its packed weight stored as `weight_leaf`)."""
   layer = {
-    "weight": jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+    weight_leaf: jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
     "block_scale": jax.ShapeDtypeStruct(
       (-(-n // 128) * 128, -(-(k // 16) // 4) * 4), jnp.float8_e4m3fn
     ),
     "alpha": jax.ShapeDtypeStruct((), jnp.float32),
     "input_scale_inv": jax.ShapeDtypeStruct((), jnp.float32),
   }
-  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-  config = config or config_lib.heuristic(m, n, k)
 
   def f(x, leaves):
     return pallas_mosaic_gpu._run(
       x, leaves, activation=activation, config=config, interpret=False
     )
 
-  jax.jit(f).trace(x, layer).lower(lowering_platforms=("cuda",))
+  return jax.jit(f).trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), layer)
 
 
 @pytest.mark.parametrize("row_pairs", [False, True])
@@ -318,24 +323,8 @@ def test_async_waits_cover_all_but_the_last_part(m, n, k, row_pairs):
   if row_pairs:
     config = _row_pairs(config)
   leaf = "weight_sm90_row_pairs" if row_pairs else "weight_sm90"
-  layer = {
-    leaf: jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
-    "block_scale": jax.ShapeDtypeStruct(
-      (-(-n // 128) * 128, -(-(k // 16) // 4) * 4), jnp.float8_e4m3fn
-    ),
-    "alpha": jax.ShapeDtypeStruct((), jnp.float32),
-    "input_scale_inv": jax.ShapeDtypeStruct((), jnp.float32),
-  }
-
-  def f(x, leaves):
-    return pallas_mosaic_gpu._run(
-      x, leaves, activation="bf16", config=config, interpret=False
-    )
-
-  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-  jaxpr_checks.assert_waits_leave_only_the_last_part(
-    jax.make_jaxpr(f)(x, layer).jaxpr
-  )
+  traced = trace_run(m, n, k, config, "bf16", weight_leaf=leaf)
+  jaxpr_checks.assert_waits_leave_only_the_last_part(traced.jaxpr.jaxpr)
 
 
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
