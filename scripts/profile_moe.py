@@ -27,6 +27,7 @@ from pallas_kernels.nvfp4_moe import base as moe_base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 
 CONFIGS_FOR = pallas_mosaic_gpu.configs_for
+FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 # Variant prefixes (several may precede a variant, e.g. "old-s3-autofused"):
 # "old": w13 rows not plane-ordered (GEMM 2's input planes made by an XLA
 # pass); "s3": GEMM 2 with at most 3 pipeline stages (before the heuristic
@@ -79,7 +80,9 @@ CONFIGS_FOR = pallas_mosaic_gpu.configs_for
 # activation planes load in two TMA copies a step, one per plane (the sm90
 # kernel's ONE_ACTIVATION_COPY off); "xlarouting": decode steps route and
 # place in XLA (~12 kernels), not in one kernel (route_decode_sm90,
-# DECODE_ROUTING_KERNEL off).
+# DECODE_ROUTING_KERNEL off); "bmNNN" (e.g. "bm144"): token tiles of NNN
+# rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS); "k128":
+# both GEMMs in K steps of 128 (the heuristic takes 64 past 128 tokens).
 PREFIXES = (
   "old",
   "s3",
@@ -113,12 +116,17 @@ PREFIXES = (
   "copiedscales",
   "twocopies",
   "xlarouting",
+  "k128",
 )
+
+
+def _is_prefix(head: str) -> bool:
+  return head in PREFIXES or (head[:2] == "bm" and head[2:].isdigit())
 
 
 def _prefixes(name: str) -> tuple[set[str], str]:
   found = set()
-  while (head := name.split("-", 1)[0]) in PREFIXES and "-" in name:
+  while _is_prefix(head := name.split("-", 1)[0]) and "-" in name:
     found.add(head)
     name = name.split("-", 1)[1]
   return found, name
@@ -153,9 +161,19 @@ def _configs_for(
   gemm1_stages=None,
   gemm2_wide=False,
   gemm2_long=False,
+  steps_of_128=False,
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
+  if steps_of_128:
+    configs = [
+      _fitting_stages(
+        dataclasses.replace(c, block_k=128, num_stages=4),
+        weights=2 - i,
+        bf16_out=True,  # W4A16 (GEMM 1 with fused SwiGLU)
+      )
+      for i, c in enumerate(configs)
+    ]
   # GEMM 1's K and GEMM 2's (`_forward_fn` passes them by name).
   hidden, inter = kwargs["hidden"], kwargs["inter"]
   step = config_lib.LONG_STEP_K
@@ -231,6 +249,7 @@ def main(argv):
         long_steps="k256" in prefixes,
         gemm2_wide="g2wide" in prefixes,
         gemm2_long="g2k512" in prefixes,
+        steps_of_128="k128" in prefixes,
         gemm1_stages=2
         if "g1s2" in prefixes
         else 3
@@ -273,6 +292,10 @@ def main(argv):
       sm90.SCALE_HALF_OPERANDS = "copiedscales" not in prefixes
       sm90.ONE_ACTIVATION_COPY = "twocopies" not in prefixes
       pallas_mosaic_gpu.DECODE_ROUTING_KERNEL = "xlarouting" not in prefixes
+      tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
+      pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS = max(
+        [*tile_rows, FUSED_SWIGLU_MAX_TOKENS]
+      )
       moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
@@ -285,7 +308,9 @@ def main(argv):
       if "old" in prefixes and "w13_weight_sm90_planes" in node:
         node["w13_weight_sm90"] = node.pop("w13_weight_sm90_planes")
 
-      def layer(x, logits, experts, variant=variant, prefixes=prefixes):
+      def layer(
+        x, logits, experts, variant=variant, prefixes=prefixes, rows=tile_rows
+      ):
         return pallas_mosaic_gpu.nvfp4_moe(
           x,
           logits,
@@ -299,7 +324,7 @@ def main(argv):
           if variant.startswith("wide")
           else 64
           if "narrow" in prefixes
-          else None,
+          else max(rows, default=None),
           fused_swiglu=variant.endswith("fused"),
         )
 

@@ -438,6 +438,14 @@ def test_interpret_256_token_tiles(rng, activation, weight_layout):
   )
 
 
+def test_interpret_fused_swiglu_in_tiles_wider_than_128(rng, monkeypatch):
+  # Group-sized prefill tiles (`block_m_for`): 144 tokens, both accumulators
+  # of SwiGLU in one warpgroup, K steps of 128 (the heuristic's).
+  calls = spy_on_matmul(monkeypatch, "swiglu")
+  check_interpret_against_numpy(rng, (150, 2, 128, 128), block_m=144)
+  assert calls == [True, False]
+
+
 def test_interpret_partial_k_steps(rng, monkeypatch):
   # Steps of 128 over H = 192 and I = 320 (gpt-oss's 2880 likewise): each
   # GEMM's last K step reads zeros past K.
@@ -643,6 +651,71 @@ def abstract_experts(n_experts, hidden, inter):
   return node
 
 
+@pytest.mark.parametrize(
+  "tokens, top_k, n_experts, want",
+  [
+    (1, 8, 128, 8),
+    (16, 8, 128, 8),
+    (256, 8, 128, 16),  # below GROUP_TILE_MIN_MEAN: about the mean
+    (64, 2, 8, 16),
+    (1024, 4, 128, 48),  # groups of 32 +- 6 in one tile
+    (4096, 8, 128, 144),  # 256 +- 16 in two
+    (4096, 4, 128, 152),  # 128 +- 11 in one
+    (16384, 8, 128, 136),  # 1024 +- 32 in eight
+    (600, 4, 16, 88),  # 150 +- 12: over 160 in one, so two
+  ],
+)
+def test_tiles_are_sized_to_the_groups(tokens, top_k, n_experts, want):
+  got = pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts)
+  assert got == want
+  assert got % 8 == 0 and got <= pallas_mosaic_gpu.GROUP_TILE_MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+  "tokens, top_k, n_experts",
+  [
+    (t, k, e)
+    for t in (256, 1024, 2048, 4096, 8192, 16384, 65536)
+    for k, e in ((8, 128), (4, 128), (2, 8))
+    if t * k / e >= pallas_mosaic_gpu.GROUP_TILE_MIN_MEAN
+  ],
+)
+def test_group_sized_tiles_hold_a_group_two_deviations_up(
+  tokens, top_k, n_experts
+):
+  mean = tokens * top_k / n_experts
+  block_m = pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts)
+  assert block_m <= pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
+  usual = mean + 2 * mean**0.5
+  tiles = -(-usual // block_m)
+  assert tiles * block_m >= usual
+  # No wider than about mean / 128 tiles need (near 128 rows each, where
+  # they were measured), unless so few would exceed the largest tile.
+  fewest = max(1, round(mean / 128))
+  largest = pallas_mosaic_gpu.GROUP_TILE_MAX_TOKENS
+  assert block_m <= -(-usual / fewest // 8) * 8 or usual / fewest > largest
+
+
+@pytest.mark.parametrize("model", [QWEN3_30B, GPT_OSS])
+def test_group_sized_tiles_lower_for_sm90(model):
+  # 1024 tokens: 80-row tiles (Qwen3-30B-A3B), 48 (gpt-oss-120b); 4096
+  # (144, 152) are in test_lowers_for_sm90.
+  for config in lower_moe_configs(model, 1024):
+    assert config.cta_rows == 128 and config.persistent
+  lower_moe(model, 1024, True, None, True)
+
+
+def lower_moe_configs(model, tokens):
+  n_experts, top_k, hidden, inter = model
+  plan = pallas_mosaic_gpu.Plan(
+    tokens=tokens,
+    top_k=top_k,
+    experts=n_experts,
+    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
+  )
+  return pallas_mosaic_gpu.configs_for(plan, hidden, inter, 132)
+
+
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize(
   "persistent, cta_rows", [(False, 128), (True, 128), (False, 64)]
@@ -843,10 +916,12 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     self, rng, monkeypatch, inter, activation, remainder_rows
   ):
     # 16 experts, top-4 of 600 tokens: groups of ~150 rows, a 128-row tile
-    # each and the rest, where it fits, in remainder tiles (spied, so traced
-    # anew; 16-row ones run in 64-row decode CTAs).
+    # each (the remainder plan's; the heuristic would size tiles to the
+    # groups) and the rest, where it fits, in remainder tiles (spied, so
+    # traced anew; 16-row ones run in 64-row decode CTAs).
     monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
     monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
+    monkeypatch.setattr(pallas_mosaic_gpu, "GROUP_TILE_MIN_MEAN", 1 << 30)
     calls = spy_on_matmul(monkeypatch, "block_m")
     experts, _, x, logits = test_base.make_inputs(rng, 600, 16, 1024, inter)
     out = self.moe(x, logits, experts, top_k=4, activation=activation)
@@ -874,6 +949,34 @@ def test_256_token_tiles_on_gpu(rng, activation, persistent):
   )
   want = pallas_kernels.nvfp4_moe(
     x, logits, experts, top_k=8, activation=activation, implementation="xla"
+  )
+  tolerance.assert_close(
+    out, want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
+  )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize(
+  "tokens, n_experts, top_k, hidden, inter, block_m",
+  [
+    (512, 16, 8, 2048, 768, 144),  # Qwen3-30B-A3B's experts, groups ~256
+    (256, 8, 4, 2880, 2880, 152),  # gpt-oss-120b's (up rows mid-tile)
+  ],
+)
+def test_group_sized_tiles_on_gpu(
+  rng, monkeypatch, activation, tokens, n_experts, top_k, hidden, inter, block_m
+):
+  calls = spy_on_matmul(monkeypatch, "block_m")
+  experts, _, x, logits = test_base.make_inputs(
+    rng, tokens, n_experts, hidden, inter
+  )
+  out = pallas_mosaic_gpu.nvfp4_moe(
+    x, logits, experts, top_k=top_k, activation=activation
+  )
+  assert calls == [block_m, block_m]  # the heuristic's, fused or not
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=top_k, activation=activation, implementation="xla"
   )
   tolerance.assert_close(
     out, want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
