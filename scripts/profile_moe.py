@@ -43,10 +43,10 @@ FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 # leaves (config.SCALES_AS_OPERANDS); "sorttopk": routing's top-k by XLA's
 # sort, not by comparison counts (COUNTING_TOP_K_MAX = 0); "k64": GEMM 2
 # in K steps of 64 with up to 4 stages (as the dense prefill tiles), "k64all"
-# both GEMMs; "narrow": 64-token tiles (the heuristic takes about the mean
-# group size, at most 128: at 4096 tokens of gpt-oss-120b or DeepSeek-V3
-# the mean is 128, so about half the experts fill a second tile with a few
-# rows); "midtile": SwiGLU fused where I % 128 == 64 in 64-row CTAs too
+# both GEMMs; "narrow": 64-token tiles (the heuristic sizes prefill tiles
+# to the expert groups, `block_m_for`); "bm128" gives its tiles before the
+# twenty-first session; "midtile": SwiGLU fused where I % 128 == 64 in
+# 64-row CTAs too
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
