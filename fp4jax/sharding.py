@@ -407,6 +407,8 @@ def moe(
       ids - first,  # ids of other devices' experts fall outside [0, E/S)
       shard,
       activation=activation,
+      # tiles for the groups of the pairs that stay (T top_k / E rows)
+      routed_experts=logits.shape[-1],
       implementation=implementation,
     )
     if tokens_sharded:

@@ -403,14 +403,34 @@ def pallas_for_sm90(monkeypatch):
       config=config,
     )
 
-  def experts(x, weights, ids, node, *, activation="bf16", implementation=None):
+  def experts(
+    x,
+    weights,
+    ids,
+    node,
+    *,
+    activation="bf16",
+    routed_experts=None,
+    implementation=None,
+  ):
     assert implementation == "pallas"
-    return moe_gpu.experts_forward(x, weights, ids, node, activation=activation)
+    routed.append(routed_experts)
+    return moe_gpu.experts_forward(
+      x,
+      weights,
+      ids,
+      node,
+      activation=activation,
+      routed_experts=routed_experts,
+    )
+
+  routed = []
 
   monkeypatch.setattr(common, "check_sm90", lambda *args, **kwargs: None)
   monkeypatch.setattr(common, "num_sms", lambda *args, **kwargs: 132)
   monkeypatch.setattr(pallas_kernels, "nvfp4_matmul", matmul)
   monkeypatch.setattr(pallas_kernels, "nvfp4_moe_experts", experts)
+  return routed
 
 
 def mosaic_kernels_in_lowering(fn, *args) -> int:
@@ -462,3 +482,5 @@ def test_pallas_moe_inside_shard_map_lowers_for_sm90(
     experts,
   )
   assert count == 2  # both grouped GEMMs
+  # Each device's tiles are sized for all 4 experts' routing, not its 2.
+  assert pallas_for_sm90 == [4]

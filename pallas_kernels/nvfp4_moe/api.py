@@ -82,6 +82,7 @@ def nvfp4_moe_experts(
   experts: Mapping,
   *,
   activation: str = "bf16",
+  routed_experts: int | None = None,
   implementation: str | None = None,
 ) -> jax.Array:
   """The expert half of `nvfp4_moe`, for routing done elsewhere.
@@ -92,6 +93,11 @@ def nvfp4_moe_experts(
     ids: expert of each weight `[T, top_k]`; ids outside `[0, E)` (experts
       another device holds under expert parallelism) contribute nothing.
     experts: a prepared experts node.
+    routed_experts: how many experts the router chose among (None: the
+      node's). Under expert parallelism a device's node holds E/S of them,
+      and the kernels size their token tiles for the groups this implies
+      (T top_k / E rows each), as one device holding all E would; changes
+      no output.
     activation, implementation: as for `nvfp4_moe`.
 
   Returns:
@@ -108,4 +114,5 @@ def nvfp4_moe_experts(
     ids,
     experts,
     activation=activation,
+    routed_experts=routed_experts,
   )

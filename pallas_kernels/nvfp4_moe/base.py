@@ -297,22 +297,27 @@ def reference_moe(
   return out.astype(x.dtype)
 
 
-def check_routing(x, weights, ids, experts, activation):
+def check_routing(x, weights, ids, experts, activation, routed_experts=None):
   """Validates an experts call with given routing; returns (w13, w2)."""
+  held = experts[common.weight_key(experts, "w13_")[0]].shape[0]
+  if routed_experts is not None and not (
+    isinstance(routed_experts, int) and routed_experts >= held
+  ):
+    raise ValueError(
+      f"routed_experts={routed_experts!r} must be an int of at least the"
+      f" {held} experts the node holds"
+    )
   if weights.shape != ids.shape or weights.ndim != 2:
     raise ValueError(
       f"weights {weights.shape} and ids {ids.shape} must both be [T, top_k]"
     )
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"ids must be integers, got {ids.dtype}")
-  fake_logits = jax.ShapeDtypeStruct(
-    (x.shape[0], experts[common.weight_key(experts, "w13_")[0]].shape[0]),
-    jnp.float32,
-  )
+  fake_logits = jax.ShapeDtypeStruct((x.shape[0], held), jnp.float32)
   return check_inputs(x, fake_logits, experts, 1, activation)
 
 
-@functools.partial(jax.jit, static_argnames="activation")
+@functools.partial(jax.jit, static_argnames=("activation", "routed_experts"))
 def reference_experts(
   x: jax.Array,
   weights: jax.Array,
@@ -320,13 +325,15 @@ def reference_experts(
   experts: Mapping,
   *,
   activation: str = "bf16",
+  routed_experts: int | None = None,
 ) -> jax.Array:
   """The experts of a routed MoE: float32 `[T, H]` = sum of weighted outputs.
 
   `ids[t, j]` outside `[0, E)` (e.g. -1, or an expert another device holds
-  under expert parallelism) contributes nothing.
+  under expert parallelism) contributes nothing. `routed_experts` only
+  sizes the kernels' tiles (`api.nvfp4_moe_experts`); checked here alike.
   """
-  w13, w2 = check_routing(x, weights, ids, experts, activation)
+  w13, w2 = check_routing(x, weights, ids, experts, activation, routed_experts)
   n_experts, two_i, hidden = w13.shape
   top_k = ids.shape[1]
   valid = (ids >= 0) & (ids < n_experts)

@@ -276,6 +276,7 @@ def experts_forward(
   experts,
   *,
   activation: str = "bf16",
+  routed_experts: int | None = None,
   block_m: int | None = None,
   persistent: bool = PERSISTENT,
   cta_rows: int | None = None,
@@ -287,9 +288,11 @@ def experts_forward(
   Pairs whose id is outside `[0, E)` are dropped: sorted into a last group
   whose tiles no kernel visits.
   """
-  base.check_routing(x, weights, ids, experts, activation)
+  base.check_routing(x, weights, ids, experts, activation, routed_experts)
   tiles = Tiles(block_m, persistent, cta_rows, fused_swiglu)
-  forward = _forward_fn(x, ids.shape[1], experts, activation, tiles, interpret)
+  forward = _forward_fn(
+    x, ids.shape[1], experts, activation, tiles, interpret, routed_experts
+  )
   return forward(x, weights, ids.astype(jnp.int32), dict(experts))
 
 
@@ -303,8 +306,12 @@ class Tiles:
   fused_swiglu: bool
 
 
-def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
-  """Checks the GPU and shapes; -> jitted `(x, weights, ids, experts)`."""
+def _forward_fn(
+  x, top_k, experts, activation, tiles: Tiles, interpret, routed_experts=None
+):
+  """Checks the GPU and shapes; -> jitted `(x, weights, ids, experts)`.
+  `routed_experts`: the router's expert count, for the tile heuristic (None:
+  the node's)."""
   common.check_sm90("the Mosaic GPU NVFP4 MoE", interpret)
   n_experts, two_i, hidden = base.StackedLinear.from_mapping(
     experts, "w13_"
@@ -318,7 +325,8 @@ def _forward_fn(x, top_k, experts, activation, tiles: Tiles, interpret):
     tokens=x.shape[0],
     top_k=top_k,
     experts=n_experts,
-    block_m=tiles.block_m or block_m_for(x.shape[0], top_k, n_experts),
+    block_m=tiles.block_m
+    or block_m_for(x.shape[0], top_k, routed_experts or n_experts),
   )
   direct = DIRECT_DECODE and plan.tokens == 1
   counted = plan.pairs <= COUNTING_MAX_PAIRS

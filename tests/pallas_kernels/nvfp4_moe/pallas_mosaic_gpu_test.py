@@ -7,6 +7,7 @@ token tile, skipped tiles), routing and combine are the code the GPU runs.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -574,6 +575,36 @@ def test_mid_tile_swiglu_fuses_only_in_128_row_ctas(
   tolerance.assert_close(
     out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
   )
+
+
+def test_experts_forward_sizes_tiles_for_the_routed_experts(rng, monkeypatch):
+  # Expert parallelism: a node of 4 of the router's 64 experts sees all 40 x
+  # 8 pairs, of which ~1/16 stay: groups of ~5 rows, not the 80 that 4
+  # experts holding every pair would have.
+  experts, _ = test_base.make_experts(rng, 4, 128, 128)
+  x = jnp.zeros((40, 128), jnp.bfloat16)
+  weights = jnp.zeros((40, 8), jnp.float32)
+  ids = jnp.zeros((40, 8), jnp.int32)
+  for routed, want in ((None, 104), (64, 8)):
+    calls = spy_on_matmul(monkeypatch, "block_m")
+    jax.eval_shape(  # traces the kernels, runs nothing
+      functools.partial(
+        pallas_mosaic_gpu.experts_forward,
+        routed_experts=routed,
+        interpret=True,
+      ),
+      x,
+      weights,
+      ids,
+      experts,
+    )
+    assert calls == [want, want]
+  with pytest.raises(ValueError, match="routed_experts=3 must be"):
+    pallas_mosaic_gpu.experts_forward(
+      x, weights, ids, experts, routed_experts=3, interpret=True
+    )
+  with pytest.raises(ValueError, match="routed_experts=3 must be"):
+    base.reference_experts(x, weights, ids, experts, routed_experts=3)
 
 
 @pytest.mark.parametrize("fused_swiglu", [False, True])
