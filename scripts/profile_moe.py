@@ -81,8 +81,7 @@ FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 # kernel's ONE_ACTIVATION_COPY off); "xlarouting": decode steps route and
 # place in XLA (~12 kernels), not in one kernel (route_decode_sm90,
 # DECODE_ROUTING_KERNEL off); "bmNNN" (e.g. "bm144"): token tiles of NNN
-# rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS); "k128":
-# both GEMMs in K steps of 128 (the heuristic takes 64 past 128 tokens).
+# rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS).
 PREFIXES = (
   "old",
   "s3",
@@ -116,7 +115,6 @@ PREFIXES = (
   "copiedscales",
   "twocopies",
   "xlarouting",
-  "k128",
 )
 
 
@@ -161,19 +159,9 @@ def _configs_for(
   gemm1_stages=None,
   gemm2_wide=False,
   gemm2_long=False,
-  steps_of_128=False,
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
-  if steps_of_128:
-    configs = [
-      _fitting_stages(
-        dataclasses.replace(c, block_k=128, num_stages=4),
-        weights=2 - i,
-        bf16_out=True,  # W4A16 (GEMM 1 with fused SwiGLU)
-      )
-      for i, c in enumerate(configs)
-    ]
   # GEMM 1's K and GEMM 2's (`_forward_fn` passes them by name).
   hidden, inter = kwargs["hidden"], kwargs["inter"]
   step = config_lib.LONG_STEP_K
@@ -249,7 +237,6 @@ def main(argv):
         long_steps="k256" in prefixes,
         gemm2_wide="g2wide" in prefixes,
         gemm2_long="g2k512" in prefixes,
-        steps_of_128="k128" in prefixes,
         gemm1_stages=2
         if "g1s2" in prefixes
         else 3

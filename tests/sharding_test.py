@@ -403,6 +403,8 @@ def pallas_for_sm90(monkeypatch):
       config=config,
     )
 
+  routed = []  # each call's routed_experts
+
   def experts(
     x,
     weights,
@@ -423,8 +425,6 @@ def pallas_for_sm90(monkeypatch):
       activation=activation,
       routed_experts=routed_experts,
     )
-
-  routed = []
 
   monkeypatch.setattr(common, "check_sm90", lambda *args, **kwargs: None)
   monkeypatch.setattr(common, "num_sms", lambda *args, **kwargs: 132)

@@ -63,10 +63,9 @@ FUSED_SWIGLU_MID_TILE = True
 # correctly on the H200; 256 would not fit).
 FUSED_SWIGLU_MAX_TOKENS = 160
 # Groups of at least this many rows on average (prefill) get token tiles
-# sized to the groups (`block_m_for`), up to GROUP_TILE_MAX_TOKENS rows;
+# sized to the groups (`block_m_for`), up to FUSED_SWIGLU_MAX_TOKENS rows;
 # smaller ones keep tiles of about the mean (decode CTAs below 16).
 GROUP_TILE_MIN_MEAN = 32
-GROUP_TILE_MAX_TOKENS = FUSED_SWIGLU_MAX_TOKENS
 MID_TILE_MIN_CTA_ROWS = config_lib.TILE_ROWS
 # Each expert's last rows, when at most REMAINDER_ROWS past its last whole
 # 128-row tile, go to a tile of REMAINDER_ROWS rows that a second pair of
@@ -169,7 +168,7 @@ def block_m_for(tokens: int, top_k: int, experts: int) -> int:
   (a mean of GROUP_TILE_MIN_MEAN rows or more): about mean / 128 tiles
   (one at least), together holding a group two standard deviations above
   the mean under balanced routing (group sizes then vary by about the
-  square root of the mean), each at most GROUP_TILE_MAX_TOKENS rows. Tiles
+  square root of the mean), each at most FUSED_SWIGLU_MAX_TOKENS rows. Tiles
   of 128 rows left about half the experts a last, nearly empty tile whose
   weights are decoded all the same. H200, one call each (CUPTI,
   twenty-first session), 128-row tiles (64 at 256 tokens) against these:
@@ -182,9 +181,11 @@ def block_m_for(tokens: int, top_k: int, experts: int) -> int:
   if mean < GROUP_TILE_MIN_MEAN:
     return int(min(128, max(8, -(-mean // 8) * 8)))
   usual = mean + 2 * math.sqrt(mean)
-  tiles = max(1, round(mean / config_lib.TILE_ROWS))
-  while usual / tiles > GROUP_TILE_MAX_TOKENS:
-    tiles += 1
+  tiles = max(
+    1,
+    round(mean / config_lib.TILE_ROWS),
+    math.ceil(usual / FUSED_SWIGLU_MAX_TOKENS),
+  )
   return int(-(-usual / tiles // 8) * 8)
 
 

@@ -699,7 +699,7 @@ def abstract_experts(n_experts, hidden, inter):
 def test_tiles_are_sized_to_the_groups(tokens, top_k, n_experts, want):
   got = pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts)
   assert got == want
-  assert got % 8 == 0 and got <= pallas_mosaic_gpu.GROUP_TILE_MAX_TOKENS
+  assert got % 8 == 0 and got <= pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 
 
 @pytest.mark.parametrize(
@@ -723,7 +723,7 @@ def test_group_sized_tiles_hold_a_group_two_deviations_up(
   # No wider than about mean / 128 tiles need (near 128 rows each, where
   # they were measured), unless so few would exceed the largest tile.
   fewest = max(1, round(mean / 128))
-  largest = pallas_mosaic_gpu.GROUP_TILE_MAX_TOKENS
+  largest = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
   assert block_m <= -(-usual / fewest // 8) * 8 or usual / fewest > largest
 
 
