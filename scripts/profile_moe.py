@@ -81,7 +81,9 @@ FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 # kernel's ONE_ACTIVATION_COPY off); "xlarouting": decode steps route and
 # place in XLA (~12 kernels), not in one kernel (route_decode_sm90,
 # DECODE_ROUTING_KERNEL off); "bmNNN" (e.g. "bm144"): token tiles of NNN
-# rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS).
+# rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS);
+# "xlagather": the prefill's row gather by XLA over all rows, not the bulk
+# copies of the used rows (gather_rows_sm90, GATHER_KERNEL).
 PREFIXES = (
   "old",
   "s3",
@@ -115,6 +117,7 @@ PREFIXES = (
   "copiedscales",
   "twocopies",
   "xlarouting",
+  "xlagather",
 )
 
 
@@ -251,6 +254,7 @@ def main(argv):
       jax.clear_caches()  # the module switches below are not jit keys
       pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
       pallas_mosaic_gpu.GATHER_WORDS = "bf16gather" not in prefixes
+      pallas_mosaic_gpu.GATHER_KERNEL = "xlagather" not in prefixes
       config_lib.RAGGED_K_STEPS = "whole" not in prefixes
       pallas_mosaic_gpu.COUNTING_MAX_PAIRS = (
         0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
