@@ -79,8 +79,9 @@ FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 # register per word of four scales; "twocopies": GEMM 2's stacked
 # activation planes load in two TMA copies a step, one per plane (the sm90
 # kernel's ONE_ACTIVATION_COPY off); "xlarouting": decode steps route and
-# place in XLA (~12 kernels), not in one kernel (route_decode_sm90,
-# DECODE_ROUTING_KERNEL off); "bmNNN" (e.g. "bm144"): token tiles of NNN
+# place in XLA (~12 kernels), not in one kernel, and larger calls route in
+# XLA (route_decode_sm90; DECODE_ROUTING_KERNEL, PREFILL_ROUTING_KERNEL
+# off); "bmNNN" (e.g. "bm144"): token tiles of NNN
 # rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS);
 # "xlagather": the prefill's row gather by XLA over all rows, not the bulk
 # copies of the used rows (gather_rows_sm90, GATHER_KERNEL).
@@ -283,6 +284,7 @@ def main(argv):
       sm90.SCALE_HALF_OPERANDS = "copiedscales" not in prefixes
       sm90.ONE_ACTIVATION_COPY = "twocopies" not in prefixes
       pallas_mosaic_gpu.DECODE_ROUTING_KERNEL = "xlarouting" not in prefixes
+      pallas_mosaic_gpu.PREFILL_ROUTING_KERNEL = "xlarouting" not in prefixes
       tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
       pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS = max(
         [*tile_rows, FUSED_SWIGLU_MAX_TOKENS]

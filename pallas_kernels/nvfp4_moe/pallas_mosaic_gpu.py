@@ -23,7 +23,8 @@ Data flow (one jitted function):
 Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
 with the reference; with DECODE_ROUTING_KERNEL (on) decode steps of
 softmax-routed models route and place their pairs in one kernel instead
-(`route_decode_sm90`).
+(`route_decode_sm90`), and with PREFILL_ROUTING_KERNEL (on) larger calls
+take their routing from it.
 
 W4A4 (activation="nvfp4") takes GEMM 1's output in float32 and SwiGLU in
 XLA, so that the intermediate's FP4 codes are those of the reference (the
@@ -123,6 +124,10 @@ COUNTING_TOP_K_MAX = 1 << 20
 # kernel 3.9 us), 18.9 -> 18.5 at 1; gpt-oss-120b 272.4 -> 262.3 and 37.3
 # -> 36.8; Mixtral-8x7B 246.2 -> 239.6 at 16 (first version).
 DECODE_ROUTING_KERNEL = True
+# Larger calls of such routing take their weights and experts from the same
+# kernel's routing alone (a CTA per 16 tokens; XLA places the pairs)
+# instead of XLA's top-k.
+PREFILL_ROUTING_KERNEL = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -799,6 +804,16 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
     )
     out = forward(x, weights, ids, experts, placed=tuple(placed) or None)
     return out.astype(x.dtype)
+  if _routes_prefill_in_kernel(
+    router_logits, correction_bias, options, forward
+  ):
+    weights, ids = route_decode_sm90.route_and_place(
+      router_logits,
+      forward.keywords["plan"].top_k,
+      place=False,
+      routed_scaling=options.get("routed_scaling", 1.0),
+    )
+    return forward(x, weights, ids, experts).astype(x.dtype)
   counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
   weights, ids = base.route(
     router_logits,
@@ -825,6 +840,25 @@ def _routes_in_kernel(router_logits, correction_bias, routing, forward):
     )
     and router_logits.dtype in (jnp.float32, jnp.bfloat16)
     and route_decode_sm90.supports(plan.tokens, plan.experts, plan.top_k)
+  )
+
+
+def _routes_prefill_in_kernel(router_logits, correction_bias, routing, forward):
+  """Whether `route_decode_sm90` routes (but does not place) this call:
+  the routing `_routes_in_kernel` wants, at sizes it does not place."""
+  options = forward.keywords
+  plan = options["plan"]
+  return (
+    PREFILL_ROUTING_KERNEL
+    and not options["interpret"]
+    and not _routes_in_kernel(router_logits, correction_bias, routing, forward)
+    and base.routes_by_chosen_softmax(
+      correction_bias=correction_bias, **routing
+    )
+    and router_logits.dtype in (jnp.float32, jnp.bfloat16)
+    and route_decode_sm90.supports(
+      plan.tokens, plan.experts, plan.top_k, place=False
+    )
   )
 
 

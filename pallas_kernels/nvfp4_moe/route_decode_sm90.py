@@ -24,11 +24,16 @@ four warpgroups does them:
 Three barriers in all. The first version (seventeenth session) counted by
 loops over every pair and expert in each thread: 8.5 us at Qwen3-30B-A3B's
 16 tokens on the H200, against the 15 us of XLA kernels it replaced.
+Routing alone (`place=False`) runs step 1 in a CTA per `MAX_TOKENS`
+tokens at any number of tokens: a prefill's weights and experts, which
+XLA then places (`pallas_mosaic_gpu.PREFILL_ROUTING_KERNEL`), instead of
+XLA's top-k.
+
 Covers softmax routing renormalized over the chosen experts with no
 correction bias or expert groups (Qwen3-MoE, Mixtral, gpt-oss), at most
-`MAX_TOKENS` tokens, `MAX_EXPERTS` experts and top-k 8. The weights use
-the GPU's `exp` and division, so they may differ from XLA's in the last
-bits; the experts, rows and tiles are exact.
+`MAX_TOKENS` tokens when placing, `MAX_EXPERTS` experts and top-k 8.
+The weights use the GPU's `exp` and division, so they may differ from
+XLA's in the last bits; the experts, rows and tiles are exact.
 
 Inline Mosaic GPU code (one thread's scalar program), so the CPU
 interpreter cannot run it; `pallas_mosaic_gpu.DECODE_ROUTING_KERNEL` turns
@@ -56,22 +61,23 @@ MAX_TOP_K = 8
 _TAKEN = 1 << 30
 
 
-def supports(tokens: int, experts: int, top_k: int) -> bool:
-  """Whether one CTA routes and places this decode step."""
-  return (
-    1 <= tokens <= MAX_TOKENS
-    and top_k <= min(MAX_TOP_K, experts)
-    and experts <= MAX_EXPERTS
-    and tokens * top_k <= THREADS
+def supports(tokens: int, experts: int, top_k: int, place: bool = True) -> bool:
+  """Whether one CTA routes and places this decode step (`place`), or CTAs
+  of `MAX_TOKENS` tokens route these tokens."""
+  routes = (
+    tokens >= 1 and top_k <= min(MAX_TOP_K, experts) and experts <= MAX_EXPERTS
   )
+  if not place:
+    return routes
+  return routes and tokens <= MAX_TOKENS and tokens * top_k <= THREADS
 
 
 def route_and_place(
   logits: jax.Array,
   top_k: int,
   *,
-  block_m: int,
-  max_tiles: int,
+  block_m: int = 0,
+  max_tiles: int = 0,
   place: bool = True,
   routed_scaling: float = 1.0,
 ) -> tuple[jax.Array, ...]:
@@ -84,14 +90,17 @@ def route_and_place(
     top_k: experts per token.
     block_m: rows per token tile; each expert's rows start on a tile.
     max_tiles: token tiles of the plan (`Plan.max_tiles`).
-    place: also place the pairs (False: one token's direct tiles).
+    place: also place the pairs (False: one token's direct tiles, or a
+      prefill's routing, whose pairs XLA places; any number of tokens).
     routed_scaling: multiplies every weight.
   """
   tokens, experts = logits.shape
-  if not supports(tokens, experts, top_k):
+  if not supports(tokens, experts, top_k, place):
+    most = f"<= {MAX_TOKENS} tokens, " if place else ""
     raise ValueError(
-      f"route_and_place takes <= {MAX_TOKENS} tokens, <= {MAX_EXPERTS}"
-      f" experts and top_k <= {MAX_TOP_K}; got {logits.shape}, {top_k=}"
+      f"route_and_place{' with placement' if place else ''} takes {most}<="
+      f" {MAX_EXPERTS} experts and top_k <= {MAX_TOP_K}; got"
+      f" {logits.shape}, {top_k=}"
     )
   if logits.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"logits must be float32 or bfloat16, got {logits.dtype}")
@@ -117,20 +126,24 @@ def route_and_place(
   def kernel(logits_gmem, *refs):
     body(logits_gmem, *refs)
 
-  call = plgpu.kernel(
-    kernel,
-    out_type=tuple(outs),
-    grid=(1,),
-    grid_names=("one",),
-    num_threads=WARPGROUPS,
-    thread_name="wg",
-    scratch_types=[
+  scratch = []
+  if place:
+    scratch = [
       plgpu.SMEM((pairs,), jnp.int32),  # each pair's expert
       # Pairs of each expert in each warp of pairs.
       plgpu.SMEM((_pair_warps(pairs) * experts,), jnp.int32),
       plgpu.SMEM((experts,), jnp.int32),  # where each expert's rows start
       plgpu.SMEM((1,), jnp.int32),  # rows of all experts, padded
-    ],
+    ]
+  call = plgpu.kernel(
+    kernel,
+    out_type=tuple(outs),
+    # Routing alone: a CTA per MAX_TOKENS tokens.
+    grid=(1 if place else -(-tokens // MAX_TOKENS),),
+    grid_names=("cta",),
+    num_threads=WARPGROUPS,
+    thread_name="wg",
+    scratch_types=scratch,
   )
   return call(logits)
 
@@ -142,7 +155,8 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (1 + len(refs)))
   def route(_, logits, *all_refs):
     out_refs = all_refs[:n_out]
-    pair_expert, warp_counts, starts, used_rows = all_refs[n_out:]
+    if place:
+      pair_expert, warp_counts, starts, used_rows = all_refs[n_out:]
     i32 = ir.IntegerType.get_signless(32)
     f32 = ir.F32Type.get()
     tokens, experts = ir.MemRefType(logits.type).shape
@@ -201,6 +215,8 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
 
     tid = mgpu_utils.thread_idx()
     warp, lane = arith.divui(tid, c(32)), arith.remui(tid, c(32))
+    # Token of this warp (one CTA when placing: the block index is 0).
+    token = arith.addi(arith.muli(mgpu_utils.block_idx(), c(MAX_TOKENS)), warp)
     if place:  # zero counts, ordered before their use by the first barrier
       for first in range(0, pair_warps * experts, THREADS):
         index = arith.addi(tid, c(first))
@@ -208,14 +224,14 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
           store(c(0), warp_counts, index)
 
     # 1. Top-k per token, one warp each; keys in float total order.
-    with mgpu_utils.when(lt(warp, c(tokens))):
+    with mgpu_utils.when(lt(token, c(tokens))):
       keys, indices = [], []
       logit_type = ir.MemRefType(logits.type).element_type
       for j in range(-(-experts // 32)):
         expert = arith.addi(lane, c(32 * j))
         valid = lt(expert, c(experts))
         index = arith.addi(
-          arith.muli(warp, c(experts)),
+          arith.muli(token, c(experts)),
           arith.select(valid, expert, c(0)),
         )
         value = load(logits, index, logit_type)
@@ -257,10 +273,11 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
           w = arith.divf(w, total)
           if routed_scaling != 1.0:
             w = arith.mulf(w, arith.constant(f32, routed_scaling))
-          pair = arith.addi(arith.muli(warp, c(top_k)), c(r))
+          pair = arith.addi(arith.muli(token, c(top_k)), c(r))
           store(w, out_refs[0], pair)
           store(expert, out_refs[1], pair)
-          store(expert, pair_expert, pair)
+          if place:
+            store(expert, pair_expert, pair)
     if not place:
       return
     barrier()

@@ -1,10 +1,13 @@
-"""Decode routing and placement in one kernel equal XLA's.
+"""Decode routing and placement in one kernel equal XLA's, and so does
+the same kernel's routing alone at any number of tokens.
 
 The kernel is inline Mosaic GPU code: the CPU tier checks its bounds and
 that it lowers for sm_90, alone and in the MoE; the GPU tier checks its
 experts, rows and tiles exactly and its weights to float32 rounding
 against `base.route` and `count_by_expert`, then the MoE through it.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ import pallas_kernels
 from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import route_decode_sm90
+from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
 from tests.pallas_kernels.nvfp4_moe import test_base
 
 # (tokens, experts, top_k): Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-120b at 16
@@ -40,6 +44,76 @@ def _route_and_place(logits, top_k):
     block_m=plan.block_m,
     max_tiles=plan.max_tiles,
     place=tokens > 1,
+  )
+
+
+def test_routes_alone_at_any_size():
+  assert route_decode_sm90.supports(16384, 128, 8, place=False)
+  assert route_decode_sm90.supports(17, 8, 2, place=False)
+  assert not route_decode_sm90.supports(4096, 512, 8, place=False)
+  assert not route_decode_sm90.supports(4096, 8, 9, place=False)
+  with pytest.raises(ValueError, match="with placement"):
+    route_decode_sm90.route_and_place(
+      jnp.zeros((17, 8)), 2, block_m=8, max_tiles=8
+    )
+
+
+# (tokens, experts, top_k): Qwen3-30B-A3B and Mixtral-8x7B prefills, and a
+# last CTA of one token.
+ROUTING_CASES = [(4096, 128, 8), (4096, 8, 2), (33, 40, 3)]
+
+
+@pytest.mark.parametrize("tokens, experts, top_k", ROUTING_CASES)
+def test_routing_alone_lowers_for_sm90(tokens, experts, top_k):
+  logits = jax.ShapeDtypeStruct((tokens, experts), jnp.float32)
+  lowered = (
+    jax.jit(lambda x: route_decode_sm90.route_and_place(x, top_k, place=False))
+    .trace(logits)
+    .lower(lowering_platforms=("cuda",))
+  )
+  assert lowered.as_text().count("stablehlo.custom_call") == 1
+
+
+def test_prefill_moe_lowers_through_the_routing(monkeypatch):
+  monkeypatch.setattr(pallas_mosaic_gpu.common, "check_sm90", lambda *_: None)
+  experts = pallas_mosaic_gpu_test.abstract_experts(128, 2048, 768)
+  x = jax.ShapeDtypeStruct((4096, 2048), jnp.bfloat16)
+  logits = jax.ShapeDtypeStruct((4096, 128), jnp.float32)
+
+  def moe(x, logits, experts, routing_kernel):
+    monkeypatch.setattr(
+      pallas_mosaic_gpu, "PREFILL_ROUTING_KERNEL", routing_kernel
+    )
+    jax.clear_caches()
+    return pallas_mosaic_gpu.nvfp4_moe(x, logits, experts, top_k=8)
+
+  texts = {
+    on: jax.jit(functools.partial(moe, routing_kernel=on))
+    .trace(x, logits, experts)
+    .lower(lowering_platforms=("cuda",))
+    .as_text()
+    for on in (False, True)
+  }
+  # The routing kernel, the row gather and the two expert GEMMs; XLA's
+  # top-k only without the kernel.
+  assert texts[True].count("stablehlo.custom_call") == 4
+  assert texts[False].count("stablehlo.custom_call") == 3
+  assert "chlo.top_k" in texts[False]
+  assert "chlo.top_k" not in texts[True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens, experts, top_k", ROUTING_CASES)
+def test_routing_alone_equals_xla(rng, tokens, experts, top_k, dtype):
+  logits = _logits(rng, tokens, experts, dtype)
+  weights, ids = jax.jit(
+    lambda x: route_decode_sm90.route_and_place(x, top_k, place=False)
+  )(logits)
+  want_weights, want_ids = jax.jit(lambda x: base.route(x, top_k=top_k))(logits)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+  np.testing.assert_allclose(
+    np.asarray(weights), np.asarray(want_weights), rtol=2e-6, atol=1e-7
   )
 
 
@@ -137,7 +211,7 @@ def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("tokens", [1, 16, 300])
 def test_moe_through_it_equals_the_xla_routing(rng, monkeypatch, tokens):
   experts, _ = test_base.make_experts(rng, 16, 256, 128, weight_layout="sm90")
   x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
@@ -149,9 +223,11 @@ def test_moe_through_it_equals_the_xla_routing(rng, monkeypatch, tokens):
     )
 
   monkeypatch.setattr(pallas_mosaic_gpu, "DECODE_ROUTING_KERNEL", False)
+  monkeypatch.setattr(pallas_mosaic_gpu, "PREFILL_ROUTING_KERNEL", False)
   want = np.asarray(jax.jit(moe)(x, logits), np.float32)
   monkeypatch.setattr(pallas_mosaic_gpu, "DECODE_ROUTING_KERNEL", True)
-  jax.clear_caches()  # the switch is no jit key
+  monkeypatch.setattr(pallas_mosaic_gpu, "PREFILL_ROUTING_KERNEL", True)
+  jax.clear_caches()  # the switches are no jit keys
   got = np.asarray(jax.jit(moe)(x, logits), np.float32)
   assert np.isfinite(want).all()
   # Same experts and rows; weights within float32 rounding, so outputs
