@@ -126,7 +126,10 @@ COUNTING_TOP_K_MAX = 1 << 20
 DECODE_ROUTING_KERNEL = True
 # Larger calls of such routing take their weights and experts from the same
 # kernel's routing alone (a CTA per 16 tokens; XLA places the pairs)
-# instead of XLA's top-k.
+# instead of XLA's top-k. H200, one call each (CUPTI, twenty-second
+# session): Qwen3-30B-A3B 690.6 -> 674.3 us at 4096 tokens (XLA's top-k
+# sort 15.3 us, the kernel 5.9), 2486.9 -> 2435.5 at 16384, 245.1 -> 243.4
+# at 256; gpt-oss-120b 1533.7 -> 1523.7 at 4096.
 PREFILL_ROUTING_KERNEL = True
 
 

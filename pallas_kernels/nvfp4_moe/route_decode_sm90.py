@@ -24,6 +24,7 @@ four warpgroups does them:
 Three barriers in all. The first version (seventeenth session) counted by
 loops over every pair and expert in each thread: 8.5 us at Qwen3-30B-A3B's
 16 tokens on the H200, against the 15 us of XLA kernels it replaced.
+
 Routing alone (`place=False`) runs step 1 in a CTA per `MAX_TOKENS`
 tokens at any number of tokens: a prefill's weights and experts, which
 XLA then places (`pallas_mosaic_gpu.PREFILL_ROUTING_KERNEL`), instead of
@@ -104,6 +105,10 @@ def route_and_place(
     )
   if logits.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"logits must be float32 or bfloat16, got {logits.dtype}")
+  if place and min(block_m, max_tiles) < 1:
+    raise ValueError(
+      f"placement needs block_m and max_tiles ({block_m=}, {max_tiles=})"
+    )
   pairs = tokens * top_k
   outs = [
     jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),

@@ -56,6 +56,8 @@ def test_routes_alone_at_any_size():
     route_decode_sm90.route_and_place(
       jnp.zeros((17, 8)), 2, block_m=8, max_tiles=8
     )
+  with pytest.raises(ValueError, match="block_m and max_tiles"):
+    route_decode_sm90.route_and_place(jnp.zeros((16, 8)), 2)
 
 
 # (tokens, experts, top_k): Qwen3-30B-A3B and Mixtral-8x7B prefills, and a
