@@ -46,6 +46,8 @@ def supports(planes, rows: int, block_m: int) -> bool:
     len(shape) == 2
     and shape[1] * dtype.itemsize % COPY_BYTES_MULTIPLE == 0
     and rows % block_m == 0
+    # Index copies start 16 bytes apart.
+    and rows % (16 // INDEX_BYTES) == 0
   )
 
 
@@ -76,7 +78,7 @@ def gather_planes(
     index: int32 `[rows]`, each in `[0, R)` below `used_rows` (not checked:
       the copies promise to stay in bounds).
     used_rows: int32 scalar, a multiple of `block_m` (whole token tiles).
-    block_m: the token tile; `rows % block_m == 0`.
+    block_m: the token tile; `rows % block_m == 0` and `rows % 4 == 0`.
     num_sms: the GPU's SMs.
 
   Returns:
@@ -89,13 +91,14 @@ def gather_planes(
     raise ValueError(
       f"gather_planes takes planes {[(p.shape, p.dtype) for p in planes]} with"
       f" rows of a multiple of {COPY_BYTES_MULTIPLE} bytes into {rows}"
-      f" rows in tiles of {block_m}"
+      f" rows (a multiple of 4) in tiles of {block_m}"
     )
   chunk = _chunk_rows(planes, block_m)
   ctas = num_sms * CTAS_PER_SM
   # Each CTA takes a run of whole chunks and copies its indices into shared
-  # memory at once (one bulk copy, 16-byte aligned: runs of a multiple of
-  # `align` chunks), so no row waits on a load of its index.
+  # memory at once (one bulk copy of `span` indices, 16-byte aligned: runs
+  # of a multiple of `align` chunks), so no row waits on a load of its
+  # index. A run near the end copies the last `span` indices instead.
   align = max(1, 16 // (INDEX_BYTES * chunk))
   max_run = -(-rows // chunk // ctas)
   max_run = -(-max_run // align) * align
@@ -103,6 +106,8 @@ def gather_planes(
   span = -(-span * INDEX_BYTES // COPY_BYTES_MULTIPLE) * (
     COPY_BYTES_MULTIPLE // INDEX_BYTES
   )
+
+  last_span = max(rows, span) - span  # 16-byte aligned (`supports`)
 
   def kernel(*refs):
     srcs_gmem = refs[:n_planes]
@@ -114,11 +119,13 @@ def gather_planes(
     run = -(-run // align) * align
     first_chunk = lax.axis_index("cta") * run
     mine = jnp.clip(chunks - first_chunk, 0, run)
+    copied_from = jnp.minimum(first_chunk * chunk, last_span)
+    skipped = first_chunk * chunk - copied_from
 
     def load(i):
       slot = i % STAGES
       for r in range(chunk):
-        token = index_smem[i * chunk + r]
+        token = index_smem[skipped + i * chunk + r]
         for p in range(n_planes):
           plgpu.copy_gmem_to_smem(
             srcs_gmem[p].at[pl.ds(token, 1)],
@@ -130,7 +137,7 @@ def gather_planes(
     @pl.when(mine > 0)
     def _():
       plgpu.copy_gmem_to_smem(
-        index_gmem.at[pl.ds(first_chunk * chunk, span)],
+        index_gmem.at[pl.ds(copied_from, span)],
         index_smem,
         index_loaded,
         oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS,
@@ -170,9 +177,10 @@ def gather_planes(
       plgpu.Barrier(num_arrivals=1),
     ],
   )
-  # Room for the last run's whole span of indices.
-  padded = jnp.pad(index.astype(jnp.int32), (0, span))
-  args = (*planes, padded, jnp.reshape(used_rows, (1,)).astype(jnp.int32))
+  index = index.astype(jnp.int32)
+  if rows < span:  # only sizes far below a prefill's
+    index = jnp.pad(index, (0, span - rows))
+  args = (*planes, index, jnp.reshape(used_rows, (1,)).astype(jnp.int32))
   if interpret:
     with plgpu.force_gpu_interpret_mode():
       return tuple(call(*args))

@@ -627,13 +627,12 @@ def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(picked, rows.dtype).reshape(-1, k)
 
 
-def _gather_planes(planes, index, tile_expert, used_tiles, interpret):
+def _gather_planes(planes, index, used_tiles, block_m, interpret):
   """`plane[index]` of each bf16 `[R, K/2]` plane for the used token tiles,
   as two arrays (XLA gathers into two faster than into one stacked array), by
   `gather_rows_sm90` from `GATHER_KERNEL_MIN_ROWS` rows (rows past the used
   tiles undefined), else by XLA."""
   rows = index.shape[0]
-  block_m = rows // tile_expert.shape[0]
   if (
     GATHER_KERNEL
     and rows >= GATHER_KERNEL_MIN_ROWS
@@ -704,7 +703,7 @@ def _grouped_gemm(
     x_planes = tuple(sm90.split_activations(rows.astype(jnp.bfloat16)))
   if gather is not None:
     x_planes = _gather_planes(
-      x_planes, gather, tile_expert, used_tiles, interpret
+      x_planes, gather, used_tiles, config.block_m, interpret
     )
   scale_rows, padded_blocks = proj.block_scale.shape[1:]
   weight, config = sm90.kernel_weight(proj.weight, proj.weight_layout, config)
@@ -795,28 +794,19 @@ def _expert_gemms(
 def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   tokens, n_experts = router_logits.shape
   options = dict(routing)
-  if _routes_in_kernel(router_logits, correction_bias, options, forward):
-    plan, direct = forward.keywords["plan"], forward.keywords["direct"]
+  places = _kernel_routing(router_logits, correction_bias, options, forward)
+  if places is not None:
+    plan = forward.keywords["plan"]
     weights, ids, *placed = route_decode_sm90.route_and_place(
       router_logits,
       plan.top_k,
       block_m=plan.block_m,
       max_tiles=plan.max_tiles,
-      place=not direct,
+      place=places,
       routed_scaling=options.get("routed_scaling", 1.0),
     )
     out = forward(x, weights, ids, experts, placed=tuple(placed) or None)
     return out.astype(x.dtype)
-  if _routes_prefill_in_kernel(
-    router_logits, correction_bias, options, forward
-  ):
-    weights, ids = route_decode_sm90.route_and_place(
-      router_logits,
-      forward.keywords["plan"].top_k,
-      place=False,
-      routed_scaling=options.get("routed_scaling", 1.0),
-    )
-    return forward(x, weights, ids, experts).astype(x.dtype)
   counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
   weights, ids = base.route(
     router_logits,
@@ -827,42 +817,30 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   return forward(x, weights, ids, experts).astype(x.dtype)
 
 
-def _routes_in_kernel(router_logits, correction_bias, routing, forward):
-  """Whether `route_decode_sm90` routes this call: its routing (the
-  softmax of the chosen experts' logits, as `base.route` takes it), its
-  sizes, and a placement it makes (counted, or one token's direct
-  tiles)."""
+def _kernel_routing(router_logits, correction_bias, routing, forward):
+  """Whether `route_decode_sm90` routes this call and also places its
+  pairs (True), routes it only (False; XLA places them), or not at all
+  (None: XLA routes). It takes the softmax of the chosen experts' logits
+  (as `base.route` does for these options); it places a decode step's
+  counted pairs (DECODE_ROUTING_KERNEL; one token's direct tiles need no
+  placing) and routes larger calls alone (PREFILL_ROUTING_KERNEL)."""
   options = forward.keywords
   plan = options["plan"]
-  return (
-    DECODE_ROUTING_KERNEL
-    and not options["interpret"]
-    and (options["direct"] or options["counted"])
-    and base.routes_by_chosen_softmax(
+  sizes = (plan.tokens, plan.experts, plan.top_k)
+  if (
+    options["interpret"]
+    or not base.routes_by_chosen_softmax(
       correction_bias=correction_bias, **routing
     )
-    and router_logits.dtype in (jnp.float32, jnp.bfloat16)
-    and route_decode_sm90.supports(plan.tokens, plan.experts, plan.top_k)
-  )
-
-
-def _routes_prefill_in_kernel(router_logits, correction_bias, routing, forward):
-  """Whether `route_decode_sm90` routes (but does not place) this call:
-  the routing `_routes_in_kernel` wants, at sizes it does not place."""
-  options = forward.keywords
-  plan = options["plan"]
-  return (
-    PREFILL_ROUTING_KERNEL
-    and not options["interpret"]
-    and not _routes_in_kernel(router_logits, correction_bias, routing, forward)
-    and base.routes_by_chosen_softmax(
-      correction_bias=correction_bias, **routing
-    )
-    and router_logits.dtype in (jnp.float32, jnp.bfloat16)
-    and route_decode_sm90.supports(
-      plan.tokens, plan.experts, plan.top_k, place=False
-    )
-  )
+    or router_logits.dtype not in (jnp.float32, jnp.bfloat16)
+  ):
+    return None
+  decode = options["direct"] or options["counted"]
+  if DECODE_ROUTING_KERNEL and decode and route_decode_sm90.supports(*sizes):
+    return not options["direct"]
+  if PREFILL_ROUTING_KERNEL and route_decode_sm90.supports(*sizes, place=False):
+    return False
+  return None
 
 
 @functools.partial(

@@ -97,11 +97,11 @@ def route_and_place(
   """
   tokens, experts = logits.shape
   if not supports(tokens, experts, top_k, place):
-    most = f"<= {MAX_TOKENS} tokens, " if place else ""
+    limits = f"<= {MAX_EXPERTS} experts and top_k <= {MAX_TOP_K}"
+    if place:
+      limits = f"with placement <= {MAX_TOKENS} tokens, {limits}"
     raise ValueError(
-      f"route_and_place{' with placement' if place else ''} takes {most}<="
-      f" {MAX_EXPERTS} experts and top_k <= {MAX_TOP_K}; got"
-      f" {logits.shape}, {top_k=}"
+      f"route_and_place takes {limits}; got {logits.shape}, {top_k=}"
     )
   if logits.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"logits must be float32 or bfloat16, got {logits.dtype}")

@@ -31,19 +31,22 @@ def _check(planes, index, used_rows, out):
 
 
 @pytest.mark.parametrize(
-  "width, block_m, used_tiles, num_sms, chunk",
+  "width, block_m, used_tiles, num_sms, chunk, spare_tiles",
   [
-    (256, 24, 3, 4, 8),  # 1 KB rows: 8-row chunks, 9 over 8 CTAs (4 SMs)
-    (2048, 24, 2, 4, 4),  # 8 KB rows (both planes): 4 a 32 KB stage
-    (4096, 8, 5, 3, 2),
-    (8192, 40, 1, 16, 1),  # more CTAs than chunks
-    (256, 24, 0, 4, 8),  # no used tile: nothing to copy
+    (256, 24, 3, 4, 8, 2),  # 1 KB rows: 8-row chunks, 9 over 8 CTAs (4 SMs)
+    (2048, 24, 2, 4, 4, 2),  # 8 KB rows (both planes): 4 a 32 KB stage
+    (4096, 8, 5, 3, 2, 2),
+    (8192, 40, 1, 16, 1, 2),  # more CTAs than chunks
+    (256, 24, 0, 4, 8, 2),  # no used tile: nothing to copy
+    # Every tile used: the last CTA's indices are the array's last span.
+    (256, 24, 12, 2, 8, 0),
+    (256, 8, 1, 4, 8, 2),  # fewer rows than a span of indices (padded)
   ],
 )
 def test_interpret_gathers_the_used_rows(
-  rng, width, block_m, used_tiles, num_sms, chunk
+  rng, width, block_m, used_tiles, num_sms, chunk, spare_tiles
 ):
-  rows = (used_tiles + 2) * block_m
+  rows = (used_tiles + spare_tiles) * block_m
   planes, index, used_rows = _inputs(rng, 37, width, rows, used_tiles, block_m)
   assert gather_rows_sm90._chunk_rows(planes, block_m) == chunk
   out = gather_rows_sm90.gather_planes(
@@ -70,6 +73,10 @@ def test_refuses_rows_the_copies_cannot_split():
   )
   assert not gather_rows_sm90.supports(
     jnp.zeros((2, 9, 1024), jnp.bfloat16), 100, 144
+  )
+  # Index copies start on 16 bytes: rows a multiple of 4.
+  assert not gather_rows_sm90.supports(
+    jnp.zeros((2, 9, 1024), jnp.bfloat16), 6, 2
   )
   with pytest.raises(ValueError, match="2880|1440"):
     gather_rows_sm90.gather_planes(
