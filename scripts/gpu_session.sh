@@ -47,6 +47,18 @@
 #                                         # MoE profiles with and without
 #                                         # it (Qwen3, gpt-oss, Mixtral at
 #                                         # 1 and 16 tokens) on GPU 1
+#   bash scripts/gpu_session.sh placement # on nvidia-h200-x2, ~6 min: a
+#                                         # prefill's placement from the
+#                                         # routing kernel's ranks
+#                                         # (place_prefill_sm90): its tests
+#                                         # on GPU 0, MoE profiles with and
+#                                         # without it on GPU 1
+#   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
+#                                         # min: the placement tests, then
+#                                         # the prefill rows of the
+#                                         # softmax-routed models
+#                                         # (benchmarks.moe, 4096 and 16384
+#                                         # tokens) over both GPUs
 #   bash scripts/gpu_session.sh row_pairs # on nvidia-h200-x2, ~8 min: the
 #                                         # row-pair layout (Config.row_pairs,
 #                                         # natural activations, no split):
@@ -243,6 +255,61 @@ case "${1:-tier}" in
     grep -E "FAILED|ERROR" "$out/routing_tests.log" | head -n 10
     tail -n 1 "$out/routing_tests.log"
     grep -hE "^==|Error" "$out"/profile_routing_*.log
+    ;;
+  placement)
+    # The prefill placement kernels (place_prefill_sm90): their tests and
+    # the routing kernel's on GPU 0; MoE profiles with XLA's placement
+    # and with the kernels on GPU 1 (every kernel listed at 4096 tokens).
+    CUDA_VISIBLE_DEVICES=0 timeout 400 python3 -m pytest -v -p no:cacheprovider \
+      -m gpu tests/pallas_kernels/nvfp4_moe/place_prefill_sm90_test.py \
+      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+      > "$out/placement_tests.log" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      PROFILE_ALL_KERNELS=1 timeout 150 python3 scripts/profile_moe.py \
+        qwen3-30b-a3b 4096 xlaplace-autofused,autofused,xlaplace-autofused \
+        > "$out/profile_place_qwen3.log" 2>&1
+      for model in gpt-oss-120b mixtral-8x7b; do
+        timeout 100 python3 scripts/profile_moe.py "$model" 4096 \
+          xlaplace-autofused,autofused > "$out/profile_place_$model.log" 2>&1
+      done
+      timeout 120 python3 scripts/profile_moe.py qwen3-30b-a3b 16384 \
+        xlaplace-autofused,autofused >> "$out/profile_place_qwen3.log" 2>&1
+    ) &
+    wait
+    echo "== tests: $(grep -c PASSED "$out/placement_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/placement_tests.log" | head -n 10
+    tail -n 1 "$out/placement_tests.log"
+    grep -hE "^==|Error|mosaic" "$out"/profile_place_*.log
+    ;;
+  placement_rows)
+    # The placement tests then the benchmark's prefill rows of the
+    # softmax-routed models on GPU 0 (Qwen3-30B-A3B, Mixtral-8x7B), a
+    # profile and gpt-oss-120b's rows on GPU 1.
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout 150 python3 -m pytest -v -p no:cacheprovider -m gpu \
+        tests/pallas_kernels/nvfp4_moe/place_prefill_sm90_test.py \
+        > "$out/placement_tests.log" 2>&1
+      timeout 420 python3 -m benchmarks.moe \
+        --models qwen3-30b-a3b,mixtral-8x7b --tokens 4096,16384 \
+        --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget 360 \
+        --out "$out/moe_h200_a.json" > "$out/bench_a.log" 2>&1
+    ) &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      timeout 100 python3 scripts/profile_moe.py qwen3-30b-a3b 4096,16384 \
+        xlaplace-autofused,autofused > "$out/profile_place_qwen3.log" 2>&1
+      timeout 440 python3 -m benchmarks.moe --models gpt-oss-120b \
+        --tokens 4096,16384 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
+        --time-budget 380 --out "$out/moe_h200_b.json" > "$out/bench_b.log" 2>&1
+    ) &
+    wait
+    echo "== tests: $(grep -c PASSED "$out/placement_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/placement_tests.log" | head -n 10
+    tail -n 1 "$out/placement_tests.log"
+    grep -hE "^==|Error|mosaic" "$out"/profile_place_qwen3.log
+    grep -hE "TB/s|wrote|rel|failed" "$out"/bench_*.log
     ;;
   moe_check)
     export XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -4,7 +4,8 @@
       [variants: plain,persistent,fused,rows64,rows64fused,auto,autofused,
        wide,wideplain; each optionally after prefixes, see PREFIXES]
 
-Prints CUPTI time per kernel launch (name, µs) of one Pallas MoE call, for
+Prints CUPTI time per kernel launch (name, µs; past 64 tokens those of 3
+µs or more, unless PROFILE_ALL_KERNELS=1) of one Pallas MoE call, for
 the benchmark's weights (`benchmarks.moe`), so that XLA glue (sorting,
 gathers, SwiGLU, combine) can be told apart from the two grouped GEMMs, and
 the error against the reference.
@@ -12,6 +13,7 @@ the error against the reference.
 
 import dataclasses
 import functools
+import os
 import sys
 
 import jax
@@ -84,7 +86,9 @@ FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
 # off); "bmNNN" (e.g. "bm144"): token tiles of NNN
 # rows, SwiGLU fused up to that width (FUSED_SWIGLU_MAX_TOKENS);
 # "xlagather": the prefill's row gather by XLA over all rows, not the bulk
-# copies of the used rows (gather_rows_sm90, GATHER_KERNEL).
+# copies of the used rows (gather_rows_sm90, GATHER_KERNEL); "xlaplace":
+# a prefill's pairs placed by XLA (sort_by_expert), not by the routing
+# kernel's ranks and place_prefill_sm90 (PREFILL_PLACEMENT_KERNEL off).
 PREFIXES = (
   "old",
   "s3",
@@ -119,6 +123,7 @@ PREFIXES = (
   "twocopies",
   "xlarouting",
   "xlagather",
+  "xlaplace",
 )
 
 
@@ -285,6 +290,7 @@ def main(argv):
       sm90.ONE_ACTIVATION_COPY = "twocopies" not in prefixes
       pallas_mosaic_gpu.DECODE_ROUTING_KERNEL = "xlarouting" not in prefixes
       pallas_mosaic_gpu.PREFILL_ROUTING_KERNEL = "xlarouting" not in prefixes
+      pallas_mosaic_gpu.PREFILL_PLACEMENT_KERNEL = "xlaplace" not in prefixes
       tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
       pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS = max(
         [*tile_rows, FUSED_SWIGLU_MAX_TOKENS]
@@ -346,8 +352,9 @@ def main(argv):
         f"== {name} T={t} {name_with_prefixes}: {len(timings)} kernels,"
         f" {total * 1e3:.1f} us, rel err {err}"
       )
+      every = os.environ.get("PROFILE_ALL_KERNELS") == "1"
       for kernel, ms in timings:
-        if t <= 64 or ms * 1e3 >= 3 or "mosaic" in kernel:
+        if every or t <= 64 or ms * 1e3 >= 3 or "mosaic" in kernel:
           print(f"  {ms * 1e3:9.1f} us  {kernel[:90]}")
 
 

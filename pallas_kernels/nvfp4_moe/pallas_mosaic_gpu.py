@@ -24,7 +24,8 @@ Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
 with the reference; with DECODE_ROUTING_KERNEL (on) decode steps of
 softmax-routed models route and place their pairs in one kernel instead
 (`route_decode_sm90`), and with PREFILL_ROUTING_KERNEL (on) larger calls
-take their routing from it.
+take their routing from it, and with PREFILL_PLACEMENT_KERNEL (on) their
+placement from it and `place_prefill_sm90`.
 
 W4A4 (activation="nvfp4") takes GEMM 1's output in float32 and SwiGLU in
 XLA, so that the intermediate's FP4 codes are those of the reference (the
@@ -46,6 +47,7 @@ from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import gather_rows_sm90
+from pallas_kernels.nvfp4_moe import place_prefill_sm90
 from pallas_kernels.nvfp4_moe import route_decode_sm90
 
 FACTOR_ROWS = sm90.WG_ROWS  # the kernel applies one scale per 64 rows
@@ -131,6 +133,10 @@ DECODE_ROUTING_KERNEL = True
 # sort 15.3 us, the kernel 5.9), 2486.9 -> 2435.5 at 16384, 245.1 -> 243.4
 # at 256; gpt-oss-120b 1533.7 -> 1523.7 at 4096.
 PREFILL_ROUTING_KERNEL = True
+# Such calls also rank their pairs in that kernel and take their placement
+# from `place_prefill_sm90` (a prefix sum in XLA and one kernel of writes)
+# instead of `sort_by_expert`'s ~14 XLA kernels.
+PREFILL_PLACEMENT_KERNEL = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -794,17 +800,22 @@ def _expert_gemms(
 def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   tokens, n_experts = router_logits.shape
   options = dict(routing)
-  places = _kernel_routing(router_logits, correction_bias, options, forward)
-  if places is not None:
+  mode = _kernel_routing(router_logits, correction_bias, options, forward)
+  if mode is not None:
     plan = forward.keywords["plan"]
     weights, ids, *placed = route_decode_sm90.route_and_place(
       router_logits,
       plan.top_k,
       block_m=plan.block_m,
       max_tiles=plan.max_tiles,
-      place=places,
+      place=mode == "decode",
+      rank=mode == "prefill",
       routed_scaling=options.get("routed_scaling", 1.0),
     )
+    if mode == "prefill":
+      placed = place_prefill_sm90.place_pairs(
+        ids, *placed, block_m=plan.block_m, max_tiles=plan.max_tiles
+      )
     out = forward(x, weights, ids, experts, placed=tuple(placed) or None)
     return out.astype(x.dtype)
   counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
@@ -818,12 +829,19 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
 
 
 def _kernel_routing(router_logits, correction_bias, routing, forward):
-  """Whether `route_decode_sm90` routes this call and also places its
-  pairs (True), routes it only (False; XLA places them), or not at all
-  (None: XLA routes). It takes the softmax of the chosen experts' logits
-  (as `base.route` does for these options); it places a decode step's
-  counted pairs (DECODE_ROUTING_KERNEL; one token's direct tiles need no
-  placing) and routes larger calls alone (PREFILL_ROUTING_KERNEL)."""
+  """How `route_decode_sm90` takes this call: "decode" (it routes and
+  places the pairs of a decode step in one CTA), "prefill" (it routes and
+  ranks the pairs, `place_prefill_sm90` places them), "route" (it routes,
+  XLA places), or None (XLA routes).
+
+  It takes the softmax of the chosen experts' logits (as `base.route`
+  does for these options); it places a decode step's counted pairs
+  (DECODE_ROUTING_KERNEL; one token's direct tiles need no placing) and
+  routes larger calls (PREFILL_ROUTING_KERNEL), placing them too
+  (PREFILL_PLACEMENT_KERNEL) unless the plan has remainder tiles. (Its
+  experts are all in range: expert-parallel calls, which drop other
+  devices' pairs, come through `experts_forward`, not here.)
+  """
   options = forward.keywords
   plan = options["plan"]
   sizes = (plan.tokens, plan.experts, plan.top_k)
@@ -837,9 +855,15 @@ def _kernel_routing(router_logits, correction_bias, routing, forward):
     return None
   decode = options["direct"] or options["counted"]
   if DECODE_ROUTING_KERNEL and decode and route_decode_sm90.supports(*sizes):
-    return not options["direct"]
+    return "route" if options["direct"] else "decode"
   if PREFILL_ROUTING_KERNEL and route_decode_sm90.supports(*sizes, place=False):
-    return False
+    places = (
+      PREFILL_PLACEMENT_KERNEL
+      and not decode
+      and not plan.remainder_m
+      and place_prefill_sm90.supports(plan.top_k)
+    )
+    return "prefill" if places else "route"
   return None
 
 

@@ -28,7 +28,9 @@ loops over every pair and expert in each thread: 8.5 us at Qwen3-30B-A3B's
 Routing alone (`place=False`) runs step 1 in a CTA per `MAX_TOKENS`
 tokens at any number of tokens: a prefill's weights and experts, which
 XLA then places (`pallas_mosaic_gpu.PREFILL_ROUTING_KERNEL`), instead of
-XLA's top-k.
+XLA's top-k. With `rank` each CTA also runs step 2 over its own pairs and
+writes their ranks in it and its count of each expert: the first half of
+a prefill's placement, which `place_prefill_sm90` finishes.
 
 Covers softmax routing renormalized over the chosen experts with no
 correction bias or expert groups (Qwen3-MoE, Mixtral, gpt-oss), at most
@@ -47,11 +49,11 @@ import jax
 import jax.numpy as jnp
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith
-from jax._src.lib.mlir.dialects import gpu
-from jax._src.lib.mlir.dialects import llvm
 from jax._src.lib.mlir.dialects import math as mlir_math
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.nvfp4_moe import scalar_sm90 as scalar
 
 WARPGROUPS = 4
 THREADS = 128 * WARPGROUPS
@@ -80,11 +82,17 @@ def route_and_place(
   block_m: int = 0,
   max_tiles: int = 0,
   place: bool = True,
+  rank: bool = False,
   routed_scaling: float = 1.0,
 ) -> tuple[jax.Array, ...]:
   """(weights f32 `[T, k]`, ids int32 `[T, k]`) and, with `place`,
   (position int32 `[T, k]`, token int32 `[max_tiles * block_m]`,
-  tile_expert int32 `[max_tiles]`) as `count_by_expert` gives them.
+  tile_expert int32 `[max_tiles]`) as `count_by_expert` gives them, or
+  with `rank` (routing alone) each CTA's share of a prefill's placement:
+  (within int32 `[T, k]`, each pair's rank among the earlier pairs of its
+  expert in its CTA's `MAX_TOKENS` tokens; chunk_counts int32
+  `[E, ceil(T / MAX_TOKENS)]`, each CTA's pairs of each expert), which
+  `place_prefill_sm90.place_pairs` takes.
 
   Args:
     logits: `[T, E]` router logits, float32 or bfloat16.
@@ -92,7 +100,9 @@ def route_and_place(
     block_m: rows per token tile; each expert's rows start on a tile.
     max_tiles: token tiles of the plan (`Plan.max_tiles`).
     place: also place the pairs (False: one token's direct tiles, or a
-      prefill's routing, whose pairs XLA places; any number of tokens).
+      prefill's routing, whose pairs are placed after; any number of
+      tokens).
+    rank: with `place` False, also rank the pairs in each CTA.
     routed_scaling: multiplies every weight.
   """
   tokens, experts = logits.shape
@@ -105,6 +115,8 @@ def route_and_place(
     )
   if logits.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"logits must be float32 or bfloat16, got {logits.dtype}")
+  if place and rank:
+    raise ValueError("rank goes with routing alone (place=False)")
   if place and min(block_m, max_tiles) < 1:
     raise ValueError(
       f"placement needs block_m and max_tiles ({block_m=}, {max_tiles=})"
@@ -120,11 +132,19 @@ def route_and_place(
       jax.ShapeDtypeStruct((max_tiles * block_m,), jnp.int32),
       jax.ShapeDtypeStruct((max_tiles,), jnp.int32),
     ]
+  ctas = 1 if place else -(-tokens // MAX_TOKENS)
+  if rank:
+    outs += [
+      jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),
+      # Expert-major: each expert's counts are contiguous for the scan.
+      jax.ShapeDtypeStruct((experts, ctas), jnp.int32),
+    ]
   body = functools.partial(
     _route,
     top_k=top_k,
     block_m=block_m,
     place=place,
+    rank=rank,
     routed_scaling=float(routed_scaling),
   )
 
@@ -132,11 +152,15 @@ def route_and_place(
     body(logits_gmem, *refs)
 
   scratch = []
-  if place:
+  if place or rank:
+    cta_pairs = pairs if place else MAX_TOKENS * top_k
     scratch = [
-      plgpu.SMEM((pairs,), jnp.int32),  # each pair's expert
+      plgpu.SMEM((cta_pairs,), jnp.int32),  # each pair's expert
       # Pairs of each expert in each warp of pairs.
-      plgpu.SMEM((_pair_warps(pairs) * experts,), jnp.int32),
+      plgpu.SMEM((_pair_warps(cta_pairs) * experts,), jnp.int32),
+    ]
+  if place:
+    scratch += [
       plgpu.SMEM((experts,), jnp.int32),  # where each expert's rows start
       plgpu.SMEM((1,), jnp.int32),  # rows of all experts, padded
     ]
@@ -144,7 +168,7 @@ def route_and_place(
     kernel,
     out_type=tuple(outs),
     # Routing alone: a CTA per MAX_TOKENS tokens.
-    grid=(1 if place else -(-tokens // MAX_TOKENS),),
+    grid=(ctas,),
     grid_names=("cta",),
     num_threads=WARPGROUPS,
     thread_name="wg",
@@ -153,93 +177,58 @@ def route_and_place(
   return call(logits)
 
 
-def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
-  n_out = 5 if place else 2
+def _route(logits_ref, *refs, top_k, block_m, place, rank, routed_scaling):
+  n_out = 5 if place else (4 if rank else 2)
   outs, scratch = refs[:n_out], refs[n_out:]
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (1 + len(refs)))
   def route(_, logits, *all_refs):
     out_refs = all_refs[:n_out]
+    if place or rank:
+      pair_expert, warp_counts = all_refs[n_out : n_out + 2]
     if place:
-      pair_expert, warp_counts, starts, used_rows = all_refs[n_out:]
-    i32 = ir.IntegerType.get_signless(32)
+      starts, used_rows = all_refs[n_out + 2 :]
+    c = scalar.const
     f32 = ir.F32Type.get()
-    tokens, experts = ir.MemRefType(logits.type).shape
-    pairs = tokens * top_k
-    pair_warps = _pair_warps(pairs)
-
-    def c(v):
-      return arith.constant(i32, v)
-
-    def ptr(ref, index, element=i32):
-      return mgpu_utils.getelementptr(
-        mgpu_utils.memref_ptr(ref), [index], element
-      )
-
-    def load(ref, index, element=i32):
-      return llvm.load(element, ptr(ref, index, element))
-
-    def store(value, ref, index):
-      llvm.store(value, ptr(ref, index, value.type))
-
-    def lt(a, b):
-      return arith.cmpi(arith.CmpIPredicate.slt, a, b)
-
-    def eq(a, b):
-      return arith.cmpi(arith.CmpIPredicate.eq, a, b)
-
-    def barrier():
-      # gpu.barrier lowers to the barrier intrinsic, which LLVM treats as
-      # convergent and as ordering memory. A bare "bar.sync 0" in inline
-      # PTX is neither: with Mixtral's 8 experts the first version of this
-      # kernel wrote tokens out of bounds on the H200 (eighteenth session).
-      gpu.barrier()
-
-    def warp_op(ptx, value):
-      return mgpu_utils.inline_ptx(
-        ptx, value, result_types=i32, convergent=True
-      )
-
-    def popc(value):
-      return mgpu_utils.inline_ptx("popc.b32 $0, $1;", value, result_types=i32)
-
-    def padded(count):
-      return arith.muli(
-        arith.divui(arith.addi(count, c(block_m - 1)), c(block_m)), c(block_m)
-      )
+    tokens, experts = scalar.shape(logits)
+    # Pairs of this CTA: all of them when placing (one CTA), else those of
+    # its MAX_TOKENS tokens.
+    cta_pairs = tokens * top_k if place else MAX_TOKENS * top_k
+    pair_warps = _pair_warps(cta_pairs)
 
     def expert_count(expert, below_warp=None):
-      """Pairs of `expert` in every warp of pairs (or in those below one)."""
+      """This CTA's pairs of `expert` (in the warps of pairs below one)."""
       total = c(0)
       for w in range(pair_warps):
-        count = load(warp_counts, arith.addi(c(w * experts), expert))
+        count = scalar.load(warp_counts, arith.addi(c(w * experts), expert))
         if below_warp is not None:
-          count = arith.select(lt(c(w), below_warp), count, c(0))
+          count = arith.select(scalar.lt(c(w), below_warp), count, c(0))
         total = arith.addi(total, count)
       return total
 
     tid = mgpu_utils.thread_idx()
     warp, lane = arith.divui(tid, c(32)), arith.remui(tid, c(32))
-    # Token of this warp (one CTA when placing: the block index is 0).
-    token = arith.addi(arith.muli(mgpu_utils.block_idx(), c(MAX_TOKENS)), warp)
-    if place:  # zero counts, ordered before their use by the first barrier
+    cta = mgpu_utils.block_idx()  # 0 when placing
+    first_token = arith.muli(cta, c(MAX_TOKENS))
+    token = arith.addi(first_token, warp)
+    if place or rank:  # zero counts, ordered before their use by a barrier
       for first in range(0, pair_warps * experts, THREADS):
         index = arith.addi(tid, c(first))
-        with mgpu_utils.when(lt(index, c(pair_warps * experts))):
-          store(c(0), warp_counts, index)
+        with mgpu_utils.when(scalar.lt(index, c(pair_warps * experts))):
+          scalar.store(c(0), warp_counts, index)
 
     # 1. Top-k per token, one warp each; keys in float total order.
-    with mgpu_utils.when(lt(token, c(tokens))):
+    with mgpu_utils.when(scalar.lt(token, c(tokens))):
       keys, indices = [], []
-      logit_type = ir.MemRefType(logits.type).element_type
+      logit_type = scalar.element_type(logits)
       for j in range(-(-experts // 32)):
         expert = arith.addi(lane, c(32 * j))
-        valid = lt(expert, c(experts))
+        valid = scalar.lt(expert, c(experts))
         index = arith.addi(
           arith.muli(token, c(experts)),
           arith.select(valid, expert, c(0)),
         )
-        value = load(logits, index, logit_type)
+        value = scalar.load(logits, index, logit_type)
         if logit_type != f32:
           value = arith.extf(f32, value)
         keys.append(arith.select(valid, _total_order_key(value), c(-(2**31))))
@@ -255,9 +244,7 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
           best_key, best_id = _better(other_key, other_id, best_key, best_id)
         chosen_keys.append(best_key)
         chosen_ids.append(best_id)
-        taken = [
-          arith.cmpi(arith.CmpIPredicate.eq, i, best_id) for i in indices
-        ]
+        taken = [scalar.eq(i, best_id) for i in indices]
         keys = [
           arith.select(t, c(-(2**31)), k)
           for t, k in zip(taken, keys, strict=True)
@@ -266,7 +253,7 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
           arith.select(t, c(_TAKEN), i)
           for t, i in zip(taken, indices, strict=True)
         ]
-      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(0))):
+      with mgpu_utils.when(scalar.eq(lane, c(0))):
         chosen = [_key_value(k) for k in chosen_keys]
         # base.route: exp(chosen - chosen[0]), over their sum, times the
         # routed scaling.
@@ -279,107 +266,125 @@ def _route(logits_ref, *refs, top_k, block_m, place, routed_scaling):
           if routed_scaling != 1.0:
             w = arith.mulf(w, arith.constant(f32, routed_scaling))
           pair = arith.addi(arith.muli(token, c(top_k)), c(r))
-          store(w, out_refs[0], pair)
-          store(expert, out_refs[1], pair)
-          if place:
-            store(expert, pair_expert, pair)
-    if not place:
+          scalar.store(w, out_refs[0], pair)
+          scalar.store(expert, out_refs[1], pair)
+          if place or rank:  # the CTA's pair index
+            local = arith.addi(arith.muli(warp, c(top_k)), c(r))
+            scalar.store(expert, pair_expert, local)
+    if not (place or rank):
       return
-    barrier()
+    scalar.barrier()
 
     # 2. Each pair's rank among the pairs of its warp with its expert (a
     # warp match), and each warp's count of each expert.
-    in_pairs = lt(tid, c(pairs))
+    if place:
+      in_pairs = scalar.lt(tid, c(cta_pairs))
+    else:  # the last CTA's tokens may be fewer
+      here = arith.minsi(c(MAX_TOKENS), arith.subi(c(tokens), first_token))
+      in_pairs = scalar.lt(tid, arith.muli(here, c(top_k)))
     own = arith.select(
-      in_pairs, load(pair_expert, arith.select(in_pairs, tid, c(0))), c(-1)
+      in_pairs,
+      scalar.load(pair_expert, arith.select(in_pairs, tid, c(0))),
+      c(-1),
     )
-    same = warp_op("match.any.sync.b32 $0, $1, -1;", own)
+    same = scalar.warp_op("match.any.sync.b32 $0, $1, -1;", own)
     lanes_below = arith.subi(arith.shli(c(1), lane), c(1))
-    rank_in_warp = popc(arith.andi(same, lanes_below))
-    with mgpu_utils.when(arith.andi(in_pairs, eq(rank_in_warp, c(0)))):
-      store(
-        popc(same), warp_counts, arith.addi(arith.muli(warp, c(experts)), own)
+    rank_in_warp = scalar.popc(arith.andi(same, lanes_below))
+    first_of_match = arith.andi(in_pairs, scalar.eq(rank_in_warp, c(0)))
+    with mgpu_utils.when(first_of_match):
+      scalar.store(
+        scalar.popc(same),
+        warp_counts,
+        arith.addi(arith.muli(warp, c(experts)), own),
       )
-    barrier()
+    scalar.barrier()
+    own_safe = arith.select(in_pairs, own, c(0))
+    rank_in_cta = arith.addi(expert_count(own_safe, warp), rank_in_warp)
+    if rank:
+      # The CTA's share of a prefill's placement (`place_prefill_sm90`):
+      # each pair's rank among the CTA's earlier pairs of its expert, and
+      # the CTA's count of each expert.
+      within_ref, counts_ref = out_refs[2:]
+      _, n_ctas = scalar.shape(counts_ref)
+      pair = arith.addi(arith.muli(first_token, c(top_k)), tid)
+      with mgpu_utils.when(in_pairs):
+        scalar.store(rank_in_cta, within_ref, pair)
+      in_experts = scalar.lt(tid, c(experts))
+      expert = arith.select(in_experts, tid, c(0))
+      with mgpu_utils.when(in_experts):
+        scalar.store(
+          expert_count(expert),
+          counts_ref,
+          arith.addi(arith.muli(expert, c(n_ctas)), cta),
+        )
+      return
 
     # 3. Warp 0: each expert's padded rows and where they start, lane l
     # taking experts l * per_lane onwards (a scan over the lanes).
     per_lane = -(-experts // 32)
-    with mgpu_utils.when(eq(warp, c(0))):
+    with mgpu_utils.when(scalar.eq(warp, c(0))):
       ids, rows = [], []
       for j in range(per_lane):
         expert = arith.addi(arith.muli(lane, c(per_lane)), c(j))
-        valid = lt(expert, c(experts))
+        valid = scalar.lt(expert, c(experts))
         expert = arith.select(valid, expert, c(0))
         ids.append((valid, expert))
-        rows.append(arith.select(valid, padded(expert_count(expert)), c(0)))
+        rows.append(
+          arith.select(
+            valid, scalar.round_up(expert_count(expert), block_m), c(0)
+          )
+        )
       lane_rows = rows[0]
       for r in rows[1:]:
         lane_rows = arith.addi(lane_rows, r)
-      through = lane_rows  # inclusive scan over the lanes
-      for distance in (1, 2, 4, 8, 16):
-        earlier = warp_op(
-          f"shfl.sync.up.b32 $0, $1, {distance}, 0, -1;", through
-        )
-        through = arith.select(
-          lt(lane, c(distance)), through, arith.addi(through, earlier)
-        )
+      through = scalar.inclusive_warp_scan(lane_rows, lane)
       start = arith.subi(through, lane_rows)
       for (valid, expert), r in zip(ids, rows, strict=True):
         with mgpu_utils.when(valid):
-          store(start, starts, expert)
+          scalar.store(start, starts, expert)
         start = arith.addi(start, r)
-      with mgpu_utils.when(eq(lane, c(31))):
-        store(through, used_rows, c(0))
-    barrier()
+      with mgpu_utils.when(scalar.eq(lane, c(31))):
+        scalar.store(through, used_rows, c(0))
+    scalar.barrier()
 
     # 4. Disjoint writes, no more barriers: each pair its row and the row
     # its token; each expert its padding rows (token T) and its tiles; the
     # rows and tiles past the used ones T and -1.
     position_ref, token_ref, tile_ref = out_refs[2:]
-    own_safe = arith.select(in_pairs, own, c(0))
-    position = arith.addi(
-      arith.addi(load(starts, own_safe), expert_count(own_safe, warp)),
-      rank_in_warp,
-    )
+    position = arith.addi(scalar.load(starts, own_safe), rank_in_cta)
     with mgpu_utils.when(in_pairs):
-      store(position, position_ref, tid)
-      store(arith.divui(tid, c(top_k)), token_ref, position)
-    in_experts = lt(tid, c(experts))
+      scalar.store(position, position_ref, tid)
+      scalar.store(arith.divui(tid, c(top_k)), token_ref, position)
+    in_experts = scalar.lt(tid, c(experts))
     expert = arith.select(in_experts, tid, c(0))
     count = expert_count(expert)
-    start = load(starts, expert)
-    end = arith.addi(start, padded(count))
+    start = scalar.load(starts, expert)
+    end = arith.addi(start, scalar.round_up(count, block_m))
     for j in range(block_m - 1):  # padding rows: count to the tile's end
       row = arith.addi(arith.addi(start, count), c(j))
-      with mgpu_utils.when(arith.andi(in_experts, lt(row, end))):
-        store(c(tokens), token_ref, row)
+      with mgpu_utils.when(arith.andi(in_experts, scalar.lt(row, end))):
+        scalar.store(c(tokens), token_ref, row)
     # An expert has at most one pair a token: <= T rows.
     first_tile = arith.divui(start, c(block_m))
     for j in range(-(-tokens // block_m)):
       tile = arith.addi(first_tile, c(j))
-      inside = lt(arith.muli(tile, c(block_m)), end)
+      inside = scalar.lt(arith.muli(tile, c(block_m)), end)
       with mgpu_utils.when(arith.andi(in_experts, inside)):
-        store(expert, tile_ref, tile)
-    used = load(used_rows, c(0))
-    n_rows = ir.MemRefType(token_ref.type).shape[0]
-    n_tiles = ir.MemRefType(tile_ref.type).shape[0]
+        scalar.store(expert, tile_ref, tile)
+    used = scalar.load(used_rows, c(0))
+    (n_rows,) = scalar.shape(token_ref)
+    (n_tiles,) = scalar.shape(tile_ref)
     for first in range(0, n_rows, THREADS):
       row = arith.addi(tid, c(first))
-      past = arith.andi(
-        lt(row, c(n_rows)), arith.cmpi(arith.CmpIPredicate.sge, row, used)
-      )
+      past = arith.andi(scalar.lt(row, c(n_rows)), scalar.ge(row, used))
       with mgpu_utils.when(past):
-        store(c(tokens), token_ref, row)
+        scalar.store(c(tokens), token_ref, row)
     for first in range(0, n_tiles, THREADS):
       tile = arith.addi(tid, c(first))
       tile_row = arith.muli(tile, c(block_m))
-      past = arith.andi(
-        lt(tile, c(n_tiles)),
-        arith.cmpi(arith.CmpIPredicate.sge, tile_row, used),
-      )
+      past = arith.andi(scalar.lt(tile, c(n_tiles)), scalar.ge(tile_row, used))
       with mgpu_utils.when(past):
-        store(c(-1), tile_ref, tile)
+        scalar.store(c(-1), tile_ref, tile)
 
   route(logits_ref, *outs, *scratch)
 

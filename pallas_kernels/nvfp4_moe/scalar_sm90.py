@@ -1,0 +1,102 @@
+"""One thread's int32 scalar program in inline Mosaic GPU code (sm90).
+
+The MoE's routing and placement kernels (`route_decode_sm90`,
+`place_prefill_sm90`) are bookkeeping, not tiles: each thread loads a few
+integers, compares and counts, and stores them at computed addresses. These
+are the few MLIR pieces they are written in. Values are int32 unless a
+function takes another `element` type. Call them inside an
+`plgpu.inline_mgpu` body (they need its MLIR context).
+"""
+
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
+from jax._src.lib.mlir.dialects import gpu
+from jax._src.lib.mlir.dialects import llvm
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+
+def i32():
+  return ir.IntegerType.get_signless(32)
+
+
+def const(value: int):
+  return arith.constant(i32(), value)
+
+
+def shape(ref) -> tuple[int, ...]:
+  return tuple(ir.MemRefType(ref.type).shape)
+
+
+def element_type(ref):
+  return ir.MemRefType(ref.type).element_type
+
+
+def _ptr(ref, index, element):
+  return mgpu_utils.getelementptr(mgpu_utils.memref_ptr(ref), [index], element)
+
+
+def load(ref, index, element=None):
+  """`ref`'s element at flat (row-major) `index`."""
+  element = element or i32()
+  return llvm.load(element, _ptr(ref, index, element))
+
+
+def store(value, ref, index):
+  """Writes `value` at `ref`'s flat `index`."""
+  llvm.store(value, _ptr(ref, index, value.type))
+
+
+def lt(a, b):
+  return arith.cmpi(arith.CmpIPredicate.slt, a, b)
+
+
+def ge(a, b):
+  return arith.cmpi(arith.CmpIPredicate.sge, a, b)
+
+
+def eq(a, b):
+  return arith.cmpi(arith.CmpIPredicate.eq, a, b)
+
+
+def round_up(value, multiple: int):
+  """`value` (>= 0) rounded up to a multiple of `multiple`."""
+  return arith.muli(
+    arith.divui(arith.addi(value, const(multiple - 1)), const(multiple)),
+    const(multiple),
+  )
+
+
+def barrier():
+  """All of the CTA's threads, and their shared-memory writes, meet here.
+
+  gpu.barrier lowers to the barrier intrinsic, which LLVM treats as
+  convergent and as ordering memory. A bare "bar.sync 0" in inline PTX is
+  neither: with Mixtral's 8 experts the first routing kernel wrote tokens
+  out of bounds on the H200 (eighteenth session).
+  """
+  gpu.barrier()
+
+
+def warp_op(ptx: str, value):
+  """A warp-collective PTX instruction of one int32 operand."""
+  return mgpu_utils.inline_ptx(ptx, value, result_types=i32(), convergent=True)
+
+
+def popc(value):
+  return mgpu_utils.inline_ptx("popc.b32 $0, $1;", value, result_types=i32())
+
+
+def inclusive_warp_scan(value, lane):
+  """Each lane's sum of `value` over the lanes up to it (itself included)."""
+  through = value
+  for distance in (1, 2, 4, 8, 16):
+    earlier = warp_op(f"shfl.sync.up.b32 $0, $1, {distance}, 0, -1;", through)
+    through = arith.select(
+      lt(lane, const(distance)), through, arith.addi(through, earlier)
+    )
+  return through
+
+
+def from_last_lane(value):
+  """Lane 31's `value`, in every lane."""
+  return warp_op("shfl.sync.idx.b32 $0, $1, 31, 31, -1;", value)
