@@ -942,9 +942,11 @@ def _forward(
       y = jnp.concatenate([y, y_remainder])
     picked = y[position]
   picked = picked.astype(jnp.float32)  # [T, top_k, H]
-  # Dropped pairs' rows were never written (they may hold NaN): select.
-  valid = (ids >= 0) & (ids < plan.experts)
-  picked = jnp.where(valid[..., None], picked, 0.0)
+  if placed is None:
+    # Dropped pairs' rows were never written (they may hold NaN): select.
+    # (The routing kernel, which made `placed`, drops none.)
+    valid = (ids >= 0) & (ids < plan.experts)
+    picked = jnp.where(valid[..., None], picked, 0.0)
   # A product and a sum, not an einsum: at one token XLA lowers the einsum
   # to a dot, and float32 dots may round their inputs to TF32 on the GPU;
   # the sum stays float32 (as the reference) at the same speed on the H200
