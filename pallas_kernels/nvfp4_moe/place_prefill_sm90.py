@@ -166,26 +166,15 @@ def _place(*refs, top_k, block_m):
     cta = mgpu_utils.block_idx()
     first_token = arith.muli(cta, c(CHUNK_TOKENS))
 
-    # Warp 0: each expert's padded rows and where they end, lane l taking
-    # experts l * per_lane onwards (a scan over the lanes).
-    per_lane = -(-experts // 32)
+    # Warp 0: where each expert's rows end, its group padded to whole tiles
+    # (a scan over the lanes), and its count.
     with mgpu_utils.when(scalar.eq(warp, c(0))):
-      own, rows = [], []
-      for j in range(per_lane):
-        expert = arith.addi(arith.muli(lane, c(per_lane)), c(j))
-        valid = scalar.lt(expert, c(experts))
-        expert = arith.select(valid, expert, c(0))
-        count = arith.select(valid, scalar.load(totals, expert), c(0))
-        own.append((valid, expert, count))
-        rows.append(scalar.round_up(count, block_m))
-      lane_rows = rows[0]
-      for r in rows[1:]:
-        lane_rows = arith.addi(lane_rows, r)
-      end = arith.subi(scalar.inclusive_warp_scan(lane_rows, lane), lane_rows)
-      for (valid, expert, count), r in zip(own, rows, strict=True):
-        end = arith.addi(end, r)
+      groups, _ = scalar.padded_groups(
+        functools.partial(scalar.load, totals), experts, block_m, lane
+      )
+      for valid, expert, count, start, rows in groups:
         with mgpu_utils.when(valid):
-          scalar.store(end, ends, expert)
+          scalar.store(arith.addi(start, rows), ends, expert)
           scalar.store(count, counts, expert)
     scalar.barrier()
 

@@ -319,30 +319,15 @@ def _route(logits_ref, *refs, top_k, block_m, place, rank, routed_scaling):
         )
       return
 
-    # 3. Warp 0: each expert's padded rows and where they start, lane l
-    # taking experts l * per_lane onwards (a scan over the lanes).
-    per_lane = -(-experts // 32)
+    # 3. Warp 0: where each expert's rows start, its group padded to whole
+    # tiles (a scan over the lanes).
     with mgpu_utils.when(scalar.eq(warp, c(0))):
-      ids, rows = [], []
-      for j in range(per_lane):
-        expert = arith.addi(arith.muli(lane, c(per_lane)), c(j))
-        valid = scalar.lt(expert, c(experts))
-        expert = arith.select(valid, expert, c(0))
-        ids.append((valid, expert))
-        rows.append(
-          arith.select(
-            valid, scalar.round_up(expert_count(expert), block_m), c(0)
-          )
-        )
-      lane_rows = rows[0]
-      for r in rows[1:]:
-        lane_rows = arith.addi(lane_rows, r)
-      through = scalar.inclusive_warp_scan(lane_rows, lane)
-      start = arith.subi(through, lane_rows)
-      for (valid, expert), r in zip(ids, rows, strict=True):
+      groups, through = scalar.padded_groups(
+        expert_count, experts, block_m, lane
+      )
+      for valid, expert, _, start, _ in groups:
         with mgpu_utils.when(valid):
           scalar.store(start, starts, expert)
-        start = arith.addi(start, r)
       with mgpu_utils.when(scalar.eq(lane, c(31))):
         scalar.store(through, used_rows, c(0))
     scalar.barrier()

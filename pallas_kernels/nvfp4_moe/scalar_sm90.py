@@ -100,3 +100,38 @@ def inclusive_warp_scan(value, lane):
 def from_last_lane(value):
   """Lane 31's `value`, in every lane."""
   return warp_op("shfl.sync.idx.b32 $0, $1, 31, 31, -1;", value)
+
+
+def padded_groups(count_of, experts: int, block_m: int, lane):
+  """One warp lays out the experts' groups, each padded to whole tiles of
+  `block_m` rows, in expert order: lane l takes experts l * n onwards (n =
+  ceil(E / 32)).
+
+  Args:
+    count_of: int32 `expert` -> the expert's rows (called for this lane's
+      experts, with 0 for those past E).
+    lane: this thread's lane.
+
+  Returns:
+    ([(valid, expert, count, start, padded rows)] for this lane's experts,
+    the rows of the experts up to this lane's last, padded: lane 31 holds
+    all of them).
+  """
+  per_lane = -(-experts // 32)
+  own = []
+  for j in range(per_lane):
+    expert = arith.addi(arith.muli(lane, const(per_lane)), const(j))
+    valid = lt(expert, const(experts))
+    expert = arith.select(valid, expert, const(0))
+    count = arith.select(valid, count_of(expert), const(0))
+    own.append((valid, expert, count, round_up(count, block_m)))
+  lane_rows = own[0][3]
+  for *_, rows in own[1:]:
+    lane_rows = arith.addi(lane_rows, rows)
+  through = inclusive_warp_scan(lane_rows, lane)
+  start = arith.subi(through, lane_rows)
+  groups = []
+  for valid, expert, count, rows in own:
+    groups.append((valid, expert, count, start, rows))
+    start = arith.addi(start, rows)
+  return groups, through

@@ -19,7 +19,7 @@ import pallas_kernels
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import place_prefill_sm90
 from pallas_kernels.nvfp4_moe import route_decode_sm90
-from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
+from tests.pallas_kernels.nvfp4_moe import route_decode_sm90_test
 from tests.pallas_kernels.nvfp4_moe import test_base
 
 # (tokens, experts, top_k): Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-120b
@@ -34,18 +34,9 @@ CASES = [
 ]
 
 
-def _plan(tokens, experts, top_k):
-  return pallas_mosaic_gpu.Plan(
-    tokens=tokens,
-    top_k=top_k,
-    experts=experts,
-    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, experts),
-  )
-
-
 def _route_and_place(logits, top_k):
   tokens, experts = logits.shape
-  plan = _plan(tokens, experts, top_k)
+  plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
   _, ids, within, chunk_counts = route_decode_sm90.route_and_place(
     logits, top_k, place=False, rank=True
   )
@@ -90,25 +81,9 @@ def test_lowers_for_sm90(tokens, experts, top_k):
 
 
 def test_prefill_moe_lowers_through_the_placement(monkeypatch):
-  monkeypatch.setattr(pallas_mosaic_gpu.common, "check_sm90", lambda *_: None)
-  experts = pallas_mosaic_gpu_test.abstract_experts(128, 2048, 768)
-  x = jax.ShapeDtypeStruct((4096, 2048), jnp.bfloat16)
-  logits = jax.ShapeDtypeStruct((4096, 128), jnp.float32)
-
-  def moe(x, logits, experts, placement_kernel):
-    monkeypatch.setattr(
-      pallas_mosaic_gpu, "PREFILL_PLACEMENT_KERNEL", placement_kernel
-    )
-    jax.clear_caches()
-    return pallas_mosaic_gpu.nvfp4_moe(x, logits, experts, top_k=8)
-
-  texts = {
-    on: jax.jit(functools.partial(moe, placement_kernel=on))
-    .trace(x, logits, experts)
-    .lower(lowering_platforms=("cuda",))
-    .as_text()
-    for on in (False, True)
-  }
+  texts = route_decode_sm90_test.qwen3_prefill_texts(
+    monkeypatch, "PREFILL_PLACEMENT_KERNEL"
+  )
   # Routing, scan, placement, row gather, two expert GEMMs; XLA's scatter
   # of tokens into rows only without the placement kernels.
   assert texts[True].count("stablehlo.custom_call") == 6
@@ -128,7 +103,7 @@ def _logits(rng, tokens, experts, dtype=jnp.float32):
 @pytest.mark.parametrize("tokens, experts, top_k", [*CASES, (16384, 128, 8)])
 def test_equals_sort_by_expert(rng, tokens, experts, top_k):
   logits = _logits(rng, tokens, experts)
-  plan = _plan(tokens, experts, top_k)
+  plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
   route = jax.jit(functools.partial(_route_and_place, top_k=top_k))
   ids, placed = route(logits)
   want = jax.jit(lambda i: pallas_mosaic_gpu.sort_by_expert(i, plan))(ids)
@@ -145,7 +120,7 @@ def test_equals_sort_by_expert(rng, tokens, experts, top_k):
 def test_every_token_on_one_expert(rng, tokens, experts, top_k):
   logits = np.array(_logits(rng, tokens, experts))
   logits[:, 3] = 40.0  # every token's first expert
-  plan = _plan(tokens, experts, top_k)
+  plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
   ids, placed = jax.jit(functools.partial(_route_and_place, top_k=top_k))(
     jnp.asarray(logits)
   )

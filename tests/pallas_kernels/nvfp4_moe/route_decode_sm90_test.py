@@ -26,7 +26,7 @@ from tests.pallas_kernels.nvfp4_moe import test_base
 CASES = [(16, 128, 8), (16, 8, 2), (16, 128, 4), (5, 40, 3), (1, 128, 8)]
 
 
-def _plan(tokens, experts, top_k):
+def plan_for(tokens, experts, top_k):
   return pallas_mosaic_gpu.Plan(
     tokens=tokens,
     top_k=top_k,
@@ -37,7 +37,7 @@ def _plan(tokens, experts, top_k):
 
 def _route_and_place(logits, top_k):
   tokens, experts = logits.shape
-  plan = _plan(tokens, experts, top_k)
+  plan = plan_for(tokens, experts, top_k)
   return route_decode_sm90.route_and_place(
     logits,
     top_k,
@@ -76,29 +76,32 @@ def test_routing_alone_lowers_for_sm90(tokens, experts, top_k):
   assert lowered.as_text().count("stablehlo.custom_call") == 1
 
 
-def test_prefill_moe_lowers_through_the_routing(monkeypatch):
+def qwen3_prefill_texts(monkeypatch, switch: str) -> dict:
+  """{on: StableHLO text} of Qwen3-30B-A3B's MoE at 4096 tokens lowered for
+  sm_90 with `pallas_mosaic_gpu.<switch>` off and on."""
   monkeypatch.setattr(pallas_mosaic_gpu.common, "check_sm90", lambda *_: None)
   experts = pallas_mosaic_gpu_test.abstract_experts(128, 2048, 768)
   x = jax.ShapeDtypeStruct((4096, 2048), jnp.bfloat16)
   logits = jax.ShapeDtypeStruct((4096, 128), jnp.float32)
 
-  # XLA places the pairs (place_prefill_sm90_test: the placement kernel).
-  monkeypatch.setattr(pallas_mosaic_gpu, "PREFILL_PLACEMENT_KERNEL", False)
-
-  def moe(x, logits, experts, routing_kernel):
-    monkeypatch.setattr(
-      pallas_mosaic_gpu, "PREFILL_ROUTING_KERNEL", routing_kernel
-    )
+  def moe(x, logits, experts, on):
+    monkeypatch.setattr(pallas_mosaic_gpu, switch, on)
     jax.clear_caches()
     return pallas_mosaic_gpu.nvfp4_moe(x, logits, experts, top_k=8)
 
-  texts = {
-    on: jax.jit(functools.partial(moe, routing_kernel=on))
+  return {
+    on: jax.jit(functools.partial(moe, on=on))
     .trace(x, logits, experts)
     .lower(lowering_platforms=("cuda",))
     .as_text()
     for on in (False, True)
   }
+
+
+def test_prefill_moe_lowers_through_the_routing(monkeypatch):
+  # XLA places the pairs (place_prefill_sm90_test: the placement kernel).
+  monkeypatch.setattr(pallas_mosaic_gpu, "PREFILL_PLACEMENT_KERNEL", False)
+  texts = qwen3_prefill_texts(monkeypatch, "PREFILL_ROUTING_KERNEL")
   # The routing kernel, the row gather and the two expert GEMMs; XLA's
   # top-k only without the kernel.
   assert texts[True].count("stablehlo.custom_call") == 4
@@ -207,7 +210,7 @@ def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
     np.asarray(got[0]), np.asarray(want_weights), rtol=2e-6, atol=1e-7
   )
   if tokens > 1:
-    plan = _plan(tokens, experts, top_k)
+    plan = plan_for(tokens, experts, top_k)
     placed = jax.jit(lambda ids: pallas_mosaic_gpu.count_by_expert(ids, plan))(
       want_ids
     )
