@@ -838,7 +838,8 @@ def _kernel_routing(router_logits, correction_bias, routing, forward):
   does for these options); it places a decode step's counted pairs
   (DECODE_ROUTING_KERNEL; one token's direct tiles need no placing) and
   routes larger calls (PREFILL_ROUTING_KERNEL), placing them too
-  (PREFILL_PLACEMENT_KERNEL) unless the plan has remainder tiles. (Its
+  (PREFILL_PLACEMENT_KERNEL) unless the plan has remainder tiles or more
+  tokens than `place_prefill_sm90` takes. (Its
   experts are all in range: expert-parallel calls, which drop other
   devices' pairs, come through `experts_forward`, not here.)
   """
@@ -861,7 +862,7 @@ def _kernel_routing(router_logits, correction_bias, routing, forward):
       PREFILL_PLACEMENT_KERNEL
       and not decode
       and not plan.remainder_m
-      and place_prefill_sm90.supports(plan.top_k)
+      and place_prefill_sm90.supports(plan.tokens, plan.top_k)
     )
     return "prefill" if places else "route"
   return None

@@ -39,11 +39,17 @@ from pallas_kernels.nvfp4_moe import scalar_sm90 as scalar
 CHUNK_TOKENS = route_decode_sm90.MAX_TOKENS
 THREADS = 128  # one warpgroup: a thread per pair of a chunk (16 x top-8)
 SCAN_WARPS = 16  # experts per CTA of `_scan_chunks`, a warp each
+# `_scan_chunks` unrolls a lane's loads: 64 of them at this many tokens (a
+# warp scans 2048 chunks of 16). Larger calls keep XLA's placement.
+MAX_TOKENS = 32 * 64 * CHUNK_TOKENS
 
 
-def supports(top_k: int) -> bool:
-  """Whether a chunk's pairs fit the CTA's threads."""
-  return 1 <= top_k and CHUNK_TOKENS * top_k <= THREADS
+def supports(tokens: int, top_k: int) -> bool:
+  """Whether a chunk's pairs fit the CTA's threads, and the scan's
+  unrolled loads per lane stay few (up to MAX_TOKENS tokens)."""
+  return (
+    1 <= tokens <= MAX_TOKENS and 1 <= top_k and CHUNK_TOKENS * top_k <= THREADS
+  )
 
 
 def place_pairs(
@@ -71,12 +77,12 @@ def place_pairs(
   if (
     within.shape != ids.shape
     or chunks != -(-tokens // CHUNK_TOKENS)
-    or not supports(top_k)
+    or not supports(tokens, top_k)
   ):
     raise ValueError(
       f"place_pairs: ids {ids.shape}, within {within.shape} and chunk counts"
       f" {chunk_counts.shape} do not match (chunks of {CHUNK_TOKENS} tokens,"
-      f" top_k <= {THREADS // CHUNK_TOKENS})"
+      f" top_k <= {THREADS // CHUNK_TOKENS}, <= {MAX_TOKENS} tokens)"
     )
   if min(block_m, max_tiles) < 1:
     raise ValueError(f"placement needs tiles ({block_m=}, {max_tiles=})")

@@ -19,6 +19,7 @@ import pallas_kernels
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import place_prefill_sm90
 from pallas_kernels.nvfp4_moe import route_decode_sm90
+from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
 from tests.pallas_kernels.nvfp4_moe import route_decode_sm90_test
 from tests.pallas_kernels.nvfp4_moe import test_base
 
@@ -47,8 +48,9 @@ def _route_and_place(logits, top_k):
 
 
 def test_refuses_what_it_cannot_place():
-  assert place_prefill_sm90.supports(8)
-  assert not place_prefill_sm90.supports(9)  # 16 tokens x 9 > 128 threads
+  assert place_prefill_sm90.supports(32768, 8)
+  assert not place_prefill_sm90.supports(16, 9)  # 16 tokens x 9 > 128 threads
+  assert not place_prefill_sm90.supports(32769, 8)  # 65 loads a scan lane
   ids = jnp.zeros((33, 2), jnp.int32)
   with pytest.raises(ValueError, match="do not match"):
     place_prefill_sm90.place_pairs(
@@ -90,6 +92,29 @@ def test_prefill_moe_lowers_through_the_placement(monkeypatch):
   assert texts[False].count("stablehlo.custom_call") == 4
   assert "stablehlo.scatter" in texts[False]
   assert "stablehlo.scatter" not in texts[True]
+
+
+def test_larger_calls_keep_xla_placement(monkeypatch):
+  """Past MAX_TOKENS the scan would unroll too many loads a lane."""
+  monkeypatch.setattr(pallas_mosaic_gpu.common, "check_sm90", lambda *_: None)
+  experts = pallas_mosaic_gpu_test.abstract_experts(128, 256, 128)
+
+  def scatters(tokens):
+    x = jax.ShapeDtypeStruct((tokens, 256), jnp.bfloat16)
+    logits = jax.ShapeDtypeStruct((tokens, 128), jnp.float32)
+    text = (
+      jax.jit(
+        functools.partial(pallas_mosaic_gpu.nvfp4_moe, top_k=8),
+      )
+      .trace(x, logits, experts)
+      .lower(lowering_platforms=("cuda",))
+      .as_text()
+    )
+    return "stablehlo.scatter" in text
+
+  limit = place_prefill_sm90.MAX_TOKENS
+  assert not scatters(limit)
+  assert scatters(limit + 1)
 
 
 def _logits(rng, tokens, experts, dtype=jnp.float32):
