@@ -753,13 +753,16 @@ def _expert_gemms(
   activation,
   swiglu,
   interpret,
+  used_tiles=None,
 ):
   """bf16 `[tiles * block_m, H]`: GEMM 1 (+ SwiGLU) and GEMM 2 over token
   tiles of `block_m` rows, row r being `rows_in[gather[r]]` (or `rows_in`
-  itself when `gather` is None)."""
+  itself when `gather` is None). `used_tiles`: the tiles with an expert,
+  if the placement counted them already."""
   inter = w13.shape[1] // 2
   row_expert = jnp.maximum(jnp.repeat(tile_expert, block_m), 0)
-  used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
+  if used_tiles is None:
+    used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
   gemm = functools.partial(
     _grouped_gemm,
     row_expert,
@@ -902,15 +905,15 @@ def _forward(
 ):
   """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine
   (the two GEMMs once more over the remainder tiles, if the plan has
-  them). `placed`: the sort's (position, token, tile_expert), made already
-  (`route_decode_sm90`)."""
+  them). `placed`: the sort's (position, token, tile_expert), and maybe the
+  used tiles, made already (`route_decode_sm90`, `place_prefill_sm90`)."""
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   if direct:
     place = direct_tiles
   else:
     place = count_by_expert if counted else sort_by_expert
-  position, token, tile_expert = placed or place(ids, plan)
+  position, token, tile_expert, *used_tiles = placed or place(ids, plan)
   gemms = functools.partial(
     _expert_gemms,
     w13=w13,
@@ -933,6 +936,9 @@ def _forward(
       tile_expert[: plan.max_tiles],
       plan.block_m,
       configs,
+      # The placement kernel counts them over all tiles: bulk tiles only
+      # when there are no remainder tiles.
+      used_tiles=None if plan.remainder_m else next(iter(used_tiles), None),
     )
     if plan.remainder_m:
       y_remainder = gemms(

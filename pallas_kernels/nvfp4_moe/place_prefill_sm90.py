@@ -17,7 +17,7 @@ counts each expert there; two kernels finish:
    scans them (where each expert's rows start); then disjoint writes: each
    pair its row and that row's token, each expert (in CTA e mod CTAs) its
    padding rows (token T) and its tiles, and the rows and tiles past the
-   used ones T and -1.
+   used ones T and -1; CTA 0 writes how many tiles are used.
 
 The result equals `sort_by_expert`'s for plans without remainder tiles
 and experts all in range (no expert parallelism). Inline Mosaic GPU code,
@@ -59,9 +59,11 @@ def place_pairs(
   *,
   block_m: int,
   max_tiles: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(position int32 `[T, k]`, token int32 `[max_tiles * block_m]`,
-  tile_expert int32 `[max_tiles]`), as `sort_by_expert` places them.
+  tile_expert int32 `[max_tiles]`), as `sort_by_expert` places them, and
+  int32 `[]` the tiles with an expert (the grouped GEMMs' `used_tiles`,
+  without an XLA reduction over `tile_expert`).
 
   Args:
     ids: int32 `[T, k]` expert of each pair, each in `[0, E)`.
@@ -97,12 +99,13 @@ def place_pairs(
     num_threads=SCAN_WARPS // 4,
     thread_name="wg",
   )(chunk_counts.astype(jnp.int32))
-  return plgpu.kernel(
+  position, token, tile_expert, used_tiles = plgpu.kernel(
     functools.partial(_place, top_k=top_k, block_m=block_m),
     out_type=(
       jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),
       jax.ShapeDtypeStruct((max_tiles * block_m,), jnp.int32),
       jax.ShapeDtypeStruct((max_tiles,), jnp.int32),
+      jax.ShapeDtypeStruct((1,), jnp.int32),
     ),
     grid=(chunks,),
     grid_names=("cta",),
@@ -111,6 +114,7 @@ def place_pairs(
       plgpu.SMEM((experts,), jnp.int32),  # each expert's pairs
     ],
   )(ids.astype(jnp.int32), within.astype(jnp.int32), chunk_before, totals)
+  return position, token, tile_expert, used_tiles.reshape(())
 
 
 def _scan_chunks(counts_ref, before_ref, totals_ref):
@@ -160,7 +164,17 @@ def _scan_chunks(counts_ref, before_ref, totals_ref):
 def _place(*refs, top_k, block_m):
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
   def place(
-    _, ids, within, chunk_before, totals, position, token, tile, ends, counts
+    _,
+    ids,
+    within,
+    chunk_before,
+    totals,
+    position,
+    token,
+    tile,
+    used_tiles,
+    ends,
+    counts,
   ):
     c = scalar.const
     tokens, _ = scalar.shape(ids)
@@ -225,6 +239,10 @@ def _place(*refs, top_k, block_m):
 
     # Rows and tiles past the used ones, spread over the CTAs.
     used = scalar.load(ends, c(experts - 1))
+    with mgpu_utils.when(
+      arith.andi(scalar.eq(cta, c(0)), scalar.eq(tid, c(0)))
+    ):
+      scalar.store(arith.divui(used, c(block_m)), used_tiles, c(0))
     cta_first = arith.addi(arith.muli(cta, c(THREADS)), tid)
     for first in range(0, n_rows, chunks * THREADS):
       row = arith.addi(cta_first, c(first))

@@ -92,6 +92,10 @@ def test_prefill_moe_lowers_through_the_placement(monkeypatch):
   assert texts[False].count("stablehlo.custom_call") == 4
   assert "stablehlo.scatter" in texts[False]
   assert "stablehlo.scatter" not in texts[True]
+  # The placement kernel counts the used tiles too: the combine's sum is
+  # the one XLA reduction left (XLA's placement has six more).
+  assert texts[False].count("stablehlo.reduce(") > 1
+  assert texts[True].count("stablehlo.reduce(") == 1
 
 
 def test_larger_calls_keep_xla_placement(monkeypatch):
@@ -132,12 +136,20 @@ def test_equals_sort_by_expert(rng, tokens, experts, top_k):
   route = jax.jit(functools.partial(_route_and_place, top_k=top_k))
   ids, placed = route(logits)
   want = jax.jit(lambda i: pallas_mosaic_gpu.sort_by_expert(i, plan))(ids)
+  _check_placed(placed, want)
+
+
+def _check_placed(placed, want):
+  """`place_pairs`' outputs equal `sort_by_expert`'s, and its used tiles
+  count the tiles with an expert."""
+  *arrays, used_tiles = placed
   for name, got, expected in zip(
-    ("position", "token", "tile_expert"), placed, want, strict=True
+    ("position", "token", "tile_expert"), arrays, want, strict=True
   ):
     np.testing.assert_array_equal(
       np.asarray(got), np.asarray(expected), err_msg=name
     )
+  assert int(used_tiles) == int((np.asarray(want[2]) >= 0).sum())
 
 
 @pytest.mark.gpu
@@ -151,8 +163,7 @@ def test_every_token_on_one_expert(rng, tokens, experts, top_k):
   )
   assert (np.asarray(ids)[:, 0] == 3).all()
   want = jax.jit(lambda i: pallas_mosaic_gpu.sort_by_expert(i, plan))(ids)
-  for got, expected in zip(placed, want, strict=True):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  _check_placed(placed, want)
 
 
 @pytest.mark.gpu
