@@ -26,10 +26,12 @@ from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from pallas_kernels.nvfp4_moe import base as moe_base
+from pallas_kernels.nvfp4_moe import config as moe_config
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
+from pallas_kernels.nvfp4_moe import placement
 
-CONFIGS_FOR = pallas_mosaic_gpu.configs_for
-FUSED_SWIGLU_MAX_TOKENS = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
+CONFIGS_FOR = moe_config.configs_for
+FUSED_SWIGLU_MAX_TOKENS = moe_config.FUSED_SWIGLU_MAX_TOKENS
 # Variant prefixes (several may precede a variant, e.g. "old-s3-autofused"):
 # "old": w13 rows not plane-ordered (GEMM 2's input planes made by an XLA
 # pass); "s3": GEMM 2 with at most 3 pipeline stages (before the heuristic
@@ -226,6 +228,69 @@ def _configs_for(
   return tuple(configs)
 
 
+def _switch(module, **values):
+  """Sets module switches, refusing names the module lacks (a plain
+  assignment to a moved or renamed switch would silently do nothing)."""
+  for name, value in values.items():
+    if not hasattr(module, name):
+      raise AttributeError(f"{module.__name__} has no switch {name}")
+    setattr(module, name, value)
+
+
+def apply_prefixes(prefixes) -> None:
+  """Sets the library's switches for a variant's prefixes (none: the
+  library's defaults)."""
+  remainder_rows = (
+    16 if "rem16" in prefixes else 32 if "rem32" in prefixes else 64
+  )
+  tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
+  _switch(
+    pallas_mosaic_gpu,
+    DIRECT_DECODE="sorted" not in prefixes,
+    GATHER_WORDS="bf16gather" not in prefixes,
+    GATHER_KERNEL="xlagather" not in prefixes,
+    COUNTING_MAX_PAIRS=(
+      0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
+    ),
+    COUNTING_TOP_K_MAX=(
+      0
+      if "sorttopk" in prefixes
+      else 1 << 62
+      if "counttopk" in prefixes
+      else 1 << 20
+    ),
+    DECODE_ROUTING_KERNEL="xlarouting" not in prefixes,
+    PREFILL_ROUTING_KERNEL="xlarouting" not in prefixes,
+    PREFILL_PLACEMENT_KERNEL="xlaplace" not in prefixes,
+  )
+  _switch(
+    config_lib,
+    RAGGED_K_STEPS="whole" not in prefixes,
+    SCALES_AS_OPERANDS="table" not in prefixes,
+    WARP_MMA_DECODE="warpmma" in prefixes,
+  )
+  _switch(
+    moe_config,
+    FUSED_SWIGLU_MID_TILE="nomidtile" not in prefixes,
+    REMAINDER_TILES="remainder" in prefixes or remainder_rows != 64,
+    REMAINDER_ROWS=remainder_rows,
+    MID_TILE_MIN_CTA_ROWS=(
+      64 if "midtile" in prefixes else config_lib.TILE_ROWS
+    ),
+    FUSED_SWIGLU_MAX_TOKENS=max([*tile_rows, FUSED_SWIGLU_MAX_TOKENS]),
+  )
+  _switch(placement, RANK_BY_COUNTING="sortrank" not in prefixes)
+  _switch(
+    sm90,
+    SCALE_HALF_OPERANDS="copiedscales" not in prefixes,
+    ONE_ACTIVATION_COPY="twocopies" not in prefixes,
+  )
+  _switch(
+    moe_base,
+    RENORMALIZED_SOFTMAX_OF_CHOSEN="fullsoftmax" not in prefixes,
+  )
+
+
 def main(argv):
   name = argv[0] if argv else "qwen3-30b-a3b"
   tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
@@ -238,7 +303,7 @@ def main(argv):
     first = None
     for name_with_prefixes in variants:
       prefixes, variant = _prefixes(name_with_prefixes)
-      pallas_mosaic_gpu.configs_for = functools.partial(
+      moe_config.configs_for = functools.partial(
         _configs_for,
         at_most_three_stages="s3" in prefixes,
         no_split="nosplit" in prefixes,
@@ -258,44 +323,8 @@ def main(argv):
         else (),
       )
       jax.clear_caches()  # the module switches below are not jit keys
-      pallas_mosaic_gpu.DIRECT_DECODE = "sorted" not in prefixes
-      pallas_mosaic_gpu.GATHER_WORDS = "bf16gather" not in prefixes
-      pallas_mosaic_gpu.GATHER_KERNEL = "xlagather" not in prefixes
-      config_lib.RAGGED_K_STEPS = "whole" not in prefixes
-      pallas_mosaic_gpu.COUNTING_MAX_PAIRS = (
-        0 if "argsort" in prefixes else 4096 if "counting" in prefixes else 2048
-      )
-      config_lib.SCALES_AS_OPERANDS = "table" not in prefixes
-      pallas_mosaic_gpu.FUSED_SWIGLU_MID_TILE = "nomidtile" not in prefixes
-      remainder_rows = (
-        16 if "rem16" in prefixes else 32 if "rem32" in prefixes else 64
-      )
-      pallas_mosaic_gpu.REMAINDER_TILES = (
-        "remainder" in prefixes or remainder_rows != 64
-      )
-      pallas_mosaic_gpu.REMAINDER_ROWS = remainder_rows
-      pallas_mosaic_gpu.MID_TILE_MIN_CTA_ROWS = (
-        64 if "midtile" in prefixes else config_lib.TILE_ROWS
-      )
-      pallas_mosaic_gpu.COUNTING_TOP_K_MAX = (
-        0
-        if "sorttopk" in prefixes
-        else 1 << 62
-        if "counttopk" in prefixes
-        else 1 << 20
-      )
-      pallas_mosaic_gpu.RANK_BY_COUNTING = "sortrank" not in prefixes
-      config_lib.WARP_MMA_DECODE = "warpmma" in prefixes
-      sm90.SCALE_HALF_OPERANDS = "copiedscales" not in prefixes
-      sm90.ONE_ACTIVATION_COPY = "twocopies" not in prefixes
-      pallas_mosaic_gpu.DECODE_ROUTING_KERNEL = "xlarouting" not in prefixes
-      pallas_mosaic_gpu.PREFILL_ROUTING_KERNEL = "xlarouting" not in prefixes
-      pallas_mosaic_gpu.PREFILL_PLACEMENT_KERNEL = "xlaplace" not in prefixes
+      apply_prefixes(prefixes)
       tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
-      pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS = max(
-        [*tile_rows, FUSED_SWIGLU_MAX_TOKENS]
-      )
-      moe_base.RENORMALIZED_SOFTMAX_OF_CHOSEN = "fullsoftmax" not in prefixes
       node = dict(experts)
       if "unpadded" in prefixes:
         pad, transform.PAD_INTERMEDIATE_TO_TILES = (

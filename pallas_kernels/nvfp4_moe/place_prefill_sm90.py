@@ -1,6 +1,6 @@
 """A prefill's expert placement from the routing kernel's ranks (sm90).
 
-`pallas_mosaic_gpu.sort_by_expert` places a prefill's (token, expert)
+`placement.sort_by_expert` places a prefill's (token, expert)
 pairs in ~14 small XLA kernels (comparison counts per chunk of pairs, a
 prefix sum over the chunks, the rows, a scatter of tokens, the tiles'
 experts): ~32 us of Qwen3-30B-A3B's 674 us layer at 4096 tokens on the
@@ -72,7 +72,7 @@ def place_pairs(
     chunk_counts: int32 `[E, ceil(T / CHUNK_TOKENS)]` pairs of each expert
       in each chunk.
     block_m: rows per token tile; each expert's rows start on a tile.
-    max_tiles: token tiles of the plan (`Plan.max_tiles`).
+    max_tiles: token tiles of the plan (`config.Plan.max_tiles`).
   """
   tokens, top_k = ids.shape
   experts, chunks = chunk_counts.shape

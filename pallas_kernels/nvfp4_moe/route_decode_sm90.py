@@ -7,7 +7,7 @@ profile; NOTES.md, fifteenth and seventeenth sessions). Here one CTA of
 four warpgroups does them:
 1. warp t takes token t: its lanes hold the token's logits, and top_k
    rounds of a butterfly arg-max in float total order (ties to the lower
-   expert, as `jax.lax.top_k` and `pallas_mosaic_gpu.counting_top_k`) pick
+   expert, as `jax.lax.top_k` and `placement.counting_top_k`) pick
    its experts; lane 0 turns their logits into weights as `base.route`
    does for renormalized softmax routing (the softmax of the chosen
    logits);
@@ -19,7 +19,7 @@ four warpgroups does them:
    scans them over its lanes: where each expert's rows start;
 4. each pair writes its row and that row's token, each expert its padding
    rows (token T) and its tiles, and the rows and tiles past the used
-   ones T and -1, all disjoint: `pallas_mosaic_gpu.count_by_expert`'s
+   ones T and -1, all disjoint: `placement.count_by_expert`'s
    results, equal to them.
 Three barriers in all. The first version (seventeenth session) counted by
 loops over every pair and expert in each thread: 8.5 us at Qwen3-30B-A3B's
@@ -98,7 +98,7 @@ def route_and_place(
     logits: `[T, E]` router logits, float32 or bfloat16.
     top_k: experts per token.
     block_m: rows per token tile; each expert's rows start on a tile.
-    max_tiles: token tiles of the plan (`Plan.max_tiles`).
+    max_tiles: token tiles of the plan (`config.Plan.max_tiles`).
     place: also place the pairs (False: one token's direct tiles, or a
       prefill's routing, whose pairs are placed after; any number of
       tokens).

@@ -1,5 +1,5 @@
-"""The Mosaic GPU NVFP4 MoE: expert sorting, CPU interpreter, sm_90 lowering,
-GPU tier.
+"""The Mosaic GPU NVFP4 MoE: CPU interpreter, sm_90 lowering, GPU tier (the
+XLA placement of pairs: placement_test; the tiles: config_test).
 
 As for the matmul, the interpreter decodes weights with jnp ops into SMEM
 (it cannot run inline PTX or register-A wgmma); the grouping (one expert per
@@ -18,6 +18,7 @@ import pallas_kernels
 from fp4jax import transform
 from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import base
+from pallas_kernels.nvfp4_moe import config as moe_config
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from tests import conftest
 from tests import tolerance
@@ -31,149 +32,6 @@ MIXTRAL = (8, 2, 4096, 14336)
 GPT_OSS = (128, 4, 2880, 2880)
 
 
-@pytest.mark.parametrize(
-  "tokens, experts, top_k, block_m",
-  [(1, 8, 2, 8), (16, 128, 8, 8), (37, 4, 3, 16), (64, 8, 8, 128)],
-)
-def test_sort_by_expert_places_every_pair_in_its_experts_tiles(
-  rng, tokens, experts, top_k, block_m
-):
-  plan = pallas_mosaic_gpu.Plan(
-    tokens=tokens, top_k=top_k, experts=experts, block_m=block_m
-  )
-  ids = np.stack(
-    [rng.choice(experts, top_k, replace=False) for _ in range(tokens)]
-  ).astype(np.int32)
-  if tokens > 8:
-    ids[: tokens // 2, 0] = 0  # a crowded expert
-  position, token, tile_expert = map(
-    np.asarray, pallas_mosaic_gpu.sort_by_expert(jnp.asarray(ids), plan)
-  )
-  assert len(set(position.ravel())) == tokens * top_k  # one row per pair
-  rows_tile = position // block_m
-  np.testing.assert_array_equal(tile_expert[rows_tile], ids)
-  want_token = np.broadcast_to(np.arange(tokens)[:, None], ids.shape)
-  np.testing.assert_array_equal(token[position], want_token)
-  padding = np.setdiff1d(np.arange(token.size), position.ravel())
-  assert (token[padding] == tokens).all()
-  used = tile_expert >= 0
-  # Used tiles come first, grouped by expert in increasing order.
-  assert not used[np.argmin(used) :].any() or used.all()
-  assert (np.diff(tile_expert[used]) >= 0).all()
-  assert used.sum() == sum(
-    -(-np.count_nonzero(ids == e) // block_m) for e in range(experts)
-  )
-
-
-@pytest.mark.parametrize(
-  "counts", [(21, 12, 31, 16, 1), (5, 0, 40, 9, 24, 8, 17)]
-)
-def test_sort_by_expert_puts_short_remainders_in_remainder_tiles(rng, counts):
-  # Tiles of 16 rows, remainders of up to 8: a rest of 1-8 rows gets a
-  # remainder tile, one of 9-15 a padded tile, none neither.
-  experts, top_k = len(counts), 2
-  flat = rng.permutation(np.repeat(np.arange(experts), counts))
-  flat = np.concatenate([flat, [-1] * (len(flat) % 2 + 2)])  # dropped pairs
-  ids = flat.reshape(-1, top_k).astype(np.int32)
-  tokens = len(ids)
-  plan = pallas_mosaic_gpu.Plan(
-    tokens=tokens, top_k=top_k, experts=experts, block_m=16, remainder_m=8
-  )
-  position, token, tile_expert = map(
-    np.asarray, pallas_mosaic_gpu.sort_by_expert(jnp.asarray(ids), plan)
-  )
-  assert token.shape == (plan.rows,)
-  assert tile_expert.shape == (plan.max_tiles + plan.remainder_tiles,)
-  kept = ids >= 0
-  assert len(set(position[kept])) == kept.sum()  # one row per pair
-  bulk = position < plan.bulk_rows
-  tile = np.where(
-    bulk,
-    position // 16,
-    plan.max_tiles + (position - plan.bulk_rows) // 8,
-  )
-  np.testing.assert_array_equal(tile_expert[tile][kept], ids[kept])
-  want_token = np.broadcast_to(np.arange(tokens)[:, None], ids.shape)
-  np.testing.assert_array_equal(token[position], want_token)
-  padding = np.setdiff1d(np.arange(plan.rows), position.ravel())
-  assert (token[padding] == tokens).all()
-  assert (position[~kept] < plan.bulk_rows).all()  # dropped pairs
-  remainders = tile_expert[plan.max_tiles :]
-  used = remainders >= 0
-  assert not used[np.argmin(used) :].any() or used.all()  # used first
-  for e, count in enumerate(counts):
-    rest = count % 16
-    want_remainder = 0 < rest <= 8
-    # Whole tiles in the bulk, the rest in a remainder tile if it fits.
-    assert (remainders == e).sum() == want_remainder
-    want_bulk = count // 16 + (rest > 0 and not want_remainder)
-    assert (tile_expert[: plan.max_tiles] == e).sum() == want_bulk
-    assert (~bulk[ids == e]).sum() == (rest if want_remainder else 0)
-  assert used.any() and not used.all()  # both kinds of expert were seen
-
-
-@pytest.mark.parametrize(
-  "tokens, experts, top_k, block_m",
-  [(1, 8, 2, 8), (16, 128, 8, 8), (37, 4, 3, 16), (64, 8, 8, 128)],
-)
-def test_count_by_expert_equals_the_sort(rng, tokens, experts, top_k, block_m):
-  plan = pallas_mosaic_gpu.Plan(
-    tokens=tokens, top_k=top_k, experts=experts, block_m=block_m
-  )
-  ids = np.stack(
-    [rng.choice(experts, top_k, replace=False) for _ in range(tokens)]
-  ).astype(np.int32)
-  ids[: tokens // 2, 0] = 0  # a crowded expert
-  ids[-1, -1] = -1  # dropped pairs (another device's experts)
-  ids[0, -1] = experts + 3
-  want = pallas_mosaic_gpu.sort_by_expert(jnp.asarray(ids), plan)
-  got = pallas_mosaic_gpu.count_by_expert(jnp.asarray(ids), plan)
-  for g, w in zip(got, want, strict=True):
-    assert g.dtype == w.dtype
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-
-
-@pytest.mark.parametrize(
-  "pairs, groups, chunk",
-  [(1, 3, 128), (127, 5, 128), (129, 2, 128), (1000, 9, 64), (16384, 129, 128)],
-)
-def test_rank_in_group_counts_earlier_members(rng, pairs, groups, chunk):
-  group = rng.integers(0, groups, pairs).astype(np.int32)
-  if pairs > 8:
-    group[: pairs // 3] = groups - 1  # a crowded group across chunks
-  rank, counts = jax.jit(
-    pallas_mosaic_gpu.rank_in_group, static_argnums=(1, 2)
-  )(jnp.asarray(group), groups, chunk)
-  want_rank = np.empty(pairs, np.int64)
-  seen = np.zeros(groups, np.int64)
-  for i, g in enumerate(group):
-    want_rank[i], seen[g] = seen[g], seen[g] + 1
-  np.testing.assert_array_equal(np.asarray(rank), want_rank)
-  np.testing.assert_array_equal(np.asarray(counts), seen)
-
-
-@pytest.mark.parametrize("remainder_m", [0, 64])
-def test_sort_by_expert_ranks_by_counting_as_by_argsort(
-  rng, monkeypatch, remainder_m
-):
-  plan = pallas_mosaic_gpu.Plan(
-    tokens=700, top_k=4, experts=16, block_m=128, remainder_m=remainder_m
-  )
-  ids = np.stack([rng.choice(16, 4, replace=False) for _ in range(700)]).astype(
-    np.int32
-  )
-  ids[:300, 0] = 3  # a crowded expert
-  ids[-5:, -1] = -1  # dropped pairs
-  placed = {}
-  for by_counting in (True, False):
-    monkeypatch.setattr(pallas_mosaic_gpu, "RANK_BY_COUNTING", by_counting)
-    placed[by_counting] = pallas_mosaic_gpu.sort_by_expert(
-      jnp.asarray(ids), plan
-    )
-  for got, want in zip(placed[True], placed[False], strict=True):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
 def test_interpret_pairs_placed_by_counting(rng, monkeypatch):
   monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 4096)
   forward = pallas_mosaic_gpu._forward_fn(
@@ -181,7 +39,7 @@ def test_interpret_pairs_placed_by_counting(rng, monkeypatch):
     2,
     test_base.make_experts(rng, 4, 128, 128)[0],
     "bf16",
-    pallas_mosaic_gpu.Tiles(None, True, None, True),
+    moe_config.Tiles(None, True, None, True),
     interpret=True,
   )
   assert forward.keywords["counted"]
@@ -203,8 +61,8 @@ def test_interpret_remainder_tiles(
   # Two experts, top-2: each gets all the tokens, one 128-row tile and a
   # remainder tile of the other 22 (or 12), which a second pair of GEMMs
   # runs (16-row ones in 64-row decode CTAs).
-  monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
-  monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
+  monkeypatch.setattr(moe_config, "REMAINDER_TILES", True)
+  monkeypatch.setattr(moe_config, "REMAINDER_ROWS", remainder_rows)
   monkeypatch.setattr(pallas_mosaic_gpu, "COUNTING_MAX_PAIRS", 0)
   calls = spy_on_matmul(monkeypatch, "block_m")
   check_interpret_against_numpy(
@@ -215,21 +73,6 @@ def test_interpret_remainder_tiles(
     fused_swiglu=fused_swiglu,
   )
   assert calls == [128, 128, remainder_rows, remainder_rows]
-
-
-def test_direct_tiles_give_each_pair_of_one_token_its_own_tile():
-  plan = pallas_mosaic_gpu.Plan(tokens=1, top_k=4, experts=6, block_m=8)
-  ids = jnp.asarray([[5, -1, 0, 9]], jnp.int32)  # two foreign ids
-  position, token, tile_expert = map(
-    np.asarray, pallas_mosaic_gpu.direct_tiles(ids, plan)
-  )
-  np.testing.assert_array_equal(position, [[0, 8, 16, 24]])
-  np.testing.assert_array_equal(tile_expert[:4], [5, -1, 0, -1])
-  assert (tile_expert[4:] == -1).all()
-  assert (token[position] == 0).all()
-  assert (np.delete(token, position.ravel()) == 1).all()  # padding rows
-  with pytest.raises(ValueError, match="one token"):
-    pallas_mosaic_gpu.direct_tiles(ids, dataclasses.replace(plan, tokens=2))
 
 
 @pytest.mark.parametrize("direct", [False, True])
@@ -248,7 +91,7 @@ def test_interpret_one_token_with_and_without_the_sort(
     4,
     experts,
     "bf16",
-    pallas_mosaic_gpu.Tiles(None, True, None, True),
+    moe_config.Tiles(None, True, None, True),
     interpret=True,
   )
   assert forward.keywords["direct"] == direct
@@ -320,27 +163,6 @@ def check_interpret_against_numpy(
   want = test_base.numpy_moe(x, logits, src, 2, True, activation)
   tolerance.assert_close(
     out, want, test_base.NVFP4MoETestBase.RTOL, KERNEL_FLOOR
-  )
-
-
-@pytest.mark.parametrize(
-  "backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
-)
-@pytest.mark.parametrize(
-  "shape, k",
-  [((1, 128), 8), ((16, 256), 8), ((5, 8), 2), ((3, 8, 32), 2), ((4, 6), 6)],
-)
-def test_counting_top_k_equals_lax_top_k(rng, backend, shape, k):
-  # Few distinct values (many ties), masked entries, both zeros.
-  x = rng.integers(-3, 4, shape).astype(np.float32) / 4
-  x[rng.random(shape) < 0.2] = -np.inf
-  x[rng.random(shape) < 0.1] = -0.0
-  x = jax.device_put(jnp.asarray(x), jax.devices(backend)[0])
-  got = jax.jit(pallas_mosaic_gpu.counting_top_k, static_argnums=1)(x, k)
-  want = jax.jit(jax.lax.top_k, static_argnums=1)(x, k)
-  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-  np.testing.assert_array_equal(
-    np.asarray(got[0]).view(np.uint32), np.asarray(want[0]).view(np.uint32)
   )
 
 
@@ -450,14 +272,14 @@ def test_interpret_fused_swiglu_in_tiles_wider_than_128(rng, monkeypatch):
 def test_interpret_partial_k_steps(rng, monkeypatch):
   # Steps of 128 over H = 192 and I = 320 (gpt-oss's 2880 likewise): each
   # GEMM's last K step reads zeros past K.
-  configs_for = pallas_mosaic_gpu.configs_for
+  configs_for = moe_config.configs_for
 
   def steps_of_128(*args, **kwargs):
     return tuple(
       dataclasses.replace(c, block_k=128) for c in configs_for(*args, **kwargs)
     )
 
-  monkeypatch.setattr(pallas_mosaic_gpu, "configs_for", steps_of_128)
+  monkeypatch.setattr(moe_config, "configs_for", steps_of_128)
   check_interpret_against_numpy(rng, (12, 4, 192, 320), block_m=16)
 
 
@@ -498,8 +320,8 @@ def test_fused_swiglu_with_up_rows_mid_tile(
   # with w13_alpha_up its per-block scales come from the shifted blocks.
   # The sm90 layout unpadded (padded I is test_padded_intermediate's).
   monkeypatch.setattr(transform, "PAD_INTERMEDIATE_TO_TILES", False)
-  monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", True)
-  monkeypatch.setattr(pallas_mosaic_gpu, "MID_TILE_MIN_CTA_ROWS", 64)
+  monkeypatch.setattr(moe_config, "FUSED_SWIGLU_MID_TILE", True)
+  monkeypatch.setattr(moe_config, "MID_TILE_MIN_CTA_ROWS", 64)
   calls = spy_on_matmul(monkeypatch, "swiglu")
   experts, src, x, logits = test_base.make_inputs(
     rng,
@@ -682,51 +504,6 @@ def abstract_experts(n_experts, hidden, inter):
   return node
 
 
-@pytest.mark.parametrize(
-  "tokens, top_k, n_experts, want",
-  [
-    (1, 8, 128, 8),
-    (16, 8, 128, 8),
-    (256, 8, 128, 16),  # below GROUP_TILE_MIN_MEAN: about the mean
-    (64, 2, 8, 16),
-    (1024, 4, 128, 48),  # groups of 32 +- 6 in one tile
-    (4096, 8, 128, 144),  # 256 +- 16 in two
-    (4096, 4, 128, 152),  # 128 +- 11 in one
-    (16384, 8, 128, 136),  # 1024 +- 32 in eight
-    (600, 4, 16, 88),  # 150 +- 12: over 160 in one, so two
-  ],
-)
-def test_tiles_are_sized_to_the_groups(tokens, top_k, n_experts, want):
-  got = pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts)
-  assert got == want
-  assert got % 8 == 0 and got <= pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
-
-
-@pytest.mark.parametrize(
-  "tokens, top_k, n_experts",
-  [
-    (t, k, e)
-    for t in (256, 1024, 2048, 4096, 8192, 16384, 65536)
-    for k, e in ((8, 128), (4, 128), (2, 8))
-    if t * k / e >= pallas_mosaic_gpu.GROUP_TILE_MIN_MEAN
-  ],
-)
-def test_group_sized_tiles_hold_a_group_two_deviations_up(
-  tokens, top_k, n_experts
-):
-  mean = tokens * top_k / n_experts
-  block_m = pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts)
-  assert block_m <= pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
-  usual = mean + 2 * mean**0.5
-  tiles = -(-usual // block_m)
-  assert tiles * block_m >= usual
-  # No wider than about mean / 128 tiles need (near 128 rows each, where
-  # they were measured), unless so few would exceed the largest tile.
-  fewest = max(1, round(mean / 128))
-  largest = pallas_mosaic_gpu.FUSED_SWIGLU_MAX_TOKENS
-  assert block_m <= -(-usual / fewest // 8) * 8 or usual / fewest > largest
-
-
 @pytest.mark.parametrize("model", [QWEN3_30B, GPT_OSS])
 def test_group_sized_tiles_lower_for_sm90(model):
   # 1024 tokens: 80-row tiles (Qwen3-30B-A3B), 48 (gpt-oss-120b); 4096
@@ -738,13 +515,13 @@ def test_group_sized_tiles_lower_for_sm90(model):
 
 def lower_moe_configs(model, tokens):
   n_experts, top_k, hidden, inter = model
-  plan = pallas_mosaic_gpu.Plan(
+  plan = moe_config.Plan(
     tokens=tokens,
     top_k=top_k,
     experts=n_experts,
-    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
+    block_m=moe_config.block_m_for(tokens, top_k, n_experts),
   )
-  return pallas_mosaic_gpu.configs_for(plan, hidden, inter, 132)
+  return moe_config.configs_for(plan, hidden, inter, 132)
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
@@ -760,13 +537,13 @@ def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 def test_gpt_oss_in_partial_k_steps_lowers_for_sm90(monkeypatch, tokens):
   monkeypatch.setattr(config_lib, "RAGGED_K_STEPS", True)
-  plan = pallas_mosaic_gpu.Plan(
+  plan = moe_config.Plan(
     tokens=tokens,
     top_k=4,
     experts=128,
-    block_m=pallas_mosaic_gpu.block_m_for(tokens, 4, 128),
+    block_m=moe_config.block_m_for(tokens, 4, 128),
   )
-  for config in pallas_mosaic_gpu.configs_for(plan, 2880, 2880, 132):
+  for config in moe_config.configs_for(plan, 2880, 2880, 132):
     # 11.25 steps in decode tiles, 22.5 in 128-token tiles
     assert config.block_k == (256 if plan.block_m <= 64 else 128)
   lower_moe(GPT_OSS, tokens, True, None, False)
@@ -803,7 +580,7 @@ def test_gpt_oss_with_padded_intermediate_lowers_for_sm90(tokens, swiglu):
 def test_remainder_tiles_lower_for_sm90(
   monkeypatch, model, swiglu, remainder_rows
 ):
-  monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
+  monkeypatch.setattr(moe_config, "REMAINDER_ROWS", remainder_rows)
   lower_moe(model, 4096, True, None, swiglu, remainder=True)
 
 
@@ -827,13 +604,13 @@ def trace_moe(
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
   logits = jax.ShapeDtypeStruct((tokens, n_experts), jnp.float32)
-  plan = pallas_mosaic_gpu.Plan(
+  plan = moe_config.Plan(
     tokens=tokens,
     top_k=top_k,
     experts=n_experts,
-    block_m=block_m or pallas_mosaic_gpu.block_m_for(tokens, top_k, n_experts),
+    block_m=block_m or moe_config.block_m_for(tokens, top_k, n_experts),
   )
-  configs = pallas_mosaic_gpu.configs_for(
+  configs = moe_config.configs_for(
     plan,
     hidden,
     inter,
@@ -843,9 +620,9 @@ def trace_moe(
   )
   remainder_configs = None
   if remainder:  # as _forward_fn plans them
-    rows = pallas_mosaic_gpu.REMAINDER_ROWS
+    rows = moe_config.REMAINDER_ROWS
     plan = dataclasses.replace(plan, remainder_m=rows)
-    remainder_configs = pallas_mosaic_gpu.configs_for(
+    remainder_configs = moe_config.configs_for(
       dataclasses.replace(plan, block_m=rows, remainder_m=0),
       hidden,
       inter,
@@ -931,8 +708,8 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
   def test_gpt_oss_sized_experts(self, rng, monkeypatch, tokens, mid_tile):
     # H = I = 2880: K steps of 128 that do not divide K; SwiGLU fused with
     # the up rows mid-tile (FUSED_SWIGLU_MID_TILE), or unfused.
-    monkeypatch.setattr(pallas_mosaic_gpu, "FUSED_SWIGLU_MID_TILE", mid_tile)
-    monkeypatch.setattr(pallas_mosaic_gpu, "MID_TILE_MIN_CTA_ROWS", 64)
+    monkeypatch.setattr(moe_config, "FUSED_SWIGLU_MID_TILE", mid_tile)
+    monkeypatch.setattr(moe_config, "MID_TILE_MIN_CTA_ROWS", 64)
     experts, _, x, logits = test_base.make_inputs(rng, tokens, 8, 2880, 2880)
     out = self.moe(x, logits, experts, top_k=4)
     want = pallas_kernels.nvfp4_moe(
@@ -950,9 +727,9 @@ class TestOnGPU(test_base.NVFP4MoETestBase):
     # each (the remainder plan's; the heuristic would size tiles to the
     # groups) and the rest, where it fits, in remainder tiles (spied, so
     # traced anew; 16-row ones run in 64-row decode CTAs).
-    monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_TILES", True)
-    monkeypatch.setattr(pallas_mosaic_gpu, "REMAINDER_ROWS", remainder_rows)
-    monkeypatch.setattr(pallas_mosaic_gpu, "GROUP_TILE_MIN_MEAN", 1 << 30)
+    monkeypatch.setattr(moe_config, "REMAINDER_TILES", True)
+    monkeypatch.setattr(moe_config, "REMAINDER_ROWS", remainder_rows)
+    monkeypatch.setattr(moe_config, "GROUP_TILE_MIN_MEAN", 1 << 30)
     calls = spy_on_matmul(monkeypatch, "block_m")
     experts, _, x, logits = test_base.make_inputs(rng, 600, 16, 1024, inter)
     out = self.moe(x, logits, experts, top_k=4, activation=activation)
@@ -1026,33 +803,3 @@ class TestOnGPUUnfusedSwiGLU(TestOnGPU):
     return pallas_mosaic_gpu.nvfp4_moe(
       x, logits, experts, fused_swiglu=False, **kwargs
     )
-
-
-@pytest.mark.parametrize("tokens", [1, 16, 4096])
-@pytest.mark.parametrize("cta_rows", [None, 64, 128])
-@pytest.mark.parametrize("persistent", [False, True])
-def test_configs_overlap_mma_only_on_64_row_ctas(tokens, cta_rows, persistent):
-  # async_mma releases pipeline slots a step late, which the persistent
-  # grid's reused barriers cannot take (config.Config).
-  plan = pallas_mosaic_gpu.Plan(
-    tokens=tokens,
-    top_k=8,
-    experts=128,
-    block_m=pallas_mosaic_gpu.block_m_for(tokens, 8, 128),
-  )
-  for config in pallas_mosaic_gpu.configs_for(
-    plan, 2048, 768, 132, persistent, cta_rows
-  ):
-    assert config.async_mma == (config.cta_rows == 64)
-    assert not (config.async_mma and config.persistent)
-
-
-def test_one_token_counts_a_busy_tile_per_expert():
-  # One token's eight experts make eight token tiles: with 112 row blocks
-  # each, DeepSeek-V3's GEMM 2 (K = 2048) has work for every SM unsplit.
-  plan = pallas_mosaic_gpu.Plan(tokens=1, top_k=8, experts=256, block_m=8)
-  assert plan.busy_tiles == 8
-  _, gemm2 = pallas_mosaic_gpu.configs_for(plan, 7168, 2048, 132)
-  assert gemm2.splits == 1
-  many = pallas_mosaic_gpu.Plan(tokens=4096, top_k=8, experts=256, block_m=128)
-  assert many.busy_tiles == -(-4096 * 8 // 128)

@@ -18,6 +18,7 @@ import pytest
 import pallas_kernels
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import place_prefill_sm90
+from pallas_kernels.nvfp4_moe import placement
 from pallas_kernels.nvfp4_moe import route_decode_sm90
 from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
 from tests.pallas_kernels.nvfp4_moe import route_decode_sm90_test
@@ -135,7 +136,7 @@ def test_equals_sort_by_expert(rng, tokens, experts, top_k):
   plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
   route = jax.jit(functools.partial(_route_and_place, top_k=top_k))
   ids, placed = route(logits)
-  want = jax.jit(lambda i: pallas_mosaic_gpu.sort_by_expert(i, plan))(ids)
+  want = jax.jit(lambda i: placement.sort_by_expert(i, plan))(ids)
   _check_placed(placed, want)
 
 
@@ -162,7 +163,7 @@ def test_every_token_on_one_expert(rng, tokens, experts, top_k):
     jnp.asarray(logits)
   )
   assert (np.asarray(ids)[:, 0] == 3).all()
-  want = jax.jit(lambda i: pallas_mosaic_gpu.sort_by_expert(i, plan))(ids)
+  want = jax.jit(lambda i: placement.sort_by_expert(i, plan))(ids)
   _check_placed(placed, want)
 
 

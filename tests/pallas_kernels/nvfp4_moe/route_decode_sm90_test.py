@@ -16,7 +16,9 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels.nvfp4_moe import base
+from pallas_kernels.nvfp4_moe import config as moe_config
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
+from pallas_kernels.nvfp4_moe import placement
 from pallas_kernels.nvfp4_moe import route_decode_sm90
 from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
 from tests.pallas_kernels.nvfp4_moe import test_base
@@ -27,11 +29,11 @@ CASES = [(16, 128, 8), (16, 8, 2), (16, 128, 4), (5, 40, 3), (1, 128, 8)]
 
 
 def plan_for(tokens, experts, top_k):
-  return pallas_mosaic_gpu.Plan(
+  return moe_config.Plan(
     tokens=tokens,
     top_k=top_k,
     experts=experts,
-    block_m=pallas_mosaic_gpu.block_m_for(tokens, top_k, experts),
+    block_m=moe_config.block_m_for(tokens, top_k, experts),
   )
 
 
@@ -201,9 +203,7 @@ def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
   logits = _logits(rng, tokens, experts, dtype)
   got = jax.jit(_route_and_place, static_argnums=1)(logits, top_k)
   want_weights, want_ids = jax.jit(
-    lambda x: base.route(
-      x, top_k=top_k, top_k_fn=pallas_mosaic_gpu.counting_top_k
-    )
+    lambda x: base.route(x, top_k=top_k, top_k_fn=placement.counting_top_k)
   )(logits)
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want_ids))
   np.testing.assert_allclose(
@@ -211,9 +211,7 @@ def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
   )
   if tokens > 1:
     plan = plan_for(tokens, experts, top_k)
-    placed = jax.jit(lambda ids: pallas_mosaic_gpu.count_by_expert(ids, plan))(
-      want_ids
-    )
+    placed = jax.jit(lambda ids: placement.count_by_expert(ids, plan))(want_ids)
     for a, b in zip(got[2:], placed, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

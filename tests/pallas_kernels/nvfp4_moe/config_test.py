@@ -1,0 +1,81 @@
+"""The MoE's tiles: token tiles sized to the expert groups, and the two
+GEMMs' configs (overlapped MMA, busy tiles for the split-K heuristic)."""
+
+import pytest
+
+from pallas_kernels.nvfp4_moe import config as moe_config
+
+
+@pytest.mark.parametrize(
+  "tokens, top_k, n_experts, want",
+  [
+    (1, 8, 128, 8),
+    (16, 8, 128, 8),
+    (256, 8, 128, 16),  # below GROUP_TILE_MIN_MEAN: about the mean
+    (64, 2, 8, 16),
+    (1024, 4, 128, 48),  # groups of 32 +- 6 in one tile
+    (4096, 8, 128, 144),  # 256 +- 16 in two
+    (4096, 4, 128, 152),  # 128 +- 11 in one
+    (16384, 8, 128, 136),  # 1024 +- 32 in eight
+    (600, 4, 16, 88),  # 150 +- 12: over 160 in one, so two
+  ],
+)
+def test_tiles_are_sized_to_the_groups(tokens, top_k, n_experts, want):
+  got = moe_config.block_m_for(tokens, top_k, n_experts)
+  assert got == want
+  assert got % 8 == 0 and got <= moe_config.FUSED_SWIGLU_MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+  "tokens, top_k, n_experts",
+  [
+    (t, k, e)
+    for t in (256, 1024, 2048, 4096, 8192, 16384, 65536)
+    for k, e in ((8, 128), (4, 128), (2, 8))
+    if t * k / e >= moe_config.GROUP_TILE_MIN_MEAN
+  ],
+)
+def test_group_sized_tiles_hold_a_group_two_deviations_up(
+  tokens, top_k, n_experts
+):
+  mean = tokens * top_k / n_experts
+  block_m = moe_config.block_m_for(tokens, top_k, n_experts)
+  assert block_m <= moe_config.FUSED_SWIGLU_MAX_TOKENS
+  usual = mean + 2 * mean**0.5
+  tiles = -(-usual // block_m)
+  assert tiles * block_m >= usual
+  # No wider than about mean / 128 tiles need (near 128 rows each, where
+  # they were measured), unless so few would exceed the largest tile.
+  fewest = max(1, round(mean / 128))
+  largest = moe_config.FUSED_SWIGLU_MAX_TOKENS
+  assert block_m <= -(-usual / fewest // 8) * 8 or usual / fewest > largest
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 4096])
+@pytest.mark.parametrize("cta_rows", [None, 64, 128])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_configs_overlap_mma_only_on_64_row_ctas(tokens, cta_rows, persistent):
+  # async_mma releases pipeline slots a step late, which the persistent
+  # grid's reused barriers cannot take (config.Config).
+  plan = moe_config.Plan(
+    tokens=tokens,
+    top_k=8,
+    experts=128,
+    block_m=moe_config.block_m_for(tokens, 8, 128),
+  )
+  for config in moe_config.configs_for(
+    plan, 2048, 768, 132, persistent, cta_rows
+  ):
+    assert config.async_mma == (config.cta_rows == 64)
+    assert not (config.async_mma and config.persistent)
+
+
+def test_one_token_counts_a_busy_tile_per_expert():
+  # One token's eight experts make eight token tiles: with 112 row blocks
+  # each, DeepSeek-V3's GEMM 2 (K = 2048) has work for every SM unsplit.
+  plan = moe_config.Plan(tokens=1, top_k=8, experts=256, block_m=8)
+  assert plan.busy_tiles == 8
+  _, gemm2 = moe_config.configs_for(plan, 7168, 2048, 132)
+  assert gemm2.splits == 1
+  many = moe_config.Plan(tokens=4096, top_k=8, experts=256, block_m=128)
+  assert many.busy_tiles == -(-4096 * 8 // 128)

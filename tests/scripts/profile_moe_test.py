@@ -1,0 +1,50 @@
+"""The MoE profiler's variant prefixes set switches the library has."""
+
+import importlib
+
+import pytest
+
+from pallas_kernels.nvfp4_matmul import config as config_lib
+from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
+from pallas_kernels.nvfp4_moe import base as moe_base
+from pallas_kernels.nvfp4_moe import config as moe_config
+from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
+from pallas_kernels.nvfp4_moe import placement
+
+MODULES = (pallas_mosaic_gpu, config_lib, moe_config, placement, sm90, moe_base)
+
+
+def _switches():
+  return {
+    (m.__name__, name): value
+    for m in MODULES
+    for name, value in vars(m).items()
+    if name.isupper()
+  }
+
+
+@pytest.fixture
+def profile_moe():
+  before = _switches()
+  yield importlib.import_module("scripts.profile_moe")
+  for (module, name), value in before.items():
+    setattr(importlib.import_module(module), name, value)
+
+
+def test_no_prefix_keeps_the_library_defaults(profile_moe):
+  before = _switches()
+  profile_moe.apply_prefixes(set())
+  assert _switches() == before
+
+
+def test_prefixes_set_their_switches(profile_moe):
+  profile_moe.apply_prefixes({"xlaplace", "sortrank", "rem32", "bm256"})
+  assert not pallas_mosaic_gpu.PREFILL_PLACEMENT_KERNEL
+  assert not placement.RANK_BY_COUNTING
+  assert moe_config.REMAINDER_TILES and moe_config.REMAINDER_ROWS == 32
+  assert moe_config.FUSED_SWIGLU_MAX_TOKENS == 256
+
+
+def test_a_missing_switch_is_refused(profile_moe):
+  with pytest.raises(AttributeError, match="no switch SORT_BY_EXPERT"):
+    profile_moe._switch(pallas_mosaic_gpu, SORT_BY_EXPERT=True)
