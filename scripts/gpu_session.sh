@@ -59,6 +59,14 @@
 #                                         # softmax-routed models
 #                                         # (benchmarks.moe, 4096 and 16384
 #                                         # tokens) over both GPUs
+#   bash scripts/gpu_session.sh two_tile  # on nvidia-h200-x2, ~7 min: GEMM
+#                                         # 2 in two-tile outputs
+#                                         # (config.TWO_TILE_GEMM2, off)
+#                                         # and the placement kernel's used
+#                                         # tiles: their GPU tests on GPU 0,
+#                                         # MoE profiles with and without
+#                                         # it at 4096 and 16384 tokens on
+#                                         # GPU 1
 #   bash scripts/gpu_session.sh row_pairs # on nvidia-h200-x2, ~8 min: the
 #                                         # row-pair layout (Config.row_pairs,
 #                                         # natural activations, no split):
@@ -281,6 +289,35 @@ case "${1:-tier}" in
     grep -E "FAILED|ERROR" "$out/placement_tests.log" | head -n 10
     tail -n 1 "$out/placement_tests.log"
     grep -hE "^==|Error|mosaic" "$out"/profile_place_*.log
+    ;;
+  two_tile)
+    # GEMM 2 in output tiles of two 128-row weight tiles: its tests, the
+    # placement tests (the placement kernel also counts the used tiles)
+    # and the routing tests on GPU 0; one-call profiles, default first and
+    # last, on GPU 1 (every kernel listed at 4096 tokens).
+    CUDA_VISIBLE_DEVICES=0 timeout 420 python3 -m pytest -v -p no:cacheprovider \
+      -m gpu tests/pallas_kernels/nvfp4_moe/place_prefill_sm90_test.py \
+      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
+      -k "place or route or two_tile or qwen3_sized or group_sized" \
+      > "$out/two_tile_tests.log" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      PROFILE_ALL_KERNELS=1 timeout 150 python3 scripts/profile_moe.py \
+        qwen3-30b-a3b 4096 autofused,g2two-autofused,autofused \
+        > "$out/profile_two_tile_qwen3.log" 2>&1
+      for model in mixtral-8x7b deepseek-v3; do
+        timeout 110 python3 scripts/profile_moe.py "$model" 4096 \
+          autofused,g2two-autofused > "$out/profile_two_tile_$model.log" 2>&1
+      done
+      timeout 120 python3 scripts/profile_moe.py qwen3-30b-a3b 16384 \
+        autofused,g2two-autofused >> "$out/profile_two_tile_qwen3.log" 2>&1
+    ) &
+    wait
+    echo "== tests: $(grep -c PASSED "$out/two_tile_tests.log") passed"
+    grep -E "FAILED|ERROR" "$out/two_tile_tests.log" | head -n 10
+    tail -n 1 "$out/two_tile_tests.log"
+    grep -hE "^==|Error|mosaic" "$out"/profile_two_tile_*.log
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

@@ -53,6 +53,8 @@ FUSED_SWIGLU_MAX_TOKENS = moe_config.FUSED_SWIGLU_MAX_TOKENS
 # 64-row CTAs too
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
+# "g2two": GEMM 2 in output tiles of two 128-row weight tiles
+# (config.TWO_TILE_GEMM2, off by default);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
 # "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
 # CTAs, which stream an expert's weights for a few rows);
@@ -278,6 +280,7 @@ def apply_prefixes(prefixes) -> None:
       64 if "midtile" in prefixes else config_lib.TILE_ROWS
     ),
     FUSED_SWIGLU_MAX_TOKENS=max([*tile_rows, FUSED_SWIGLU_MAX_TOKENS]),
+    TWO_TILE_GEMM2="g2two" in prefixes,
   )
   _switch(placement, RANK_BY_COUNTING="sortrank" not in prefixes)
   _switch(

@@ -6,6 +6,10 @@ import math
 WGMMA_ROWS = 64  # rows of the A operand one warpgroup issues
 TILE_ROWS = 2 * WGMMA_ROWS  # weight rows per CTA (two compute warpgroups)
 H200_SMS = 132
+# Tokens of a tile whose warpgroups keep two float32 accumulators (SwiGLU's
+# gate and up, `Config.row_tiles`): one register per token each and thread
+# (160 tokens ran correctly on the H200; 256 would not fit).
+MAX_TWO_TILE_TOKENS = 160
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,14 @@ class Config:
       on another layer, `nvfp4_matmul` regroups the weight per call (a
       copy, for measurements). Only the dense matmul takes it (no SwiGLU,
       planes output or `warp_mma`).
+    row_tiles: 128-row weight tiles per output tile. 2: each compute
+      warpgroup multiplies two 64-row blocks, 128 rows apart, by the same
+      activation tile (as SwiGLU's gate and up), so that a 256-row output
+      tile has the epilogues, pipeline steps and activation loads of one
+      128-row tile: for GEMMs of few K steps (the MoE's down projection).
+      Two float32 accumulators per warpgroup: 128-row persistent CTAs, at
+      most MAX_TWO_TILE_TOKENS tokens, one K split, bf16 output; N a
+      multiple of 256; no SwiGLU, planes output or row pairs.
   """
 
   block_k: int = 128
@@ -61,6 +73,7 @@ class Config:
   mma_parts: int = 2
   warp_mma: bool = False
   row_pairs: bool = False
+  row_tiles: int = 1
 
   def __post_init__(self):
     if self.block_k not in (64, 128, 256, 512):
@@ -87,6 +100,19 @@ class Config:
       raise ValueError("row_pairs has no warp_mma")
     if self.async_mma and self.num_stages < 2:
       raise ValueError("async_mma needs num_stages >= 2")
+    if self.row_tiles not in (1, 2):
+      raise ValueError(f"{self.row_tiles=} must be 1 or 2")
+    if self.row_tiles == 2 and (
+      self.cta_rows != TILE_ROWS
+      or not self.persistent
+      or self.splits != 1
+      or self.row_pairs
+      or self.block_m > MAX_TWO_TILE_TOKENS
+    ):
+      raise ValueError(
+        "row_tiles=2 needs persistent 128-row CTAs, one split, no row pairs"
+        f" and at most {MAX_TWO_TILE_TOKENS} tokens ({self})"
+      )
     if self.async_mma and self.persistent:
       # Slots released a step late leave the pipeline's barriers a phase
       # behind when the next tile reuses them (the interpreter caught it).
@@ -100,9 +126,11 @@ class Config:
   ) -> int:
     """Shared memory of a CTA; the epilogue tile is float32 with split-K
     or `float32_out`, else bf16 (by default the larger is assumed).
-    `weights`: weight tiles per step (2: SwiGLU's gate and up);
-    `scale_tiles`: 128-row scale tiles per step (default one per weight
-    tile; SwiGLU's up rows starting mid-tile take two)."""
+    `weights`: weight tiles per step (2: SwiGLU's gate and up), each of
+    `row_tiles` 128-row tiles; `scale_tiles`: 128-row scale tiles per step
+    (default one per 128 weight rows; SwiGLU's up rows starting mid-tile
+    take two)."""
+    weights *= self.row_tiles
     scale_tiles = weights if scale_tiles is None else scale_tiles
     per_stage = (
       2 * self.block_m * self.block_k  # activations

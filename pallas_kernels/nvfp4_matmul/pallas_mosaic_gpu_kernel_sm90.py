@@ -625,6 +625,12 @@ def matmul(
   an element offset and take their scales from two scale tiles, the other
   half of each. Needs `splits == 1`.
 
+  With `config.row_tiles == 2` an output tile is 256 weight rows: each
+  warpgroup multiplies rows `64 wg` and `128 + 64 wg` (64 each, with their
+  own 128-row scale tiles) by the same activation tile into two
+  accumulators, and stores them one after the other. ceil(N / 128) must
+  be even.
+
   `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
   * block_m)` (grouped GEMM over experts; tokens sorted and padded per
   expert by the caller); a negative entry skips the tile and leaves its
@@ -662,6 +668,9 @@ def matmul(
     raise ValueError(
       "row_pairs takes natural activations [M, K] and no swiglu or planes_out"
     )
+  row_tiles = config.row_tiles
+  if row_tiles > 1 and (swiglu or planes_out or not bf16_out):
+    raise ValueError(f"row_tiles={row_tiles} takes no swiglu or planes_out")
   stacked = not isinstance(x_planes, tuple)
   one_copy = stacked and (ONE_ACTIVATION_COPY or row_pairs)
   planes = (x_planes, x_planes) if stacked else x_planes
@@ -685,10 +694,13 @@ def matmul(
       f"shapes {packed.shape}, {want} not tiled by {cfg}, {splits=}"
     )
   weight_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
+  if weight_tiles % row_tiles:
+    raise ValueError(f"{n=} rows are not whole tiles of {row_tiles} x 128")
   # Output tiles; with swiglu the up rows start `up_blocks` 64-row blocks
   # down, mid-tile when that count is odd.
   inter = n // 2 if swiglu else 0
-  n_tiles = -(-inter // TILE_ROWS) if swiglu else weight_tiles
+  n_tiles = -(-inter // TILE_ROWS) if swiglu else weight_tiles // row_tiles
+  out_tile_rows = TILE_ROWS * row_tiles  # rows of one output tile
   up_blocks = inter // WG_ROWS
   up_mid_tile = up_blocks % 2 == 1
   chunks = -(-plan.k // SCALE_CHUNK_K)
@@ -719,15 +731,18 @@ def matmul(
       refs[len(factors) :],
     )
     a_smem = rest[0] if a_in_smem else None
-    n_accs = 2 if swiglu else 1  # gate and up accumulators with SwiGLU
+    # Gate and up accumulators with SwiGLU; one per 128-row weight tile.
+    n_accs = 2 if swiglu else row_tiles
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
     def in_specs(rows, row_block, mi, k0, expert):
       """Pipeline inputs of one output tile: weight rows `[row_block *
-      rows, +rows)`, both activation planes, the row tile's block scales,
-      and with SwiGLU the up rows (I rows down) and their scales."""
-      per_tile = TILE_ROWS // rows
-      tile = row_block // per_tile
+      rows, +rows)`, both activation planes, the row tile's block scales
+      (`row_tiles` of them), and with SwiGLU the up rows (I rows down) and
+      their scales."""
+      # The block of `row_tiles` scale tiles holding the rows.
+      tile = row_block * rows // (TILE_ROWS * row_tiles)
+      scale_tiles = (None, None) if row_tiles == 1 else (None, row_tiles)
 
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(
@@ -742,7 +757,7 @@ def matmul(
             _swizzled(8, plan.plane_k, half_k),
           ),
           spec(
-            (None, None, plan.scale_chunks, 2, 256),
+            (*scale_tiles, plan.scale_chunks, 2, 256),
             lambda k: (expert, scale_tile, k0 + k, 0, 0),
           ),
         ]
@@ -974,6 +989,14 @@ def matmul(
         wg = lax.axis_index("wg")
         rows = pl.ds(wg * WG_ROWS, WG_ROWS)
         weights = [(w_smem.at[rows], (s_smem, wg, True))]
+        if row_tiles > 1:  # rows wg * 64 of each 128-row tile
+          weights = [
+            (
+              w_smem.at[pl.ds(t * TILE_ROWS + wg * WG_ROWS, WG_ROWS)],
+              (s_smem.at[t], wg, True),
+            )
+            for t in range(row_tiles)
+          ]
         if swiglu:
           w_up, s_up = up_refs
           # Mid-tile, warpgroup wg's up rows are half 1 - wg of the wg-th
@@ -990,13 +1013,18 @@ def matmul(
         def _(accs):
           eval_pipeline(accs)
           wg = lax.axis_index("wg")
-          finish(accs, 2 * ni + wg, expert, mi, si, wg)
+          if row_tiles == 1:
+            finish(accs, 2 * ni + wg, expert, mi, si, wg)
+            return
+          for t, acc in enumerate(accs):  # 64-row blocks, one at a time
+            block = 2 * (row_tiles * ni + t) + wg
+            finish([acc], block, expert, mi, si, wg)
 
       return plgpu.emit_pipeline_warp_specialized(
         mma_body,
         grid=(steps,),
         memory_registers=40,
-        in_specs=in_specs(TILE_ROWS, ni, mi, si * steps, expert),
+        in_specs=in_specs(out_tile_rows, ni, mi, si * steps, expert),
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=cfg.num_stages,
@@ -1088,7 +1116,7 @@ def matmul(
 
   # Outputs have whole row tiles: with a store lying wholly past the end of
   # the output, N=64 came out wrong on the H200, so none is issued.
-  n_rows = n_tiles * TILE_ROWS
+  n_rows = n_tiles * out_tile_rows
   if bf16_out:
     shape = (2, plan.m, n_rows // 2) if planes_out else (plan.m, n_rows)
     out_type = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -1102,7 +1130,7 @@ def matmul(
     o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
   if a_in_smem:
-    a_tiles = (2 if swiglu else 1) * plan.parts
+    a_tiles = (2 if swiglu or row_tiles > 1 else 1) * plan.parts
     # Two plane tiles of part_k columns, or one natural tile of twice that.
     tiles, width = (1, 2 * plan.part_k) if row_pairs else (2, plan.part_k)
     scratch.append(

@@ -21,10 +21,9 @@ FUSED_SWIGLU = True
 # but 337 -> 343 us at 16 tokens (64-row decode CTAs), so decode tiles keep
 # SwiGLU in XLA between the GEMMs.
 FUSED_SWIGLU_MID_TILE = True
-# Token tiles up to this wide fuse SwiGLU: its gate and up float32
-# accumulators take one register per token each and thread (160 tokens ran
-# correctly on the H200; 256 would not fit).
-FUSED_SWIGLU_MAX_TOKENS = 160
+# Token tiles up to this wide fuse SwiGLU (its gate and up float32
+# accumulators take one register per token each and thread).
+FUSED_SWIGLU_MAX_TOKENS = config_lib.MAX_TWO_TILE_TOKENS
 # Groups of at least this many rows on average (prefill) get token tiles
 # sized to the groups (`block_m_for`), up to FUSED_SWIGLU_MAX_TOKENS rows;
 # smaller ones keep tiles of about the mean (decode CTAs below 16).
@@ -46,6 +45,14 @@ MID_TILE_MIN_CTA_ROWS = config_lib.TILE_ROWS
 # decode, may pay for it.
 REMAINDER_TILES = False
 REMAINDER_ROWS = 64
+# GEMM 2 (the down projection: K = I, few K steps a tile) in output tiles
+# of two 128-row weight tiles (`Config.row_tiles`): half the epilogues,
+# pipeline steps and activation loads per weight row, where GEMM 2 ran at
+# ~550 TFLOP/s on the rows it computes against GEMM 1's ~700 (Qwen3-30B-A3B
+# at 4096 tokens, twenty-third session). Off until timed on the H200: it
+# was written without a GPU (twenty-fourth session; interpreter and sm_90
+# lowering tests only).
+TWO_TILE_GEMM2 = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +143,7 @@ def configs_for(
   CTAs have no persistent grid.
   """
   configs = []
-  for n, k in ((2 * inter, hidden), (hidden, inter)):
+  for gemm, (n, k) in enumerate(((2 * inter, hidden), (hidden, inter))):
     config = config_lib.heuristic(
       plan.max_tiles * plan.block_m,
       n,
@@ -161,6 +168,17 @@ def configs_for(
       async_mma=config_lib.overlaps_mma(rows),
       warp_mma=config_lib.warp_mma(rows),
     )
+    if (
+      gemm == 1
+      and TWO_TILE_GEMM2
+      and config.persistent
+      and config.splits == 1
+      and plan.block_m <= config_lib.MAX_TWO_TILE_TOKENS
+      and -(-n // config_lib.TILE_ROWS) % 2 == 0
+    ):
+      config = config_lib.fit_stages(
+        dataclasses.replace(config, row_tiles=2), bf16_out=True
+      )
     configs.append(config)
   return tuple(configs)
 

@@ -162,6 +162,16 @@ def run(x, layer, activation, config=None, interpret=True):
         ),
       ]
     ],
+    # Two 128-row weight tiles an output tile (Config.row_tiles): whole
+    # tiles, a last tile partly past N, several token tiles, sm90 order.
+    *[
+      (m, n, k, config_lib.Config(persistent=True, row_tiles=2, **fields))
+      for m, n, k, fields in [
+        (20, 256, 512, dict(block_k=64, block_m=8)),
+        (5, 400, 256, dict(block_k=128, block_m=8, num_stages=2)),
+        (40, 512, 384, dict(block_k=128, block_m=16, twiddled=True)),
+      ]
+    ],
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -282,6 +292,24 @@ def test_interpret_batch_dims_and_weight_only(rng):
     *[
       (m, n, k, _row_pairs(config_lib.heuristic(m, n, k)))
       for m, n, k in ROW_PAIR_SHAPES
+    ],
+    # Two weight tiles an output tile at the MoE's down projections'
+    # K (Qwen3-30B-A3B, DeepSeek-V3) and largest token tiles.
+    *[
+      (
+        m,
+        n,
+        k,
+        config_lib.Config(
+          block_k=128,
+          block_m=block_m,
+          num_stages=3,
+          persistent=True,
+          row_tiles=2,
+          twiddled=True,
+        ),
+      )
+      for m, n, k, block_m in [(2304, 2048, 768, 144), (2560, 7168, 2048, 160)]
     ],
   ],
 )

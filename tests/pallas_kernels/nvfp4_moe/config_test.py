@@ -3,6 +3,7 @@ GEMMs' configs (overlapped MMA, busy tiles for the split-K heuristic)."""
 
 import pytest
 
+from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import config as moe_config
 
 
@@ -79,3 +80,23 @@ def test_one_token_counts_a_busy_tile_per_expert():
   assert gemm2.splits == 1
   many = moe_config.Plan(tokens=4096, top_k=8, experts=256, block_m=128)
   assert many.busy_tiles == -(-4096 * 8 // 128)
+
+
+@pytest.mark.parametrize("tokens", [16, 1024, 4096, 16384])
+@pytest.mark.parametrize("on", [False, True])
+def test_two_tile_gemm2_only_where_switched_on_and_it_fits(
+  monkeypatch, tokens, on
+):
+  monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", on)
+  plan = moe_config.Plan(
+    tokens=tokens,
+    top_k=8,
+    experts=128,
+    block_m=moe_config.block_m_for(tokens, 8, 128),
+  )
+  gemm1, gemm2 = moe_config.configs_for(plan, 2048, 768, 132)
+  assert gemm1.row_tiles == 1
+  # Persistent 128-row CTAs only (16 tokens: 64-row decode CTAs).
+  assert gemm2.row_tiles == (2 if on and gemm2.persistent else 1)
+  assert gemm2.persistent == (tokens > 16)
+  assert gemm2.smem_bytes(float32_out=False) <= config_lib.SMEM_LIMIT

@@ -207,6 +207,24 @@ def test_interpret_scales_as_operands_equal_the_factor_table(
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_interpret_two_tile_gemm2(rng, monkeypatch, activation):
+  # GEMM 2 (N = H = 256) in one output tile of two 128-row weight tiles:
+  # each warpgroup's two accumulators, scale tiles and epilogues.
+  monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", True)
+  row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
+  check_interpret_against_numpy(
+    rng,
+    (40, 4, 256, 128),
+    activation=activation,
+    weight_layout="sm90",
+    block_m=16,
+    persistent=True,
+    cta_rows=128,
+  )
+  assert row_tiles == [1, 2]
+
+
 @pytest.mark.parametrize(
   "persistent, cta_rows, weight_layout",
   [(False, 128, "natural"), (True, 128, "sm90"), (False, 64, "sm90")],
@@ -584,6 +602,16 @@ def test_remainder_tiles_lower_for_sm90(
   lower_moe(model, 4096, True, None, swiglu, remainder=True)
 
 
+@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
+def test_two_tile_gemm2_lowers_for_sm90(monkeypatch, model):
+  monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", True)
+  gemm1, gemm2 = lower_moe_configs(model, 4096)
+  assert gemm1.row_tiles == 1
+  # gpt-oss-120b's H = 2880 is 23 weight tiles: no pairs of them.
+  assert gemm2.row_tiles == (1 if model == GPT_OSS else 2)
+  lower_moe(model, 4096, True, None, True)
+
+
 def lower_moe(*args, **kwargs):
   trace_moe(*args, **kwargs).lower(lowering_platforms=("cuda",))
 
@@ -789,6 +817,43 @@ def test_group_sized_tiles_on_gpu(
   tolerance.assert_close(
     out, want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
   )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize(
+  "tokens, n_experts, top_k, hidden, inter",
+  [
+    (512, 16, 8, 2048, 768),  # Qwen3-30B-A3B's experts
+    (300, 16, 8, 7168, 2048),  # DeepSeek-V3's, groups of ~150 rows
+  ],
+)
+def test_two_tile_gemm2_on_gpu(
+  rng, monkeypatch, activation, tokens, n_experts, top_k, hidden, inter
+):
+  # Each 64-row block's K steps and MMAs are those of one-tile outputs:
+  # the same numbers, bit for bit, and the reference's.
+  experts, _, x, logits = test_base.make_inputs(
+    rng, tokens, n_experts, hidden, inter
+  )
+  outs = {}
+  for on in (False, True):
+    monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", on)
+    row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
+    outs[on] = np.asarray(
+      pallas_mosaic_gpu.nvfp4_moe(
+        x, logits, experts, top_k=top_k, activation=activation
+      ),
+      np.float32,
+    )
+    assert row_tiles == [1, 2 if on else 1]
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=top_k, activation=activation, implementation="xla"
+  )
+  tolerance.assert_close(
+    outs[True], want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
+  )
+  np.testing.assert_array_equal(outs[True], outs[False])
 
 
 @pytest.mark.gpu
