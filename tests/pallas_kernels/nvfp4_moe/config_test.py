@@ -7,6 +7,16 @@ from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_moe import config as moe_config
 
 
+def plan_for(tokens, top_k, experts):
+  """The plan of a call with the heuristic's token tiles."""
+  return moe_config.Plan(
+    tokens=tokens,
+    top_k=top_k,
+    experts=experts,
+    block_m=moe_config.block_m_for(tokens, top_k, experts),
+  )
+
+
 @pytest.mark.parametrize(
   "tokens, top_k, n_experts, want",
   [
@@ -58,12 +68,7 @@ def test_group_sized_tiles_hold_a_group_two_deviations_up(
 def test_configs_overlap_mma_only_on_64_row_ctas(tokens, cta_rows, persistent):
   # async_mma releases pipeline slots a step late, which the persistent
   # grid's reused barriers cannot take (config.Config).
-  plan = moe_config.Plan(
-    tokens=tokens,
-    top_k=8,
-    experts=128,
-    block_m=moe_config.block_m_for(tokens, 8, 128),
-  )
+  plan = plan_for(tokens, 8, 128)
   for config in moe_config.configs_for(
     plan, 2048, 768, 132, persistent, cta_rows
   ):
@@ -88,12 +93,7 @@ def test_two_tile_gemm2_only_where_switched_on_and_it_fits(
   monkeypatch, tokens, on
 ):
   monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", on)
-  plan = moe_config.Plan(
-    tokens=tokens,
-    top_k=8,
-    experts=128,
-    block_m=moe_config.block_m_for(tokens, 8, 128),
-  )
+  plan = plan_for(tokens, 8, 128)
   gemm1, gemm2 = moe_config.configs_for(plan, 2048, 768, 132)
   assert gemm1.row_tiles == 1
   # Persistent 128-row CTAs only (16 tokens: 64-row decode CTAs).

@@ -23,6 +23,7 @@ from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from tests import conftest
 from tests import tolerance
 from tests.pallas_kernels import jaxpr_checks
+from tests.pallas_kernels.nvfp4_moe import config_test
 from tests.pallas_kernels.nvfp4_moe import test_base
 
 # Real models: (experts, top_k, hidden, intermediate).
@@ -533,12 +534,7 @@ def test_group_sized_tiles_lower_for_sm90(model):
 
 def lower_moe_configs(model, tokens):
   n_experts, top_k, hidden, inter = model
-  plan = moe_config.Plan(
-    tokens=tokens,
-    top_k=top_k,
-    experts=n_experts,
-    block_m=moe_config.block_m_for(tokens, top_k, n_experts),
-  )
+  plan = config_test.plan_for(tokens, top_k, n_experts)
   return moe_config.configs_for(plan, hidden, inter, 132)
 
 
@@ -555,12 +551,7 @@ def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
 def test_gpt_oss_in_partial_k_steps_lowers_for_sm90(monkeypatch, tokens):
   monkeypatch.setattr(config_lib, "RAGGED_K_STEPS", True)
-  plan = moe_config.Plan(
-    tokens=tokens,
-    top_k=4,
-    experts=128,
-    block_m=moe_config.block_m_for(tokens, 4, 128),
-  )
+  plan = config_test.plan_for(tokens, 4, 128)
   for config in moe_config.configs_for(plan, 2880, 2880, 132):
     # 11.25 steps in decode tiles, 22.5 in 128-token tiles
     assert config.block_k == (256 if plan.block_m <= 64 else 128)

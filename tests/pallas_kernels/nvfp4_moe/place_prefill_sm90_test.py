@@ -20,6 +20,7 @@ from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import place_prefill_sm90
 from pallas_kernels.nvfp4_moe import placement
 from pallas_kernels.nvfp4_moe import route_decode_sm90
+from tests.pallas_kernels.nvfp4_moe import config_test
 from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
 from tests.pallas_kernels.nvfp4_moe import route_decode_sm90_test
 from tests.pallas_kernels.nvfp4_moe import test_base
@@ -38,7 +39,7 @@ CASES = [
 
 def _route_and_place(logits, top_k):
   tokens, experts = logits.shape
-  plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
+  plan = config_test.plan_for(tokens, top_k, experts)
   _, ids, within, chunk_counts = route_decode_sm90.route_and_place(
     logits, top_k, place=False, rank=True
   )
@@ -133,7 +134,7 @@ def _logits(rng, tokens, experts, dtype=jnp.float32):
 @pytest.mark.parametrize("tokens, experts, top_k", [*CASES, (16384, 128, 8)])
 def test_equals_sort_by_expert(rng, tokens, experts, top_k):
   logits = _logits(rng, tokens, experts)
-  plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
+  plan = config_test.plan_for(tokens, top_k, experts)
   route = jax.jit(functools.partial(_route_and_place, top_k=top_k))
   ids, placed = route(logits)
   want = jax.jit(lambda i: placement.sort_by_expert(i, plan))(ids)
@@ -158,7 +159,7 @@ def _check_placed(placed, want):
 def test_every_token_on_one_expert(rng, tokens, experts, top_k):
   logits = np.array(_logits(rng, tokens, experts))
   logits[:, 3] = 40.0  # every token's first expert
-  plan = route_decode_sm90_test.plan_for(tokens, experts, top_k)
+  plan = config_test.plan_for(tokens, top_k, experts)
   ids, placed = jax.jit(functools.partial(_route_and_place, top_k=top_k))(
     jnp.asarray(logits)
   )

@@ -16,10 +16,10 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels.nvfp4_moe import base
-from pallas_kernels.nvfp4_moe import config as moe_config
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import placement
 from pallas_kernels.nvfp4_moe import route_decode_sm90
+from tests.pallas_kernels.nvfp4_moe import config_test
 from tests.pallas_kernels.nvfp4_moe import pallas_mosaic_gpu_test
 from tests.pallas_kernels.nvfp4_moe import test_base
 
@@ -28,18 +28,9 @@ from tests.pallas_kernels.nvfp4_moe import test_base
 CASES = [(16, 128, 8), (16, 8, 2), (16, 128, 4), (5, 40, 3), (1, 128, 8)]
 
 
-def plan_for(tokens, experts, top_k):
-  return moe_config.Plan(
-    tokens=tokens,
-    top_k=top_k,
-    experts=experts,
-    block_m=moe_config.block_m_for(tokens, top_k, experts),
-  )
-
-
 def _route_and_place(logits, top_k):
   tokens, experts = logits.shape
-  plan = plan_for(tokens, experts, top_k)
+  plan = config_test.plan_for(tokens, top_k, experts)
   return route_decode_sm90.route_and_place(
     logits,
     top_k,
@@ -210,7 +201,7 @@ def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
     np.asarray(got[0]), np.asarray(want_weights), rtol=2e-6, atol=1e-7
   )
   if tokens > 1:
-    plan = plan_for(tokens, experts, top_k)
+    plan = config_test.plan_for(tokens, top_k, experts)
     placed = jax.jit(lambda ids: placement.count_by_expert(ids, plan))(want_ids)
     for a, b in zip(got[2:], placed, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
