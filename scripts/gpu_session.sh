@@ -306,10 +306,10 @@ case "${1:-tier}" in
       PROFILE_ALL_KERNELS=1 timeout 150 python3 scripts/profile_moe.py \
         qwen3-30b-a3b 4096 autofused,g2two-autofused,autofused \
         > "$out/profile_two_tile_qwen3.log" 2>&1
-      for model in mixtral-8x7b deepseek-v3; do
-        timeout 110 python3 scripts/profile_moe.py "$model" 4096 \
-          autofused,g2two-autofused > "$out/profile_two_tile_$model.log" 2>&1
-      done
+      timeout 110 python3 scripts/profile_moe.py mixtral-8x7b 4096 \
+        autofused,g2two-autofused > "$out/profile_two_tile_mixtral.log" 2>&1
+      timeout 150 python3 scripts/profile_moe.py deepseek-v3 4096 \
+        autofused,g2two-autofused > "$out/profile_two_tile_deepseek.log" 2>&1
       timeout 120 python3 scripts/profile_moe.py qwen3-30b-a3b 16384 \
         autofused,g2two-autofused >> "$out/profile_two_tile_qwen3.log" 2>&1
     ) &

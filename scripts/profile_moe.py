@@ -128,6 +128,19 @@ PREFIXES = (
   "xlarouting",
   "xlagather",
   "xlaplace",
+  "g2two",
+)
+# What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
+VARIANTS = (
+  "plain",
+  "persistent",
+  "fused",
+  "rows64",
+  "rows64fused",
+  "auto",
+  "autofused",
+  "wide",
+  "wideplain",
 )
 
 
@@ -136,10 +149,17 @@ def _is_prefix(head: str) -> bool:
 
 
 def _prefixes(name: str) -> tuple[set[str], str]:
+  """(prefixes, variant) of a command-line variant name; an unknown prefix
+  or variant is refused before any GPU work."""
   found = set()
   while _is_prefix(head := name.split("-", 1)[0]) and "-" in name:
     found.add(head)
     name = name.split("-", 1)[1]
+  if name not in VARIANTS:
+    raise ValueError(
+      f"unknown variant or prefix in {name!r}: prefixes {PREFIXES} (and"
+      f" bmN), then one of {VARIANTS}"
+    )
   return found, name
 
 
@@ -298,6 +318,8 @@ def main(argv):
   name = argv[0] if argv else "qwen3-30b-a3b"
   tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
   variants = argv[2].split(",") if len(argv) > 2 else ["persistent"]
+  for name in variants:  # a typo fails here, before any GPU work
+    _prefixes(name)
   n_experts, top_k, hidden, inter = arg_specs.MOE_MODELS[name]
   experts = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
   for t in tokens:

@@ -1,6 +1,8 @@
 """The MoE profiler's variant prefixes set switches the library has."""
 
 import importlib
+import pathlib
+import re
 
 import pytest
 
@@ -51,3 +53,21 @@ def test_prefixes_set_their_switches(profile_moe):
 def test_a_missing_switch_is_refused(profile_moe):
   with pytest.raises(AttributeError, match="no switch SORT_BY_EXPERT"):
     profile_moe._switch(pallas_mosaic_gpu, SORT_BY_EXPERT=True)
+
+
+def test_gpu_session_variants_parse(profile_moe):
+  # Each profile_moe.py call in gpu_session.sh names known prefixes and
+  # variants (an unknown one would spend a device call on an error).
+  lines = pathlib.Path("scripts/gpu_session.sh").read_text().splitlines()
+  commands = "\n".join(x for x in lines if not x.lstrip().startswith("#"))
+  calls = re.findall(
+    r"profile_moe\.py\s+(\S+)\s+(\S+)\s+(\S+)",
+    commands.replace("\\\n", " "),
+  )
+  literal = [v for _, _, v in calls if "$" not in v]
+  assert len(literal) >= 10
+  for variants in literal:
+    for name in variants.split(","):
+      profile_moe._prefixes(name)
+  with pytest.raises(ValueError, match="unknown variant"):
+    profile_moe._prefixes("g2too-autofused")
