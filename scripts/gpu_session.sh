@@ -66,7 +66,8 @@
 #                                         # tiles: their GPU tests on GPU 0,
 #                                         # MoE profiles with and without
 #                                         # it at 4096 and 16384 tokens on
-#                                         # GPU 1
+#                                         # GPU 1 (and at 16 tokens in
+#                                         # 128-row CTAs on GPU 0)
 #   bash scripts/gpu_session.sh row_pairs # on nvidia-h200-x2, ~8 min: the
 #                                         # row-pair layout (Config.row_pairs,
 #                                         # natural activations, no split):
@@ -295,12 +296,18 @@ case "${1:-tier}" in
     # placement tests (the placement kernel also counts the used tiles)
     # and the routing tests on GPU 0; one-call profiles, default first and
     # last, on GPU 1 (every kernel listed at 4096 tokens).
-    CUDA_VISIBLE_DEVICES=0 timeout 420 python3 -m pytest -v -p no:cacheprovider \
-      -m gpu tests/pallas_kernels/nvfp4_moe/place_prefill_sm90_test.py \
-      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
-      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
-      -k "place or route or two_tile or qwen3_sized or group_sized" \
-      > "$out/two_tile_tests.log" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout 420 python3 -m pytest -v -p no:cacheprovider -m gpu \
+        tests/pallas_kernels/nvfp4_moe/place_prefill_sm90_test.py \
+        tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+        tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
+        -k "place or route or two_tile or qwen3_sized or group_sized" \
+        > "$out/two_tile_tests.log" 2>&1
+      timeout 90 python3 scripts/profile_moe.py qwen3-30b-a3b 16 \
+        autofused,g2wide-autofused,g2wide-g2two-autofused \
+        > "$out/profile_two_tile_decode.log" 2>&1
+    ) &
     (
       export CUDA_VISIBLE_DEVICES=1
       PROFILE_ALL_KERNELS=1 timeout 150 python3 scripts/profile_moe.py \

@@ -54,7 +54,7 @@ FUSED_SWIGLU_MAX_TOKENS = moe_config.FUSED_SWIGLU_MAX_TOKENS
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
 # "g2two": GEMM 2 in output tiles of two 128-row weight tiles
-# (config.TWO_TILE_GEMM2, off by default);
+# (config.TWO_TILE_GEMM2, off by default; with "g2wide" at decode too);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
 # "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
 # CTAs, which stream an expert's weights for a few rows);
@@ -241,6 +241,9 @@ def _configs_for(
       async_mma=False,
       warp_mma=False,
     )
+    if moe_config.TWO_TILE_GEMM2 and hidden % (2 * config_lib.TILE_ROWS) == 0:
+      # With "g2two": decode tiles in two-tile outputs too (one K split).
+      wide = dataclasses.replace(wide, row_tiles=2, splits=1)
     configs = [configs[0], _fitting_stages(wide, weights=1, bf16_out=True)]
   if no_split:
     configs = [dataclasses.replace(c, splits=1) for c in configs]
