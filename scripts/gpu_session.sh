@@ -88,11 +88,12 @@
 #   bash scripts/gpu_session.sh moe MODELS TOKENS [budget s]
 #                                         # benchmarks.moe, Pallas W4A16
 #                                         # and ragged_dot only
-#   bash scripts/gpu_session.sh tune SHAPES TOKENS CONFIGS [name]
+#   bash scripts/gpu_session.sh tune SHAPES TOKENS CONFIGS [name] [layout]
 #                                         # benchmarks.tune_matmul: the
 #                                         # heuristic's config against
 #                                         # overrides, e.g. 8192:28672 1,16
 #                                         # "async_mma=1;num_stages=6"
+#                                         # (layout: sm90 or sm90_row_pairs)
 #   bash scripts/gpu_session.sh profile MODEL TOKENS VARIANTS
 #                                         # scripts/profile_moe.py: time
 #                                         # per kernel of one MoE call,
@@ -417,8 +418,8 @@ case "${1:-tier}" in
     ;;
   tune)
     timeout 580 python3 -m benchmarks.tune_matmul --shapes "$2" \
-      --tokens "$3" --configs "$4" --out "$out/tune_${5:-h200}.json" 2>&1 \
-      | grep -E "TB/s|WRONG|FAILED"
+      --tokens "$3" --configs "$4" --out "$out/tune_${5:-h200}.json" \
+      --weight-layout "${6:-sm90}" 2>&1 | grep -E "TB/s|WRONG|FAILED"
     ;;
   profile)
     timeout 580 python3 scripts/profile_moe.py "$2" "$3" "$4" 2>&1 \
