@@ -218,6 +218,9 @@ def _place(*refs, top_k, block_m):
       scalar.store(arith.divui(pair, c(top_k)), token, row)
 
     # Experts cta, cta + chunks, ...: padding rows and tiles.
+    group = functools.partial(
+      scalar.write_group, tokens=tokens, block_m=block_m, thread=tid
+    )
     for first in range(0, experts, chunks):
       expert = arith.addi(cta, c(first))
       valid = scalar.lt(expert, c(experts))
@@ -225,17 +228,7 @@ def _place(*refs, top_k, block_m):
       end = scalar.load(ends, expert)
       count = scalar.load(counts, expert)
       start = arith.subi(end, scalar.round_up(count, block_m))
-      for j in range(0, block_m - 1, THREADS):  # count to the tile's end
-        row = arith.addi(arith.addi(start, count), arith.addi(tid, c(j)))
-        with mgpu_utils.when(arith.andi(valid, scalar.lt(row, end))):
-          scalar.store(c(tokens), token, row)
-      # An expert has at most one pair a token: <= ceil(T / block_m) tiles.
-      first_tile = arith.divui(start, c(block_m))
-      for j in range(0, -(-tokens // block_m), THREADS):
-        at = arith.addi(first_tile, arith.addi(tid, c(j)))
-        inside = scalar.lt(arith.muli(at, c(block_m)), end)
-        with mgpu_utils.when(arith.andi(valid, inside)):
-          scalar.store(expert, tile, at)
+      group(expert, valid, start, count, end, token, tile, step=THREADS)
 
     # Rows and tiles past the used ones, spread over the CTAs.
     used = scalar.load(ends, c(experts - 1))
@@ -243,17 +236,14 @@ def _place(*refs, top_k, block_m):
       arith.andi(scalar.eq(cta, c(0)), scalar.eq(tid, c(0)))
     ):
       scalar.store(arith.divui(used, c(block_m)), used_tiles, c(0))
-    cta_first = arith.addi(arith.muli(cta, c(THREADS)), tid)
-    for first in range(0, n_rows, chunks * THREADS):
-      row = arith.addi(cta_first, c(first))
-      past = arith.andi(scalar.lt(row, c(n_rows)), scalar.ge(row, used))
-      with mgpu_utils.when(past):
-        scalar.store(c(tokens), token, row)
-    for first in range(0, n_tiles, chunks * THREADS):
-      at = arith.addi(cta_first, c(first))
-      tile_row = arith.muli(at, c(block_m))
-      past = arith.andi(scalar.lt(at, c(n_tiles)), scalar.ge(tile_row, used))
-      with mgpu_utils.when(past):
-        scalar.store(c(-1), tile, at)
+    scalar.write_past_used(
+      used,
+      token,
+      tile,
+      tokens=tokens,
+      block_m=block_m,
+      thread=arith.addi(arith.muli(cta, c(THREADS)), tid),
+      step=chunks * THREADS,
+    )
 
   place(*refs)

@@ -345,31 +345,26 @@ def _route(logits_ref, *refs, top_k, block_m, place, rank, routed_scaling):
     count = expert_count(expert)
     start = scalar.load(starts, expert)
     end = arith.addi(start, scalar.round_up(count, block_m))
-    for j in range(block_m - 1):  # padding rows: count to the tile's end
-      row = arith.addi(arith.addi(start, count), c(j))
-      with mgpu_utils.when(arith.andi(in_experts, scalar.lt(row, end))):
-        scalar.store(c(tokens), token_ref, row)
-    # An expert has at most one pair a token: <= T rows.
-    first_tile = arith.divui(start, c(block_m))
-    for j in range(-(-tokens // block_m)):
-      tile = arith.addi(first_tile, c(j))
-      inside = scalar.lt(arith.muli(tile, c(block_m)), end)
-      with mgpu_utils.when(arith.andi(in_experts, inside)):
-        scalar.store(expert, tile_ref, tile)
-    used = scalar.load(used_rows, c(0))
-    (n_rows,) = scalar.shape(token_ref)
-    (n_tiles,) = scalar.shape(tile_ref)
-    for first in range(0, n_rows, THREADS):
-      row = arith.addi(tid, c(first))
-      past = arith.andi(scalar.lt(row, c(n_rows)), scalar.ge(row, used))
-      with mgpu_utils.when(past):
-        scalar.store(c(tokens), token_ref, row)
-    for first in range(0, n_tiles, THREADS):
-      tile = arith.addi(tid, c(first))
-      tile_row = arith.muli(tile, c(block_m))
-      past = arith.andi(scalar.lt(tile, c(n_tiles)), scalar.ge(tile_row, used))
-      with mgpu_utils.when(past):
-        scalar.store(c(-1), tile_ref, tile)
+    scalar.write_group(
+      expert,
+      in_experts,
+      start,
+      count,
+      end,
+      token_ref,
+      tile_ref,
+      tokens=tokens,
+      block_m=block_m,
+    )
+    scalar.write_past_used(
+      scalar.load(used_rows, c(0)),
+      token_ref,
+      tile_ref,
+      tokens=tokens,
+      block_m=block_m,
+      thread=tid,
+      step=THREADS,
+    )
 
   route(logits_ref, *outs, *scratch)
 

@@ -135,3 +135,59 @@ def padded_groups(count_of, experts: int, block_m: int, lane):
     groups.append((valid, expert, count, start, rows))
     start = arith.addi(start, rows)
   return groups, through
+
+
+def write_group(
+  expert,
+  valid,
+  start,
+  count,
+  end,
+  token_ref,
+  tile_ref,
+  *,
+  tokens: int,
+  block_m: int,
+  thread=None,
+  step: int = 1,
+):
+  """If `valid`: the padding rows of `expert`'s group (its `count` rows
+  from `start`, padded to `end`) get token `tokens` (a zero row), and its
+  tiles its id. One thread writes them all (`thread` None), or threads
+  share them: thread t (`thread`) rows and tiles t, t + `step`, ...."""
+
+  def offset(j):
+    return const(j) if thread is None else arith.addi(thread, const(j))
+
+  for j in range(0, block_m - 1, step):  # count to the tile's end
+    row = arith.addi(arith.addi(start, count), offset(j))
+    with mgpu_utils.when(arith.andi(valid, lt(row, end))):
+      store(const(tokens), token_ref, row)
+  # An expert has at most one pair a token: <= ceil(T / block_m) tiles.
+  first_tile = arith.divui(start, const(block_m))
+  for j in range(0, -(-tokens // block_m), step):
+    tile = arith.addi(first_tile, offset(j))
+    inside = lt(arith.muli(tile, const(block_m)), end)
+    with mgpu_utils.when(arith.andi(valid, inside)):
+      store(expert, tile_ref, tile)
+
+
+def write_past_used(
+  used, token_ref, tile_ref, *, tokens: int, block_m: int, thread, step: int
+):
+  """Rows from `used` on get token `tokens` and tiles from `used /
+  block_m` on -1 (no expert); thread t (`thread`) takes rows and tiles t,
+  t + `step`, ...."""
+  (n_rows,) = shape(token_ref)
+  (n_tiles,) = shape(tile_ref)
+  for first in range(0, n_rows, step):
+    row = arith.addi(thread, const(first))
+    past = arith.andi(lt(row, const(n_rows)), ge(row, used))
+    with mgpu_utils.when(past):
+      store(const(tokens), token_ref, row)
+  for first in range(0, n_tiles, step):
+    tile = arith.addi(thread, const(first))
+    tile_row = arith.muli(tile, const(block_m))
+    past = arith.andi(lt(tile, const(n_tiles)), ge(tile_row, used))
+    with mgpu_utils.when(past):
+      store(const(-1), tile_ref, tile)
