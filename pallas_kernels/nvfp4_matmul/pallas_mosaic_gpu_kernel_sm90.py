@@ -701,6 +701,9 @@ def matmul(
   inter = n // 2 if swiglu else 0
   n_tiles = -(-inter // TILE_ROWS) if swiglu else weight_tiles // row_tiles
   out_tile_rows = TILE_ROWS * row_tiles  # rows of one output tile
+  # Accumulators per warpgroup: gate and up with SwiGLU, else one per
+  # 128-row weight tile of the output tile.
+  n_accs = 2 if swiglu else row_tiles
   up_blocks = inter // WG_ROWS
   up_mid_tile = up_blocks % 2 == 1
   chunks = -(-plan.k // SCALE_CHUNK_K)
@@ -731,8 +734,6 @@ def matmul(
       refs[len(factors) :],
     )
     a_smem = rest[0] if a_in_smem else None
-    # Gate and up accumulators with SwiGLU; one per 128-row weight tile.
-    n_accs = 2 if swiglu else row_tiles
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
     def in_specs(rows, row_block, mi, k0, expert):
@@ -844,9 +845,9 @@ def matmul(
 
     def decode_and_mma(w, scales, xe_smem, xo_smem, acc_ref, *, slot, part):
       """Decodes K part `part` of a [64, plane_k] weight tile and issues
-      both nibble planes' wgmmas (two groups); -> the wgmmas issued. `scales`: (the 128-row scale
-      tile, the half its rows are in, whether that half is the warpgroup
-      index of a two-warpgroup CTA). With `row_pairs`: one A tile of
+      both nibble planes' wgmmas (two groups); -> the wgmmas issued.
+      `scales`: (the 128-row scale tile, the half its rows are in, whether
+      that half is the warpgroup index of a two-warpgroup CTA). With `row_pairs`: one A tile of
       natural K columns and one wgmma against the natural activations
       (`xe_smem`)."""
       if a_in_smem:
@@ -1130,7 +1131,7 @@ def matmul(
     o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
   scratch = [o_smem]
   if a_in_smem:
-    a_tiles = (2 if swiglu or row_tiles > 1 else 1) * plan.parts
+    a_tiles = n_accs * plan.parts
     # Two plane tiles of part_k columns, or one natural tile of twice that.
     tiles, width = (1, 2 * plan.part_k) if row_pairs else (2, plan.part_k)
     scratch.append(

@@ -62,9 +62,9 @@ GATHER_WORDS = True
 # (first version); alone at 16384 Qwen3 tokens (HBM-bound) 261 -> 255.
 GATHER_KERNEL = True
 GATHER_KERNEL_MIN_ROWS = 4096
-# Up to this many (token, expert) pairs, `count_by_expert` places them with
-# a few comparison counts instead of `placement.sort_by_expert`'s argsort, cumsum and
-# scatters (~11 small XLA kernels). H200, one call each (CUPTI): Qwen3-30B-A3B
+# Up to this many (token, expert) pairs, `placement.count_by_expert` places
+# them with a few comparison counts instead of `placement.sort_by_expert`'s
+# argsort, cumsum and scatters (~11 small XLA kernels). H200, one call each (CUPTI): Qwen3-30B-A3B
 # 110.2 -> 105.3 us at 16 tokens, 155.0 -> 149.5 at 64, 273.7 -> 261.1 at
 # 256 (2048 pairs); DeepSeek-V3 802 -> 793 at 16, 1744 -> 1731 at 64. Larger
 # counts are unmeasured (the work grows as pairs x rows).
@@ -542,7 +542,10 @@ def _forward(
     place = placement.direct_tiles
   else:
     place = placement.count_by_expert if counted else placement.sort_by_expert
-  position, token, tile_expert, *used_tiles = placed or place(ids, plan)
+  position, token, tile_expert, *counted_tiles = placed or place(ids, plan)
+  # The placement kernel's count of used tiles, if it made `placed` (it
+  # places no remainder tiles: its count is the bulk tiles').
+  used_tiles = counted_tiles[0] if counted_tiles else None
   gemms = functools.partial(
     _expert_gemms,
     w13=w13,
@@ -565,9 +568,7 @@ def _forward(
       tile_expert[: plan.max_tiles],
       plan.block_m,
       configs,
-      # The placement kernel counts them over all tiles: bulk tiles only
-      # when there are no remainder tiles.
-      used_tiles=None if plan.remainder_m else next(iter(used_tiles), None),
+      used_tiles=used_tiles,
     )
     if plan.remainder_m:
       y_remainder = gemms(
