@@ -136,6 +136,13 @@ export NCCL_NVLS_ENABLE=0
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+
+# A pytest -v log's passes, failures (first ten) and last line.
+test_summary() {
+  echo "== tests: $(grep -c PASSED "$1") passed"
+  grep -E "FAILED|ERROR" "$1" | head -n 10
+  tail -n 1 "$1"
+}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case "${1:-tier}" in
   tier)
@@ -217,9 +224,7 @@ case "${1:-tier}" in
       --tokens 1,16 --configs "warp_mma=1,async_mma=0;warp_mma=1,async_mma=0,num_stages=3" \
       --out "$out/tune_warp_mma_h200.json" > "$out/tune_warp.log" 2>&1
     wait
-    echo "== tests: $(grep -c PASSED "$out/warp_mma_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/warp_mma_tests.log" | head -n 10
-    tail -n 1 "$out/warp_mma_tests.log"
+    test_summary "$out/warp_mma_tests.log"
     grep -E "K=" "$out/diag_warp.log"
     grep -E "TB/s|WRONG|FAILED" "$out/tune_warp.log"
     grep -hE "^==" "$out"/profile_warp_*.log
@@ -244,9 +249,7 @@ case "${1:-tier}" in
       7168:2048,2048:5120,28672:8192 16,64,256,2048,8192 nvfp4 operands,planes \
       > "$out/profile_planes.log" 2>&1 &
     wait
-    echo "== tests: $(grep -c PASSED "$out/planes_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/planes_tests.log" | head -n 10
-    tail -n 1 "$out/planes_tests.log"
+    test_summary "$out/planes_tests.log"
     grep -E "^==" "$out/profile_planes.log"
     ;;
   routing)
@@ -261,9 +264,7 @@ case "${1:-tier}" in
       done
     ) &
     wait
-    echo "== tests: $(grep -c PASSED "$out/routing_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/routing_tests.log" | head -n 10
-    tail -n 1 "$out/routing_tests.log"
+    test_summary "$out/routing_tests.log"
     grep -hE "^==|Error" "$out"/profile_routing_*.log
     ;;
   placement)
@@ -287,9 +288,7 @@ case "${1:-tier}" in
         xlaplace-autofused,autofused >> "$out/profile_place_qwen3.log" 2>&1
     ) &
     wait
-    echo "== tests: $(grep -c PASSED "$out/placement_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/placement_tests.log" | head -n 10
-    tail -n 1 "$out/placement_tests.log"
+    test_summary "$out/placement_tests.log"
     grep -hE "^==|Error|mosaic" "$out"/profile_place_*.log
     ;;
   two_tile)
@@ -322,9 +321,7 @@ case "${1:-tier}" in
         autofused,g2two-autofused >> "$out/profile_two_tile_qwen3.log" 2>&1
     ) &
     wait
-    echo "== tests: $(grep -c PASSED "$out/two_tile_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/two_tile_tests.log" | head -n 10
-    tail -n 1 "$out/two_tile_tests.log"
+    test_summary "$out/two_tile_tests.log"
     grep -hE "^==|Error|mosaic" "$out"/profile_two_tile_*.log
     ;;
   placement_rows)
@@ -350,9 +347,7 @@ case "${1:-tier}" in
         --time-budget 380 --out "$out/moe_h200_b.json" > "$out/bench_b.log" 2>&1
     ) &
     wait
-    echo "== tests: $(grep -c PASSED "$out/placement_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/placement_tests.log" | head -n 10
-    tail -n 1 "$out/placement_tests.log"
+    test_summary "$out/placement_tests.log"
     grep -hE "^==|Error|mosaic" "$out"/profile_place_qwen3.log
     grep -hE "TB/s|wrote|rel|failed" "$out"/bench_*.log
     ;;
@@ -406,8 +401,7 @@ case "${1:-tier}" in
       8192:28672,28672:8192,7168:2048 1,16 full,no_mma "row_pairs=1" \
       > "$out/diag_row_pairs.log" 2>&1 &
     wait
-    echo "== tests: $(grep -c PASSED "$out/row_pairs_tests.log") passed"
-    grep -E "FAILED|ERROR" "$out/row_pairs_tests.log" | head -n 10
+    test_summary "$out/row_pairs_tests.log"
     grep -E "^==" "$out/profile_row_pairs.log"
     cat "$out/diag_row_pairs.log" | tail -n 30
     ;;
