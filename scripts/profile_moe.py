@@ -253,6 +253,11 @@ def _configs_for(
   return tuple(configs)
 
 
+def _tile_rows(prefixes) -> list[int]:
+  """The token tiles the "bmN" prefixes ask for."""
+  return [int(p[2:]) for p in prefixes if p[:2] == "bm"]
+
+
 def _switch(module, **values):
   """Sets module switches, refusing names the module lacks (a plain
   assignment to a moved or renamed switch would silently do nothing)."""
@@ -268,7 +273,7 @@ def apply_prefixes(prefixes) -> None:
   remainder_rows = (
     16 if "rem16" in prefixes else 32 if "rem32" in prefixes else 64
   )
-  tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
+  tile_rows = _tile_rows(prefixes)
   _switch(
     pallas_mosaic_gpu,
     DIRECT_DECODE="sorted" not in prefixes,
@@ -352,7 +357,7 @@ def main(argv):
       )
       jax.clear_caches()  # the module switches below are not jit keys
       apply_prefixes(prefixes)
-      tile_rows = [int(p[2:]) for p in prefixes if p[:2] == "bm"]
+      tile_rows = _tile_rows(prefixes)
       node = dict(experts)
       if "unpadded" in prefixes:
         pad, transform.PAD_INTERMEDIATE_TO_TILES = (
