@@ -322,12 +322,20 @@ def apply_prefixes(prefixes) -> None:
   )
 
 
-def main(argv):
+def parse_args(argv):
+  """(model, token counts, variants) from the command line, checked."""
   name = argv[0] if argv else "qwen3-30b-a3b"
   tokens = [int(t) for t in argv[1].split(",")] if len(argv) > 1 else [1, 16]
   variants = argv[2].split(",") if len(argv) > 2 else ["persistent"]
-  for name in variants:  # a typo fails here, before any GPU work
-    _prefixes(name)
+  if name not in arg_specs.MOE_MODELS:
+    raise SystemExit(f"unknown model {name!r}: {sorted(arg_specs.MOE_MODELS)}")
+  for variant in variants:  # a typo fails here, before any GPU work
+    _prefixes(variant)
+  return name, tokens, variants
+
+
+def main(argv):
+  name, tokens, variants = parse_args(argv)
   n_experts, top_k, hidden, inter = arg_specs.MOE_MODELS[name]
   experts = moe.random_experts(jax.random.key(0), n_experts, hidden, inter)
   for t in tokens:

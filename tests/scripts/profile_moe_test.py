@@ -64,10 +64,15 @@ def test_gpu_session_variants_parse(profile_moe):
     r"profile_moe\.py\s+(\S+)\s+(\S+)\s+(\S+)",
     commands.replace("\\\n", " "),
   )
-  literal = [v for _, _, v in calls if "$" not in v]
+  literal = [c for c in calls if "$" not in c[2]]
   assert len(literal) >= 10
-  for variants in literal:
-    for name in variants.split(","):
-      profile_moe._prefixes(name)
+  for model, tokens, variants in literal:
+    # Shell variables stand for a model or token list given elsewhere.
+    model = "qwen3-30b-a3b" if "$" in model else model
+    tokens = "16" if "$" in tokens else tokens
+    name, _, parsed = profile_moe.parse_args([model, tokens, variants])
+    assert name == model and parsed == variants.split(",")
   with pytest.raises(ValueError, match="unknown variant"):
-    profile_moe._prefixes("g2too-autofused")
+    profile_moe.parse_args(["qwen3-30b-a3b", "16", "g2too-autofused"])
+  with pytest.raises(SystemExit, match="unknown model"):
+    profile_moe.parse_args(["autofused", "16", "autofused"])
