@@ -61,7 +61,7 @@
 #                                         # tokens) over both GPUs
 #   bash scripts/gpu_session.sh two_tile  # on nvidia-h200-x2, ~7 min: GEMM
 #                                         # 2 in two-tile outputs
-#                                         # (config.TWO_TILE_GEMM2, off)
+#                                         # (config.TWO_TILE_GEMM2, on)
 #                                         # and the placement kernel's used
 #                                         # tiles: their GPU tests on GPU 0,
 #                                         # MoE profiles with and without
@@ -88,6 +88,10 @@
 #   bash scripts/gpu_session.sh moe MODELS TOKENS [budget s]
 #                                         # benchmarks.moe, Pallas W4A16
 #                                         # and ragged_dot only
+#   bash scripts/gpu_session.sh repeat_rows MODELS TOKENS [N]
+#                                         # benchmarks.moe rows N times
+#                                         # (default 3) on GPU 0, clocks
+#                                         # sampled alongside (clocks.csv)
 #   bash scripts/gpu_session.sh tune SHAPES TOKENS CONFIGS [name] [layout]
 #                                         # benchmarks.tune_matmul: the
 #                                         # heuristic's config against
@@ -294,8 +298,8 @@ case "${1:-tier}" in
   two_tile)
     # GEMM 2 in output tiles of two 128-row weight tiles: its tests, the
     # placement tests (the placement kernel also counts the used tiles)
-    # and the routing tests on GPU 0; one-call profiles, default first and
-    # last, on GPU 1 (every kernel listed at 4096 tokens).
+    # and the routing tests on GPU 0; one-call profiles, one-tile GEMM 2
+    # first and last, on GPU 1 (every kernel listed at 4096 tokens).
     (
       export CUDA_VISIBLE_DEVICES=0
       timeout 420 python3 -m pytest -v -p no:cacheprovider -m gpu \
@@ -311,14 +315,14 @@ case "${1:-tier}" in
     (
       export CUDA_VISIBLE_DEVICES=1
       PROFILE_ALL_KERNELS=1 timeout 150 python3 scripts/profile_moe.py \
-        qwen3-30b-a3b 4096 autofused,g2two-autofused,autofused \
+        qwen3-30b-a3b 4096 g2one-autofused,autofused,g2one-autofused \
         > "$out/profile_two_tile_qwen3.log" 2>&1
       timeout 110 python3 scripts/profile_moe.py mixtral-8x7b 4096 \
-        autofused,g2two-autofused > "$out/profile_two_tile_mixtral.log" 2>&1
+        g2one-autofused,autofused > "$out/profile_two_tile_mixtral.log" 2>&1
       timeout 150 python3 scripts/profile_moe.py deepseek-v3 4096 \
-        autofused,g2two-autofused > "$out/profile_two_tile_deepseek.log" 2>&1
+        g2one-autofused,autofused > "$out/profile_two_tile_deepseek.log" 2>&1
       timeout 120 python3 scripts/profile_moe.py qwen3-30b-a3b 16384 \
-        autofused,g2two-autofused >> "$out/profile_two_tile_qwen3.log" 2>&1
+        g2one-autofused,autofused >> "$out/profile_two_tile_qwen3.log" 2>&1
     ) &
     wait
     test_summary "$out/two_tile_tests.log"
@@ -409,6 +413,29 @@ case "${1:-tier}" in
     timeout 580 python3 -m benchmarks.moe --models "$2" --tokens "$3" \
       --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget "${4:-400}" \
       --out "$out/moe_h200.json" 2>&1 | grep -E "TB/s|wrote|rel|failed"
+    ;;
+  repeat_rows)
+    # One benchmark row N times over, alone on one GPU, with the GPU's
+    # clocks, power and throttle reasons sampled every 100 ms (clocks.csv):
+    # is a row's spread between runs the kernels' or the clocks'?
+    # (Newer drivers name the throttle reasons "clocks event reasons".)
+    reasons=clocks_event_reasons.active
+    nvidia-smi --query-gpu=$reasons --format=csv > /dev/null 2>&1 \
+      || reasons=clocks_throttle_reasons.active
+    nvidia-smi -i 0 --format=csv -lms 100 \
+      --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
+      > "$out/clocks.csv" &
+    smi=$!
+    for run in $(seq "${4:-3}"); do
+      CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m benchmarks.moe \
+        --models "$2" --tokens "$3" \
+        --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget 150 \
+        --out "$out/moe_h200_run$run.json" 2>&1 | grep -E "fp4jax|failed"
+    done
+    kill $smi
+    # Distinct SM clocks (MHz) and throttle reasons, with sample counts.
+    cut -d, -f2 "$out/clocks.csv" | sort | uniq -c | sort -rn | head -n 8
+    cut -d, -f6 "$out/clocks.csv" | sort | uniq -c | sort -rn | head -n 5
     ;;
   tune)
     timeout 580 python3 -m benchmarks.tune_matmul --shapes "$2" \

@@ -53,8 +53,8 @@ FUSED_SWIGLU_MAX_TOKENS = moe_config.FUSED_SWIGLU_MAX_TOKENS
 # 64-row CTAs too
 # (gpt-oss-120b; by default only 128-row CTAs, MID_TILE_MIN_CTA_ROWS);
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
-# "g2two": GEMM 2 in output tiles of two 128-row weight tiles
-# (config.TWO_TILE_GEMM2, off by default; with "g2wide" at decode too);
+# "g2one": GEMM 2 in one-tile outputs (config.TWO_TILE_GEMM2 off);
+# "g2two": with "g2wide", decode's GEMM 2 in two-tile outputs too;
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
 # "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
 # CTAs, which stream an expert's weights for a few rows);
@@ -129,6 +129,7 @@ PREFIXES = (
   "xlagather",
   "xlaplace",
   "g2two",
+  "g2one",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
 VARIANTS = (
@@ -191,6 +192,7 @@ def _configs_for(
   long_steps=False,
   gemm1_stages=None,
   gemm2_wide=False,
+  gemm2_two_tile_decode=False,
   gemm2_long=False,
   **kwargs,
 ):
@@ -241,8 +243,8 @@ def _configs_for(
       async_mma=False,
       warp_mma=False,
     )
-    if moe_config.TWO_TILE_GEMM2 and hidden % (2 * config_lib.TILE_ROWS) == 0:
-      # With "g2two": decode tiles in two-tile outputs too (one K split).
+    if gemm2_two_tile_decode and hidden % (2 * config_lib.TILE_ROWS) == 0:
+      # Decode tiles in two-tile outputs too (one K split).
       wide = dataclasses.replace(wide, row_tiles=2, splits=1)
     configs = [configs[0], _fitting_stages(wide, weights=1, bf16_out=True)]
   if no_split:
@@ -308,7 +310,7 @@ def apply_prefixes(prefixes) -> None:
       64 if "midtile" in prefixes else config_lib.TILE_ROWS
     ),
     FUSED_SWIGLU_MAX_TOKENS=max([*tile_rows, FUSED_SWIGLU_MAX_TOKENS]),
-    TWO_TILE_GEMM2="g2two" in prefixes,
+    TWO_TILE_GEMM2="g2one" not in prefixes,
   )
   _switch(placement, RANK_BY_COUNTING="sortrank" not in prefixes)
   _switch(
@@ -351,6 +353,7 @@ def main(argv):
         gemm1_splits=2 if "split2" in prefixes else None,
         long_steps="k256" in prefixes,
         gemm2_wide="g2wide" in prefixes,
+        gemm2_two_tile_decode="g2two" in prefixes,
         gemm2_long="g2k512" in prefixes,
         gemm1_stages=2
         if "g1s2" in prefixes

@@ -47,12 +47,14 @@ REMAINDER_TILES = False
 REMAINDER_ROWS = 64
 # GEMM 2 (the down projection: K = I, few K steps a tile) in output tiles
 # of two 128-row weight tiles (`Config.row_tiles`): half the epilogues,
-# pipeline steps and activation loads per weight row, where GEMM 2 ran at
-# ~550 TFLOP/s on the rows it computes against GEMM 1's ~700 (Qwen3-30B-A3B
-# at 4096 tokens, twenty-third session). Off until timed on the H200: it
-# was written without a GPU (twenty-fourth session; interpreter and sm_90
-# lowering tests only).
-TWO_TILE_GEMM2 = False
+# pipeline steps and activation loads per weight row. GEMM 2 kernel us,
+# one tile -> two (H200, twenty-fifth session, profile_moe.py autofused vs
+# g2one-autofused, bit-identical outputs): Qwen3-30B-A3B 4096 tokens
+# 209 -> 184 (layer 654 -> 628), 16384 762 -> 672; Mixtral-8x7B 4096
+# 1369 -> 1276; DeepSeek-V3 4096 1631 -> 1512. Decode keeps 64-row CTAs:
+# 128-row two-tile CTAs there ("g2wide-g2two") took Qwen3's 16-token GEMM 2
+# from 27.4 to 32.7 us.
+TWO_TILE_GEMM2 = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,13 +41,13 @@ def test_no_prefix_keeps_the_library_defaults(profile_moe):
 
 def test_prefixes_set_their_switches(profile_moe):
   profile_moe.apply_prefixes(
-    {"xlaplace", "sortrank", "rem32", "bm256", "g2two"}
+    {"xlaplace", "sortrank", "rem32", "bm256", "g2one"}
   )
   assert not pallas_mosaic_gpu.PREFILL_PLACEMENT_KERNEL
   assert not placement.RANK_BY_COUNTING
   assert moe_config.REMAINDER_TILES and moe_config.REMAINDER_ROWS == 32
   assert moe_config.FUSED_SWIGLU_MAX_TOKENS == 256
-  assert moe_config.TWO_TILE_GEMM2
+  assert not moe_config.TWO_TILE_GEMM2
 
 
 def test_a_missing_switch_is_refused(profile_moe):
