@@ -670,7 +670,9 @@ def matmul(
     )
   row_tiles = config.row_tiles
   if row_tiles > 1 and (swiglu or planes_out or not bf16_out):
-    raise ValueError(f"row_tiles={row_tiles} takes no swiglu or planes_out")
+    raise ValueError(
+      f"row_tiles={row_tiles} takes bf16 output, no swiglu or planes_out"
+    )
   stacked = not isinstance(x_planes, tuple)
   one_copy = stacked and (ONE_ACTIVATION_COPY or row_pairs)
   planes = (x_planes, x_planes) if stacked else x_planes
@@ -847,9 +849,9 @@ def matmul(
       """Decodes K part `part` of a [64, plane_k] weight tile and issues
       both nibble planes' wgmmas (two groups); -> the wgmmas issued.
       `scales`: (the 128-row scale tile, the half its rows are in, whether
-      that half is the warpgroup index of a two-warpgroup CTA). With `row_pairs`: one A tile of
-      natural K columns and one wgmma against the natural activations
-      (`xe_smem`)."""
+      that half is the warpgroup index of a two-warpgroup CTA). With
+      `row_pairs`: one A tile of natural K columns and one wgmma against
+      the natural activations (`xe_smem`)."""
       if a_in_smem:
         s_ref, half, _ = scales
         tiles = _decode_jnp(w, s_ref, half, plan, part)
@@ -1014,12 +1016,11 @@ def matmul(
         def _(accs):
           eval_pipeline(accs)
           wg = lax.axis_index("wg")
-          if row_tiles == 1:
-            finish(accs, 2 * ni + wg, expert, mi, si, wg)
-            return
-          for t, acc in enumerate(accs):  # 64-row blocks, one at a time
-            block = 2 * (row_tiles * ni + t) + wg
-            finish([acc], block, expert, mi, si, wg)
+          # Gate and up finish together; two weight tiles' 64-row blocks
+          # one after the other.
+          groups = [accs] if row_tiles == 1 else [[acc] for acc in accs]
+          for t, group in enumerate(groups):
+            finish(group, 2 * (row_tiles * ni + t) + wg, expert, mi, si, wg)
 
       return plgpu.emit_pipeline_warp_specialized(
         mma_body,

@@ -2,8 +2,8 @@
 
 GEMM 1 reads its activations sorted by expert: row r of the sorted buffer
 is token `index[r]`'s row. XLA's gather writes every row of the buffer,
-whose size is the worst case (`config.Plan.max_tiles` tiles: E - 1 partly empty
-tiles more than the pairs need), at ~3.6 TB/s. The persistent GEMM reads
+whose size is the worst case (`config.Plan.max_tiles` tiles: E - 1 partly
+empty tiles more than the pairs need), at ~3.6 TB/s. The persistent GEMM reads
 only the used tiles, which come first. Here each CTA copies chunks of the
 used rows only: one bulk copy (`cp.async.bulk`, contiguous bytes, no
 tensor map) per row and plane into shared memory, and one bulk store per

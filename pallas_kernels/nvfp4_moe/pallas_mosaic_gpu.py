@@ -64,10 +64,11 @@ GATHER_KERNEL = True
 GATHER_KERNEL_MIN_ROWS = 4096
 # Up to this many (token, expert) pairs, `placement.count_by_expert` places
 # them with a few comparison counts instead of `placement.sort_by_expert`'s
-# argsort, cumsum and scatters (~11 small XLA kernels). H200, one call each (CUPTI): Qwen3-30B-A3B
-# 110.2 -> 105.3 us at 16 tokens, 155.0 -> 149.5 at 64, 273.7 -> 261.1 at
-# 256 (2048 pairs); DeepSeek-V3 802 -> 793 at 16, 1744 -> 1731 at 64. Larger
-# counts are unmeasured (the work grows as pairs x rows).
+# argsort, cumsum and scatters (~11 small XLA kernels). H200, one call
+# each (CUPTI): Qwen3-30B-A3B 110.2 -> 105.3 us at 16 tokens, 155.0 ->
+# 149.5 at 64, 273.7 -> 261.1 at 256 (2048 pairs); DeepSeek-V3 802 -> 793
+# at 16, 1744 -> 1731 at 64. Larger counts are unmeasured (the work grows
+# as pairs x rows).
 COUNTING_MAX_PAIRS = 2048
 # Routing's top-k by comparison counts (`counting_top_k`) up to this many
 # tokens x experts^2 comparisons, instead of XLA's sort (3.3-3.9 us a call
@@ -474,9 +475,9 @@ def _kernel_routing(router_logits, correction_bias, routing, forward):
   (DECODE_ROUTING_KERNEL; one token's direct tiles need no placing) and
   routes larger calls (PREFILL_ROUTING_KERNEL), placing them too
   (PREFILL_PLACEMENT_KERNEL) unless the plan has remainder tiles or more
-  tokens than `place_prefill_sm90` takes. (Its
-  experts are all in range: expert-parallel calls, which drop other
-  devices' pairs, come through `experts_forward`, not here.)
+  tokens than `place_prefill_sm90` takes. (Its experts are all in range:
+  expert-parallel calls, which drop other devices' pairs, come through
+  `experts_forward`, not here.)
   """
   options = forward.keywords
   plan = options["plan"]
