@@ -52,14 +52,16 @@ class Config:
       on another layer, `nvfp4_matmul` regroups the weight per call (a
       copy, for measurements). Only the dense matmul takes it (no SwiGLU,
       planes output or `warp_mma`).
-    row_tiles: 128-row weight tiles per output tile. 2: each compute
-      warpgroup multiplies two 64-row blocks, 128 rows apart, by the same
-      activation tile (as SwiGLU's gate and up), so that a 256-row output
-      tile has the epilogues, pipeline steps and activation loads of one
-      128-row tile: for GEMMs of few K steps (the MoE's down projection).
-      Two float32 accumulators per warpgroup: 128-row persistent CTAs, at
-      most MAX_TWO_TILE_TOKENS tokens, one K split, bf16 output; N a
-      multiple of 256; no SwiGLU, planes output or row pairs.
+    row_tiles: 64-row blocks each compute warpgroup multiplies by the
+      same activation tile (as SwiGLU's gate and up), so that a CTA's
+      weight rows double with the epilogues, pipeline steps and activation
+      loads of one: for GEMMs of few K steps (the MoE's down projection).
+      2 in 128-row CTAs: rows 64 wg and 128 + 64 wg of a 256-row output
+      tile (persistent, one K split, bf16 output, N a multiple of 256); 2
+      in 64-row CTAs: both halves of one 128-row tile (a CTA streams twice
+      the weights per step; no `warp_mma`). Two float32 accumulators per
+      warpgroup: at most MAX_TWO_TILE_TOKENS tokens; no SwiGLU, planes
+      output or row pairs.
   """
 
   block_k: int = 128
@@ -102,16 +104,17 @@ class Config:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.row_tiles not in (1, 2):
       raise ValueError(f"{self.row_tiles=} must be 1 or 2")
+    wide = self.cta_rows == TILE_ROWS
     if self.row_tiles == 2 and (
-      self.cta_rows != TILE_ROWS
-      or not self.persistent
-      or self.splits != 1
+      (wide and (not self.persistent or self.splits != 1))
+      or self.warp_mma
       or self.row_pairs
       or self.block_m > MAX_TWO_TILE_TOKENS
     ):
       raise ValueError(
-        "row_tiles=2 needs persistent 128-row CTAs, one split, no row pairs"
-        f" and at most {MAX_TWO_TILE_TOKENS} tokens ({self})"
+        "row_tiles=2 needs 64-row CTAs or persistent 128-row ones of one"
+        f" split, no warp_mma or row pairs and at most {MAX_TWO_TILE_TOKENS}"
+        f" tokens ({self})"
       )
     if self.async_mma and self.persistent:
       # Slots released a step late leave the pipeline's barriers a phase
@@ -127,11 +130,13 @@ class Config:
     """Shared memory of a CTA; the epilogue tile is float32 with split-K
     or `float32_out`, else bf16 (by default the larger is assumed).
     `weights`: weight tiles per step (2: SwiGLU's gate and up), each of
-    `row_tiles` 128-row tiles; `scale_tiles`: 128-row scale tiles per step
-    (default one per 128 weight rows; SwiGLU's up rows starting mid-tile
-    take two)."""
+    `row_tiles` blocks of `cta_rows`; `scale_tiles`: 128-row scale tiles
+    per step (default those the weight rows lie in; SwiGLU's up rows
+    starting mid-tile take two)."""
+    wide = self.cta_rows == TILE_ROWS
+    if scale_tiles is None:  # a 64-row CTA reads its whole 128-row tile
+      scale_tiles = weights * (self.row_tiles if wide else 1)
     weights *= self.row_tiles
-    scale_tiles = weights if scale_tiles is None else scale_tiles
     per_stage = (
       2 * self.block_m * self.block_k  # activations
       + weights * self.cta_rows * self.block_k // 2  # packed weights

@@ -608,6 +608,7 @@ def matmul(
   used_tiles: jax.Array | None = None,  # int32: tiles with tile_expert >= 0
   *,
   config: config_lib.Config,
+  shared_rows: bool = False,
   float32_out: bool = False,
   swiglu: bool = False,
   planes_out: bool = False,
@@ -625,16 +626,19 @@ def matmul(
   an element offset and take their scales from two scale tiles, the other
   half of each. Needs `splits == 1`.
 
-  With `config.row_tiles == 2` an output tile is 256 weight rows: each
-  warpgroup multiplies rows `64 wg` and `128 + 64 wg` (64 each, with their
-  own 128-row scale tiles) by the same activation tile into two
-  accumulators, and stores them one after the other. ceil(N / 128) must
-  be even.
+  With `config.row_tiles == 2` each warpgroup multiplies two 64-row blocks
+  by the same activation tile into two accumulators and stores them one
+  after the other: in 128-row CTAs rows `64 wg` and `128 + 64 wg` of a
+  256-row output tile (each with its own 128-row scale tile; ceil(N / 128)
+  must be even), in 64-row CTAs the two halves of one 128-row tile.
 
   `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
   * block_m)` (grouped GEMM over experts; tokens sorted and padded per
   expert by the caller); a negative entry skips the tile and leaves its
-  output rows undefined. None: all tiles use matrix 0 (E = 1). With
+  output rows undefined. With `shared_rows` the activations are one tile of
+  `block_m` rows that every token tile multiplies (one token's top-k
+  experts at decode: the activation split is then of one tile, not of
+  top_k), and the output still has a tile of rows per `tile_expert`. None: all tiles use matrix 0 (E = 1). With
   `config.persistent`, `used_tiles` (the tiles with an expert, which must
   come first) bounds the walk: `num_sms` CTAs loop over output tiles.
 
@@ -669,14 +673,23 @@ def matmul(
       "row_pairs takes natural activations [M, K] and no swiglu or planes_out"
     )
   row_tiles = config.row_tiles
-  if row_tiles > 1 and (swiglu or planes_out or not bf16_out):
+  # 128-row CTAs store both tiles' bf16 blocks from one SMEM slot a
+  # warpgroup; 64-row CTAs store float32 partial sums too.
+  if row_tiles > 1 and (
+    swiglu or planes_out or (not bf16_out and config.cta_rows != WG_ROWS)
+  ):
     raise ValueError(
-      f"row_tiles={row_tiles} takes bf16 output, no swiglu or planes_out"
+      f"row_tiles={row_tiles} takes no swiglu or planes_out, and bf16"
+      " output in 128-row CTAs"
     )
   stacked = not isinstance(x_planes, tuple)
   one_copy = stacked and (ONE_ACTIVATION_COPY or row_pairs)
   planes = (x_planes, x_planes) if stacked else x_planes
   m = planes[0].shape[-2]
+  if shared_rows and (tile_expert is None or m != config.block_m):
+    raise ValueError(
+      f"shared_rows needs tile_expert and one tile of activations ({m=})"
+    )
   if row_pairs:  # natural activations, not planes
     want = (m, 2 * half_k)
   else:
@@ -684,6 +697,8 @@ def matmul(
   if any(p.shape != want for p in planes):
     shapes = [p.shape for p in planes]
     raise ValueError(f"activation planes {shapes} != {want} ({stacked=})")
+  if shared_rows:  # one output tile of rows per token tile
+    m = tile_expert.shape[0] * config.block_m
   plan = Plan(n=n, k=2 * half_k, m=m, splits=splits, config=config)
   cfg = config
   if (
@@ -696,13 +711,19 @@ def matmul(
       f"shapes {packed.shape}, {want} not tiled by {cfg}, {splits=}"
     )
   weight_tiles, m_tiles = -(-n // TILE_ROWS), plan.m // cfg.block_m
-  if weight_tiles % row_tiles:
+  single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
+  # 128-row scale tiles a CTA reads per step (a 64-row CTA reads a whole
+  # one, of which it takes one half or, with two row tiles, both).
+  cta_scale_tiles = 1 if single else row_tiles
+  if weight_tiles % cta_scale_tiles:
     raise ValueError(f"{n=} rows are not whole tiles of {row_tiles} x 128")
   # Output tiles; with swiglu the up rows start `up_blocks` 64-row blocks
   # down, mid-tile when that count is odd.
   inter = n // 2 if swiglu else 0
-  n_tiles = -(-inter // TILE_ROWS) if swiglu else weight_tiles // row_tiles
-  out_tile_rows = TILE_ROWS * row_tiles  # rows of one output tile
+  n_tiles = (
+    -(-inter // TILE_ROWS) if swiglu else weight_tiles // cta_scale_tiles
+  )
+  out_tile_rows = TILE_ROWS * cta_scale_tiles  # rows of one output tile
   # Accumulators per warpgroup: gate and up with SwiGLU, else one per
   # 128-row weight tile of the output tile.
   n_accs = 2 if swiglu else row_tiles
@@ -727,7 +748,6 @@ def matmul(
   steps = plan.steps_per_split
   release = 1 if cfg.async_mma else 0  # input slots held one step longer
   a_in_smem = interpret
-  single = cfg.cta_rows == WG_ROWS  # one warpgroup per CTA (Config doc)
   compute_wgs = 1 if single else 2
 
   def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, e_gmem, v_gmem, *refs):
@@ -740,12 +760,15 @@ def matmul(
 
     def in_specs(rows, row_block, mi, k0, expert):
       """Pipeline inputs of one output tile: weight rows `[row_block *
-      rows, +rows)`, both activation planes, the row tile's block scales
-      (`row_tiles` of them), and with SwiGLU the up rows (I rows down) and
+      rows, +rows)`, both activation planes, the 128-row scale tiles
+      holding them (`cta_scale_tiles`), and with SwiGLU the up rows (I rows down) and
       their scales."""
-      # The block of `row_tiles` scale tiles holding the rows.
-      tile = row_block * rows // (TILE_ROWS * row_tiles)
-      scale_tiles = (None, None) if row_tiles == 1 else (None, row_tiles)
+      # The block of `cta_scale_tiles` scale tiles holding the rows.
+      tile = row_block * rows // (TILE_ROWS * cta_scale_tiles)
+      scale_tiles = (
+        (None, None) if cta_scale_tiles == 1 else (None, cta_scale_tiles)
+      )
+      xi = 0 if shared_rows else mi  # the activation tile
 
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(
@@ -773,11 +796,11 @@ def matmul(
       def x_spec(plane):
         if not stacked:
           return spec(
-            (cfg.block_m, plan.plane_k), lambda k: (mi, k0 + k), transforms
+            (cfg.block_m, plan.plane_k), lambda k: (xi, k0 + k), transforms
           )
         return spec(
           (None, cfg.block_m, plan.plane_k),
-          lambda k: (plane, mi, k0 + k),
+          lambda k: (plane, xi, k0 + k),
           transforms,
         )
 
@@ -785,7 +808,7 @@ def matmul(
         x_specs = [
           spec(
             (cfg.block_m, cfg.block_k),
-            lambda k: (mi, k0 + k),
+            lambda k: (xi, k0 + k),
             _swizzled(16, 4 * plan.part_k, 4 * half_k),
           )
         ]
@@ -793,7 +816,7 @@ def matmul(
         x_specs = [
           spec(
             (2, cfg.block_m, plan.plane_k),
-            lambda k: (0, mi, k0 + k),
+            lambda k: (0, xi, k0 + k),
             transforms,
           )
         ]
@@ -1034,11 +1057,17 @@ def matmul(
       )
 
     def one_warpgroup_pipeline(ni, mi, si, expert):
-      """The K loop of 64-row block `ni` on a CTA of one warpgroup, which
-      issues its own TMA loads (plain pipeline, no register split); with
-      `Config.warp_mma` the accumulators are values the pipeline carries."""
+      """The K loop of 64-row block `ni` (with two row tiles, 128-row tile
+      `ni`) on a CTA of one warpgroup, which issues its own TMA loads (plain
+      pipeline, no register split); with `Config.warp_mma` the accumulators
+      are values the pipeline carries."""
 
       def block_weights(w_smem, s_smem, up_refs):
+        if row_tiles > 1:  # both halves of one 128-row tile
+          return [
+            (w_smem.at[pl.ds(h * WG_ROWS, WG_ROWS)], (s_smem, h, False))
+            for h in range(row_tiles)
+          ]
         weights = [(w_smem, (s_smem, ni % 2, False))]
         if swiglu:  # 64-row block ni + up_blocks
           w_up, s_up = up_refs
@@ -1048,7 +1077,7 @@ def matmul(
       pipeline = functools.partial(
         plgpu.emit_pipeline,
         grid=(steps,),
-        in_specs=in_specs(WG_ROWS, ni, mi, si * steps, expert),
+        in_specs=in_specs(WG_ROWS * row_tiles, ni, mi, si * steps, expert),
         max_concurrent_steps=cfg.num_stages,
       )
       if cfg.warp_mma:
@@ -1075,7 +1104,11 @@ def matmul(
           step(weights, xe_smem, xo_smem, accs, slot=0)
 
         pipeline(body)(*operands)
-        finish(accs, ni, expert, mi, si, 0)
+        if row_tiles == 1:  # gate and up together, or one block
+          finish(accs, ni, expert, mi, si, 0)
+          return
+        for t, acc in enumerate(accs):
+          finish([acc], row_tiles * ni + t, expert, mi, si, 0)
 
     operands = (
       (w_gmem, xe_gmem, s_gmem)
@@ -1146,7 +1179,7 @@ def matmul(
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
   else:
-    row_blocks = n_tiles * TILE_ROWS // cfg.cta_rows
+    row_blocks = n_tiles * out_tile_rows // (cfg.cta_rows * row_tiles)
     if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
       # lie past the scale array (a blocked TMA copy promised in bounds).
       row_blocks = -(-inter // cfg.cta_rows)

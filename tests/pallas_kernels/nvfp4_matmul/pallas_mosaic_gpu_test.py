@@ -172,6 +172,21 @@ def run(x, layer, activation, config=None, interpret=True):
         (40, 512, 384, dict(block_k=128, block_m=16, twiddled=True)),
       ]
     ],
+    # Both halves of a 128-row tile in a 64-row CTA (row_tiles=2): bf16 and
+    # split-K float32 outputs, a last tile partly past N, async wgmmas.
+    *[
+      (m, n, k, config_lib.Config(cta_rows=64, row_tiles=2, **fields))
+      for m, n, k, fields in [
+        (5, 256, 512, dict(block_k=128, block_m=8)),
+        (9, 400, 512, dict(block_k=64, block_m=16, splits=2)),
+        (
+          3,
+          256,
+          1024,
+          dict(block_k=256, block_m=8, async_mma=True, twiddled=True),
+        ),
+      ]
+    ],
   ],
 )
 def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
@@ -310,6 +325,12 @@ def test_interpret_batch_dims_and_weight_only(rng):
         ),
       )
       for m, n, k, block_m in [(2304, 2048, 768, 144), (2560, 7168, 2048, 160)]
+    ],
+    # Both halves of a 128-row tile in 64-row decode CTAs: K steps of 512
+    # (8192x28672 at one token, two splits) and 256.
+    *[
+      (m, n, k, dataclasses.replace(config_lib.heuristic(m, n, k), row_tiles=2))
+      for m, n, k in [(1, 28672, 8192), (16, 7168, 2048), (1, 2880, 2880)]
     ],
   ],
 )
@@ -579,6 +600,36 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       x, layer, implementation="pallas", config=config
     )
     self.check(out, test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16"))
+
+  @pytest.mark.parametrize(
+    "m, n, k",
+    [(1, 28672, 8192), (16, 7168, 2048), (1, 2880, 2880), (9, 8192, 28672)],
+  )
+  def test_two_row_tiles_in_64_row_ctas(self, rng, m, n, k):
+    # Both halves of a 128-row tile in one warpgroup: each 64-row block's
+    # K steps and MMAs are those of a one-block CTA, so the outputs are
+    # equal bit for bit (split-K float32 partial sums included).
+    layer, src = test_base.make_layer(rng, n, k, weight_layout="sm90")
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    config = config_lib.heuristic(m, n, k)
+    assert config.cta_rows == 64
+    outs = [
+      np.asarray(
+        pallas_kernels.nvfp4_matmul(
+          x,
+          layer,
+          implementation="pallas",
+          config=dataclasses.replace(config, row_tiles=row_tiles),
+        )
+      )
+      for row_tiles in (1, 2)
+    ]
+    self.check(
+      outs[1], test_base.numpy_matmul(x.astype(jnp.float32), src, "bf16")
+    )
+    np.testing.assert_array_equal(
+      outs[1].view(np.uint16), outs[0].view(np.uint16)
+    )
 
   @pytest.mark.parametrize(
     "m, n, k, fields",
