@@ -53,6 +53,21 @@
 #                                         # (place_prefill_sm90): its tests
 #                                         # on GPU 0, MoE profiles with and
 #                                         # without it on GPU 1
+#   bash scripts/gpu_session.sh two_block # on nvidia-h200, ~9 min: GEMMs
+#                                         # in 64-row CTAs of both halves
+#                                         # of a 128-row tile (row_tiles=2;
+#                                         # the MoE's decode GEMM 2,
+#                                         # TWO_BLOCK_DECODE_GEMM2) and one
+#                                         # token's shared activation tile:
+#                                         # their GPU tests, then one-call
+#                                         # decode profiles of the four
+#                                         # models with and without it
+#   bash scripts/gpu_session.sh two_block_tune # on nvidia-h200, ~9 min:
+#                                         # the two-block MoE GPU tests,
+#                                         # Mixtral-8x7B's 16-token profile
+#                                         # with and without them, and the
+#                                         # tuner's two-block dense decode
+#                                         # CTAs on the three large layers
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -327,6 +342,37 @@ case "${1:-tier}" in
     wait
     test_summary "$out/two_tile_tests.log"
     grep -hE "^==|Error|mosaic" "$out"/profile_two_tile_*.log
+    ;;
+  two_block)
+    # One GPU, one step after another (each under its own timeout).
+    timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu \
+      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
+      -k "two_row_tiles_in_64 or two_block or qwen3_sized" \
+      > "$out/two_block_tests.log" 2>&1
+    test_summary "$out/two_block_tests.log"
+    variants=autofused,g2pair-autofused,s3-g2pair-autofused,autofused,g2pair-autofused
+    for model in deepseek-v3:130 mixtral-8x7b:100 qwen3-30b-a3b:60 \
+      gpt-oss-120b:70; do
+      timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" \
+        1,16 "$variants" > "$out/profile_${model%:*}.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
+    ;;
+  two_block_tune)
+    timeout 220 python3 -m pytest -v -p no:cacheprovider -m gpu \
+      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
+      -k "two_block" > "$out/two_block_tests.log" 2>&1
+    test_summary "$out/two_block_tests.log"
+    timeout 70 python3 scripts/profile_moe.py mixtral-8x7b 16 \
+      autofused,g2block-autofused,autofused,g2block-autofused \
+      > "$out/profile_mixtral-8x7b.log" 2>&1
+    grep -hE "^==|Error" "$out/profile_mixtral-8x7b.log"
+    pair="row_tiles=2,block_k=256,num_stages=4"
+    timeout 270 python3 -m benchmarks.tune_matmul \
+      --shapes 8192:28672,28672:8192,4096:14336 --tokens 1,16 \
+      --configs "row_tiles=2;$pair;$pair,splits=2;$pair,splits=4;$pair,splits=8;$pair,num_stages=3,splits=4" \
+      --out "$out/tune_two_block_h200.json" 2>&1 | grep -E "TB/s|WRONG|FAILED"
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

@@ -32,6 +32,8 @@ from pallas_kernels.nvfp4_moe import placement
 
 CONFIGS_FOR = moe_config.configs_for
 FUSED_SWIGLU_MAX_TOKENS = moe_config.FUSED_SWIGLU_MAX_TOKENS
+TWO_BLOCK_MIN_K_STEPS = moe_config.TWO_BLOCK_MIN_K_STEPS
+TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # Variant prefixes (several may precede a variant, e.g. "old-s3-autofused"):
 # "old": w13 rows not plane-ordered (GEMM 2's input planes made by an XLA
 # pass); "s3": GEMM 2 with at most 3 pipeline stages (before the heuristic
@@ -55,6 +57,9 @@ FUSED_SWIGLU_MAX_TOKENS = moe_config.FUSED_SWIGLU_MAX_TOKENS
 # "nomidtile": never where I % 128 == 64 (FUSED_SWIGLU_MID_TILE off);
 # "g2one": GEMM 2 in one-tile outputs (config.TWO_TILE_GEMM2 off);
 # "g2two": with "g2wide", decode's GEMM 2 in two-tile outputs too;
+# "g2pair": decode's GEMM 2 in 64-row CTAs of both halves of a 128-row
+# tile wherever they apply (by default only for long K loops and enough
+# CTAs: config.TWO_BLOCK_DECODE_GEMM2); "g2block": never;
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
 # "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
 # CTAs, which stream an expert's weights for a few rows);
@@ -130,6 +135,8 @@ PREFIXES = (
   "xlaplace",
   "g2two",
   "g2one",
+  "g2pair",
+  "g2block",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
 VARIANTS = (
@@ -311,6 +318,11 @@ def apply_prefixes(prefixes) -> None:
     ),
     FUSED_SWIGLU_MAX_TOKENS=max([*tile_rows, FUSED_SWIGLU_MAX_TOKENS]),
     TWO_TILE_GEMM2="g2one" not in prefixes,
+    TWO_BLOCK_DECODE_GEMM2="g2block" not in prefixes,
+    TWO_BLOCK_MIN_K_STEPS=0 if "g2pair" in prefixes else TWO_BLOCK_MIN_K_STEPS,
+    TWO_BLOCK_MIN_CTAS_PER_SM=(
+      0 if "g2pair" in prefixes else TWO_BLOCK_MIN_CTAS_PER_SM
+    ),
   )
   _switch(placement, RANK_BY_COUNTING="sortrank" not in prefixes)
   _switch(

@@ -55,6 +55,21 @@ REMAINDER_ROWS = 64
 # 128-row two-tile CTAs there ("g2wide-g2two") took Qwen3's 16-token GEMM 2
 # from 27.4 to 32.7 us.
 TWO_TILE_GEMM2 = True
+# Decode's GEMM 2 in 64-row CTAs that each multiply both halves of a
+# 128-row weight tile (`Config.row_tiles` = 2 in one warpgroup): half the
+# CTAs, each streaming twice the weights per K step with one activation
+# load and one pipeline turn, where each CTA has at least
+# TWO_BLOCK_MIN_K_STEPS K steps and there are at least
+# TWO_BLOCK_MIN_CTAS_PER_SM such CTAs per SM. GEMM 2 kernel us, one block
+# -> two (H200, twenty-sixth session, one call each, two calls a variant,
+# bit-identical outputs): Mixtral-8x7B T = 16 (56 steps, 256 CTAs) 80.0 ->
+# 71.8 (3.68 TB/s); but T = 1 (28 steps, 128 CTAs) 23.1 -> 25.2,
+# DeepSeek-V3 T = 1 (8 steps) 23.7 -> 26.4, T = 16 233.4 -> 226.3,
+# gpt-oss-120b T = 16 (11 steps) 79.4 -> 82.7, Qwen3-30B-A3B T = 1 (3
+# steps) 4.2 -> 4.8.
+TWO_BLOCK_DECODE_GEMM2 = True
+TWO_BLOCK_MIN_K_STEPS = 16
+TWO_BLOCK_MIN_CTAS_PER_SM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +195,19 @@ def configs_for(
     ):
       config = config_lib.fit_stages(
         dataclasses.replace(config, row_tiles=2), bf16_out=True
+      )
+    paired_ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles
+    if (
+      gemm == 1
+      and TWO_BLOCK_DECODE_GEMM2
+      and rows == config_lib.WGMMA_ROWS
+      and not config.warp_mma
+      and -(-k // config.block_k) // config.splits >= TWO_BLOCK_MIN_K_STEPS
+      and paired_ctas * config.splits >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
+    ):
+      config = config_lib.fit_stages(
+        dataclasses.replace(config, row_tiles=2),
+        bf16_out=config.splits == 1,
       )
     configs.append(config)
   return tuple(configs)

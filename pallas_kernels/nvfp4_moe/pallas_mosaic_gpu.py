@@ -319,6 +319,7 @@ def _grouped_gemm(
   swiglu=False,
   planes_out=False,
   gather=None,
+  shared_rows=False,
 ):
   """`[R, N]` (or with `planes_out` the planes `[2, R, N/2]`): each token
   tile of `rows` times its expert's weights.
@@ -326,7 +327,8 @@ def _grouped_gemm(
   `rows`: `[R, K]`, or bf16 planes `[2, R, K/2]` as `split_activations`
   makes them (W4A16 only). `gather`: row indices into `rows` (the token of
   each sorted row); the K reorder of `split_activations` then runs on the
-  fewer unsorted rows.
+  fewer unsorted rows. `shared_rows`: `rows` is one token tile that every
+  tile multiplies (`sm90.matmul`'s).
   """
   n_experts, n, k = proj.shape
   if rows.ndim == 3:
@@ -335,6 +337,9 @@ def _grouped_gemm(
     if activation == "nvfp4":
       if gather is not None:  # quantized with each row's expert's scale
         rows, gather = rows[gather], None
+      if shared_rows:  # each tile's copy takes its own expert's scale
+        rows = jnp.tile(rows, (tile_expert.shape[0], 1))
+        shared_rows = False
       rows = activation_quant.fake_quantize_rows(
         rows, proj.input_scale_inv[row_expert]
       )
@@ -356,6 +361,7 @@ def _grouped_gemm(
     tile_expert,
     used_tiles,
     config=config,
+    shared_rows=shared_rows,
     num_sms=common.num_sms(interpret),
     float32_out=float32_out,
     swiglu=swiglu,
@@ -384,14 +390,25 @@ def _expert_gemms(
   swiglu,
   interpret,
   used_tiles=None,
+  shared_rows=False,
 ):
   """bf16 `[tiles * block_m, H]`: GEMM 1 (+ SwiGLU) and GEMM 2 over token
   tiles of `block_m` rows, row r being `rows_in[gather[r]]` (or `rows_in`
-  itself when `gather` is None). `used_tiles`: the tiles with an expert,
-  if the placement counted them already."""
+  itself when `gather` is None; with `shared_rows`, `rows_in` is one tile
+  that GEMM 1 multiplies in every tile). `used_tiles`: the tiles with an
+  expert, if the placement counted them already (only persistent CTAs and
+  the row gather kernel read it: for others no XLA reduction counts
+  them)."""
   inter = w13.shape[1] // 2
   row_expert = jnp.maximum(jnp.repeat(tile_expert, block_m), 0)
-  if used_tiles is None:
+  gather_kernel = (
+    GATHER_KERNEL
+    and gather is not None
+    and gather.shape[0] >= GATHER_KERNEL_MIN_ROWS
+  )
+  if used_tiles is None and (
+    gather_kernel or any(c.persistent for c in configs)
+  ):
     used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
   gemm = functools.partial(
     _grouped_gemm,
@@ -411,6 +428,7 @@ def _expert_gemms(
       swiglu=True,
       planes_out=w13.plane_rows,
       gather=gather,
+      shared_rows=shared_rows,
     )
     if not w13.plane_rows:  # [R, ceil128(I)]: the columns past I are zeros
       act = act[:, :inter]
@@ -423,6 +441,7 @@ def _expert_gemms(
       config=configs[0],
       float32_out=activation == "nvfp4",
       gather=gather,
+      shared_rows=shared_rows,
     )
     if w13.plane_rows:  # back to natural feature order (fused with SwiGLU)
       h = sm90_layout.from_plane_rows(h, axis=-1)
@@ -452,7 +471,9 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
       placed = place_prefill_sm90.place_pairs(
         ids, *placed, block_m=plan.block_m, max_tiles=plan.max_tiles
       )
-    out = forward(x, weights, ids, experts, placed=tuple(placed) or None)
+    out = forward(
+      x, weights, ids, experts, placed=tuple(placed) or None, ids_in_range=True
+    )
     return out.astype(x.dtype)
   counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
   weights, ids = base.route(
@@ -515,6 +536,7 @@ def _kernel_routing(router_logits, correction_bias, routing, forward):
     "direct",
     "counted",
     "interpret",
+    "ids_in_range",
   ),
 )
 def _forward(
@@ -532,15 +554,18 @@ def _forward(
   counted=False,
   remainder_configs=None,
   placed=None,
+  ids_in_range=False,
 ):
   """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine
   (the two GEMMs once more over the remainder tiles, if the plan has
   them). `placed`: the sort's (position, token, tile_expert), and maybe the
-  used tiles, made already (`route_decode_sm90`, `place_prefill_sm90`)."""
+  used tiles, made already (`route_decode_sm90`, `place_prefill_sm90`).
+  `ids_in_range`: every id names an expert (the routing kernel made them),
+  so no pair is dropped and no select marks dropped ones."""
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   if direct:
-    place = placement.direct_tiles
+    place = functools.partial(placement.direct_tiles, in_range=ids_in_range)
   else:
     place = placement.count_by_expert if counted else placement.sort_by_expert
   position, token, tile_expert, *counted_tiles = placed or place(ids, plan)
@@ -555,9 +580,11 @@ def _forward(
     swiglu=swiglu,
     interpret=interpret,
   )
-  if direct:  # rows made by a select, not a gather (token is a constant)
-    rows_in = jnp.where((token == 0)[:, None], x[0], 0)
-    y = gemms(rows_in, None, tile_expert, plan.block_m, configs)
+  if direct:  # every tile multiplies x (row 0) and zero rows
+    rows_in = jnp.pad(x, ((0, plan.block_m - 1), (0, 0)))
+    y = gemms(
+      rows_in, None, tile_expert, plan.block_m, configs, shared_rows=True
+    )
     # Each tile's first row, a strided slice.
     picked = y.reshape(plan.max_tiles, plan.block_m, -1)[None, : plan.top_k, 0]
   else:
@@ -583,7 +610,7 @@ def _forward(
       y = jnp.concatenate([y, y_remainder])
     picked = y[position]
   picked = picked.astype(jnp.float32)  # [T, top_k, H]
-  if placed is None:
+  if placed is None and not ids_in_range:
     # Dropped pairs' rows were never written (they may hold NaN): select.
     # (The routing kernel, which made `placed`, drops none.)
     valid = (ids >= 0) & (ids < plan.experts)

@@ -16,16 +16,19 @@ from pallas_kernels.nvfp4_moe import config as moe_config
 RANK_BY_COUNTING = True
 
 
-def direct_tiles(ids: jax.Array, plan: moe_config.Plan):
+def direct_tiles(ids: jax.Array, plan: moe_config.Plan, in_range=False):
   """`sort_by_expert` for one token without the sort: tile i holds pair i
-  in its first row; a dropped pair's tile is marked unused (-1). Positions
-  and tokens are constants."""
+  in its first row; a dropped pair's tile is marked unused (-1), unless
+  `in_range` says there is none (no select then). Positions and tokens are
+  constants."""
   if plan.tokens != 1 or plan.max_tiles < plan.top_k:
     raise ValueError(f"direct tiles need one token ({plan})")
   position = np.arange(plan.top_k, dtype=np.int32)[None] * plan.block_m
   token = np.ones(plan.max_tiles * plan.block_m, np.int32)  # 1: padding
   token[position[0]] = 0
-  expert = jnp.where((ids[0] >= 0) & (ids[0] < plan.experts), ids[0], -1)
+  expert = ids[0]
+  if not in_range:
+    expert = jnp.where((expert >= 0) & (expert < plan.experts), expert, -1)
   unused = jnp.full(plan.max_tiles - plan.top_k, -1, jnp.int32)
   return position, token, jnp.concatenate([expert.astype(jnp.int32), unused])
 

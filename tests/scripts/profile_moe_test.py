@@ -41,13 +41,17 @@ def test_no_prefix_keeps_the_library_defaults(profile_moe):
 
 def test_prefixes_set_their_switches(profile_moe):
   profile_moe.apply_prefixes(
-    {"xlaplace", "sortrank", "rem32", "bm256", "g2one"}
+    {"xlaplace", "sortrank", "rem32", "bm256", "g2one", "g2pair"}
   )
+  assert moe_config.TWO_BLOCK_MIN_K_STEPS == 0
+  assert moe_config.TWO_BLOCK_MIN_CTAS_PER_SM == 0
   assert not pallas_mosaic_gpu.PREFILL_PLACEMENT_KERNEL
   assert not placement.RANK_BY_COUNTING
   assert moe_config.REMAINDER_TILES and moe_config.REMAINDER_ROWS == 32
   assert moe_config.FUSED_SWIGLU_MAX_TOKENS == 256
   assert not moe_config.TWO_TILE_GEMM2
+  profile_moe.apply_prefixes({"g2block"})
+  assert not moe_config.TWO_BLOCK_DECODE_GEMM2
 
 
 def test_a_missing_switch_is_refused(profile_moe):

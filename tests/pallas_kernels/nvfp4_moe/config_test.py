@@ -100,3 +100,27 @@ def test_two_tile_gemm2_only_where_switched_on_and_it_fits(
   assert gemm2.row_tiles == (2 if on and gemm2.persistent else 1)
   assert gemm2.persistent == (tokens > 16)
   assert gemm2.smem_bytes(float32_out=False) <= config_lib.SMEM_LIMIT
+
+
+@pytest.mark.parametrize(
+  "model, tokens, paired",
+  [
+    # (experts, top_k, hidden, intermediate): K steps of 256 per CTA, CTAs
+    ((8, 2, 4096, 14336), 16, True),  # Mixtral-8x7B: 56 steps, 256 CTAs
+    ((8, 2, 4096, 14336), 1, False),  # 28 steps (split), 128 CTAs
+    ((256, 8, 7168, 2048), 1, False),  # DeepSeek-V3: 8 steps
+    ((256, 8, 7168, 2048), 16, False),
+    ((128, 4, 2880, 2880), 16, False),  # gpt-oss-120b: 11.25 steps
+    ((128, 8, 2048, 768), 16, False),  # Qwen3-30B-A3B: 3 steps
+  ],
+)
+def test_two_block_decode_gemm2_for_long_k_loops_on_every_sm(
+  model, tokens, paired
+):
+  n_experts, top_k, hidden, inter = model
+  plan = plan_for(tokens, top_k, n_experts)
+  gemm1, gemm2 = moe_config.configs_for(plan, hidden, inter, 132)
+  assert gemm1.row_tiles == 1
+  assert gemm2.cta_rows == config_lib.WGMMA_ROWS
+  assert gemm2.row_tiles == (2 if paired else 1)
+  assert gemm2.smem_bytes(gemm2.splits > 1) <= config_lib.SMEM_LIMIT

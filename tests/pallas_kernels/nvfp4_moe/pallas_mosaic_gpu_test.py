@@ -226,6 +226,44 @@ def test_interpret_two_tile_gemm2(rng, monkeypatch, activation):
   assert row_tiles == [1, 2]
 
 
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_interpret_two_block_decode_gemm2(rng, monkeypatch, activation, tokens):
+  # Decode's GEMM 2 (N = H = 384: three 128-row tiles) in 64-row CTAs that
+  # each take both halves of one tile.
+  pair_decode_gemm2(monkeypatch, True)
+  row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
+  check_interpret_against_numpy(
+    rng, (tokens, 4, 384, 128), activation=activation, weight_layout="sm90"
+  )
+  assert row_tiles == [1, 2]
+
+
+def pair_decode_gemm2(monkeypatch, on: bool) -> None:
+  """Decode's GEMM 2 in 64-row CTAs of two blocks wherever they apply (on),
+  or nowhere."""
+  monkeypatch.setattr(moe_config, "TWO_BLOCK_DECODE_GEMM2", on)
+  monkeypatch.setattr(moe_config, "TWO_BLOCK_MIN_K_STEPS", 0)
+  monkeypatch.setattr(moe_config, "TWO_BLOCK_MIN_CTAS_PER_SM", 0)
+
+
+def test_interpret_one_token_multiplies_one_shared_tile(rng, monkeypatch):
+  # One token's direct tiles: GEMM 1 reads one tile of activation planes
+  # (x and zero rows) in every tile, GEMM 2 its own rows.
+  jax.clear_caches()
+  calls = []
+  matmul = pallas_mosaic_gpu.sm90.matmul
+
+  def spy(weight, planes, *args, **kwargs):
+    calls.append((kwargs.get("shared_rows", False), planes[0].shape[-2]))
+    return matmul(weight, planes, *args, **kwargs)
+
+  monkeypatch.setattr(pallas_mosaic_gpu.sm90, "matmul", spy)
+  check_interpret_against_numpy(rng, (1, 4, 128, 128), weight_layout="sm90")
+  block_m = moe_config.block_m_for(1, 2, 4)
+  assert calls == [(True, block_m), (False, 2 * block_m)]
+
+
 @pytest.mark.parametrize(
   "persistent, cta_rows, weight_layout",
   [(False, 128, "natural"), (True, 128, "sm90"), (False, 64, "sm90")],
@@ -603,6 +641,47 @@ def test_two_tile_gemm2_lowers_for_sm90(monkeypatch, model):
   lower_moe(model, 4096, True, None, True)
 
 
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
+def test_two_block_decode_gemm2_lowers_for_sm90(monkeypatch, model, tokens):
+  pair_decode_gemm2(monkeypatch, True)
+  gemm1, gemm2 = lower_moe_configs(model, tokens)
+  assert (gemm1.row_tiles, gemm2.row_tiles) == (1, 2)
+  lower_moe(model, tokens, False, None, model != GPT_OSS)
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_decode_counts_no_used_tiles(tokens):
+  # Decode CTAs are not persistent and never read the count of used tiles:
+  # no XLA reduction of the tiles' experts (one dimension) makes it. (At
+  # one token the combine's sum over top-k is the only reduction outside
+  # the kernels.)
+  traced = trace_moe(DEEPSEEK_V3, tokens, False, None, True, routed=True)
+  sums = [
+    eqn.invars[0].aval.ndim
+    for eqn in jaxpr_eqns(traced.jaxpr.jaxpr)
+    if eqn.primitive.name == "reduce_sum"
+  ]
+  assert 1 not in sums
+  if tokens == 1:
+    assert sums == [3]
+
+
+def jaxpr_eqns(jaxpr):
+  """The equations of `jaxpr` and the jaxprs nested in it, kernels' bodies
+  excluded."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name == "pallas_call":
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from jaxpr_eqns(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from jaxpr_eqns(sub)
+
+
 def lower_moe(*args, **kwargs):
   trace_moe(*args, **kwargs).lower(lowering_platforms=("cuda",))
 
@@ -616,9 +695,11 @@ def trace_moe(
   block_m=None,
   activation="bf16",
   remainder=False,
+  routed=False,
 ):
   """The MoE layer's `_forward` on these tiles, traced for abstract
-  experts (what `_forward_fn` would plan, but with the given tiles)."""
+  experts (what `_forward_fn` would plan, but with the given tiles);
+  `routed`: of given routing weights and ids, not from logits."""
   n_experts, top_k, hidden, inter = model
   experts = abstract_experts(n_experts, hidden, inter)
   x = jax.ShapeDtypeStruct((tokens, hidden), jnp.bfloat16)
@@ -657,7 +738,10 @@ def trace_moe(
       )
 
   def f(x, logits, experts):
-    weights, ids = base.route(logits, top_k=top_k)
+    if routed:
+      weights, ids = logits
+    else:
+      weights, ids = base.route(logits, top_k=top_k)
     return pallas_mosaic_gpu._forward(
       x,
       weights,
@@ -672,6 +756,11 @@ def trace_moe(
       remainder_configs=remainder_configs,
     )
 
+  if routed:
+    logits = (
+      jax.ShapeDtypeStruct((tokens, top_k), jnp.float32),
+      jax.ShapeDtypeStruct((tokens, top_k), jnp.int32),
+    )
   return jax.jit(f).trace(x, logits, experts)
 
 
@@ -830,6 +919,45 @@ def test_two_tile_gemm2_on_gpu(
   outs = {}
   for on in (False, True):
     monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", on)
+    row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
+    outs[on] = np.asarray(
+      pallas_mosaic_gpu.nvfp4_moe(
+        x, logits, experts, top_k=top_k, activation=activation
+      ),
+      np.float32,
+    )
+    assert row_tiles == [1, 2 if on else 1]
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=top_k, activation=activation, implementation="xla"
+  )
+  tolerance.assert_close(
+    outs[True], want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
+  )
+  np.testing.assert_array_equal(outs[True], outs[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize(
+  "tokens, n_experts, top_k, hidden, inter",
+  [
+    (1, 16, 8, 7168, 2048),  # DeepSeek-V3's experts
+    (16, 16, 8, 7168, 2048),
+    (16, 32, 8, 2048, 768),  # Qwen3-30B-A3B's
+    (1, 2, 2, 4096, 14336),  # Mixtral-8x7B's (two): GEMM 2 splits K
+  ],
+)
+def test_two_block_decode_gemm2_on_gpu(
+  rng, monkeypatch, activation, tokens, n_experts, top_k, hidden, inter
+):
+  # Each 64-row block's K steps and MMAs are those of a one-block CTA: the
+  # same numbers, bit for bit, and the reference's.
+  experts, _, x, logits = test_base.make_inputs(
+    rng, tokens, n_experts, hidden, inter
+  )
+  outs = {}
+  for on in (False, True):
+    pair_decode_gemm2(monkeypatch, on)
     row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
     outs[on] = np.asarray(
       pallas_mosaic_gpu.nvfp4_moe(
