@@ -68,6 +68,11 @@
 #                                         # with and without them, and the
 #                                         # tuner's two-block dense decode
 #                                         # CTAs on the three large layers
+#   bash scripts/gpu_session.sh decode_rows # on nvidia-h200, ~9 min: the
+#                                         # MoE benchmark's decode rows
+#                                         # (T = 1 and 16, every model),
+#                                         # then the MoE's TestOnGPU suite
+#                                         # for what time is left
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -373,6 +378,17 @@ case "${1:-tier}" in
       --shapes 8192:28672,28672:8192,4096:14336 --tokens 1,16 \
       --configs "row_tiles=2;$pair;$pair,splits=2;$pair,splits=4;$pair,splits=8;$pair,num_stages=3,splits=4" \
       --out "$out/tune_two_block_h200.json" 2>&1 | grep -E "TB/s|WRONG|FAILED"
+    ;;
+  decode_rows)
+    timeout 330 python3 -m benchmarks.moe \
+      --models qwen3-30b-a3b,deepseek-v3,mixtral-8x7b,gpt-oss-120b \
+      --tokens 1,16 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
+      --time-budget 200 --out "$out/moe_h200_decode.json" 2>&1 \
+      | grep -E "fp4jax|failed"
+    timeout 230 python3 -m pytest -v -p no:cacheprovider -m gpu \
+      "tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py::TestOnGPU" \
+      > "$out/moe_gpu_tests.log" 2>&1
+    test_summary "$out/moe_gpu_tests.log"
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the
