@@ -73,6 +73,17 @@
 #                                         # (T = 1 and 16, every model),
 #                                         # then the MoE's TestOnGPU suite
 #                                         # for what time is left
+#   bash scripts/gpu_session.sh row_planes # on nvidia-h200, ~7 min: one
+#                                         # token's activation planes
+#                                         # written by the routing kernel
+#                                         # (SPLIT_IN_DECODE_ROUTING): its
+#                                         # GPU tests, one-call profiles
+#                                         # with and without, the MoE
+#                                         # benchmark's one-token rows
+#   bash scripts/gpu_session.sh one_token_rows # on nvidia-h200, ~4 min:
+#                                         # the row-plane GPU tests, then
+#                                         # the MoE benchmark's one-token
+#                                         # rows
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -389,6 +400,34 @@ case "${1:-tier}" in
       "tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py::TestOnGPU" \
       > "$out/moe_gpu_tests.log" 2>&1
     test_summary "$out/moe_gpu_tests.log"
+    ;;
+  row_planes)
+    timeout 160 python3 -m pytest -v -p no:cacheprovider -m gpu \
+      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+      -k "row_planes or one_token_moe or moe_through_it" \
+      > "$out/row_planes_tests.log" 2>&1
+    test_summary "$out/row_planes_tests.log"
+    for model in deepseek-v3:55 qwen3-30b-a3b:35; do
+      timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" 1 \
+        xlasplit-autofused,autofused > "$out/profile_${model%:*}.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
+    timeout 200 python3 -m benchmarks.moe \
+      --models qwen3-30b-a3b,deepseek-v3,mixtral-8x7b,gpt-oss-120b \
+      --tokens 1 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
+      --time-budget 100 --out "$out/moe_h200_one_token.json" 2>&1 \
+      | grep -E "fp4jax|failed"
+    ;;
+  one_token_rows)
+    timeout 90 python3 -m pytest -v -p no:cacheprovider -m gpu \
+      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+      -k "row_planes or one_token_moe" > "$out/row_planes_tests.log" 2>&1
+    test_summary "$out/row_planes_tests.log"
+    timeout 130 python3 -m benchmarks.moe \
+      --models deepseek-v3,mixtral-8x7b,qwen3-30b-a3b,gpt-oss-120b \
+      --tokens 1 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
+      --time-budget 60 --out "$out/moe_h200_one_token.json" 2>&1 \
+      | grep -E "fp4jax|failed"
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

@@ -59,7 +59,9 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # "g2two": with "g2wide", decode's GEMM 2 in two-tile outputs too;
 # "g2pair": decode's GEMM 2 in 64-row CTAs of both halves of a 128-row
 # tile wherever they apply (by default only for long K loops and enough
-# CTAs: config.TWO_BLOCK_DECODE_GEMM2); "g2block": never;
+# CTAs: config.TWO_BLOCK_DECODE_GEMM2); "g2block": never; "xlasplit": one
+# token's activation split by XLA, not by the routing kernel
+# (SPLIT_IN_DECODE_ROUTING off);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
 # "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
 # CTAs, which stream an expert's weights for a few rows);
@@ -137,6 +139,7 @@ PREFIXES = (
   "g2one",
   "g2pair",
   "g2block",
+  "xlasplit",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
 VARIANTS = (
@@ -301,6 +304,7 @@ def apply_prefixes(prefixes) -> None:
     DECODE_ROUTING_KERNEL="xlarouting" not in prefixes,
     PREFILL_ROUTING_KERNEL="xlarouting" not in prefixes,
     PREFILL_PLACEMENT_KERNEL="xlaplace" not in prefixes,
+    SPLIT_IN_DECODE_ROUTING="xlasplit" not in prefixes,
   )
   _switch(
     config_lib,

@@ -99,6 +99,10 @@ PREFILL_ROUTING_KERNEL = True
 # tokens, 2454.0 -> 2407.9 at 16384; gpt-oss-120b 1521.0 -> 1513.6 at
 # 4096; Mixtral-8x7B 4182.7 -> 4175.2.
 PREFILL_PLACEMENT_KERNEL = True
+# One token's routing kernel also splits its row into GEMM 1's activation
+# planes (`route_decode_sm90`'s `x`), in place of an XLA kernel between
+# routing and GEMM 1 (W4A16, bf16 x).
+SPLIT_IN_DECODE_ROUTING = True
 
 
 def nvfp4_moe(
@@ -458,6 +462,13 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
   mode = _kernel_routing(router_logits, correction_bias, options, forward)
   if mode is not None:
     plan = forward.keywords["plan"]
+    split = (
+      SPLIT_IN_DECODE_ROUTING
+      and forward.keywords["direct"]
+      and forward.keywords["activation"] == "bf16"
+      and x.dtype == jnp.bfloat16
+      and x.shape[1] % 32 == 0
+    )
     weights, ids, *placed = route_decode_sm90.route_and_place(
       router_logits,
       plan.top_k,
@@ -466,13 +477,22 @@ def _routed(x, router_logits, correction_bias, experts, *, forward, routing):
       place=mode == "decode",
       rank=mode == "prefill",
       routed_scaling=options.get("routed_scaling", 1.0),
+      x=x if split else None,
+      plane_rows=plan.block_m,
     )
+    x_planes = placed.pop() if split else None
     if mode == "prefill":
       placed = place_prefill_sm90.place_pairs(
         ids, *placed, block_m=plan.block_m, max_tiles=plan.max_tiles
       )
     out = forward(
-      x, weights, ids, experts, placed=tuple(placed) or None, ids_in_range=True
+      x,
+      weights,
+      ids,
+      experts,
+      placed=tuple(placed) or None,
+      ids_in_range=True,
+      x_planes=x_planes,
     )
     return out.astype(x.dtype)
   counted = tokens * n_experts**2 <= COUNTING_TOP_K_MAX
@@ -555,13 +575,16 @@ def _forward(
   remainder_configs=None,
   placed=None,
   ids_in_range=False,
+  x_planes=None,
 ):
   """float32 `[T, H]`: sort, GEMM 1 (+ SwiGLU), GEMM 2, weighted combine
   (the two GEMMs once more over the remainder tiles, if the plan has
   them). `placed`: the sort's (position, token, tile_expert), and maybe the
   used tiles, made already (`route_decode_sm90`, `place_prefill_sm90`).
   `ids_in_range`: every id names an expert (the routing kernel made them),
-  so no pair is dropped and no select marks dropped ones."""
+  so no pair is dropped and no select marks dropped ones. `x_planes`: one
+  token's activation planes, `[2, block_m, H/2]` with rows past the first
+  undefined (`route_decode_sm90`'s), for its direct tiles."""
   w13 = base.StackedLinear.from_mapping(experts, "w13_")
   w2 = base.StackedLinear.from_mapping(experts, "w2_")
   if direct:
@@ -580,8 +603,10 @@ def _forward(
     swiglu=swiglu,
     interpret=interpret,
   )
-  if direct:  # every tile multiplies x (row 0) and zero rows
-    rows_in = jnp.pad(x, ((0, plan.block_m - 1), (0, 0)))
+  if direct:  # every tile multiplies x (row 0) and zero (or unread) rows
+    rows_in = x_planes
+    if rows_in is None:
+      rows_in = jnp.pad(x, ((0, plan.block_m - 1), (0, 0)))
     y = gemms(
       rows_in, None, tile_expert, plan.block_m, configs, shared_rows=True
     )

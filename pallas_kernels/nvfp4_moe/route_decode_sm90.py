@@ -32,6 +32,13 @@ XLA's top-k. With `rank` each CTA also runs step 2 over its own pairs and
 writes their ranks in it and its count of each expert: the first half of
 a prefill's placement, which `place_prefill_sm90` finishes.
 
+With `x` (one token, routing alone) the CTA's other warps, while warp 0
+routes, split the token's row into the GEMM's two activation planes
+(`sm90.split_activations`), so that no XLA kernel runs between routing
+and GEMM 1: plane word 8g + 4h + t
+of each 32-column group g takes the low (plane 0) or high (plane 1) halves
+of the row's words 16g + 4t + h and 16g + 4t + 2 + h.
+
 Covers softmax routing renormalized over the chosen experts with no
 correction bias or expert groups (Qwen3-MoE, Mixtral, gpt-oss), at most
 `MAX_TOKENS` tokens when placing, `MAX_EXPERTS` experts and top-k 8.
@@ -84,6 +91,8 @@ def route_and_place(
   place: bool = True,
   rank: bool = False,
   routed_scaling: float = 1.0,
+  x: jax.Array | None = None,
+  plane_rows: int = 8,
 ) -> tuple[jax.Array, ...]:
   """(weights f32 `[T, k]`, ids int32 `[T, k]`) and, with `place`,
   (position int32 `[T, k]`, token int32 `[max_tiles * block_m]`,
@@ -104,6 +113,10 @@ def route_and_place(
       tokens).
     rank: with `place` False, also rank the pairs in each CTA.
     routed_scaling: multiplies every weight.
+    x: bf16 `[1, H]` (one token, routing alone, H % 32 == 0): also returns
+      its activation planes, bf16 `[2, plane_rows, H / 2]` with row 0 that
+      of `sm90.split_activations(x)` and the other rows undefined (a token
+      tile whose other rows' outputs nobody reads).
   """
   tokens, experts = logits.shape
   if not supports(tokens, experts, top_k, place):
@@ -117,6 +130,18 @@ def route_and_place(
     raise ValueError(f"logits must be float32 or bfloat16, got {logits.dtype}")
   if place and rank:
     raise ValueError("rank goes with routing alone (place=False)")
+  if x is not None and (
+    place
+    or rank
+    or tokens != 1
+    or x.dtype != jnp.bfloat16
+    or x.shape[0] != 1
+    or x.shape[1] % 32
+  ):
+    raise ValueError(
+      "x's planes take one token's bf16 row [1, H], H % 32 == 0, and"
+      f" routing alone; got {x.shape} {x.dtype}, {tokens=}, {place=}, {rank=}"
+    )
   if place and min(block_m, max_tiles) < 1:
     raise ValueError(
       f"placement needs block_m and max_tiles ({block_m=}, {max_tiles=})"
@@ -139,6 +164,12 @@ def route_and_place(
       # Expert-major: each expert's counts are contiguous for the scan.
       jax.ShapeDtypeStruct((experts, ctas), jnp.int32),
     ]
+  inputs = (logits,)
+  if x is not None:
+    inputs += (x,)
+    outs.append(
+      jax.ShapeDtypeStruct((2, plane_rows, x.shape[1] // 2), jnp.bfloat16)
+    )
   body = functools.partial(
     _route,
     top_k=top_k,
@@ -146,10 +177,11 @@ def route_and_place(
     place=place,
     rank=rank,
     routed_scaling=float(routed_scaling),
+    split=x is not None,
   )
 
-  def kernel(logits_gmem, *refs):
-    body(logits_gmem, *refs)
+  def kernel(*refs):
+    body(*refs)
 
   scratch = []
   if place or rank:
@@ -174,15 +206,31 @@ def route_and_place(
     thread_name="wg",
     scratch_types=scratch,
   )
-  return call(logits)
+  return call(*inputs)
 
 
-def _route(logits_ref, *refs, top_k, block_m, place, rank, routed_scaling):
+def _route(
+  logits_ref, *refs, top_k, block_m, place, rank, routed_scaling, split
+):
+  # The kernel's refs: inputs (logits and with `split` x), outputs (the
+  # routing's, then x's planes), scratch.
   n_out = 5 if place else (4 if rank else 2)
+  row_refs = ()
+  if split:
+    x_ref, *refs = refs
+    row_refs = (x_ref, refs.pop(n_out))  # x and its planes
   outs, scratch = refs[:n_out], refs[n_out:]
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * (1 + len(refs)))
+  @plgpu.inline_mgpu(
+    arg_types=(plgpu.RefType(),) * (1 + len(row_refs) + len(refs))
+  )
   def route(_, logits, *all_refs):
+    if split:  # by warps 1-15, while warp 0 routes the token
+      x, planes, *all_refs = all_refs
+      tid = mgpu_utils.thread_idx()
+      warp_size = scalar.const(32)
+      with mgpu_utils.when(scalar.ge(tid, warp_size)):
+        _split_row(x, planes, arith.subi(tid, warp_size), THREADS - 32)
     out_refs = all_refs[:n_out]
     if place or rank:
       pair_expert, warp_counts = all_refs[n_out : n_out + 2]
@@ -366,7 +414,36 @@ def _route(logits_ref, *refs, top_k, block_m, place, rank, routed_scaling):
       step=THREADS,
     )
 
-  route(logits_ref, *outs, *scratch)
+  route(logits_ref, *row_refs, *outs, *scratch)
+
+
+def _split_row(x, planes, thread, threads: int):
+  """Row 0 of both activation planes of the token row `x` (module doc):
+  thread `thread` of `threads` writes plane words thread, thread +
+  threads, ... of each plane, all its loads issued before its stores (one
+  memory latency, not one a word)."""
+  c = scalar.const
+  (_, hidden) = scalar.shape(x)
+  _, rows, _ = scalar.shape(planes)
+  plane_words = hidden // 4  # bf16 pairs in one plane's row
+  loaded = []
+  for first in range(0, plane_words, threads):
+    word = arith.addi(thread, c(first))
+    valid = scalar.lt(word, c(plane_words))
+    word = arith.select(valid, word, c(0))  # loads stay in bounds
+    group, within = arith.divui(word, c(8)), arith.remui(word, c(8))
+    h, t = arith.divui(within, c(4)), arith.remui(within, c(4))
+    a = arith.addi(arith.addi(arith.muli(group, c(16)), arith.muli(t, c(4))), h)
+    pair = (scalar.load(x, a), scalar.load(x, arith.addi(a, c(2))))
+    loaded.append((valid, word, pair))
+  for valid, word, (lo_word, hi_word) in loaded:
+    even = arith.ori(arith.andi(lo_word, c(0xFFFF)), arith.shli(hi_word, c(16)))
+    odd = arith.ori(
+      arith.shrui(lo_word, c(16)), arith.andi(hi_word, c(~0xFFFF))
+    )
+    with mgpu_utils.when(valid):
+      scalar.store(even, planes, word)
+      scalar.store(odd, planes, arith.addi(word, c(rows * plane_words)))
 
 
 def _pair_warps(pairs: int) -> int:

@@ -53,6 +53,43 @@ def test_routes_alone_at_any_size():
     route_decode_sm90.route_and_place(jnp.zeros((16, 8)), 2)
 
 
+@pytest.mark.parametrize(
+  "tokens, hidden, dtype, place",
+  [
+    (2, 64, jnp.bfloat16, False),  # two tokens
+    (1, 48, jnp.bfloat16, False),  # H not a multiple of 32
+    (1, 64, jnp.float32, False),
+    (1, 64, jnp.bfloat16, True),  # with the placement
+  ],
+)
+def test_row_planes_take_one_bf16_token(tokens, hidden, dtype, place):
+  with pytest.raises(ValueError, match="one token's bf16 row"):
+    route_decode_sm90.route_and_place(
+      jnp.zeros((tokens, 8)),
+      2,
+      block_m=8,
+      max_tiles=2,
+      place=place,
+      x=jnp.zeros((tokens, hidden), dtype),
+    )
+
+
+@pytest.mark.parametrize(
+  "experts, top_k, hidden", [(256, 8, 7168), (8, 2, 4096)]
+)
+def test_routing_with_row_planes_lowers_for_sm90(experts, top_k, hidden):
+  logits = jax.ShapeDtypeStruct((1, experts), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, hidden), jnp.bfloat16)
+
+  def route(logits, x):
+    return route_decode_sm90.route_and_place(logits, top_k, place=False, x=x)
+
+  traced = jax.jit(route).trace(logits, x)
+  assert traced.out_info[2].shape == (2, 8, hidden // 2)
+  lowered = traced.lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("stablehlo.custom_call") == 1
+
+
 # (tokens, experts, top_k): Qwen3-30B-A3B and Mixtral-8x7B prefills, and a
 # last CTA of one token.
 ROUTING_CASES = [(4096, 128, 8), (4096, 8, 2), (33, 40, 3)]
@@ -171,10 +208,19 @@ def test_moe_lowers_through_it(monkeypatch, tokens):
   def moe(x, logits, experts):
     return pallas_mosaic_gpu.nvfp4_moe(x, logits, experts, top_k=top_k)
 
-  lowered = jax.jit(moe).trace(x, logits, experts)
-  text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-  # The routing kernel and the two expert GEMMs.
-  assert text.count("stablehlo.custom_call") == 3
+  texts = {}
+  for split in (False, True):
+    monkeypatch.setattr(pallas_mosaic_gpu, "SPLIT_IN_DECODE_ROUTING", split)
+    jax.clear_caches()  # the switch is no jit key
+    lowered = jax.jit(moe).trace(x, logits, experts)
+    texts[split] = lowered.lower(lowering_platforms=("cuda",)).as_text()
+  # The routing kernel and the two expert GEMMs; at one token the routing
+  # kernel also splits the row: one XLA transpose fewer before GEMM 1.
+  assert texts[True].count("stablehlo.custom_call") == 3
+  transposes = {
+    k: text.count("stablehlo.transpose") for k, text in texts.items()
+  }
+  assert transposes[True] == transposes[False] - (tokens == 1)
 
 
 def _logits(rng, tokens, experts, dtype):
@@ -205,6 +251,57 @@ def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
     placed = jax.jit(lambda ids: placement.count_by_expert(ids, plan))(want_ids)
     for a, b in zip(got[2:], placed, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [7168, 2880, 64])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_planes_equal_the_split(rng, hidden, dtype):
+  # Row 0 of the planes, bit for bit, and the same routing as without them.
+  logits = _logits(rng, 1, 128, dtype)
+  x = jnp.asarray(rng.standard_normal((1, hidden)), jnp.bfloat16)
+  route = jax.jit(
+    functools.partial(route_decode_sm90.route_and_place, top_k=8, place=False)
+  )
+  weights, ids, planes = route(logits, x=x)
+  assert planes.shape == (2, 8, hidden // 2)
+  want = pallas_mosaic_gpu.sm90.split_activations(x)
+  np.testing.assert_array_equal(
+    np.asarray(planes[:, 0]).view(np.uint16),
+    np.asarray(want[:, 0]).view(np.uint16),
+  )
+  alone = route(logits)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(alone[1]))
+  np.testing.assert_array_equal(np.asarray(weights), np.asarray(alone[0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  "experts, top_k, hidden, inter",
+  [(16, 8, 7168, 2048), (8, 2, 2880, 2880), (16, 4, 256, 128)],
+)
+def test_one_token_moe_with_row_planes_is_unchanged(
+  rng, monkeypatch, experts, top_k, hidden, inter
+):
+  # The routing kernel's planes (rows past the first undefined) in place of
+  # XLA's split of x and zero rows: the same output, bit for bit.
+  nodes, _, x, logits = test_base.make_inputs(
+    rng, 1, experts, hidden, inter, weight_layout="sm90"
+  )
+  outs = []
+  for on in (False, True):
+    monkeypatch.setattr(pallas_mosaic_gpu, "SPLIT_IN_DECODE_ROUTING", on)
+    jax.clear_caches()  # the switch is no jit key
+    outs.append(
+      np.asarray(
+        pallas_kernels.nvfp4_moe(
+          x, logits, nodes, top_k=top_k, implementation="pallas"
+        ),
+        np.float32,
+      )
+    )
+  assert np.isfinite(outs[0]).all()
+  np.testing.assert_array_equal(outs[1], outs[0])
 
 
 @pytest.mark.gpu
