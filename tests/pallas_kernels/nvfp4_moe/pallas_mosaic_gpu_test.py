@@ -913,12 +913,24 @@ def test_two_tile_gemm2_on_gpu(
 ):
   # Each 64-row block's K steps and MMAs are those of one-tile outputs:
   # the same numbers, bit for bit, and the reference's.
-  experts, _, x, logits = test_base.make_inputs(
-    rng, tokens, n_experts, hidden, inter
+  check_gemm2_two_ways(
+    rng,
+    monkeypatch,
+    lambda on: monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", on),
+    activation,
+    (tokens, n_experts, hidden, inter),
+    top_k,
   )
+
+
+def check_gemm2_two_ways(rng, monkeypatch, two_tiles, activation, shape, top_k):
+  """The MoE of fresh `(tokens, experts, hidden, inter)` inputs with GEMM 2
+  in one and in two row tiles a warpgroup (`two_tiles(on)` switches):
+  equal bit for bit, and to the reference."""
+  experts, _, x, logits = test_base.make_inputs(rng, *shape)
   outs = {}
   for on in (False, True):
-    monkeypatch.setattr(moe_config, "TWO_TILE_GEMM2", on)
+    two_tiles(on)
     row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
     outs[on] = np.asarray(
       pallas_mosaic_gpu.nvfp4_moe(
@@ -952,27 +964,14 @@ def test_two_block_decode_gemm2_on_gpu(
 ):
   # Each 64-row block's K steps and MMAs are those of a one-block CTA: the
   # same numbers, bit for bit, and the reference's.
-  experts, _, x, logits = test_base.make_inputs(
-    rng, tokens, n_experts, hidden, inter
+  check_gemm2_two_ways(
+    rng,
+    monkeypatch,
+    functools.partial(pair_decode_gemm2, monkeypatch),
+    activation,
+    (tokens, n_experts, hidden, inter),
+    top_k,
   )
-  outs = {}
-  for on in (False, True):
-    pair_decode_gemm2(monkeypatch, on)
-    row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
-    outs[on] = np.asarray(
-      pallas_mosaic_gpu.nvfp4_moe(
-        x, logits, experts, top_k=top_k, activation=activation
-      ),
-      np.float32,
-    )
-    assert row_tiles == [1, 2 if on else 1]
-  want = pallas_kernels.nvfp4_moe(
-    x, logits, experts, top_k=top_k, activation=activation, implementation="xla"
-  )
-  tolerance.assert_close(
-    outs[True], want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
-  )
-  np.testing.assert_array_equal(outs[True], outs[False])
 
 
 @pytest.mark.gpu
