@@ -22,7 +22,8 @@ tiles.)
 Routing (softmax or sigmoid scores, grouped top-k) is `base.route`, shared
 with the reference; with DECODE_ROUTING_KERNEL (on) decode steps of
 softmax-routed models route and place their pairs in one kernel instead
-(`route_decode_sm90`), and with PREFILL_ROUTING_KERNEL (on) larger calls
+(`route_decode_sm90`; at one token it also splits the token's row into
+GEMM 1's activation planes, SPLIT_IN_DECODE_ROUTING), and with PREFILL_ROUTING_KERNEL (on) larger calls
 take their routing from it, and with PREFILL_PLACEMENT_KERNEL (on) their
 placement from it and `place_prefill_sm90`.
 
