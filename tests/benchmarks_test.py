@@ -87,6 +87,19 @@ def test_moe_harness_and_report(tmp_path):
   assert "<!-- moe:begin -->" in text
 
 
+def test_moe_time_budget_times_each_models_first_tokens(tmp_path):
+  # A budget spent before any timing (making a large model's weights) still
+  # times every model's first token count; later ones are skipped.
+  out = tmp_path / "moe.json"
+  moe.main(
+    ["--ci", "--out", str(out), "--time-budget", "1e-9"]
+    + ["--impls", "ragged_dot_bf16"]
+  )
+  rows = json.loads(out.read_text())["rows"]
+  statuses = {r["T"]: r["status"] for r in rows}
+  assert statuses == {1: "ok", 16: "skipped: time budget"}
+
+
 def test_sharded_moe_harness_on_host_devices(tmp_path, capsys):
   out = tmp_path / "sharded.json"
   sharded_moe.main(
