@@ -84,6 +84,14 @@
 #                                         # the row-plane GPU tests, then
 #                                         # the MoE benchmark's one-token
 #                                         # rows
+#   bash scripts/gpu_session.sh redux_routing # on nvidia-h200, ~8 min:
+#                                         # the routing kernel's top-k by
+#                                         # warp reductions
+#                                         # (route_decode_sm90.REDUX_TOP_K,
+#                                         # off): the routing GPU tests
+#                                         # both ways, one-call profiles
+#                                         # with and without it, and
+#                                         # DeepSeek-V3's one-token row
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -428,6 +436,22 @@ case "${1:-tier}" in
       --tokens 1 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
       --time-budget 60 --out "$out/moe_h200_one_token.json" 2>&1 \
       | grep -E "fp4jax|failed"
+    ;;
+  redux_routing)
+    timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu \
+      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
+      > "$out/redux_tests.log" 2>&1
+    test_summary "$out/redux_tests.log"
+    timeout 120 python3 -m benchmarks.moe --models deepseek-v3 --tokens 1 \
+      --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget 60 \
+      --out "$out/moe_h200_deepseek_one_token.json" 2>&1 \
+      | grep -E "fp4jax|failed"
+    for model in deepseek-v3:90 qwen3-30b-a3b:90; do
+      timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" \
+        1,16,4096 autofused,reduxtopk-autofused,autofused,reduxtopk-autofused \
+        > "$out/profile_${model%:*}.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

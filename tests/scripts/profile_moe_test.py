@@ -12,8 +12,17 @@ from pallas_kernels.nvfp4_moe import base as moe_base
 from pallas_kernels.nvfp4_moe import config as moe_config
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_moe import placement
+from pallas_kernels.nvfp4_moe import route_decode_sm90
 
-MODULES = (pallas_mosaic_gpu, config_lib, moe_config, placement, sm90, moe_base)
+MODULES = (
+  pallas_mosaic_gpu,
+  config_lib,
+  moe_config,
+  placement,
+  sm90,
+  moe_base,
+  route_decode_sm90,
+)
 
 
 def _switches():
@@ -50,8 +59,9 @@ def test_prefixes_set_their_switches(profile_moe):
   assert moe_config.REMAINDER_TILES and moe_config.REMAINDER_ROWS == 32
   assert moe_config.FUSED_SWIGLU_MAX_TOKENS == 256
   assert not moe_config.TWO_TILE_GEMM2
-  profile_moe.apply_prefixes({"g2block"})
+  profile_moe.apply_prefixes({"g2block", "reduxtopk"})
   assert not moe_config.TWO_BLOCK_DECODE_GEMM2
+  assert route_decode_sm90.REDUX_TOP_K
 
 
 def test_a_missing_switch_is_refused(profile_moe):

@@ -28,6 +28,12 @@ from tests.pallas_kernels.nvfp4_moe import test_base
 CASES = [(16, 128, 8), (16, 8, 2), (16, 128, 4), (5, 40, 3), (1, 128, 8)]
 
 
+def use_redux(monkeypatch, on: bool) -> None:
+  """Top-k rounds by warp reductions (`REDUX_TOP_K`) or by shuffles."""
+  monkeypatch.setattr(route_decode_sm90, "REDUX_TOP_K", on)
+  jax.clear_caches()  # the switch is no jit key
+
+
 def _route_and_place(logits, top_k):
   tokens, experts = logits.shape
   plan = config_test.plan_for(tokens, top_k, experts)
@@ -96,7 +102,11 @@ ROUTING_CASES = [(4096, 128, 8), (4096, 8, 2), (33, 40, 3)]
 
 
 @pytest.mark.parametrize("tokens, experts, top_k", ROUTING_CASES)
-def test_routing_alone_lowers_for_sm90(tokens, experts, top_k):
+@pytest.mark.parametrize("redux", [False, True])
+def test_routing_alone_lowers_for_sm90(
+  tokens, experts, top_k, monkeypatch, redux
+):
+  use_redux(monkeypatch, redux)
   logits = jax.ShapeDtypeStruct((tokens, experts), jnp.float32)
   lowered = (
     jax.jit(lambda x: route_decode_sm90.route_and_place(x, top_k, place=False))
@@ -143,7 +153,11 @@ def test_prefill_moe_lowers_through_the_routing(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("tokens, experts, top_k", ROUTING_CASES)
-def test_routing_alone_equals_xla(rng, tokens, experts, top_k, dtype):
+@pytest.mark.parametrize("redux", [False, True])
+def test_routing_alone_equals_xla(
+  rng, tokens, experts, top_k, dtype, monkeypatch, redux
+):
+  use_redux(monkeypatch, redux)
   logits = _logits(rng, tokens, experts, dtype)
   weights, ids = jax.jit(
     lambda x: route_decode_sm90.route_and_place(x, top_k, place=False)
@@ -173,7 +187,9 @@ def test_supports_decode_sizes_only():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("tokens, experts, top_k", CASES)
-def test_lowers_for_sm90(tokens, experts, top_k, dtype):
+@pytest.mark.parametrize("redux", [False, True])
+def test_lowers_for_sm90(tokens, experts, top_k, dtype, monkeypatch, redux):
+  use_redux(monkeypatch, redux)
   logits = jax.ShapeDtypeStruct((tokens, experts), dtype)
   lowered = (
     jax.jit(lambda x: _route_and_place(x, top_k))
@@ -236,7 +252,11 @@ def _logits(rng, tokens, experts, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("tokens, experts, top_k", CASES)
-def test_equals_xla_routing_and_placement(rng, tokens, experts, top_k, dtype):
+@pytest.mark.parametrize("redux", [False, True])
+def test_equals_xla_routing_and_placement(
+  rng, tokens, experts, top_k, dtype, monkeypatch, redux
+):
+  use_redux(monkeypatch, redux)
   logits = _logits(rng, tokens, experts, dtype)
   got = jax.jit(_route_and_place, static_argnums=1)(logits, top_k)
   want_weights, want_ids = jax.jit(
