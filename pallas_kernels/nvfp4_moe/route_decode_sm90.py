@@ -35,9 +35,9 @@ a prefill's placement, which `place_prefill_sm90` finishes.
 With `x` (one token, routing alone) the CTA's other warps, while warp 0
 routes, split the token's row into the GEMM's two activation planes
 (`sm90.split_activations`), so that no XLA kernel runs between routing
-and GEMM 1: plane word 8g + 4h + t
-of each 32-column group g takes the low (plane 0) or high (plane 1) halves
-of the row's words 16g + 4t + h and 16g + 4t + 2 + h.
+and GEMM 1: plane word 8g + 4h + t of each 32-column group g takes the
+low (plane 0) or high (plane 1) halves of the row's words 16g + 4t + h
+and 16g + 4t + 2 + h.
 
 Covers softmax routing renormalized over the chosen experts with no
 correction bias or expert groups (Qwen3-MoE, Mixtral, gpt-oss), at most
