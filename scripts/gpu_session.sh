@@ -186,6 +186,24 @@ test_summary() {
   grep -E "FAILED|ERROR" "$1" | head -n 10
   tail -n 1 "$1"
 }
+# GPU tests under a time limit, their log and its summary:
+#   gpu_tests SECONDS LOG PYTEST_ARGS...
+gpu_tests() {
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu "$@" \
+    > "$log" 2>&1
+  test_summary "$log"
+}
+# The MoE benchmark's rows, Pallas W4A16 and ragged_dot:
+#   moe_rows SECONDS JSON BENCHMARK_ARGS...
+moe_rows() {
+  local limit=$1 json=$2
+  shift 2
+  timeout "$limit" python3 -m benchmarks.moe \
+    --impls fp4jax_pallas_w4a16,ragged_dot_bf16 "$@" --out "$json" 2>&1 \
+    | grep -E "fp4jax|failed"
+}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case "${1:-tier}" in
   tier)
@@ -369,12 +387,10 @@ case "${1:-tier}" in
     ;;
   two_block)
     # One GPU, one step after another (each under its own timeout).
-    timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu \
+    gpu_tests 200 "$out/two_block_tests.log" \
       tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
       tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
-      -k "two_row_tiles_in_64 or two_block or qwen3_sized" \
-      > "$out/two_block_tests.log" 2>&1
-    test_summary "$out/two_block_tests.log"
+      -k "two_row_tiles_in_64 or two_block or qwen3_sized"
     variants=autofused,g2pair-autofused,s3-g2pair-autofused,autofused,g2pair-autofused
     for model in deepseek-v3:130 mixtral-8x7b:100 qwen3-30b-a3b:60 \
       gpt-oss-120b:70; do
@@ -384,10 +400,8 @@ case "${1:-tier}" in
     done
     ;;
   two_block_tune)
-    timeout 220 python3 -m pytest -v -p no:cacheprovider -m gpu \
-      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
-      -k "two_block" > "$out/two_block_tests.log" 2>&1
-    test_summary "$out/two_block_tests.log"
+    gpu_tests 220 "$out/two_block_tests.log" \
+      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py -k two_block
     timeout 70 python3 scripts/profile_moe.py mixtral-8x7b 16 \
       autofused,g2block-autofused,autofused,g2block-autofused \
       > "$out/profile_mixtral-8x7b.log" 2>&1
@@ -399,53 +413,38 @@ case "${1:-tier}" in
       --out "$out/tune_two_block_h200.json" 2>&1 | grep -E "TB/s|WRONG|FAILED"
     ;;
   decode_rows)
-    timeout 330 python3 -m benchmarks.moe \
+    moe_rows 330 "$out/moe_h200_decode.json" \
       --models qwen3-30b-a3b,deepseek-v3,mixtral-8x7b,gpt-oss-120b \
-      --tokens 1,16 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
-      --time-budget 200 --out "$out/moe_h200_decode.json" 2>&1 \
-      | grep -E "fp4jax|failed"
-    timeout 230 python3 -m pytest -v -p no:cacheprovider -m gpu \
-      "tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py::TestOnGPU" \
-      > "$out/moe_gpu_tests.log" 2>&1
-    test_summary "$out/moe_gpu_tests.log"
+      --tokens 1,16 --time-budget 200
+    gpu_tests 230 "$out/moe_gpu_tests.log" \
+      "tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py::TestOnGPU"
     ;;
   row_planes)
-    timeout 160 python3 -m pytest -v -p no:cacheprovider -m gpu \
+    gpu_tests 160 "$out/row_planes_tests.log" \
       tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
-      -k "row_planes or one_token_moe or moe_through_it" \
-      > "$out/row_planes_tests.log" 2>&1
-    test_summary "$out/row_planes_tests.log"
+      -k "row_planes or one_token_moe or moe_through_it"
     for model in deepseek-v3:55 qwen3-30b-a3b:35; do
       timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" 1 \
         xlasplit-autofused,autofused > "$out/profile_${model%:*}.log" 2>&1
       grep -hE "^==|Error" "$out/profile_${model%:*}.log"
     done
-    timeout 200 python3 -m benchmarks.moe \
+    moe_rows 200 "$out/moe_h200_one_token.json" \
       --models qwen3-30b-a3b,deepseek-v3,mixtral-8x7b,gpt-oss-120b \
-      --tokens 1 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
-      --time-budget 100 --out "$out/moe_h200_one_token.json" 2>&1 \
-      | grep -E "fp4jax|failed"
+      --tokens 1 --time-budget 100
     ;;
   one_token_rows)
-    timeout 90 python3 -m pytest -v -p no:cacheprovider -m gpu \
+    gpu_tests 90 "$out/row_planes_tests.log" \
       tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
-      -k "row_planes or one_token_moe" > "$out/row_planes_tests.log" 2>&1
-    test_summary "$out/row_planes_tests.log"
-    timeout 130 python3 -m benchmarks.moe \
+      -k "row_planes or one_token_moe"
+    moe_rows 130 "$out/moe_h200_one_token.json" \
       --models deepseek-v3,mixtral-8x7b,qwen3-30b-a3b,gpt-oss-120b \
-      --tokens 1 --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
-      --time-budget 60 --out "$out/moe_h200_one_token.json" 2>&1 \
-      | grep -E "fp4jax|failed"
+      --tokens 1 --time-budget 60
     ;;
   redux_routing)
-    timeout 200 python3 -m pytest -v -p no:cacheprovider -m gpu \
-      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py \
-      > "$out/redux_tests.log" 2>&1
-    test_summary "$out/redux_tests.log"
-    timeout 120 python3 -m benchmarks.moe --models deepseek-v3 --tokens 1 \
-      --impls fp4jax_pallas_w4a16,ragged_dot_bf16 --time-budget 60 \
-      --out "$out/moe_h200_deepseek_one_token.json" 2>&1 \
-      | grep -E "fp4jax|failed"
+    gpu_tests 200 "$out/redux_tests.log" \
+      tests/pallas_kernels/nvfp4_moe/route_decode_sm90_test.py
+    moe_rows 120 "$out/moe_h200_deepseek_one_token.json" \
+      --models deepseek-v3 --tokens 1 --time-budget 60
     for model in deepseek-v3:90 qwen3-30b-a3b:90; do
       timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" \
         1,16,4096 autofused,reduxtopk-autofused,autofused,reduxtopk-autofused \

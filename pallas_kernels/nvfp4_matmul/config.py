@@ -104,9 +104,8 @@ class Config:
       raise ValueError("async_mma needs num_stages >= 2")
     if self.row_tiles not in (1, 2):
       raise ValueError(f"{self.row_tiles=} must be 1 or 2")
-    wide = self.cta_rows == TILE_ROWS
     if self.row_tiles == 2 and (
-      (wide and (not self.persistent or self.splits != 1))
+      (self.wide and (not self.persistent or self.splits != 1))
       or self.warp_mma
       or self.row_pairs
       or self.block_m > MAX_TWO_TILE_TOKENS
@@ -121,6 +120,11 @@ class Config:
       # behind when the next tile reuses them (the interpreter caught it).
       raise ValueError("async_mma has no persistent grid")
 
+  @property
+  def wide(self) -> bool:
+    """128-row CTAs (two compute warpgroups), not 64-row ones."""
+    return self.cta_rows == TILE_ROWS
+
   def smem_bytes(
     self,
     float32_out: bool = True,
@@ -133,9 +137,8 @@ class Config:
     `row_tiles` blocks of `cta_rows`; `scale_tiles`: 128-row scale tiles
     per step (default those the weight rows lie in; SwiGLU's up rows
     starting mid-tile take two)."""
-    wide = self.cta_rows == TILE_ROWS
     if scale_tiles is None:  # a 64-row CTA reads its whole 128-row tile
-      scale_tiles = weights * (self.row_tiles if wide else 1)
+      scale_tiles = weights * (self.row_tiles if self.wide else 1)
     weights *= self.row_tiles
     per_stage = (
       2 * self.block_m * self.block_k  # activations

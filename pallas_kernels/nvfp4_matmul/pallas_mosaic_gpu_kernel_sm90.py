@@ -635,11 +635,11 @@ def matmul(
   `tile_expert[i]` names the weight matrix of tokens `[i * block_m, (i + 1)
   * block_m)` (grouped GEMM over experts; tokens sorted and padded per
   expert by the caller); a negative entry skips the tile and leaves its
-  output rows undefined. With `shared_rows` the activations are one tile of
-  `block_m` rows that every token tile multiplies (one token's top-k
-  experts at decode: the activation split is then of one tile, not of
-  top_k), and the output still has a tile of rows per `tile_expert`. None: all tiles use matrix 0 (E = 1). With
-  `config.persistent`, `used_tiles` (the tiles with an expert, which must
+  output rows undefined. None: all tiles use matrix 0 (E = 1). With
+  `shared_rows` the activations are one tile of `block_m` rows that every
+  token tile multiplies (one token's top-k experts at decode: the
+  activation split is then of one tile, not of top_k), and the output
+  still has a tile of rows per `tile_expert`. With `config.persistent`, `used_tiles` (the tiles with an expert, which must
   come first) bounds the walk: `num_sms` CTAs loop over output tiles.
 
   Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
@@ -725,7 +725,7 @@ def matmul(
   )
   out_tile_rows = TILE_ROWS * cta_scale_tiles  # rows of one output tile
   # Accumulators per warpgroup: gate and up with SwiGLU, else one per
-  # 128-row weight tile of the output tile.
+  # 64-row block it multiplies.
   n_accs = 2 if swiglu else row_tiles
   up_blocks = inter // WG_ROWS
   up_mid_tile = up_blocks % 2 == 1
@@ -761,8 +761,8 @@ def matmul(
     def in_specs(rows, row_block, mi, k0, expert):
       """Pipeline inputs of one output tile: weight rows `[row_block *
       rows, +rows)`, both activation planes, the 128-row scale tiles
-      holding them (`cta_scale_tiles`), and with SwiGLU the up rows (I rows down) and
-      their scales."""
+      holding them (`cta_scale_tiles`), and with SwiGLU the up rows (I rows
+      down) and their scales."""
       # The block of `cta_scale_tiles` scale tiles holding the rows.
       tile = row_block * rows // (TILE_ROWS * cta_scale_tiles)
       scale_tiles = (
@@ -964,6 +964,11 @@ def matmul(
         out.append(plgpu.mma(plgpu.mma(acc, lo, xe), hi, xo))
       return tuple(out)
 
+    def acc_groups(accs):
+      """Accumulators that finish together: gate and up (or one block's
+      accumulator), or each of two row tiles' blocks one after the other."""
+      return [accs] if row_tiles == 1 else [[acc] for acc in accs]
+
     def finish(accs, block, expert, mi, si, slot):
       """Scales the accumulators of 64-row block `block` (and applies
       SwiGLU), then stores them from SMEM slot `slot`. `accs`: wgmma
@@ -1039,10 +1044,7 @@ def matmul(
         def _(accs):
           eval_pipeline(accs)
           wg = lax.axis_index("wg")
-          # Gate and up finish together; two weight tiles' 64-row blocks
-          # one after the other.
-          groups = [accs] if row_tiles == 1 else [[acc] for acc in accs]
-          for t, group in enumerate(groups):
+          for t, group in enumerate(acc_groups(accs)):
             finish(group, 2 * (row_tiles * ni + t) + wg, expert, mi, si, wg)
 
       return plgpu.emit_pipeline_warp_specialized(
@@ -1104,11 +1106,8 @@ def matmul(
           step(weights, xe_smem, xo_smem, accs, slot=0)
 
         pipeline(body)(*operands)
-        if row_tiles == 1:  # gate and up together, or one block
-          finish(accs, ni, expert, mi, si, 0)
-          return
-        for t, acc in enumerate(accs):
-          finish([acc], row_tiles * ni + t, expert, mi, si, 0)
+        for t, group in enumerate(acc_groups(accs)):
+          finish(group, row_tiles * ni + t, expert, mi, si, 0)
 
     operands = (
       (w_gmem, xe_gmem, s_gmem)

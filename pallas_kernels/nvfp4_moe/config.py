@@ -196,21 +196,26 @@ def configs_for(
       config = config_lib.fit_stages(
         dataclasses.replace(config, row_tiles=2), bf16_out=True
       )
-    paired_ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles
-    if (
-      gemm == 1
-      and TWO_BLOCK_DECODE_GEMM2
-      and rows == config_lib.WGMMA_ROWS
-      and not config.warp_mma
-      and -(-k // config.block_k) // config.splits >= TWO_BLOCK_MIN_K_STEPS
-      and paired_ctas * config.splits >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
-    ):
+    if gemm == 1 and _two_blocks_pay(config, plan, n, k, num_sms):
       config = config_lib.fit_stages(
         dataclasses.replace(config, row_tiles=2),
         bf16_out=config.splits == 1,
       )
     configs.append(config)
   return tuple(configs)
+
+
+def _two_blocks_pay(config, plan: Plan, n: int, k: int, num_sms: int) -> bool:
+  """Whether decode's GEMM 2 (`config`, N = `n`, K = `k`) takes 64-row CTAs
+  of two blocks (TWO_BLOCK_DECODE_GEMM2): long K loops on every SM."""
+  ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles * config.splits
+  return (
+    TWO_BLOCK_DECODE_GEMM2
+    and config.cta_rows == config_lib.WGMMA_ROWS
+    and not config.warp_mma
+    and -(-k // config.block_k) // config.splits >= TWO_BLOCK_MIN_K_STEPS
+    and ctas >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
+  )
 
 
 @dataclasses.dataclass(frozen=True)

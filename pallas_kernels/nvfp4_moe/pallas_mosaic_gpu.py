@@ -271,11 +271,11 @@ def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(picked, rows.dtype).reshape(-1, k)
 
 
-def _gather_planes(planes, index, used_tiles, block_m, interpret):
+def _gather_planes(planes, index, count_used, block_m, interpret):
   """`plane[index]` of each bf16 `[R, K/2]` plane for the used token tiles,
   as two arrays (XLA gathers into two faster than into one stacked array), by
   `gather_rows_sm90` from `GATHER_KERNEL_MIN_ROWS` rows (rows past the used
-  tiles undefined), else by XLA."""
+  tiles undefined), else by XLA. `count_used()`: the used tiles."""
   rows = index.shape[0]
   if (
     GATHER_KERNEL
@@ -285,7 +285,7 @@ def _gather_planes(planes, index, used_tiles, block_m, interpret):
     return gather_rows_sm90.gather_planes(
       planes,
       index,
-      used_tiles * block_m,
+      count_used() * block_m,
       block_m=block_m,
       num_sms=common.num_sms(interpret),
       interpret=interpret,
@@ -313,7 +313,7 @@ def _factors(
 def _grouped_gemm(
   row_expert,
   tile_expert,
-  used_tiles,
+  count_used,
   proj,
   *,
   rows,
@@ -333,7 +333,8 @@ def _grouped_gemm(
   makes them (W4A16 only). `gather`: row indices into `rows` (the token of
   each sorted row); the K reorder of `split_activations` then runs on the
   fewer unsorted rows. `shared_rows`: `rows` is one token tile that every
-  tile multiplies (`sm90.matmul`'s).
+  tile multiplies (`sm90.matmul`'s). `count_used()`: the tiles with an
+  expert, asked for only by the kernels that read it.
   """
   n_experts, n, k = proj.shape
   if rows.ndim == 3:
@@ -352,7 +353,7 @@ def _grouped_gemm(
     x_planes = tuple(sm90.split_activations(rows.astype(jnp.bfloat16)))
   if gather is not None:
     x_planes = _gather_planes(
-      x_planes, gather, used_tiles, config.block_m, interpret
+      x_planes, gather, count_used, config.block_m, interpret
     )
   scale_rows, padded_blocks = proj.block_scale.shape[1:]
   weight, config = sm90.kernel_weight(proj.weight, proj.weight_layout, config)
@@ -364,7 +365,8 @@ def _grouped_gemm(
     ),
     _factors(proj, activation),
     tile_expert,
-    used_tiles,
+    # Persistent CTAs walk the used tiles; others never read the count.
+    count_used() if config.persistent else None,
     config=config,
     shared_rows=shared_rows,
     num_sms=common.num_sms(interpret),
@@ -401,25 +403,22 @@ def _expert_gemms(
   tiles of `block_m` rows, row r being `rows_in[gather[r]]` (or `rows_in`
   itself when `gather` is None; with `shared_rows`, `rows_in` is one tile
   that GEMM 1 multiplies in every tile). `used_tiles`: the tiles with an
-  expert, if the placement counted them already (only persistent CTAs and
-  the row gather kernel read it: for others no XLA reduction counts
-  them)."""
+  expert, if the placement counted them already (else XLA counts them
+  once, if a kernel reads them: decode calls do not)."""
   inter = w13.shape[1] // 2
   row_expert = jnp.maximum(jnp.repeat(tile_expert, block_m), 0)
-  gather_kernel = (
-    GATHER_KERNEL
-    and gather is not None
-    and gather.shape[0] >= GATHER_KERNEL_MIN_ROWS
-  )
-  if used_tiles is None and (
-    gather_kernel or any(c.persistent for c in configs)
-  ):
-    used_tiles = jnp.sum(tile_expert >= 0, dtype=jnp.int32)
+
+  @functools.cache  # one XLA count however many kernels read it
+  def count_used():
+    if used_tiles is not None:
+      return used_tiles
+    return jnp.sum(tile_expert >= 0, dtype=jnp.int32)
+
   gemm = functools.partial(
     _grouped_gemm,
     row_expert,
     tile_expert,
-    used_tiles,
+    count_used,
     activation=activation,
     interpret=interpret,
   )
