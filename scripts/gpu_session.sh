@@ -88,7 +88,7 @@
 #                                         # the routing kernel's top-k by
 #                                         # warp reductions
 #                                         # (route_decode_sm90.REDUX_TOP_K,
-#                                         # off): the routing GPU tests
+#                                         # now on): the routing GPU tests
 #                                         # both ways, one-call profiles
 #                                         # with and without it, and
 #                                         # DeepSeek-V3's one-token row
@@ -447,7 +447,7 @@ case "${1:-tier}" in
       --models deepseek-v3 --tokens 1 --time-budget 60
     for model in deepseek-v3:90 qwen3-30b-a3b:90; do
       timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" \
-        1,16,4096 autofused,reduxtopk-autofused,autofused,reduxtopk-autofused \
+        1,16,4096 shuffletopk-autofused,autofused,shuffletopk-autofused,autofused \
         > "$out/profile_${model%:*}.log" 2>&1
       grep -hE "^==|Error" "$out/profile_${model%:*}.log"
     done

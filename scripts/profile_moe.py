@@ -62,8 +62,9 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # tile wherever they apply (by default only for long K loops and enough
 # CTAs: config.TWO_BLOCK_DECODE_GEMM2); "g2block": never; "xlasplit": one
 # token's activation split by XLA, not by the routing kernel
-# (SPLIT_IN_DECODE_ROUTING off); "reduxtopk": the routing kernel's top-k
-# rounds by warp reductions (route_decode_sm90.REDUX_TOP_K, off);
+# (SPLIT_IN_DECODE_ROUTING off); "shuffletopk": the routing kernel's top-k
+# rounds by shuffles, not warp reductions (route_decode_sm90.REDUX_TOP_K
+# off);
 # "remainder": 64-row remainder tiles (REMAINDER_TILES, off by default);
 # "rem16", "rem32": remainder tiles of 16 or 32 rows (16: 64-row decode
 # CTAs, which stream an expert's weights for a few rows);
@@ -142,7 +143,7 @@ PREFIXES = (
   "g2pair",
   "g2block",
   "xlasplit",
-  "reduxtopk",
+  "shuffletopk",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
 VARIANTS = (
@@ -332,7 +333,7 @@ def apply_prefixes(prefixes) -> None:
     ),
   )
   _switch(placement, RANK_BY_COUNTING="sortrank" not in prefixes)
-  _switch(route_decode_sm90, REDUX_TOP_K="reduxtopk" in prefixes)
+  _switch(route_decode_sm90, REDUX_TOP_K="shuffletopk" not in prefixes)
   _switch(
     sm90,
     SCALE_HALF_OPERANDS="copiedscales" not in prefixes,

@@ -72,10 +72,10 @@ _TAKEN = 1 << 30
 # Each top-k round takes the warp's best by two warp reductions
 # (`redux.sync` max of the keys, min of the indices holding it) after a
 # tournament over each lane's values, instead of a linear pass and five
-# butterfly rounds. Off: written without a GPU (twenty-sixth session); at
-# one token DeepSeek-V3's routing (256 experts, 8 a lane, 8 rounds) took
-# 2.7 us against Mixtral-8x7B's 1.3 (8 experts, 2 rounds).
-REDUX_TOP_K = False
+# butterfly rounds. On (twenty-seventh session, H200 one-call profiles):
+# DeepSeek-V3's one-token routing (256 experts, 8 a lane, 8 rounds) 2.7 ->
+# 2.1 us, Qwen3-30B-A3B's 2.2 -> 1.85; same experts in the GPU tests.
+REDUX_TOP_K = True
 
 
 def supports(tokens: int, experts: int, top_k: int, place: bool = True) -> bool:

@@ -59,9 +59,10 @@ def test_prefixes_set_their_switches(profile_moe):
   assert moe_config.REMAINDER_TILES and moe_config.REMAINDER_ROWS == 32
   assert moe_config.FUSED_SWIGLU_MAX_TOKENS == 256
   assert not moe_config.TWO_TILE_GEMM2
-  profile_moe.apply_prefixes({"g2block", "reduxtopk"})
-  assert not moe_config.TWO_BLOCK_DECODE_GEMM2
   assert route_decode_sm90.REDUX_TOP_K
+  profile_moe.apply_prefixes({"g2block", "shuffletopk"})
+  assert not moe_config.TWO_BLOCK_DECODE_GEMM2
+  assert not route_decode_sm90.REDUX_TOP_K
 
 
 def test_a_missing_switch_is_refused(profile_moe):
