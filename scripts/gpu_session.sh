@@ -94,6 +94,14 @@
 #                                         # both ways, one-call profiles
 #                                         # with and without it, and
 #                                         # DeepSeek-V3's one-token row
+#   bash scripts/gpu_session.sh g2_splits # on nvidia-h200, ~6 min: decode's
+#                                         # GEMM 2 in twice the K splits
+#                                         # (profile_moe.py "g2x2"), one- and
+#                                         # two-block: one-call profiles
+#                                         # at one token (Mixtral-8x7B
+#                                         # twice, DeepSeek-V3 once) and
+#                                         # Mixtral-8x7B's one-token
+#                                         # benchmark row under each
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -455,6 +463,23 @@ case "${1:-tier}" in
         1,16,4096 shuffletopk-autofused,autofused,shuffletopk-autofused,autofused \
         > "$out/profile_${model%:*}.log" 2>&1
       grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
+    ;;
+  g2_splits)
+    timeout 100 python3 scripts/profile_moe.py mixtral-8x7b 1 \
+      autofused,g2x2-autofused,g2pair-g2x2-autofused,autofused,g2x2-autofused,g2pair-g2x2-autofused \
+      > "$out/profile_mixtral-8x7b.log" 2>&1
+    timeout 90 python3 scripts/profile_moe.py deepseek-v3 1 \
+      autofused,g2x2-autofused,g2pair-g2x2-autofused \
+      > "$out/profile_deepseek-v3.log" 2>&1
+    grep -hE "^==|Error" "$out"/profile_*.log
+    # The wrapper checks its prefixes before any GPU work.
+    for variant in none g2x2 g2pair-g2x2; do
+      timeout 50 python3 scripts/bench_moe_variant.py "$variant" \
+        --models mixtral-8x7b --tokens 1 --time-budget 25 \
+        --impls fp4jax_pallas_w4a16,ragged_dot_bf16 \
+        --out "$out/moe_mixtral_one_token_$variant.json" 2>&1 \
+        | grep -E "fp4jax|failed|Error"
     done
     ;;
   placement_rows)

@@ -102,7 +102,10 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # "xlagather": the prefill's row gather by XLA over all rows, not the bulk
 # copies of the used rows (gather_rows_sm90, GATHER_KERNEL); "xlaplace":
 # a prefill's pairs placed by XLA (sort_by_expert), not by the routing
-# kernel's ranks and place_prefill_sm90 (PREFILL_PLACEMENT_KERNEL off).
+# kernel's ranks and place_prefill_sm90 (PREFILL_PLACEMENT_KERNEL off);
+# "g2x2": decode's GEMM 2 in twice the heuristic's K splits, where they
+# divide its K steps (Mixtral-8x7B at one token: 512 CTAs of 14 steps, or
+# with "g2pair" 256 two-block CTAs of 14).
 PREFIXES = (
   "old",
   "s3",
@@ -144,6 +147,7 @@ PREFIXES = (
   "g2block",
   "xlasplit",
   "shuffletopk",
+  "g2x2",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
 VARIANTS = (
@@ -208,6 +212,7 @@ def _configs_for(
   gemm2_wide=False,
   gemm2_two_tile_decode=False,
   gemm2_long=False,
+  gemm2_more_splits=False,
   **kwargs,
 ):
   configs = CONFIGS_FOR(*args, **kwargs)
@@ -261,12 +266,24 @@ def _configs_for(
       # Decode tiles in two-tile outputs too (one K split).
       wide = dataclasses.replace(wide, row_tiles=2, splits=1)
     configs = [configs[0], _fitting_stages(wide, weights=1, bf16_out=True)]
+  if gemm2_more_splits:
+    configs = [configs[0], _more_splits(configs[1], inter)]
   if no_split:
     configs = [dataclasses.replace(c, splits=1) for c in configs]
   if at_most_three_stages:
     stages = min(3, configs[1].num_stages)
     configs = [configs[0], dataclasses.replace(configs[1], num_stages=stages)]
   return tuple(configs)
+
+
+def _more_splits(config, k):
+  """Decode's (not persistent) `config` in twice its K splits, float32 out,
+  where they divide its K steps; else `config`."""
+  splits = 2 * config.splits
+  if config.persistent or -(-k // config.block_k) % splits:
+    return config
+  more = dataclasses.replace(config, splits=splits)
+  return _fitting_stages(more, weights=1, bf16_out=False)
 
 
 def _tile_rows(prefixes) -> list[int]:
@@ -345,6 +362,30 @@ def apply_prefixes(prefixes) -> None:
   )
 
 
+def use_prefixes(prefixes) -> None:
+  """Makes the library tile and switch as the prefixes say (none: its
+  defaults), for this process's next traces."""
+  moe_config.configs_for = functools.partial(
+    _configs_for,
+    at_most_three_stages="s3" in prefixes,
+    no_split="nosplit" in prefixes,
+    gemm1_splits=2 if "split2" in prefixes else None,
+    long_steps="k256" in prefixes,
+    gemm2_wide="g2wide" in prefixes,
+    gemm2_two_tile_decode="g2two" in prefixes,
+    gemm2_long="g2k512" in prefixes,
+    gemm2_more_splits="g2x2" in prefixes,
+    gemm1_stages=2 if "g1s2" in prefixes else 3 if "g1s3" in prefixes else None,
+    short_steps=(0, 1)
+    if "k64all" in prefixes
+    else (1,)
+    if "k64" in prefixes
+    else (),
+  )
+  jax.clear_caches()  # the module switches are not jit keys
+  apply_prefixes(prefixes)
+
+
 def parse_args(argv):
   """(model, token counts, variants) from the command line, checked."""
   name = argv[0] if argv else "qwen3-30b-a3b"
@@ -367,28 +408,7 @@ def main(argv):
     first = None
     for name_with_prefixes in variants:
       prefixes, variant = _prefixes(name_with_prefixes)
-      moe_config.configs_for = functools.partial(
-        _configs_for,
-        at_most_three_stages="s3" in prefixes,
-        no_split="nosplit" in prefixes,
-        gemm1_splits=2 if "split2" in prefixes else None,
-        long_steps="k256" in prefixes,
-        gemm2_wide="g2wide" in prefixes,
-        gemm2_two_tile_decode="g2two" in prefixes,
-        gemm2_long="g2k512" in prefixes,
-        gemm1_stages=2
-        if "g1s2" in prefixes
-        else 3
-        if "g1s3" in prefixes
-        else None,
-        short_steps=(0, 1)
-        if "k64all" in prefixes
-        else (1,)
-        if "k64" in prefixes
-        else (),
-      )
-      jax.clear_caches()  # the module switches below are not jit keys
-      apply_prefixes(prefixes)
+      use_prefixes(prefixes)
       tile_rows = _tile_rows(prefixes)
       node = dict(experts)
       if "unpadded" in prefixes:

@@ -1,5 +1,6 @@
 """The MoE profiler's variant prefixes set switches the library has."""
 
+import dataclasses
 import importlib
 import pathlib
 import re
@@ -91,3 +92,25 @@ def test_gpu_session_variants_parse(profile_moe):
     profile_moe.parse_args(["qwen3-30b-a3b", "16", "g2too-autofused"])
   with pytest.raises(SystemExit, match="unknown model"):
     profile_moe.parse_args(["autofused", "16", "autofused"])
+
+
+def test_g2x2_doubles_decode_gemm2_splits_where_they_divide(profile_moe):
+  decode = config_lib.Config(block_k=256, block_m=8, splits=2, cta_rows=64)
+  # Mixtral-8x7B's GEMM 2 at one token: K = 14336, 56 steps.
+  more = profile_moe._more_splits(decode, 14336)
+  assert more.splits == 4 and more.block_k == 256
+  # 23 steps of 128 (gpt-oss-120b's padded I) take no second split.
+  odd = dataclasses.replace(decode, block_k=128, splits=1)
+  assert profile_moe._more_splits(odd, 2944) == odd
+  persistent = dataclasses.replace(decode, persistent=True, cta_rows=128)
+  assert profile_moe._more_splits(persistent, 14336) == persistent
+
+
+def test_use_prefixes_sets_the_tiles_for_next_traces(profile_moe, monkeypatch):
+  monkeypatch.setattr(moe_config, "configs_for", moe_config.configs_for)
+  plan = moe_config.Plan(tokens=1, top_k=2, experts=8, block_m=8)
+  default = moe_config.configs_for(plan, hidden=4096, inter=14336, num_sms=132)
+  profile_moe.use_prefixes({"g2x2"})
+  doubled = moe_config.configs_for(plan, hidden=4096, inter=14336, num_sms=132)
+  assert doubled[0] == default[0]
+  assert doubled[1].splits == 2 * default[1].splits
