@@ -102,6 +102,13 @@
 #                                         # twice, DeepSeek-V3 once) and
 #                                         # Mixtral-8x7B's one-token
 #                                         # benchmark row under each
+#   bash scripts/gpu_session.sh more_splits # on nvidia-h200, ~3 min:
+#                                         # decode's split GEMM 2 in
+#                                         # two-block CTAs of twice the
+#                                         # splits (TWO_BLOCK_MORE_SPLITS):
+#                                         # its GPU tests and the two-block
+#                                         # ones, then Mixtral-8x7B's
+#                                         # one-token benchmark row
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -481,6 +488,13 @@ case "${1:-tier}" in
         --out "$out/moe_mixtral_one_token_$variant.json" 2>&1 \
         | grep -E "fp4jax|failed|Error"
     done
+    ;;
+  more_splits)
+    gpu_tests 110 "$out/more_splits_tests.log" \
+      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
+      -k "more_splits or two_block_decode_gemm2_on_gpu"
+    moe_rows 60 "$out/moe_h200_mixtral_one_token.json" \
+      --models mixtral-8x7b --tokens 1 --time-budget 25
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

@@ -70,6 +70,17 @@ TWO_TILE_GEMM2 = True
 TWO_BLOCK_DECODE_GEMM2 = True
 TWO_BLOCK_MIN_K_STEPS = 16
 TWO_BLOCK_MIN_CTAS_PER_SM = 1
+# Where decode's GEMM 2 splits K already (too few CTAs for the SMs) and the
+# two-block rule above does not take it, two-block CTAs in twice the splits:
+# as many CTAs, each streaming twice the rows over half the K steps, at
+# least TWO_BLOCK_SPLIT_MIN_K_STEPS of them. Mixtral-8x7B at one token
+# (H200, twenty-seventh session, 2 splits of 28 steps -> 4 of 14, output
+# unchanged): GEMM 2 23.7 -> 21.5 and 22.5 -> 21.8 us in one-call
+# profiles, benchmark row 69.0 -> 67.7 us in one run; one-block CTAs in
+# twice the splits were slower (23.5-24.0 us), and so was DeepSeek-V3's
+# unsplit 8-step GEMM 2 in two (24.7 -> 24.9, two-block 25.4).
+TWO_BLOCK_MORE_SPLITS = True
+TWO_BLOCK_SPLIT_MIN_K_STEPS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +212,10 @@ def configs_for(
         dataclasses.replace(config, row_tiles=2),
         bf16_out=config.splits == 1,
       )
+    elif gemm == 1 and _two_blocks_in_more_splits(config, k):
+      config = config_lib.fit_stages(
+        dataclasses.replace(config, row_tiles=2, splits=2 * config.splits)
+      )
     configs.append(config)
   return tuple(configs)
 
@@ -211,10 +226,32 @@ def _two_blocks_pay(config, plan: Plan, n: int, k: int, num_sms: int) -> bool:
   ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles * config.splits
   return (
     TWO_BLOCK_DECODE_GEMM2
-    and config.cta_rows == config_lib.WGMMA_ROWS
-    and not config.warp_mma
+    and _decode_ctas(config)
     and -(-k // config.block_k) // config.splits >= TWO_BLOCK_MIN_K_STEPS
     and ctas >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
+  )
+
+
+def _two_blocks_in_more_splits(config, k: int) -> bool:
+  """Whether decode's split GEMM 2 (`config`, K = `k`) takes 64-row CTAs of
+  two blocks in twice its K splits (TWO_BLOCK_MORE_SPLITS)."""
+  steps = -(-k // config.block_k)
+  splits = 2 * config.splits
+  return (
+    TWO_BLOCK_MORE_SPLITS
+    and _decode_ctas(config)
+    and config.splits > 1
+    and steps % splits == 0
+    and steps // splits >= TWO_BLOCK_SPLIT_MIN_K_STEPS
+  )
+
+
+def _decode_ctas(config) -> bool:
+  """64-row wgmma CTAs of one block, which the two-block rules change."""
+  return (
+    config.cta_rows == config_lib.WGMMA_ROWS
+    and not config.warp_mma
+    and config.row_tiles == 1
   )
 
 

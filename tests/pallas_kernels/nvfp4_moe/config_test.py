@@ -107,7 +107,7 @@ def test_two_tile_gemm2_only_where_switched_on_and_it_fits(
   [
     # (experts, top_k, hidden, intermediate): K steps of 256 per CTA, CTAs
     ((8, 2, 4096, 14336), 16, True),  # Mixtral-8x7B: 56 steps, 256 CTAs
-    ((8, 2, 4096, 14336), 1, False),  # 28 steps (split), 128 CTAs
+    ((8, 2, 4096, 14336), 1, True),  # 28 steps (split): 14 in 4 splits
     ((256, 8, 7168, 2048), 1, False),  # DeepSeek-V3: 8 steps
     ((256, 8, 7168, 2048), 16, False),
     ((128, 4, 2880, 2880), 16, False),  # gpt-oss-120b: 11.25 steps
@@ -124,3 +124,18 @@ def test_two_block_decode_gemm2_for_long_k_loops_on_every_sm(
   assert gemm2.cta_rows == config_lib.WGMMA_ROWS
   assert gemm2.row_tiles == (2 if paired else 1)
   assert gemm2.smem_bytes(gemm2.splits > 1) <= config_lib.SMEM_LIMIT
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_split_decode_gemm2_takes_two_blocks_in_twice_the_splits(
+  monkeypatch, on
+):
+  monkeypatch.setattr(moe_config, "TWO_BLOCK_MORE_SPLITS", on)
+  # Mixtral-8x7B at one token: 56 K steps of 256 in 2 splits of one block,
+  # or 4 of two blocks (as many CTAs, 14 steps each).
+  _, gemm2 = moe_config.configs_for(plan_for(1, 2, 8), 4096, 14336, 132)
+  assert (gemm2.row_tiles, gemm2.splits) == ((2, 4) if on else (1, 2))
+  assert gemm2.smem_bytes(float32_out=True) <= config_lib.SMEM_LIMIT
+  # Fewer than TWO_BLOCK_SPLIT_MIN_K_STEPS steps a CTA: the split stays.
+  _, short = moe_config.configs_for(plan_for(1, 2, 8), 4096, 5120, 132)
+  assert short.splits > 1 and short.row_tiles == 1

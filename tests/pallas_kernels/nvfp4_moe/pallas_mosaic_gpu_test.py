@@ -243,6 +243,7 @@ def pair_decode_gemm2(monkeypatch, on: bool) -> None:
   """Decode's GEMM 2 in 64-row CTAs of two blocks wherever they apply (on),
   or nowhere."""
   monkeypatch.setattr(moe_config, "TWO_BLOCK_DECODE_GEMM2", on)
+  monkeypatch.setattr(moe_config, "TWO_BLOCK_MORE_SPLITS", on)
   monkeypatch.setattr(moe_config, "TWO_BLOCK_MIN_K_STEPS", 0)
   monkeypatch.setattr(moe_config, "TWO_BLOCK_MIN_CTAS_PER_SM", 0)
 
@@ -972,6 +973,36 @@ def test_two_block_decode_gemm2_on_gpu(
     (tokens, n_experts, hidden, inter),
     top_k,
   )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("n_experts", [2, 8])
+def test_two_blocks_in_more_splits_on_gpu(
+  rng, monkeypatch, activation, n_experts
+):
+  # Mixtral-8x7B's experts at one token: GEMM 2 in two-block CTAs of 4 K
+  # splits (TWO_BLOCK_MORE_SPLITS) where one-block CTAs take 2. The split
+  # sums add in another order, so both match the reference, not each other
+  # bit for bit.
+  experts, _, x, logits = test_base.make_inputs(rng, 1, n_experts, 4096, 14336)
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=2, activation=activation, implementation="xla"
+  )
+  for on, gemm2 in ((True, (2, 4)), (False, (1, 2))):
+    monkeypatch.setattr(moe_config, "TWO_BLOCK_MORE_SPLITS", on)
+    row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
+    splits = spy_on_matmul(monkeypatch, "splits")
+    got = pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, top_k=2, activation=activation
+    )
+    assert (row_tiles[-1], splits[-1]) == gemm2
+    tolerance.assert_close(
+      np.asarray(got, np.float32),
+      want.astype(jnp.float32),
+      TestOnGPU.RTOL,
+      KERNEL_FLOOR,
+    )
 
 
 @pytest.mark.gpu
