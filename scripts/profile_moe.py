@@ -60,7 +60,8 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # "g2two": with "g2wide", decode's GEMM 2 in two-tile outputs too;
 # "g2pair": decode's GEMM 2 in 64-row CTAs of both halves of a 128-row
 # tile wherever they apply (by default only for long K loops and enough
-# CTAs: config.TWO_BLOCK_DECODE_GEMM2); "g2block": never; "xlasplit": one
+# CTAs: config.TWO_BLOCK_DECODE_GEMM2, or for a split GEMM 2 in twice the
+# splits: TWO_BLOCK_MORE_SPLITS); "g2block": never; "xlasplit": one
 # token's activation split by XLA, not by the routing kernel
 # (SPLIT_IN_DECODE_ROUTING off); "shuffletopk": the routing kernel's top-k
 # rounds by shuffles, not warp reductions (route_decode_sm90.REDUX_TOP_K
@@ -344,6 +345,7 @@ def apply_prefixes(prefixes) -> None:
     FUSED_SWIGLU_MAX_TOKENS=max([*tile_rows, FUSED_SWIGLU_MAX_TOKENS]),
     TWO_TILE_GEMM2="g2one" not in prefixes,
     TWO_BLOCK_DECODE_GEMM2="g2block" not in prefixes,
+    TWO_BLOCK_MORE_SPLITS="g2block" not in prefixes,
     TWO_BLOCK_MIN_K_STEPS=0 if "g2pair" in prefixes else TWO_BLOCK_MIN_K_STEPS,
     TWO_BLOCK_MIN_CTAS_PER_SM=(
       0 if "g2pair" in prefixes else TWO_BLOCK_MIN_CTAS_PER_SM

@@ -74,11 +74,12 @@ TWO_BLOCK_MIN_CTAS_PER_SM = 1
 # two-block rule above does not take it, two-block CTAs in twice the splits:
 # as many CTAs, each streaming twice the rows over half the K steps, at
 # least TWO_BLOCK_SPLIT_MIN_K_STEPS of them. Mixtral-8x7B at one token
-# (H200, twenty-seventh session, 2 splits of 28 steps -> 4 of 14, output
-# unchanged): GEMM 2 23.7 -> 21.5 and 22.5 -> 21.8 us in one-call
-# profiles, benchmark row 69.0 -> 67.7 us in one run; one-block CTAs in
-# twice the splits were slower (23.5-24.0 us), and so was DeepSeek-V3's
-# unsplit 8-step GEMM 2 in two (24.7 -> 24.9, two-block 25.4).
+# (H200, twenty-seventh session, 2 splits of 28 steps -> 4 of 14, the
+# same error against the reference): GEMM 2 23.7 -> 21.5 and 22.5 -> 21.8
+# us in one-call profiles, benchmark row 69.0 -> 67.7 us in one run;
+# one-block CTAs in twice the splits were slower (23.5-24.0 us), and so
+# was DeepSeek-V3's unsplit 8-step GEMM 2 in two (24.7 -> 24.9, two-block
+# 25.4).
 TWO_BLOCK_MORE_SPLITS = True
 TWO_BLOCK_SPLIT_MIN_K_STEPS = 12
 

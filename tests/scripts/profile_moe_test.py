@@ -63,6 +63,7 @@ def test_prefixes_set_their_switches(profile_moe):
   assert route_decode_sm90.REDUX_TOP_K
   profile_moe.apply_prefixes({"g2block", "shuffletopk"})
   assert not moe_config.TWO_BLOCK_DECODE_GEMM2
+  assert not moe_config.TWO_BLOCK_MORE_SPLITS
   assert not route_decode_sm90.REDUX_TOP_K
 
 
