@@ -109,6 +109,16 @@
 #                                         # its GPU tests and the two-block
 #                                         # ones, then Mixtral-8x7B's
 #                                         # one-token benchmark row
+#   bash scripts/gpu_session.sh stream    # on nvidia-h200, ~8 min:
+#                                         # streamed 64-row decode CTAs
+#                                         # (Config.persistent, 64 rows;
+#                                         # nvfp4_moe STREAM_DECODE, off):
+#                                         # their GPU tests (and the
+#                                         # two-block-in-more-splits one
+#                                         # the twenty-seventh session did
+#                                         # not reach), then one-call
+#                                         # profiles with and without at 1
+#                                         # and 16 tokens
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -495,6 +505,18 @@ case "${1:-tier}" in
       -k "more_splits or two_block_decode_gemm2_on_gpu"
     moe_rows 60 "$out/moe_h200_mixtral_one_token.json" \
       --models mixtral-8x7b --tokens 1 --time-budget 25
+    ;;
+  stream)
+    gpu_tests 200 "$out/stream_tests.log" \
+      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
+      -k "streamed or more_splits"
+    for model in deepseek-v3:90 qwen3-30b-a3b:70 gpt-oss-120b:80 mixtral-8x7b:70; do
+      timeout "${model#*:}" python3 scripts/profile_moe.py "${model%:*}" \
+        1,16 autofused,stream-autofused,autofused,stream-autofused \
+        > "$out/profile_${model%:*}.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

@@ -106,7 +106,9 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # kernel's ranks and place_prefill_sm90 (PREFILL_PLACEMENT_KERNEL off);
 # "g2x2": decode's GEMM 2 in twice the heuristic's K splits, where they
 # divide its K steps (Mixtral-8x7B at one token: 512 CTAs of 14 steps, or
-# with "g2pair" 256 two-block CTAs of 14).
+# with "g2pair" 256 two-block CTAs of 14); "stream": decode's 64-row CTAs
+# streamed, each running its share of the output blocks as one pipeline
+# (config.STREAM_DECODE, off).
 PREFIXES = (
   "old",
   "s3",
@@ -149,6 +151,7 @@ PREFIXES = (
   "xlasplit",
   "shuffletopk",
   "g2x2",
+  "stream",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
 VARIANTS = (
@@ -346,6 +349,7 @@ def apply_prefixes(prefixes) -> None:
     TWO_TILE_GEMM2="g2one" not in prefixes,
     TWO_BLOCK_DECODE_GEMM2="g2block" not in prefixes,
     TWO_BLOCK_MORE_SPLITS="g2block" not in prefixes,
+    STREAM_DECODE="stream" in prefixes,
     TWO_BLOCK_MIN_K_STEPS=0 if "g2pair" in prefixes else TWO_BLOCK_MIN_K_STEPS,
     TWO_BLOCK_MIN_CTAS_PER_SM=(
       0 if "g2pair" in prefixes else TWO_BLOCK_MIN_CTAS_PER_SM

@@ -82,6 +82,13 @@ TWO_BLOCK_MIN_CTAS_PER_SM = 1
 # 25.4).
 TWO_BLOCK_MORE_SPLITS = True
 TWO_BLOCK_SPLIT_MIN_K_STEPS = 12
+# Decode's 64-row CTAs streamed (`Config.persistent` with 64-row CTAs): as
+# many CTAs as fit on the SMs, each running its share of the output blocks
+# as one pipeline, where a CTA per block fills and drains its own (short K
+# loops: DeepSeek-V3's one-token GEMM 2 has 8 steps a CTA and streams at
+# 2.77 TB/s, long-K CTAs at 3.3-3.7). Off: written without a GPU
+# (twenty-seventh session); CPU interpreter and sm_90 lowering only.
+STREAM_DECODE = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +176,7 @@ def configs_for(
   """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I).
 
   `cta_rows` None takes the heuristic's (64 for decode tiles); 64-row
-  CTAs have no persistent grid.
+  CTAs are persistent (streamed) only with STREAM_DECODE.
   """
   configs = []
   for gemm, (n, k) in enumerate(((2 * inter, hidden), (hidden, inter))):
@@ -192,7 +199,7 @@ def configs_for(
     rows = cta_rows or config.cta_rows
     config = dataclasses.replace(
       config,
-      persistent=persistent and rows == config_lib.TILE_ROWS,
+      persistent=persistent and (rows == config_lib.TILE_ROWS or STREAM_DECODE),
       cta_rows=rows,
       async_mma=config_lib.overlaps_mma(rows),
       warp_mma=config_lib.warp_mma(rows),
@@ -201,6 +208,7 @@ def configs_for(
       gemm == 1
       and TWO_TILE_GEMM2
       and config.persistent
+      and config.wide
       and config.splits == 1
       and plan.block_m <= config_lib.MAX_TWO_TILE_TOKENS
       and -(-n // config_lib.TILE_ROWS) % 2 == 0
