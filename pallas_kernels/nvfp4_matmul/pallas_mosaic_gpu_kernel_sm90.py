@@ -34,6 +34,10 @@ bits inside each 4-byte group are permuted, at prepare time):
 - `Config.warp_mma` (64-row CTAs): warp-level `mma.sync` instead of wgmma,
   the decoded registers taken as its A operand as they are, the
   accumulators carried by the pipeline: no warpgroup fence or wait.
+- Streamed 64-row CTAs (`Config.persistent` with 64 rows): as many CTAs as
+  fit on the SMs, each running its share of the output blocks as one
+  pipeline over (block, K step), so that short K loops (the MoE's decode
+  GEMMs) do not fill and drain a pipeline per block. Not yet timed.
 
 Decoding (GPU, inline PTX per register, see `_decode_ptx`): the E2M1 code's
 sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
@@ -768,7 +772,11 @@ def matmul(
     num_sms * max(1, min(STREAM_CTAS_PER_SM, per_sm)),
     row_blocks * m_tiles * splits,
   )
-  release = 1 if cfg.async_mma else 0  # input slots held one step longer
+  # Input slots held one step longer (async_mma's last part reads them
+  # after the step); streamed CTAs wait for every wgmma at a step's end
+  # (run_state), so theirs are free at once.
+  streamed = cfg.persistent and cfg.cta_rows == WG_ROWS
+  release = 1 if cfg.async_mma and not streamed else 0
   a_in_smem = interpret
   compute_wgs = 1 if single else 2
 
@@ -1257,7 +1265,7 @@ def matmul(
     )
     if swiglu:
       operands += (w_gmem, s_gmem)
-    if cfg.persistent and single:
+    if streamed:
       streamed_pipeline()
       return
     if not cfg.persistent:
@@ -1321,7 +1329,7 @@ def matmul(
   if cfg.persistent and not single:
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
-  elif cfg.persistent:  # streamed 64-row CTAs, as many as fit on the SMs
+  elif streamed:  # 64-row CTAs, as many as fit on the SMs
     grid, grid_names = (stream_ctas,), ("sm",)
   else:
     grid, grid_names = (row_blocks, m_tiles, splits), ("n", "m", "split")
