@@ -649,8 +649,10 @@ def matmul(
   `shared_rows` the activations are one tile of `block_m` rows that every
   token tile multiplies (one token's top-k experts at decode: the
   activation split is then of one tile, not of top_k), and the output
-  still has a tile of rows per `tile_expert`. With `config.persistent`, `used_tiles` (the tiles with an expert, which must
-  come first) bounds the walk: `num_sms` CTAs loop over output tiles.
+  still has a tile of rows per `tile_expert`. With `config.persistent`,
+  `used_tiles` (the tiles with an expert, which must come first) bounds
+  the walk: `num_sms` 128-row CTAs loop over output tiles, or as many
+  64-row CTAs as fit stream theirs (skipping tiles of no expert).
 
   Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
   `float32_out`, else float32 partial sums `[splits, ceil128(N), M]` (the
@@ -762,11 +764,11 @@ def matmul(
   if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
     # lie past the scale array (a blocked TMA copy promised in bounds).
     row_blocks = -(-inter // cfg.cta_rows)
-  # Streamed 64-row CTAs (persistent): as many as shared memory lets an SM
-  # hold, up to STREAM_CTAS_PER_SM, and no more than there are blocks.
-  weights_a_step = 2 if swiglu else 1
+  streamed = cfg.persistent and single  # Config doc
+  # Streamed CTAs: as many as shared memory lets an SM hold, up to
+  # STREAM_CTAS_PER_SM, and no more than there are blocks.
   per_sm = SM_SMEM // (
-    cfg.smem_bytes(not bf16_out, weights_a_step) + CTA_SMEM_RESERVED
+    cfg.smem_bytes(not bf16_out, 2 if swiglu else 1) + CTA_SMEM_RESERVED
   )
   stream_ctas = min(
     num_sms * max(1, min(STREAM_CTAS_PER_SM, per_sm)),
@@ -775,7 +777,6 @@ def matmul(
   # Input slots held one step longer (async_mma's last part reads them
   # after the step); streamed CTAs wait for every wgmma at a step's end
   # (run_state), so theirs are free at once.
-  streamed = cfg.persistent and cfg.cta_rows == WG_ROWS
   release = 1 if cfg.async_mma and not streamed else 0
   a_in_smem = interpret
   compute_wgs = 1 if single else 2
@@ -1326,11 +1327,11 @@ def matmul(
         transforms=_swizzled(16, 2 * width),
       )
     )
-  if cfg.persistent and not single:
+  if streamed:
+    grid, grid_names = (stream_ctas,), ("sm",)
+  elif cfg.persistent:
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
-  elif streamed:  # 64-row CTAs, as many as fit on the SMs
-    grid, grid_names = (stream_ctas,), ("sm",)
   else:
     grid, grid_names = (row_blocks, m_tiles, splits), ("n", "m", "split")
   call = plgpu.kernel(

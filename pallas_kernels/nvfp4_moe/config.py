@@ -216,52 +216,45 @@ def configs_for(
       config = config_lib.fit_stages(
         dataclasses.replace(config, row_tiles=2), bf16_out=True
       )
-    if gemm == 1 and _two_blocks_pay(config, plan, n, k, num_sms):
+    splits = _two_block_splits(config, plan, n, k, num_sms) if gemm else None
+    if splits:
       config = config_lib.fit_stages(
-        dataclasses.replace(config, row_tiles=2),
-        bf16_out=config.splits == 1,
-      )
-    elif gemm == 1 and _two_blocks_in_more_splits(config, k):
-      config = config_lib.fit_stages(
-        dataclasses.replace(config, row_tiles=2, splits=2 * config.splits)
+        dataclasses.replace(config, row_tiles=2, splits=splits),
+        bf16_out=splits == 1,
       )
     configs.append(config)
   return tuple(configs)
 
 
-def _two_blocks_pay(config, plan: Plan, n: int, k: int, num_sms: int) -> bool:
-  """Whether decode's GEMM 2 (`config`, N = `n`, K = `k`) takes 64-row CTAs
-  of two blocks (TWO_BLOCK_DECODE_GEMM2): long K loops on every SM."""
-  ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles * config.splits
-  return (
-    TWO_BLOCK_DECODE_GEMM2
-    and _decode_ctas(config)
-    and -(-k // config.block_k) // config.splits >= TWO_BLOCK_MIN_K_STEPS
-    and ctas >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
-  )
-
-
-def _two_blocks_in_more_splits(config, k: int) -> bool:
-  """Whether decode's split GEMM 2 (`config`, K = `k`) takes 64-row CTAs of
-  two blocks in twice its K splits (TWO_BLOCK_MORE_SPLITS)."""
+def _two_block_splits(config, plan: Plan, n: int, k: int, num_sms: int):
+  """The K splits of decode's GEMM 2 (`config`, N = `n`, K = `k`) in 64-row
+  CTAs of two blocks, or None where it keeps one-block CTAs: its own splits
+  for long K loops on every SM (TWO_BLOCK_DECODE_GEMM2), twice them where
+  it splits already and halving its K loops leaves them long enough
+  (TWO_BLOCK_MORE_SPLITS)."""
+  if (
+    config.cta_rows != config_lib.WGMMA_ROWS
+    or config.warp_mma
+    or config.row_tiles != 1
+  ):
+    return None
   steps = -(-k // config.block_k)
-  splits = 2 * config.splits
-  return (
+  ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles * config.splits
+  if (
+    TWO_BLOCK_DECODE_GEMM2
+    and steps // config.splits >= TWO_BLOCK_MIN_K_STEPS
+    and ctas >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
+  ):
+    return config.splits
+  more = 2 * config.splits
+  if (
     TWO_BLOCK_MORE_SPLITS
-    and _decode_ctas(config)
     and config.splits > 1
-    and steps % splits == 0
-    and steps // splits >= TWO_BLOCK_SPLIT_MIN_K_STEPS
-  )
-
-
-def _decode_ctas(config) -> bool:
-  """64-row wgmma CTAs of one block, which the two-block rules change."""
-  return (
-    config.cta_rows == config_lib.WGMMA_ROWS
-    and not config.warp_mma
-    and config.row_tiles == 1
-  )
+    and steps % more == 0
+    and steps // more >= TWO_BLOCK_SPLIT_MIN_K_STEPS
+  ):
+    return more
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
