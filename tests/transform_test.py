@@ -15,6 +15,7 @@ from fp4jax.format import swizzle
 from tests import numpy_reference as ref
 from tests import sources
 from tests import trees
+from tests.tolerance import assert_close
 
 
 def linear_source(rng, n, k, *, weight_only=False):
@@ -334,7 +335,8 @@ def test_sm90_pads_intermediate_to_whole_tiles(rng, monkeypatch, activation):
   np.testing.assert_array_equal(w2[..., :96], src["w2_weight"])
   assert not w2[..., 96:].any()
   # Same outputs as the unpadded natural layout (the reference, up to
-  # float32 summation order: one bf16 ulp).
+  # float32 summation order: one bf16 ulp, and 2**-16 of the largest output
+  # where terms cancel).
   plain, plain_report = fp4jax.prepare({"experts": src})
   x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
   logits = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
@@ -348,7 +350,8 @@ def test_sm90_pads_intermediate_to_whole_tiles(rng, monkeypatch, activation):
   )
   got = np.asarray(moe(node), np.float32)
   want = np.asarray(moe(plain["experts"]), np.float32)
-  assert np.all(np.abs(got - want) <= 2.0**-7 * np.abs(want)), got - want
+  assert np.all(np.isfinite(want))
+  assert_close(got, want, rtol=2.0**-7, floor=2.0**-9)
   # A re-run passes through; a reload of the sources re-derives the same.
   again, again_report = fp4jax.prepare(prepared, weight_layout="sm90")
   assert again_report.removed == () and again_report.created == ()
