@@ -70,6 +70,11 @@
 #                                         # with and without them, and the
 #                                         # tuner's two-block dense decode
 #                                         # CTAs on the three large layers
+#   bash scripts/gpu_session.sh short_k   # on nvidia-h200, ~5 min: one-call
+#                                         # decode profiles of gpt-oss-120b
+#                                         # and Qwen3-30B-A3B with GEMM 2 in
+#                                         # twice the splits, gpt-oss' GEMM
+#                                         # 1 in two, and streamed CTAs
 #   bash scripts/gpu_session.sh decode_rows # on nvidia-h200, ~9 min: the
 #                                         # MoE benchmark's decode rows
 #                                         # (T = 1 and 16, every model),
@@ -517,6 +522,22 @@ case "${1:-tier}" in
         1,16 autofused,stream-autofused,autofused,stream-autofused \
         > "$out/profile_${model%:*}.log" 2>&1
       grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
+    ;;
+  short_k)
+    # The two models far from the decode target, whose GEMMs have few K
+    # steps and few CTAs a SM (gpt-oss-120b: 360 + 180 64-row CTAs of 11
+    # steps at one token; Qwen3-30B-A3B: 3-8 steps): GEMM 2 in twice the
+    # splits, GEMM 1 in two (gpt-oss' decode GEMM 1 is unfused, so it may
+    # split; Qwen3's is fused, which never splits), and the streamed CTAs,
+    # twice each.
+    common="autofused,g2x2-autofused,stream-autofused"
+    for run in "gpt-oss-120b:150:$common,split2-autofused" \
+      "qwen3-30b-a3b:100:$common"; do
+      IFS=: read -r model limit variants <<< "$run"
+      timeout "$limit" python3 -u scripts/profile_moe.py "$model" 1,16 \
+        "$variants,$variants" > "$out/profile_$model.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_$model.log"
     done
     ;;
   placement_rows)

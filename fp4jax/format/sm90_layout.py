@@ -127,6 +127,14 @@ def from_plane_rows(x, axis: int = -2) -> jnp.ndarray:
   return _permute_rows(x, axis, _TO_NATURAL, planes)
 
 
+def plane_row_order(rows: int) -> np.ndarray:
+  """int32 `[rows]`: row `i` of `to_plane_rows(x, axis)` is row `order[i]`
+  of `x` along `axis` (for a gather, `jnp.take(x, order, axis)`)."""
+  return _permute_rows(
+    np.arange(rows, dtype=np.int32), 0, _TO_PLANES, _NATURAL_AXES
+  )
+
+
 # ------------------------------------------------------------- row pairs
 # A regrouping of natural packed bytes (before `twiddle`) for an sm90 decode
 # that reads activations in natural K order (no activation split; the

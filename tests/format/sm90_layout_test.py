@@ -66,3 +66,12 @@ def test_row_pairs_invert_and_place_each_code_as_the_kernel_reads_it(rng):
       got = (word >> (4 * (o + 4 * e))) & 0xF
       want = codes[:, 16 * g + q + 8 * h, 16 * c + 8 * u + 2 * t + e]
       np.testing.assert_array_equal(got, want)
+
+
+def test_plane_row_order_gathers_what_to_plane_rows_permutes(rng):
+  x = rng.integers(0, 256, (3, 512, 24), dtype=np.uint8)
+  order = sm90_layout.plane_row_order(512)
+  assert sorted(order) == list(range(512))
+  np.testing.assert_array_equal(
+    np.take(x, order, axis=1), sm90_layout.to_plane_rows(x, axis=1)
+  )
