@@ -73,8 +73,8 @@
 #   bash scripts/gpu_session.sh short_k   # on nvidia-h200, ~5 min: one-call
 #                                         # decode profiles of gpt-oss-120b
 #                                         # and Qwen3-30B-A3B with GEMM 2 in
-#                                         # twice the splits, gpt-oss' GEMM
-#                                         # 1 in two, and streamed CTAs
+#                                         # twice the splits, GEMM 1 unfused
+#                                         # and split, and streamed CTAs
 #   bash scripts/gpu_session.sh decode_rows # on nvidia-h200, ~9 min: the
 #                                         # MoE benchmark's decode rows
 #                                         # (T = 1 and 16, every model),
@@ -525,19 +525,17 @@ case "${1:-tier}" in
     done
     ;;
   short_k)
-    # The two models far from the decode target, whose GEMMs have few K
-    # steps and few CTAs a SM (gpt-oss-120b: 360 + 180 64-row CTAs of 11
-    # steps at one token; Qwen3-30B-A3B: 3-8 steps): GEMM 2 in twice the
-    # splits, GEMM 1 in two (gpt-oss' decode GEMM 1 is unfused, so it may
-    # split; Qwen3's is fused, which never splits), and the streamed CTAs,
-    # twice each.
-    common="autofused,g2x2-autofused,stream-autofused"
-    for run in "gpt-oss-120b:150:$common,split2-autofused" \
-      "qwen3-30b-a3b:100:$common"; do
-      IFS=: read -r model limit variants <<< "$run"
-      timeout "$limit" python3 -u scripts/profile_moe.py "$model" 1,16 \
-        "$variants,$variants" > "$out/profile_$model.log" 2>&1
-      grep -hE "^==|Error" "$out/profile_$model.log"
+    # The two models far from the decode target, whose one-token GEMMs have
+    # about one CTA a SM or fewer (64-row CTAs, K steps of 256; gpt-oss-120b
+    # padded to I = 2944: GEMM 1 fused 184 CTAs of 12 steps, GEMM 2 180 of
+    # 12; Qwen3-30B-A3B: GEMM 1 fused 96 of 8, GEMM 2 256 of 3): GEMM 2 in
+    # twice the splits, GEMM 1 unfused (twice the CTAs) and then split in
+    # two, and the streamed CTAs; one profile each at 1 and 16 tokens.
+    variants="autofused,g2x2-autofused,auto,g2x2-auto,split2-g2x2-auto,stream-autofused"
+    for run in gpt-oss-120b:200 qwen3-30b-a3b:150; do
+      timeout "${run#*:}" python3 -u scripts/profile_moe.py "${run%:*}" 1,16 \
+        "$variants" > "$out/profile_${run%:*}.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_${run%:*}.log"
     done
     ;;
   placement_rows)
