@@ -155,6 +155,14 @@ def _swizzle(weight_scale):
   return swizzle.swizzle_block_scale(weight_scale)
 
 
+# Jitted: eagerly, each of the bit permutation's ~100 integer ops writes a
+# temporary the size of the weight (several weights' worth of transient
+# memory on a device); fused, it reads the weight once and writes once.
+@jax.jit
+def _twiddled(weight):
+  return sm90_layout.twiddle(weight)
+
+
 def _check_scales(path: str, **scales) -> None:
   """Host-side check of per-tensor scales: finite and positive."""
   for name, value in scales.items():
@@ -200,11 +208,11 @@ def _derive_linear(
     # Scales swizzled elsewhere (per shard) would miss the permutation.
     _check(swizzle_scales, path, "plane-ordered rows need swizzle_scales")
     w, ws = (gate_up_plane_rows(x) for x in (w, ws))
-    out = {sm90_layout.PLANE_ROWS_LEAF: sm90_layout.twiddle(w)}
+    out = {sm90_layout.PLANE_ROWS_LEAF: _twiddled(w)}
   elif weight_layout == "sm90_row_pairs" and row_pairs_fit(w.shape):
-    out = {sm90_layout.ROW_PAIRS_LEAF: sm90_layout.twiddle(row_pairs(w))}
+    out = {sm90_layout.ROW_PAIRS_LEAF: _twiddled(row_pairs(w))}
   elif weight_layout in ("sm90", "sm90_row_pairs"):
-    out = {sm90_layout.WEIGHT_LEAF: sm90_layout.twiddle(w)}
+    out = {sm90_layout.WEIGHT_LEAF: _twiddled(w)}
   else:
     out = {"weight": w}
   if swizzle_scales:
