@@ -163,6 +163,11 @@ def _twiddled(weight):
   return sm90_layout.twiddle(weight)
 
 
+@jax.jit
+def _row_pairs_twiddled(weight):
+  return sm90_layout.twiddle(sm90_layout.to_row_pairs(weight))
+
+
 def _check_scales(path: str, **scales) -> None:
   """Host-side check of per-tensor scales: finite and positive."""
   for name, value in scales.items():
@@ -210,7 +215,7 @@ def _derive_linear(
     w, ws = (gate_up_plane_rows(x) for x in (w, ws))
     out = {sm90_layout.PLANE_ROWS_LEAF: _twiddled(w)}
   elif weight_layout == "sm90_row_pairs" and row_pairs_fit(w.shape):
-    out = {sm90_layout.ROW_PAIRS_LEAF: _twiddled(row_pairs(w))}
+    out = {sm90_layout.ROW_PAIRS_LEAF: _row_pairs_twiddled(w)}
   elif weight_layout in ("sm90", "sm90_row_pairs"):
     out = {sm90_layout.WEIGHT_LEAF: _twiddled(w)}
   else:
@@ -233,11 +238,6 @@ def row_pairs_fit(packed_shape) -> bool:
   % 16 == 0, K % 32 == 0); others stay in "sm90"."""
   *_, n, half_k = packed_shape
   return n % sm90_layout.ROW_PAIR_ROWS == 0 and half_k % 16 == 0
-
-
-@jax.jit
-def row_pairs(w):
-  return sm90_layout.to_row_pairs(w)
 
 
 def experts_layout(weight_layout: str) -> str:
