@@ -251,11 +251,7 @@ def gate_up_plane_rows(x):
   """`[E, 2I, ...]` gate and up rows in plane order (module doc; with
   I % 128 == 0 each half is whole blocks; `fp4jax.sharding` applies it per
   shard)."""
-  # A gather by the static order, not `to_plane_rows`' reshape-transpose:
-  # under jit XLA's CPU compiler took 8-13 s for that on uint8 [4, 512, 192]
-  # (every new shape), for the gather 0.07 s.
-  order = sm90_layout.plane_row_order(x.shape[1])
-  return jnp.take(x, order, axis=1, unique_indices=True)
+  return sm90_layout.to_plane_rows(x, axis=1)
 
 
 def plane_ordered(prefix: str, rows: int, weight_layout: str) -> bool:

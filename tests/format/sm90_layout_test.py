@@ -5,8 +5,10 @@ here its integer steps are replayed in numpy on twiddled words, so a change
 to the layout tables that the decoder would not undo fails on CPU.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fp4jax.format import sm90_layout
 
@@ -70,8 +72,26 @@ def test_row_pairs_invert_and_place_each_code_as_the_kernel_reads_it(rng):
 
 def test_plane_row_order_gathers_what_to_plane_rows_permutes(rng):
   x = rng.integers(0, 256, (3, 512, 24), dtype=np.uint8)
-  order = sm90_layout.plane_row_order(512)
+  # The order: where to_plane_rows puts each row index.
+  rows = np.arange(512, dtype=np.int32)[None, :, None]
+  order = np.asarray(sm90_layout.to_plane_rows(rows, axis=1)).ravel()
   assert sorted(order) == list(range(512))
   np.testing.assert_array_equal(
     np.take(x, order, axis=1), sm90_layout.to_plane_rows(x, axis=1)
   )
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_plane_rows_gather_equals_the_transpose(rng, monkeypatch, axis):
+  # CPU permutes by a gather of the static order (fast to compile), other
+  # backends by the reshape-transpose: the same permutation both ways.
+  x = rng.standard_normal((3, 256, 256)).astype(np.float32)
+  got = {}
+  for backend in ("cpu", "gpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    planes = np.asarray(sm90_layout.to_plane_rows(x, axis=axis))
+    back = np.asarray(sm90_layout.from_plane_rows(planes, axis=axis))
+    np.testing.assert_array_equal(back, x)
+    got[backend] = planes
+  np.testing.assert_array_equal(got["cpu"], got["gpu"])
+  assert not np.array_equal(got["cpu"], x)
