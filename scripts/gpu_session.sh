@@ -124,6 +124,11 @@
 #                                         # not reach), then one-call
 #                                         # profiles with and without at 1
 #                                         # and 16 tokens
+#   bash scripts/gpu_session.sh balance   # on nvidia-h200, ~6 min: decode's
+#                                         # GEMM 2 split to spread few CTAs
+#                                         # over the SMs (SPLIT_FOR_BALANCE):
+#                                         # gpt-oss-120b's one-token profiles
+#                                         # with and without, its decode rows
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -537,6 +542,17 @@ case "${1:-tier}" in
         "$variants" > "$out/profile_${run%:*}.log" 2>&1
       grep -hE "^==|Error" "$out/profile_${run%:*}.log"
     done
+    ;;
+  balance)
+    # Decode's GEMM 2 in twice the splits where its CTAs leave SMs idle
+    # (config.SPLIT_FOR_BALANCE; gpt-oss-120b at one token): one-call
+    # profiles with and without, then gpt-oss-120b's decode rows.
+    timeout 120 python3 -u scripts/profile_moe.py gpt-oss-120b 1 \
+      unbalanced-autofused,autofused,unbalanced-autofused,autofused \
+      > "$out/profile_gpt-oss-120b.log" 2>&1
+    grep -hE "^==|Error" "$out/profile_gpt-oss-120b.log"
+    moe_rows 260 "$out/moe_h200_gptoss_decode.json" \
+      --models gpt-oss-120b --tokens 1,16 --time-budget 180
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

@@ -82,6 +82,22 @@ TWO_BLOCK_MIN_CTAS_PER_SM = 1
 # 25.4).
 TWO_BLOCK_MORE_SPLITS = True
 TWO_BLOCK_SPLIT_MIN_K_STEPS = 12
+# Where neither two-block rule takes decode's GEMM 2 and its one-block
+# 64-row CTAs are fewer than SPLIT_FOR_BALANCE_CTAS_PER_SM a SM and leave
+# at least SPLIT_FOR_BALANCE_MIN_IDLE of the SMs' CTA slots idle in their
+# last wave, twice its K splits (float32 partials summed by the combine),
+# each split keeping at least SPLIT_FOR_BALANCE_MIN_K_STEPS steps: some
+# SMs stream two CTAs' rows while others stream one, and the layer waits
+# for the slowest (Mixtral-8x7B at two tokens, 256 CTAs, stays). gpt-oss-120b at one token (H200, twenty-ninth session,
+# one call, profile_moe.py "g2x2", same error against the reference): 180
+# CTAs of 12 steps -> 360 of 6, layer 35.0 -> 32.1 us; at 16 tokens (2880
+# CTAs) twice the splits were slower, 254.6 -> 263.7, as were DeepSeek-V3's
+# 896 CTAs of 8 steps at one token (twenty-seventh session, 24.7 -> 24.9
+# us GEMM 2).
+SPLIT_FOR_BALANCE = True
+SPLIT_FOR_BALANCE_CTAS_PER_SM = 2
+SPLIT_FOR_BALANCE_MIN_IDLE = 0.25
+SPLIT_FOR_BALANCE_MIN_K_STEPS = 6
 # Decode's 64-row CTAs streamed (`Config.persistent` with 64-row CTAs): as
 # many CTAs as fit on the SMs, each running its share of the output blocks
 # as one pipeline, where a CTA per block fills and drains its own (short K
@@ -222,6 +238,10 @@ def configs_for(
         dataclasses.replace(config, row_tiles=2, splits=splits),
         bf16_out=splits == 1,
       )
+    elif gemm and _splits_for_balance(config, plan, n, k, num_sms):
+      config = config_lib.fit_stages(
+        dataclasses.replace(config, splits=2 * config.splits), bf16_out=False
+      )
     configs.append(config)
   return tuple(configs)
 
@@ -255,6 +275,30 @@ def _two_block_splits(config, plan: Plan, n: int, k: int, num_sms: int):
   ):
     return more
   return None
+
+
+def _splits_for_balance(config, plan: Plan, n: int, k: int, num_sms: int):
+  """Whether decode's GEMM 2 (`config` in one-block CTAs, N = `n`, K =
+  `k`) takes twice its K splits to spread its CTAs evenly over the SMs
+  (SPLIT_FOR_BALANCE)."""
+  if (
+    not SPLIT_FOR_BALANCE
+    or config.cta_rows != config_lib.WGMMA_ROWS
+    or config.persistent
+    or config.warp_mma
+    or config.row_tiles != 1
+  ):
+    return False
+  steps = -(-k // config.block_k)
+  more = 2 * config.splits
+  ctas = -(-n // config_lib.WGMMA_ROWS) * plan.busy_tiles * config.splits
+  slots = -(-ctas // num_sms) * num_sms
+  return (
+    ctas < SPLIT_FOR_BALANCE_CTAS_PER_SM * num_sms
+    and slots - ctas >= SPLIT_FOR_BALANCE_MIN_IDLE * slots
+    and steps % more == 0
+    and steps // more >= SPLIT_FOR_BALANCE_MIN_K_STEPS
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,3 +139,30 @@ def test_split_decode_gemm2_takes_two_blocks_in_twice_the_splits(
   # Fewer than TWO_BLOCK_SPLIT_MIN_K_STEPS steps a CTA: the split stays.
   _, short = moe_config.configs_for(plan_for(1, 2, 8), 4096, 5120, 132)
   assert short.splits > 1 and short.row_tiles == 1
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_decode_gemm2_splits_to_spread_few_ctas_over_the_sms(monkeypatch, on):
+  monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", on)
+  # gpt-oss-120b at one token (I padded to 2944: 12 K steps of 256): 45
+  # output blocks x 4 experts = 180 one-block CTAs, 48 SMs with two and 84
+  # with one; in two splits 360 CTAs of 6 steps.
+  plan = plan_for(1, 4, 128)
+  gemm1, gemm2 = moe_config.configs_for(plan, 2880, 2944, 132)
+  assert (gemm2.row_tiles, gemm2.splits) == ((1, 2) if on else (1, 1))
+  assert gemm2.smem_bytes(float32_out=gemm2.splits > 1) <= (
+    config_lib.SMEM_LIMIT
+  )
+  assert gemm1 == moe_config.configs_for(plan, 2880, 2944, 132)[0]
+  # Many CTAs already (16 tokens: 2880), or nearly two a SM on every SM
+  # (Mixtral-8x7B at two tokens: 256), or too few steps to halve
+  # (Qwen3-30B-A3B at one token: 3): the splits stay.
+  for args in (
+    (plan_for(16, 4, 128), 2880, 2944),
+    (plan_for(2, 2, 8), 4096, 14336),
+    (plan_for(1, 8, 128), 2048, 768),
+  ):
+    monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", False)
+    before = moe_config.configs_for(*args, 132)
+    monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", True)
+    assert moe_config.configs_for(*args, 132) == before
