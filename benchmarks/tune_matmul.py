@@ -75,11 +75,6 @@ def candidates(m: int, n: int, k: int, overrides: list[dict] | None = None):
     yield from _variants(base, k, overrides)
     return
   block_ms = (base.block_m, 256, 64) if m >= 256 else (base.block_m,)
-  # Persistent 64-row CTAs (streamed) have not run on a GPU yet: the search
-  # takes them only when asked for ("persistent=1" in `overrides`).
-  persistents = (
-    (not base.persistent, base.persistent) if base.wide else (False,)
-  )
   yield from _variants(
     base,
     k,
@@ -92,7 +87,7 @@ def candidates(m: int, n: int, k: int, overrides: list[dict] | None = None):
         splits=splits,
       )
       for persistent, block_k, block_m, stages, splits in itertools.product(
-        persistents,
+        (not base.persistent, base.persistent),
         (base.block_k, 256, 128, 64),
         block_ms,
         (base.num_stages, 3, 6, 2),

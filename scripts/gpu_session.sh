@@ -73,8 +73,8 @@
 #   bash scripts/gpu_session.sh short_k   # on nvidia-h200, ~5 min: one-call
 #                                         # decode profiles of gpt-oss-120b
 #                                         # and Qwen3-30B-A3B with GEMM 2 in
-#                                         # twice the splits, GEMM 1 unfused
-#                                         # and split, and streamed CTAs
+#                                         # twice the splits and GEMM 1
+#                                         # unfused and split
 #   bash scripts/gpu_session.sh decode_rows # on nvidia-h200, ~9 min: the
 #                                         # MoE benchmark's decode rows
 #                                         # (T = 1 and 16, every model),
@@ -114,16 +114,6 @@
 #                                         # its GPU tests and the two-block
 #                                         # ones, then Mixtral-8x7B's
 #                                         # one-token benchmark row
-#   bash scripts/gpu_session.sh stream    # on nvidia-h200, ~8 min:
-#                                         # streamed 64-row decode CTAs
-#                                         # (Config.persistent, 64 rows;
-#                                         # nvfp4_moe STREAM_DECODE, off):
-#                                         # their GPU tests (and the
-#                                         # two-block-in-more-splits one
-#                                         # the twenty-seventh session did
-#                                         # not reach), then one-call
-#                                         # profiles with and without at 1
-#                                         # and 16 tokens
 #   bash scripts/gpu_session.sh balance   # on nvidia-h200, ~6 min: decode's
 #                                         # GEMM 2 split to spread few CTAs
 #                                         # over the SMs (SPLIT_FOR_BALANCE):
@@ -516,27 +506,14 @@ case "${1:-tier}" in
     moe_rows 60 "$out/moe_h200_mixtral_one_token.json" \
       --models mixtral-8x7b --tokens 1 --time-budget 25
     ;;
-  stream)
-    gpu_tests 190 "$out/stream_tests.log" \
-      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
-      tests/pallas_kernels/nvfp4_moe/pallas_mosaic_gpu_test.py \
-      -k "streamed or more_splits"
-    # Unbuffered: a profile cut by its timeout keeps the variants it timed.
-    for model in deepseek-v3:100 qwen3-30b-a3b:70 gpt-oss-120b:80 mixtral-8x7b:70; do
-      timeout "${model#*:}" python3 -u scripts/profile_moe.py "${model%:*}" \
-        1,16 autofused,stream-autofused,autofused,stream-autofused \
-        > "$out/profile_${model%:*}.log" 2>&1
-      grep -hE "^==|Error" "$out/profile_${model%:*}.log"
-    done
-    ;;
   short_k)
     # The two models far from the decode target, whose one-token GEMMs have
     # about one CTA a SM or fewer (64-row CTAs, K steps of 256; gpt-oss-120b
     # padded to I = 2944: GEMM 1 fused 184 CTAs of 12 steps, GEMM 2 180 of
     # 12; Qwen3-30B-A3B: GEMM 1 fused 96 of 8, GEMM 2 256 of 3): GEMM 2 in
     # twice the splits, GEMM 1 unfused (twice the CTAs) and then split in
-    # two, and the streamed CTAs; one profile each at 1 and 16 tokens.
-    variants="autofused,g2x2-autofused,auto,g2x2-auto,split2-g2x2-auto,stream-autofused"
+    # two; one profile each at 1 and 16 tokens.
+    variants="autofused,g2x2-autofused,auto,g2x2-auto,split2-g2x2-auto"
     for run in gpt-oss-120b:200 qwen3-30b-a3b:150; do
       timeout "${run#*:}" python3 -u scripts/profile_moe.py "${run%:*}" 1,16 \
         "$variants" > "$out/profile_${run%:*}.log" 2>&1

@@ -106,9 +106,7 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # kernel's ranks and place_prefill_sm90 (PREFILL_PLACEMENT_KERNEL off);
 # "g2x2": decode's GEMM 2 in twice the heuristic's K splits, where they
 # divide its K steps (Mixtral-8x7B at one token: 512 CTAs of 14 steps, or
-# with "g2pair" 256 two-block CTAs of 14); "stream": decode's 64-row CTAs
-# streamed, each running its share of the output blocks as one pipeline
-# (config.STREAM_DECODE, off); "unbalanced": decode's GEMM 2 keeps its
+# with "g2pair" 256 two-block CTAs of 14); "unbalanced": decode's GEMM 2 keeps its
 # splits where they leave SMs idle (config.SPLIT_FOR_BALANCE off;
 # gpt-oss-120b at one token: 180 CTAs of 12 steps, not 360 of 6).
 PREFIXES = (
@@ -153,7 +151,6 @@ PREFIXES = (
   "xlasplit",
   "shuffletopk",
   "g2x2",
-  "stream",
   "unbalanced",
 )
 # What follows the prefixes: the tiles (`main`'s nvfp4_moe arguments).
@@ -352,7 +349,6 @@ def apply_prefixes(prefixes) -> None:
     TWO_TILE_GEMM2="g2one" not in prefixes,
     TWO_BLOCK_DECODE_GEMM2="g2block" not in prefixes,
     TWO_BLOCK_MORE_SPLITS="g2block" not in prefixes,
-    STREAM_DECODE="stream" in prefixes,
     SPLIT_FOR_BALANCE="unbalanced" not in prefixes,
     TWO_BLOCK_MIN_K_STEPS=0 if "g2pair" in prefixes else TWO_BLOCK_MIN_K_STEPS,
     TWO_BLOCK_MIN_CTAS_PER_SM=(

@@ -9,7 +9,6 @@ from benchmarks import moe
 from benchmarks import report
 from benchmarks import sharded_moe
 from benchmarks import timing
-from benchmarks import tune_matmul
 
 
 def test_matmul_harness_and_report(tmp_path):
@@ -311,15 +310,3 @@ def test_tuner_checks_then_times_configs_in_turn(monkeypatch):
   assert [r["status"] for r in rows] == ["ok", "ok"]
   assert rows[0]["config"] != rows[1]["config"]
   assert all(r["us"] > 0 and r["rel_err"] == 0 for r in rows)
-
-
-def test_tuner_search_leaves_out_streamed_ctas():
-  # 64-row decode tiles: the default search takes no persistent (streamed)
-  # variant, which has not run on a GPU; 128-row ones take both grids.
-  decode = list(tune_matmul.candidates(1, 28672, 8192))
-  assert decode and all(c.cta_rows == 64 for c in decode)
-  assert not any(c.persistent for c in decode)
-  prefill = list(tune_matmul.candidates(8192, 5120, 2048))
-  assert {c.persistent for c in prefill} == {False, True}
-  asked = list(tune_matmul.candidates(1, 28672, 8192, [dict(persistent=True)]))
-  assert asked[-1].persistent and asked[-1].cta_rows == 64

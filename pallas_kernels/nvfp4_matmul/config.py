@@ -28,11 +28,9 @@ class Config:
     splits: CTAs that share one output tile's K range (split-K), so that
       small token counts still give every SM weights to stream.
     persistent: one CTA per SM walks the output tiles with one set of
-      pipeline buffers (no CTA launch and pipeline fill per tile); with
-      64-row CTAs, as many CTAs as fit on the SMs each run their share of
-      the output blocks as one pipeline over (block, K step), streamed
-      (not yet timed on a GPU: see NOTES.md, twenty-seventh session).
-    cta_rows: weight rows per CTA, 128 or 64 (see above).
+      pipeline buffers (no CTA launch and pipeline fill per tile).
+    cta_rows: weight rows per CTA, 128 or 64 (see above; 64 is not
+      persistent).
     twiddled: decode weights in `fp4jax.format.sm90_layout` bit order (9
       instead of 15 integer operations per 8 codes). Set for layers
       prepared with `weight_layout="sm90"`; given a natural-order layer,
@@ -90,6 +88,8 @@ class Config:
       raise ValueError(f"{self.splits=} must be >= 1")
     if self.cta_rows not in (WGMMA_ROWS, TILE_ROWS):
       raise ValueError(f"{self.cta_rows=} must be 64 or 128")
+    if self.cta_rows == WGMMA_ROWS and self.persistent:
+      raise ValueError("64-row CTAs have no persistent grid")
     if self.mma_parts not in (2, 4, 8) or self.block_k // 2 % (
       16 * self.mma_parts
     ):
@@ -115,11 +115,10 @@ class Config:
         f" split, no warp_mma or row pairs and at most {MAX_TWO_TILE_TOKENS}"
         f" tokens ({self})"
       )
-    if self.async_mma and self.persistent and self.wide:
+    if self.async_mma and self.persistent:
       # Slots released a step late leave the pipeline's barriers a phase
       # behind when the next tile reuses them (the interpreter caught it).
-      # Streamed 64-row CTAs run one pipeline for all their blocks.
-      raise ValueError("async_mma has no persistent grid of 128-row CTAs")
+      raise ValueError("async_mma has no persistent grid")
 
   @property
   def wide(self) -> bool:

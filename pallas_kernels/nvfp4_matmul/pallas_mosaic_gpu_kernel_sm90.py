@@ -34,10 +34,6 @@ bits inside each 4-byte group are permuted, at prepare time):
 - `Config.warp_mma` (64-row CTAs): warp-level `mma.sync` instead of wgmma,
   the decoded registers taken as its A operand as they are, the
   accumulators carried by the pipeline: no warpgroup fence or wait.
-- Streamed 64-row CTAs (`Config.persistent` with 64 rows): as many CTAs as
-  fit on the SMs, each running its share of the output blocks as one
-  pipeline over (block, K step), so that short K loops (the MoE's decode
-  GEMMs) do not fill and drain a pipeline per block. Not yet timed.
 
 Decoding (GPU, inline PTX per register, see `_decode_ptx`): the E2M1 code's
 sign and magnitude bits are moved into a bf16 pattern worth `value * 2**-126`
@@ -102,12 +98,6 @@ SCALE_HALF_OPERANDS = True
 # Stacked activation planes `[2, M, K/2]` load as one TMA copy a step (one
 # block of both planes) rather than one copy per plane.
 ONE_ACTIVATION_COPY = True
-# Streamed 64-row CTAs (`Config.persistent` with `cta_rows` 64) per SM, at
-# most: 128 threads of ~108 registers leave room for four; shared memory
-# (SM_SMEM, less CTA_SMEM_RESERVED a CTA) usually allows three.
-STREAM_CTAS_PER_SM = 4
-SM_SMEM = 228 * 1024
-CTA_SMEM_RESERVED = 1024
 
 
 def _swizzled(bits: int, row_bytes: int, gmem_row_bytes: int | None = None):
@@ -649,10 +639,8 @@ def matmul(
   `shared_rows` the activations are one tile of `block_m` rows that every
   token tile multiplies (one token's top-k experts at decode: the
   activation split is then of one tile, not of top_k), and the output
-  still has a tile of rows per `tile_expert`. With `config.persistent`,
-  `used_tiles` (the tiles with an expert, which must come first) bounds
-  the walk: `num_sms` 128-row CTAs loop over output tiles, or as many
-  64-row CTAs as fit stream theirs (skipping tiles of no expert).
+  still has a tile of rows per `tile_expert`. With `config.persistent`, `used_tiles` (the tiles with an expert, which must
+  come first) bounds the walk: `num_sms` CTAs loop over output tiles.
 
   Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
   `float32_out`, else float32 partial sums `[splits, ceil128(N), M]` (the
@@ -758,26 +746,7 @@ def matmul(
   if not grouped:
     tile_expert = jnp.zeros((m_tiles,), jnp.int32)
   steps = plan.steps_per_split
-  # Output blocks of one CTA's width along N (64-row CTAs: 64 rows, or a
-  # 128-row tile with two row tiles).
-  row_blocks = n_tiles * out_tile_rows // (cfg.cta_rows * row_tiles)
-  if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
-    # lie past the scale array (a blocked TMA copy promised in bounds).
-    row_blocks = -(-inter // cfg.cta_rows)
-  streamed = cfg.persistent and single  # Config doc
-  # Streamed CTAs: as many as shared memory lets an SM hold, up to
-  # STREAM_CTAS_PER_SM, and no more than there are blocks.
-  per_sm = SM_SMEM // (
-    cfg.smem_bytes(not bf16_out, 2 if swiglu else 1) + CTA_SMEM_RESERVED
-  )
-  stream_ctas = min(
-    num_sms * max(1, min(STREAM_CTAS_PER_SM, per_sm)),
-    row_blocks * m_tiles * splits,
-  )
-  # Input slots held one step longer (async_mma's last part reads them
-  # after the step); streamed CTAs wait for every wgmma at a step's end
-  # (run_state), so theirs are free at once.
-  release = 1 if cfg.async_mma and not streamed else 0
+  release = 1 if cfg.async_mma else 0  # input slots held one step longer
   a_in_smem = interpret
   compute_wgs = 1 if single else 2
 
@@ -789,47 +758,37 @@ def matmul(
     a_smem = rest[0] if a_in_smem else None
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
-    def in_specs(rows, at, k_at):
-      """Pipeline inputs of one output block: weight rows `[row_block *
+    def in_specs(rows, row_block, mi, k0, expert):
+      """Pipeline inputs of one output tile: weight rows `[row_block *
       rows, +rows)`, both activation planes, the 128-row scale tiles
       holding them (`cta_scale_tiles`), and with SwiGLU the up rows (I rows
-      down) and their scales. `at(f)`: the index-map piece `f(row_block,
-      mi, expert)` of the block a pipeline step works on (`fixed_block`'s
-      for a pipeline of one block); `k_at`: the step's K step."""
+      down) and their scales."""
       # The block of `cta_scale_tiles` scale tiles holding the rows.
-      tile_at = at(
-        lambda row_block, mi, expert: (
-          row_block * rows // (TILE_ROWS * cta_scale_tiles)
-        )
-      )
-      expert_at = at(lambda row_block, mi, expert: expert)
-      # The activation tile.
-      xi_at = at(lambda row_block, mi, expert: 0 if shared_rows else mi)
+      tile = row_block * rows // (TILE_ROWS * cta_scale_tiles)
       scale_tiles = (
         (None, None) if cta_scale_tiles == 1 else (None, cta_scale_tiles)
       )
+      xi = 0 if shared_rows else mi  # the activation tile
 
       def spec(shape, index_map, transforms=()):
         return plgpu.BlockSpec(
           shape, index_map, transforms=transforms, delay_release=release
         )
 
-      def weight(block_at, scale_tile_at):
+      def weight(block, scale_tile):
         return [
           spec(
             (None, rows, plan.plane_k),
-            lambda *i: (expert_at(*i), block_at(*i), k_at(*i)),
+            lambda k: (expert, block, k0 + k),
             _swizzled(8, plan.plane_k, half_k),
           ),
           spec(
             (*scale_tiles, plan.scale_chunks, 2, 256),
-            lambda *i: (expert_at(*i), scale_tile_at(*i), k_at(*i), 0, 0),
+            lambda k: (expert, scale_tile, k0 + k, 0, 0),
           ),
         ]
 
-      w_spec, s_spec = weight(
-        at(lambda row_block, mi, expert: row_block), tile_at
-      )
+      w_spec, s_spec = weight(row_block, tile)
 
       # Swizzled per K part, so that a part is whole tiles for wgmma.
       transforms = _swizzled(16, 2 * plan.part_k, 2 * half_k)
@@ -837,13 +796,11 @@ def matmul(
       def x_spec(plane):
         if not stacked:
           return spec(
-            (cfg.block_m, plan.plane_k),
-            lambda *i: (xi_at(*i), k_at(*i)),
-            transforms,
+            (cfg.block_m, plan.plane_k), lambda k: (xi, k0 + k), transforms
           )
         return spec(
           (None, cfg.block_m, plan.plane_k),
-          lambda *i: (plane, xi_at(*i), k_at(*i)),
+          lambda k: (plane, xi, k0 + k),
           transforms,
         )
 
@@ -851,7 +808,7 @@ def matmul(
         x_specs = [
           spec(
             (cfg.block_m, cfg.block_k),
-            lambda *i: (xi_at(*i), k_at(*i)),
+            lambda k: (xi, k0 + k),
             _swizzled(16, 4 * plan.part_k, 4 * half_k),
           )
         ]
@@ -859,7 +816,7 @@ def matmul(
         x_specs = [
           spec(
             (2, cfg.block_m, plan.plane_k),
-            lambda *i: (0, xi_at(*i), k_at(*i)),
+            lambda k: (0, xi, k0 + k),
             transforms,
           )
         ]
@@ -869,43 +826,23 @@ def matmul(
       if not swiglu:
         return specs
       if rows == WG_ROWS or not up_mid_tile:  # whole 64-row blocks
-
-        def up(row_block, mi, expert):
-          up_block = row_block * rows // WG_ROWS + up_blocks
-          return up_block * WG_ROWS // rows, up_block * WG_ROWS // TILE_ROWS
-
-        up_at = at(up)
-        return specs + weight(lambda *i: up_at(*i)[0], lambda *i: up_at(*i)[1])
+        up_block = row_block * rows // WG_ROWS + up_blocks
+        return specs + weight(
+          up_block * WG_ROWS // rows, up_block * WG_ROWS // TILE_ROWS
+        )
       # 128 up rows from row I + 128 row_block (an element offset), and the
       # two scale tiles they span.
-      row_block_at = at(lambda row_block, mi, expert: row_block)
       return specs + [
         spec(
           (None, pl.Element(rows), plan.plane_k),
-          lambda *i: (expert_at(*i), inter + row_block_at(*i) * rows, k_at(*i)),
+          lambda k: (expert, inter + row_block * rows, k0 + k),
           _swizzled(8, plan.plane_k, half_k),
         ),
         spec(
           (None, pl.Element(2), plan.scale_chunks, 2, 256),
-          lambda *i: (
-            expert_at(*i),
-            tile_at(*i) + up_blocks // 2,
-            k_at(*i),
-            0,
-            0,
-          ),
+          lambda k: (expert, tile + up_blocks // 2, k0 + k, 0, 0),
         ),
       ]
-
-    def fixed_block(row_block, mi, k0, expert):
-      """`in_specs`' (at, k_at) for a pipeline over the K steps of one
-      output block: each piece computed once, before the pipeline."""
-
-      def at(f):
-        value = f(row_block, mi, expert)
-        return lambda k: value
-
-      return at, lambda k: k0 + k
 
     def body_refs(refs):
       """(weights, even plane, odd plane, scales, the rest) of a pipeline
@@ -1011,15 +948,12 @@ def matmul(
       for (w_ref, scales), acc in zip(weights, accs, strict=True):
         codes = plgpu.load(w_ref, layout=plgpu.Layout.WGMMA_8BIT)
         if a_in_smem:  # the interpreter has no mma.sync: plain dots
-          # (K parts and row pairs: the streamed CTAs' steps take them too)
           s_ref, half, _ = scales
-          width = plan.part_k * (2 if row_pairs else 1)
-          sources = (xe_smem,) if row_pairs else (xe_smem, xo_smem)
-          for part in range(plan.parts):
-            tiles = _decode_jnp(codes, s_ref, half, plan, part)
-            for tile, x_ref in zip(tiles, sources, strict=True):
-              x = x_ref[:, pl.ds(part * width, width)]
-              acc = acc + jnp.dot(tile, x.T, preferred_element_type=jnp.float32)
+          lo, hi = _decode_jnp(codes, s_ref, half, plan)
+          for tile, x_ref in ((lo, xe_smem), (hi, xo_smem)):
+            acc = acc + jnp.dot(
+              tile, x_ref[...].T, preferred_element_type=jnp.float32
+            )
           out.append(acc)
           continue
         lo, hi = decode_registers(codes, scales, warp_mma=True)
@@ -1035,10 +969,10 @@ def matmul(
       accumulator), or each of two row tiles' blocks one after the other."""
       return [accs] if row_tiles == 1 else [[acc] for acc in accs]
 
-    def finish(accs, block, expert, mi, si, slot, values=cfg.warp_mma):
+    def finish(accs, block, expert, mi, si, slot):
       """Scales the accumulators of 64-row block `block` (and applies
       SwiGLU), then stores them from SMEM slot `slot`. `accs`: wgmma
-      accumulator refs, or `values` (`Config.warp_mma`, streamed CTAs)."""
+      accumulator refs, or values (`Config.warp_mma`)."""
 
       def scaled(acc_ref, factor_block):
         if per_block:
@@ -1047,7 +981,7 @@ def matmul(
           scale = f_gmems[0][expert]
           for f_gmem in f_gmems[1:]:
             scale = scale * f_gmem[expert]
-        acc = acc_ref if values else acc_ref[...]
+        acc = acc_ref if cfg.warp_mma else acc_ref[...]
         return acc * (scale * (2.0**-PRODUCT_EXPONENT))
 
       acc = scaled(accs[0], block)
@@ -1117,28 +1051,12 @@ def matmul(
         mma_body,
         grid=(steps,),
         memory_registers=40,
-        in_specs=in_specs(
-          out_tile_rows, *fixed_block(ni, mi, si * steps, expert)
-        ),
+        in_specs=in_specs(out_tile_rows, ni, mi, si * steps, expert),
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=cfg.num_stages,
         compute_context=compute_context,
       )
-
-    def block_weights(ni, w_smem, s_smem, up_refs):
-      """(weight tile, scales) pairs of a 64-row CTA's step on block `ni`
-      (with two row tiles, 128-row tile `ni`), as `step` takes them."""
-      if row_tiles > 1:  # both halves of one 128-row tile
-        return [
-          (w_smem.at[pl.ds(h * WG_ROWS, WG_ROWS)], (s_smem, h, False))
-          for h in range(row_tiles)
-        ]
-      weights = [(w_smem, (s_smem, ni % 2, False))]
-      if swiglu:  # 64-row block ni + up_blocks
-        w_up, s_up = up_refs
-        weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
-      return weights
 
     def one_warpgroup_pipeline(ni, mi, si, expert):
       """The K loop of 64-row block `ni` (with two row tiles, 128-row tile
@@ -1146,12 +1064,22 @@ def matmul(
       pipeline, no register split); with `Config.warp_mma` the accumulators
       are values the pipeline carries."""
 
+      def block_weights(w_smem, s_smem, up_refs):
+        if row_tiles > 1:  # both halves of one 128-row tile
+          return [
+            (w_smem.at[pl.ds(h * WG_ROWS, WG_ROWS)], (s_smem, h, False))
+            for h in range(row_tiles)
+          ]
+        weights = [(w_smem, (s_smem, ni % 2, False))]
+        if swiglu:  # 64-row block ni + up_blocks
+          w_up, s_up = up_refs
+          weights.append((w_up, (s_up, (ni + up_blocks) % 2, False)))
+        return weights
+
       pipeline = functools.partial(
         plgpu.emit_pipeline,
         grid=(steps,),
-        in_specs=in_specs(
-          WG_ROWS * row_tiles, *fixed_block(ni, mi, si * steps, expert)
-        ),
+        in_specs=in_specs(WG_ROWS * row_tiles, ni, mi, si * steps, expert),
         max_concurrent_steps=cfg.num_stages,
       )
       if cfg.warp_mma:
@@ -1159,7 +1087,7 @@ def matmul(
         def warp_body(_, *refs):
           w_smem, xe_smem, xo_smem, s_smem, rest = body_refs(refs)
           *up_refs, accs = rest
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
+          weights = block_weights(w_smem, s_smem, up_refs)
           return warp_mma_step(weights, xe_smem, xo_smem, accs)
 
         zeros = plgpu.layout_cast(
@@ -1174,90 +1102,12 @@ def matmul(
       def _(accs):
         def body(_, *refs):
           w_smem, xe_smem, xo_smem, s_smem, up_refs = body_refs(refs)
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
+          weights = block_weights(w_smem, s_smem, up_refs)
           step(weights, xe_smem, xo_smem, accs, slot=0)
 
         pipeline(body)(*operands)
         for t, group in enumerate(acc_groups(accs)):
           finish(group, row_tiles * ni + t, expert, mi, si, 0)
-
-    def streamed_pipeline():
-      """A persistent 64-row CTA: its share of the output blocks (every
-      `stream_ctas`-th item from its own, items ordered token tile, row
-      block, K split) as ONE pipeline over (item, K step), so that the next
-      block's loads are in flight during this one's last steps and
-      epilogue, where a CTA per block fills and drains a pipeline of its
-      own. The accumulators are values the pipeline carries (reset at each
-      block's first step); each step's wgmmas run in `pl.run_state`. Token
-      tiles past `v_gmem[0]` are not visited; one of no expert (-1) loads
-      expert 0's weights and stores nothing."""
-      cta = lax.axis_index("sm")
-      per_tile = row_blocks * splits
-      items = jnp.maximum(v_gmem[0] * per_tile - cta + stream_ctas - 1, 0)
-      items = items // stream_ctas
-
-      def locate(item):
-        """(row block, token tile, K split, expert) of the CTA's item."""
-        w = cta + item * stream_ctas
-        mi = w // per_tile
-        return w % per_tile // splits, mi, w % splits, e_gmem[mi]
-
-      def at(f):
-        def index(item, k):
-          ni, mi, _, expert = locate(item)
-          return f(ni, mi, jnp.maximum(expert, 0))
-
-        return index
-
-      def k_at(item, k):
-        return locate(item)[2] * steps + k
-
-      zeros = (
-        plgpu.layout_cast(
-          jnp.zeros((WG_ROWS, cfg.block_m), jnp.float32), plgpu.Layout.WGMMA
-        ),
-      ) * n_accs
-
-      def body(indices, *refs):
-        *refs, accs = refs
-        item, k = indices
-        ni, mi, si, expert = locate(item)
-
-        def step_refs():
-          w_smem, xe_smem, xo_smem, s_smem, up_refs = body_refs(refs)
-          weights = block_weights(ni, w_smem, s_smem, up_refs)
-          return weights, xe_smem, xo_smem
-
-        # A select, not a multiply by zero: a NaN in one block's token
-        # column must not reach the next block's.
-        accs = lax.cond(k == 0, lambda: zeros, lambda: tuple(accs))
-        if a_in_smem or cfg.warp_mma:  # (the interpreter has no wgmma
-          # inside run_state: its branch of warp_mma_step takes dots)
-          accs = warp_mma_step(*step_refs(), accs)
-        else:
-
-          def mma(acc_refs):
-            # The refs' views are made in here: a plane index (x_smem.at[0])
-            # closed over from outside becomes a constant that run_state
-            # cannot return.
-            step(*step_refs(), acc_refs, slot=0)
-
-          accs = pl.run_state(mma)(tuple(plgpu.ACC.init(a) for a in accs))
-
-        @pl.when((k == steps - 1) & (expert >= 0))
-        def _():
-          for t, group in enumerate(acc_groups(accs)):
-            finish(group, row_tiles * ni + t, expert, mi, si, 0, values=True)
-
-        return accs
-
-      plgpu.emit_pipeline(
-        body,
-        grid=(items, steps),
-        in_specs=in_specs(WG_ROWS * row_tiles, at, k_at),
-        max_concurrent_steps=cfg.num_stages,
-        init_carry=zeros,
-      )(*operands)
 
     operands = (
       (w_gmem, xe_gmem, s_gmem)
@@ -1266,9 +1116,6 @@ def matmul(
     )
     if swiglu:
       operands += (w_gmem, s_gmem)
-    if streamed:
-      streamed_pipeline()
-      return
     if not cfg.persistent:
       ni, mi, si = (lax.axis_index(a) for a in ("n", "m", "split"))
       expert = e_gmem[mi]
@@ -1327,12 +1174,14 @@ def matmul(
         transforms=_swizzled(16, 2 * width),
       )
     )
-  if streamed:
-    grid, grid_names = (stream_ctas,), ("sm",)
-  elif cfg.persistent:
+  if cfg.persistent:
     work = m_tiles * n_tiles * splits
     grid, grid_names = (min(num_sms, work),), ("sm",)
   else:
+    row_blocks = n_tiles * out_tile_rows // (cfg.cta_rows * row_tiles)
+    if swiglu:  # 64-row CTAs stop at I: past it a block's up scales would
+      # lie past the scale array (a blocked TMA copy promised in bounds).
+      row_blocks = -(-inter // cfg.cta_rows)
     grid, grid_names = (row_blocks, m_tiles, splits), ("n", "m", "split")
   call = plgpu.kernel(
     kernel,

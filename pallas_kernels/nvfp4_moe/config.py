@@ -88,23 +88,17 @@ TWO_BLOCK_SPLIT_MIN_K_STEPS = 12
 # last wave, twice its K splits (float32 partials summed by the combine),
 # each split keeping at least SPLIT_FOR_BALANCE_MIN_K_STEPS steps: some
 # SMs stream two CTAs' rows while others stream one, and the layer waits
-# for the slowest (Mixtral-8x7B at two tokens, 256 CTAs, stays). gpt-oss-120b at one token (H200, twenty-ninth session,
-# one call, profile_moe.py "g2x2", same error against the reference): 180
-# CTAs of 12 steps -> 360 of 6, layer 35.0 -> 32.1 us; at 16 tokens (2880
-# CTAs) twice the splits were slower, 254.6 -> 263.7, as were DeepSeek-V3's
-# 896 CTAs of 8 steps at one token (twenty-seventh session, 24.7 -> 24.9
-# us GEMM 2).
+# for the slowest (Mixtral-8x7B at two tokens, 256 CTAs, stays).
+# gpt-oss-120b at one token (H200, twenty-ninth session, profile_moe.py,
+# same error against the reference): 180 CTAs of 12 steps -> 360 of 6,
+# layer 35.0 -> 32.1 us ("g2x2") and 34.9/34.0 -> 32.0/32.3 (the rule, in
+# another call); at 16 tokens (2880 CTAs) twice the splits were slower,
+# 254.6 -> 263.7, as were DeepSeek-V3's 896 CTAs of 8 steps at one token
+# (twenty-seventh session, GEMM 2 24.7 -> 24.9 us).
 SPLIT_FOR_BALANCE = True
 SPLIT_FOR_BALANCE_CTAS_PER_SM = 2
 SPLIT_FOR_BALANCE_MIN_IDLE = 0.25
 SPLIT_FOR_BALANCE_MIN_K_STEPS = 6
-# Decode's 64-row CTAs streamed (`Config.persistent` with 64-row CTAs): as
-# many CTAs as fit on the SMs, each running its share of the output blocks
-# as one pipeline, where a CTA per block fills and drains its own (short K
-# loops: DeepSeek-V3's one-token GEMM 2 has 8 steps a CTA and streams at
-# 2.77 TB/s, long-K CTAs at 3.3-3.7). Off: written without a GPU
-# (twenty-seventh session); CPU interpreter and sm_90 lowering only.
-STREAM_DECODE = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +186,7 @@ def configs_for(
   """Tiles of GEMM 1 (N = 2I, K = H) and GEMM 2 (N = H, K = I).
 
   `cta_rows` None takes the heuristic's (64 for decode tiles); 64-row
-  CTAs are persistent (streamed) only with STREAM_DECODE.
+  CTAs have no persistent grid.
   """
   configs = []
   for gemm, (n, k) in enumerate(((2 * inter, hidden), (hidden, inter))):
@@ -215,7 +209,7 @@ def configs_for(
     rows = cta_rows or config.cta_rows
     config = dataclasses.replace(
       config,
-      persistent=persistent and (rows == config_lib.TILE_ROWS or STREAM_DECODE),
+      persistent=persistent and rows == config_lib.TILE_ROWS,
       cta_rows=rows,
       async_mma=config_lib.overlaps_mma(rows),
       warp_mma=config_lib.warp_mma(rows),
@@ -224,7 +218,6 @@ def configs_for(
       gemm == 1
       and TWO_TILE_GEMM2
       and config.persistent
-      and config.wide
       and config.splits == 1
       and plan.block_m <= config_lib.MAX_TWO_TILE_TOKENS
       and -(-n // config_lib.TILE_ROWS) % 2 == 0

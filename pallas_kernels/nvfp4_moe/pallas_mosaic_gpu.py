@@ -240,10 +240,9 @@ def _forward_fn(
     configs = _one_split_gemm1(configs)
     if remainder_configs:
       remainder_configs = _one_split_gemm1(remainder_configs)
-  # Persistent 128-row CTAs walk the first `used_tiles` tiles and need the
-  # unused ones last; the direct tiles leave a dropped pair's tile where it
-  # is (streamed 64-row CTAs walk the top_k tiles and skip it).
-  direct = direct and not any(c.persistent and c.wide for c in configs)
+  # Persistent CTAs walk the first `used_tiles` tiles and need the unused
+  # ones last; the direct tiles leave a dropped pair's tile where it is.
+  direct = direct and not any(c.persistent for c in configs)
   return functools.partial(
     _forward,
     plan=plan,
@@ -404,16 +403,15 @@ def _expert_gemms(
   tiles of `block_m` rows, row r being `rows_in[gather[r]]` (or `rows_in`
   itself when `gather` is None; with `shared_rows`, `rows_in` is one tile
   that GEMM 1 multiplies in every tile). `used_tiles`: the tiles with an
-  expert, if the placement counted them already, or the tiles persistent
-  CTAs walk (else XLA counts them once, if a kernel reads them: decode
-  calls of one-block CTAs do not)."""
+  expert, if the placement counted them already (else XLA counts them
+  once, if a kernel reads them: decode calls do not)."""
   inter = w13.shape[1] // 2
   row_expert = jnp.maximum(jnp.repeat(tile_expert, block_m), 0)
 
   @functools.cache  # one XLA count however many kernels read it
   def count_used():
     if used_tiles is not None:
-      return jnp.asarray(used_tiles, jnp.int32)
+      return used_tiles
     return jnp.sum(tile_expert >= 0, dtype=jnp.int32)
 
   gemm = functools.partial(
@@ -609,15 +607,8 @@ def _forward(
     rows_in = x_planes
     if rows_in is None:
       rows_in = jnp.pad(x, ((0, plan.block_m - 1), (0, 0)))
-    # Streamed CTAs walk the top_k tiles (skipping a dropped pair's).
     y = gemms(
-      rows_in,
-      None,
-      tile_expert,
-      plan.block_m,
-      configs,
-      shared_rows=True,
-      used_tiles=plan.top_k,
+      rows_in, None, tile_expert, plan.block_m, configs, shared_rows=True
     )
     # Each tile's first row, a strided slice.
     picked = y.reshape(plan.max_tiles, plan.block_m, -1)[None, : plan.top_k, 0]

@@ -61,10 +61,8 @@ def test_prefixes_set_their_switches(profile_moe):
   assert moe_config.FUSED_SWIGLU_MAX_TOKENS == 256
   assert not moe_config.TWO_TILE_GEMM2
   assert route_decode_sm90.REDUX_TOP_K
-  assert not moe_config.STREAM_DECODE
   assert moe_config.SPLIT_FOR_BALANCE
-  profile_moe.apply_prefixes({"g2block", "shuffletopk", "stream", "unbalanced"})
-  assert moe_config.STREAM_DECODE
+  profile_moe.apply_prefixes({"g2block", "shuffletopk", "unbalanced"})
   assert not moe_config.SPLIT_FOR_BALANCE
   assert not moe_config.TWO_BLOCK_DECODE_GEMM2
   assert not moe_config.TWO_BLOCK_MORE_SPLITS

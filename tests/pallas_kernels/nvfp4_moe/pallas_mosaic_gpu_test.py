@@ -239,25 +239,6 @@ def test_interpret_two_block_decode_gemm2(rng, monkeypatch, activation, tokens):
   assert row_tiles == [1, 2]
 
 
-@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-@pytest.mark.parametrize("tokens", [1, 5, 16])
-def test_interpret_streamed_decode_ctas(rng, monkeypatch, activation, tokens):
-  # Decode's 64-row CTAs streamed (STREAM_DECODE): each of the
-  # interpreter's few CTAs runs several output blocks of each GEMM as one
-  # pipeline (one token: the direct tiles).
-  monkeypatch.setattr(moe_config, "STREAM_DECODE", True)
-  streamed = spy_on_matmul(monkeypatch, "persistent")
-  rows = spy_on_matmul(monkeypatch, "cta_rows")
-  check_interpret_against_numpy(
-    rng,
-    (tokens, 4, 384, 256),
-    activation=activation,
-    weight_layout="sm90",
-    cta_rows=64,
-  )
-  assert streamed == [True, True] and rows == [64, 64]
-
-
 def pair_decode_gemm2(monkeypatch, on: bool) -> None:
   """Decode's GEMM 2 in 64-row CTAs of two blocks wherever they apply (on),
   or nowhere."""
@@ -671,15 +652,6 @@ def test_two_block_decode_gemm2_lowers_for_sm90(monkeypatch, model, tokens):
 
 
 @pytest.mark.parametrize("tokens", [1, 16])
-@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
-def test_streamed_decode_lowers_for_sm90(monkeypatch, model, tokens):
-  monkeypatch.setattr(moe_config, "STREAM_DECODE", True)
-  for config in lower_moe_configs(model, tokens):
-    assert config.persistent and config.cta_rows == config_lib.WGMMA_ROWS
-  lower_moe(model, tokens, True, None, model != GPT_OSS)
-
-
-@pytest.mark.parametrize("tokens", [1, 16])
 def test_decode_counts_no_used_tiles(tokens):
   # Decode CTAs are not persistent and never read the count of used tiles:
   # no XLA reduction of the tiles' experts (one dimension) makes it. (At
@@ -1031,45 +1003,6 @@ def test_two_blocks_in_more_splits_on_gpu(
       TestOnGPU.RTOL,
       KERNEL_FLOOR,
     )
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-@pytest.mark.parametrize(
-  "tokens, n_experts, top_k, hidden, inter",
-  [
-    (1, 16, 8, 7168, 2048),  # DeepSeek-V3's experts: direct tiles
-    (16, 32, 8, 2048, 768),  # Qwen3-30B-A3B's
-    (1, 2, 2, 4096, 14336),  # Mixtral-8x7B's: two-block GEMM 2, 4 splits
-    (16, 16, 4, 2880, 2880),  # gpt-oss-120b's (I % 128 == 64)
-  ],
-)
-def test_streamed_decode_on_gpu(
-  rng, monkeypatch, activation, tokens, n_experts, top_k, hidden, inter
-):
-  # STREAM_DECODE: the same K steps, MMAs and epilogues as one CTA a
-  # block, so the same bits; and the reference's numbers.
-  experts, _, x, logits = test_base.make_inputs(
-    rng, tokens, n_experts, hidden, inter
-  )
-  outs = {}
-  for on in (False, True):
-    monkeypatch.setattr(moe_config, "STREAM_DECODE", on)
-    streamed = spy_on_matmul(monkeypatch, "persistent")
-    outs[on] = np.asarray(
-      pallas_mosaic_gpu.nvfp4_moe(
-        x, logits, experts, top_k=top_k, activation=activation
-      ),
-      np.float32,
-    )
-    assert streamed == [on, on]
-  want = pallas_kernels.nvfp4_moe(
-    x, logits, experts, top_k=top_k, activation=activation, implementation="xla"
-  )
-  tolerance.assert_close(
-    outs[True], want.astype(jnp.float32), TestOnGPU.RTOL, KERNEL_FLOOR
-  )
-  np.testing.assert_array_equal(outs[True], outs[False])
 
 
 @pytest.mark.gpu
