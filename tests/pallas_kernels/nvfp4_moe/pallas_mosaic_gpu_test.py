@@ -239,6 +239,21 @@ def test_interpret_two_block_decode_gemm2(rng, monkeypatch, activation, tokens):
   assert row_tiles == [1, 2]
 
 
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_interpret_decode_gemm2_split_for_balance(rng, monkeypatch, activation):
+  # One token, top-2: GEMM 2 (N = H = 192) has 3 x 2 one-block CTAs on the
+  # interpreter's 4 SMs, a quarter of the second wave idle, so its 2 K
+  # steps split in two (SPLIT_FOR_BALANCE, one step a split allowed here).
+  monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE_MIN_K_STEPS", 1)
+  for on in (False, True):
+    monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", on)
+    splits = spy_on_matmul(monkeypatch, "splits")
+    check_interpret_against_numpy(
+      rng, (1, 4, 192, 512), activation=activation, weight_layout="sm90"
+    )
+    assert splits == [1, 2 if on else 1]
+
+
 def pair_decode_gemm2(monkeypatch, on: bool) -> None:
   """Decode's GEMM 2 in 64-row CTAs of two blocks wherever they apply (on),
   or nowhere."""
@@ -997,6 +1012,31 @@ def test_two_blocks_in_more_splits_on_gpu(
       x, logits, experts, top_k=2, activation=activation
     )
     assert (row_tiles[-1], splits[-1]) == gemm2
+    tolerance.assert_close(
+      np.asarray(got, np.float32),
+      want.astype(jnp.float32),
+      TestOnGPU.RTOL,
+      KERNEL_FLOOR,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
+def test_decode_gemm2_split_for_balance_on_gpu(rng, monkeypatch, activation):
+  # gpt-oss-120b's experts at one token (I padded to 2944: 12 K steps):
+  # GEMM 2's 45 x 4 one-block CTAs in two K splits (SPLIT_FOR_BALANCE) or
+  # one. Both match the reference.
+  experts, _, x, logits = test_base.make_inputs(rng, 1, 8, 2880, 2880)
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=4, activation=activation, implementation="xla"
+  )
+  for on in (True, False):
+    monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", on)
+    splits = spy_on_matmul(monkeypatch, "splits")
+    got = pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, top_k=4, activation=activation
+    )
+    assert splits[-1] == (2 if on else 1)
     tolerance.assert_close(
       np.asarray(got, np.float32),
       want.astype(jnp.float32),
