@@ -243,15 +243,15 @@ def test_interpret_two_block_decode_gemm2(rng, monkeypatch, activation, tokens):
 def test_interpret_decode_gemm2_split_for_balance(rng, monkeypatch, activation):
   # One token, top-2: GEMM 2 (N = H = 192) has 3 x 2 one-block CTAs on the
   # interpreter's 4 SMs, a quarter of the second wave idle, so its 2 K
-  # steps split in two (SPLIT_FOR_BALANCE, one step a split allowed here).
+  # steps split in two (SPLIT_FOR_BALANCE, one step a split allowed here;
+  # config_test checks that it splits nothing without the rule).
+  monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", True)
   monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE_MIN_K_STEPS", 1)
-  for on in (False, True):
-    monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", on)
-    splits = spy_on_matmul(monkeypatch, "splits")
-    check_interpret_against_numpy(
-      rng, (1, 4, 192, 512), activation=activation, weight_layout="sm90"
-    )
-    assert splits == [1, 2 if on else 1]
+  splits = spy_on_matmul(monkeypatch, "splits")
+  check_interpret_against_numpy(
+    rng, (1, 4, 192, 512), activation=activation, weight_layout="sm90"
+  )
+  assert splits == [1, 2]
 
 
 def pair_decode_gemm2(monkeypatch, on: bool) -> None:
