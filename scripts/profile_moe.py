@@ -106,9 +106,9 @@ TWO_BLOCK_MIN_CTAS_PER_SM = moe_config.TWO_BLOCK_MIN_CTAS_PER_SM
 # kernel's ranks and place_prefill_sm90 (PREFILL_PLACEMENT_KERNEL off);
 # "g2x2": decode's GEMM 2 in twice the heuristic's K splits, where they
 # divide its K steps (Mixtral-8x7B at one token: 512 CTAs of 14 steps, or
-# with "g2pair" 256 two-block CTAs of 14); "unbalanced": decode's GEMM 2 keeps its
-# splits where they leave SMs idle (config.SPLIT_FOR_BALANCE off;
-# gpt-oss-120b at one token: 180 CTAs of 12 steps, not 360 of 6).
+# with "g2pair" 256 two-block CTAs of 14); "unbalanced": decode's GEMM 2
+# keeps its splits where they leave SMs idle (config.SPLIT_FOR_BALANCE
+# off; gpt-oss-120b at one token: 180 CTAs of 12 steps, not 360 of 6).
 PREFIXES = (
   "old",
   "s3",

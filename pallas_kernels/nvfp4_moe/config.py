@@ -225,26 +225,24 @@ def configs_for(
       config = config_lib.fit_stages(
         dataclasses.replace(config, row_tiles=2), bf16_out=True
       )
-    splits = _two_block_splits(config, plan, n, k, num_sms) if gemm else None
-    if splits:
+    ctas = _decode_gemm2_ctas(config, plan, n, k, num_sms) if gemm else None
+    if ctas:
+      row_tiles, splits = ctas
       config = config_lib.fit_stages(
-        dataclasses.replace(config, row_tiles=2, splits=splits),
+        dataclasses.replace(config, row_tiles=row_tiles, splits=splits),
         bf16_out=splits == 1,
-      )
-    elif gemm and _splits_for_balance(config, plan, n, k, num_sms):
-      config = config_lib.fit_stages(
-        dataclasses.replace(config, splits=2 * config.splits), bf16_out=False
       )
     configs.append(config)
   return tuple(configs)
 
 
-def _two_block_splits(config, plan: Plan, n: int, k: int, num_sms: int):
-  """The K splits of decode's GEMM 2 (`config`, N = `n`, K = `k`) in 64-row
-  CTAs of two blocks, or None where it keeps one-block CTAs: its own splits
-  for long K loops on every SM (TWO_BLOCK_DECODE_GEMM2), twice them where
-  it splits already and halving its K loops leaves them long enough
-  (TWO_BLOCK_MORE_SPLITS)."""
+def _decode_gemm2_ctas(config, plan: Plan, n: int, k: int, num_sms: int):
+  """(row tiles, K splits) of decode's GEMM 2 (`config`, N = `n`, K = `k`)
+  where a rule changes its one-block 64-row CTAs, else None: two blocks in
+  its own splits for long K loops on every SM (TWO_BLOCK_DECODE_GEMM2), two
+  blocks in twice them where it splits already and halving its K loops
+  leaves them long enough (TWO_BLOCK_MORE_SPLITS), one block in twice them
+  where its CTAs leave SMs idle (SPLIT_FOR_BALANCE)."""
   if (
     config.cta_rows != config_lib.WGMMA_ROWS
     or config.warp_mma
@@ -252,46 +250,34 @@ def _two_block_splits(config, plan: Plan, n: int, k: int, num_sms: int):
   ):
     return None
   steps = -(-k // config.block_k)
-  ctas = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles * config.splits
+  more = 2 * config.splits
+  halved = steps % more == 0  # twice the splits divide the K steps
+  # 128-row tiles (two-block CTAs) and 64-row blocks (one-block CTAs).
+  tiles = -(-n // config_lib.TILE_ROWS) * plan.busy_tiles * config.splits
+  blocks = -(-n // config_lib.WGMMA_ROWS) * plan.busy_tiles * config.splits
+  slots = -(-blocks // num_sms) * num_sms  # the CTA slots of whole waves
   if (
     TWO_BLOCK_DECODE_GEMM2
     and steps // config.splits >= TWO_BLOCK_MIN_K_STEPS
-    and ctas >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
+    and tiles >= TWO_BLOCK_MIN_CTAS_PER_SM * num_sms
   ):
-    return config.splits
-  more = 2 * config.splits
+    return 2, config.splits
   if (
     TWO_BLOCK_MORE_SPLITS
     and config.splits > 1
-    and steps % more == 0
+    and halved
     and steps // more >= TWO_BLOCK_SPLIT_MIN_K_STEPS
   ):
-    return more
-  return None
-
-
-def _splits_for_balance(config, plan: Plan, n: int, k: int, num_sms: int):
-  """Whether decode's GEMM 2 (`config` in one-block CTAs, N = `n`, K =
-  `k`) takes twice its K splits to spread its CTAs evenly over the SMs
-  (SPLIT_FOR_BALANCE)."""
+    return 2, more
   if (
-    not SPLIT_FOR_BALANCE
-    or config.cta_rows != config_lib.WGMMA_ROWS
-    or config.persistent
-    or config.warp_mma
-    or config.row_tiles != 1
-  ):
-    return False
-  steps = -(-k // config.block_k)
-  more = 2 * config.splits
-  ctas = -(-n // config_lib.WGMMA_ROWS) * plan.busy_tiles * config.splits
-  slots = -(-ctas // num_sms) * num_sms
-  return (
-    ctas < SPLIT_FOR_BALANCE_CTAS_PER_SM * num_sms
-    and slots - ctas >= SPLIT_FOR_BALANCE_MIN_IDLE * slots
-    and steps % more == 0
+    SPLIT_FOR_BALANCE
+    and blocks < SPLIT_FOR_BALANCE_CTAS_PER_SM * num_sms
+    and slots - blocks >= SPLIT_FOR_BALANCE_MIN_IDLE * slots
+    and halved
     and steps // more >= SPLIT_FOR_BALANCE_MIN_K_STEPS
-  )
+  ):
+    return 1, more
+  return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -990,6 +990,33 @@ def test_two_block_decode_gemm2_on_gpu(
   )
 
 
+def check_decode_gemm2_rule_on_gpu(
+  rng, monkeypatch, switch, shape, top_k, activation, gemm2
+):
+  """Fresh inputs at one token (`shape`: experts, hidden, inter) with
+  `moe_config`'s `switch` on and off: decode's GEMM 2 in `gemm2[on]` (row
+  tiles, K splits), and the reference's numbers both ways (split sums add
+  in another order, so not each other's bits)."""
+  experts, _, x, logits = test_base.make_inputs(rng, 1, *shape)
+  want = pallas_kernels.nvfp4_moe(
+    x, logits, experts, top_k=top_k, activation=activation, implementation="xla"
+  )
+  for on in (True, False):
+    monkeypatch.setattr(moe_config, switch, on)
+    row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
+    splits = spy_on_matmul(monkeypatch, "splits")
+    got = pallas_mosaic_gpu.nvfp4_moe(
+      x, logits, experts, top_k=top_k, activation=activation
+    )
+    assert (row_tiles[-1], splits[-1]) == gemm2[on]
+    tolerance.assert_close(
+      np.asarray(got, np.float32),
+      want.astype(jnp.float32),
+      TestOnGPU.RTOL,
+      KERNEL_FLOOR,
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 @pytest.mark.parametrize("n_experts", [2, 8])
@@ -997,52 +1024,32 @@ def test_two_blocks_in_more_splits_on_gpu(
   rng, monkeypatch, activation, n_experts
 ):
   # Mixtral-8x7B's experts at one token: GEMM 2 in two-block CTAs of 4 K
-  # splits (TWO_BLOCK_MORE_SPLITS) where one-block CTAs take 2. The split
-  # sums add in another order, so both match the reference, not each other
-  # bit for bit.
-  experts, _, x, logits = test_base.make_inputs(rng, 1, n_experts, 4096, 14336)
-  want = pallas_kernels.nvfp4_moe(
-    x, logits, experts, top_k=2, activation=activation, implementation="xla"
+  # splits (TWO_BLOCK_MORE_SPLITS) where one-block CTAs take 2.
+  check_decode_gemm2_rule_on_gpu(
+    rng,
+    monkeypatch,
+    "TWO_BLOCK_MORE_SPLITS",
+    (n_experts, 4096, 14336),
+    2,
+    activation,
+    {True: (2, 4), False: (1, 2)},
   )
-  for on, gemm2 in ((True, (2, 4)), (False, (1, 2))):
-    monkeypatch.setattr(moe_config, "TWO_BLOCK_MORE_SPLITS", on)
-    row_tiles = spy_on_matmul(monkeypatch, "row_tiles")
-    splits = spy_on_matmul(monkeypatch, "splits")
-    got = pallas_mosaic_gpu.nvfp4_moe(
-      x, logits, experts, top_k=2, activation=activation
-    )
-    assert (row_tiles[-1], splits[-1]) == gemm2
-    tolerance.assert_close(
-      np.asarray(got, np.float32),
-      want.astype(jnp.float32),
-      TestOnGPU.RTOL,
-      KERNEL_FLOOR,
-    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
 def test_decode_gemm2_split_for_balance_on_gpu(rng, monkeypatch, activation):
-  # gpt-oss-120b's experts at one token (I padded to 2944: 12 K steps):
-  # GEMM 2's 45 x 4 one-block CTAs in two K splits (SPLIT_FOR_BALANCE) or
-  # one. Both match the reference.
-  experts, _, x, logits = test_base.make_inputs(rng, 1, 8, 2880, 2880)
-  want = pallas_kernels.nvfp4_moe(
-    x, logits, experts, top_k=4, activation=activation, implementation="xla"
+  # gpt-oss-120b's experts at one token (12 K steps): GEMM 2's 45 x 4
+  # one-block CTAs in two K splits (SPLIT_FOR_BALANCE) or one.
+  check_decode_gemm2_rule_on_gpu(
+    rng,
+    monkeypatch,
+    "SPLIT_FOR_BALANCE",
+    (8, 2880, 2880),
+    4,
+    activation,
+    {True: (1, 2), False: (1, 1)},
   )
-  for on in (True, False):
-    monkeypatch.setattr(moe_config, "SPLIT_FOR_BALANCE", on)
-    splits = spy_on_matmul(monkeypatch, "splits")
-    got = pallas_mosaic_gpu.nvfp4_moe(
-      x, logits, experts, top_k=4, activation=activation
-    )
-    assert splits[-1] == (2 if on else 1)
-    tolerance.assert_close(
-      np.asarray(got, np.float32),
-      want.astype(jnp.float32),
-      TestOnGPU.RTOL,
-      KERNEL_FLOOR,
-    )
 
 
 @pytest.mark.gpu
