@@ -119,6 +119,11 @@
 #                                         # over the SMs (SPLIT_FOR_BALANCE):
 #                                         # gpt-oss-120b's one-token profiles
 #                                         # with and without, its decode rows
+#   bash scripts/gpu_session.sh async_wide # on nvidia-h200, ~5 min: the
+#                                         # tuner's 128-row CTAs at 64 and
+#                                         # 256 tokens with async_mma, and
+#                                         # one-token MoE profiles of GEMM 1
+#                                         # in 3 and 2 stages
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -530,6 +535,27 @@ case "${1:-tier}" in
     grep -hE "^==|Error" "$out/profile_gpt-oss-120b.log"
     moe_rows 260 "$out/moe_h200_gptoss_decode.json" \
       --models gpt-oss-120b --tokens 1,16 --time-budget 180
+    ;;
+  async_wide)
+    # 128-row CTAs at 64 and 256 tokens with wgmmas in flight across K
+    # parts (Config.async_mma, off there), then one-token profiles of the
+    # MoE's fused GEMM 1 in fewer stages (more CTAs a SM: Mixtral-8x7B's
+    # 448 CTAs make 1.7 waves of two a SM).
+    timeout 200 python3 -m benchmarks.tune_matmul \
+      --shapes 8192:28672,28672:8192,4096:14336,7168:2048,2048:5120 \
+      --tokens 64 --configs "async_mma=1;async_mma=1,mma_parts=4" \
+      --out "$out/tune_async_wide_h200.json" 2>&1 | grep -E "TB/s|WRONG|FAILED"
+    timeout 80 python3 -m benchmarks.tune_matmul \
+      --shapes 8192:28672,28672:8192 --tokens 256 \
+      --configs "async_mma=1;async_mma=1,mma_parts=4" \
+      --out "$out/tune_async_wide256_h200.json" 2>&1 \
+      | grep -E "TB/s|WRONG|FAILED"
+    for model in mixtral-8x7b:80 deepseek-v3:110; do
+      timeout "${model#*:}" python3 -u scripts/profile_moe.py "${model%:*}" 1 \
+        autofused,g1s3-autofused,g1s2-autofused,autofused,g1s3-autofused,g1s2-autofused \
+        > "$out/profile_${model%:*}.log" 2>&1
+      grep -hE "^==|Error" "$out/profile_${model%:*}.log"
+    done
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the
