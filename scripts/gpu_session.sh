@@ -124,6 +124,13 @@
 #                                         # 256 tokens with async_mma, and
 #                                         # one-token MoE profiles of GEMM 1
 #                                         # in 3 and 2 stages
+#   bash scripts/gpu_session.sh m64_tiles # on nvidia-h200, ~4 min: other
+#                                         # tiles at 64 tokens (deeper
+#                                         # pipelines, 64-row CTAs)
+#   bash scripts/gpu_session.sh stages4   # on nvidia-h200, ~9 min: the
+#                                         # dense heuristic's 4 stages for
+#                                         # 64- and 128-token tiles: tuner,
+#                                         # GPU tests, M = 64 and 256 rows
 #   bash scripts/gpu_session.sh placement_rows # on nvidia-h200-x2, ~9
 #                                         # min: the placement tests, then
 #                                         # the prefill rows of the
@@ -556,6 +563,35 @@ case "${1:-tier}" in
         > "$out/profile_${model%:*}.log" 2>&1
       grep -hE "^==|Error" "$out/profile_${model%:*}.log"
     done
+    ;;
+  m64_tiles)
+    # 64 tokens: deeper pipelines for the 128-row CTAs, and 64-row CTAs in
+    # K steps of 128 or 64 (three or more a SM, each loading its own
+    # activation tile) against the heuristic.
+    timeout 400 python3 -m benchmarks.tune_matmul --max-configs 8 \
+      --shapes 8192:28672,28672:8192,4096:14336 --tokens 64 \
+      --configs "num_stages=4;block_k=128,num_stages=4;block_k=128,num_stages=6;cta_rows=64,block_k=128,num_stages=3;cta_rows=64,block_k=128,num_stages=4;cta_rows=64,block_k=64,num_stages=6" \
+      --out "$out/tune_m64_tiles_h200.json" 2>&1 | grep -E "TB/s|WRONG|FAILED"
+    ;;
+  stages4)
+    # 64- and 128-token tiles in four stages where their bf16 epilogue
+    # leaves room (the dense heuristic had counted a float32 one): the
+    # tuner against three stages at 256 and 1024 tokens, the matmul GPU
+    # tests on the heuristic's configs, then the M = 64 and 256 rows.
+    timeout 120 python3 -m benchmarks.tune_matmul \
+      --shapes 8192:28672,28672:8192,4096:14336,2048:5120 --tokens 256 \
+      --configs "num_stages=3" --out "$out/tune_stages4_h200.json" 2>&1 \
+      | grep -E "TB/s|WRONG|FAILED"
+    timeout 40 python3 -m benchmarks.tune_matmul \
+      --shapes 8192:28672 --tokens 1024 --configs "num_stages=3" \
+      --out "$out/tune_stages4_1024_h200.json" 2>&1 \
+      | grep -E "TB/s|WRONG|FAILED"
+    gpu_tests 150 "$out/matmul_tests.log" \
+      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+      -k "matches_numpy_oracle or row_pairs or repeated"
+    timeout 260 python3 -m benchmarks.matmul --tokens 64,256 \
+      --time-budget 200 --out "$out/matmul_h200_s30_mid.json" 2>&1 \
+      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -30
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the

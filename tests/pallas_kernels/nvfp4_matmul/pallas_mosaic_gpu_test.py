@@ -507,6 +507,24 @@ def test_heuristic_tiles_and_fits(m, n, k):
     assert tiles * cfg.splits >= min(config_lib.H200_SMS, tiles * 8) // 2
 
 
+@pytest.mark.parametrize(
+  "m, n, k, stages",
+  [
+    (64, 28672, 8192, 4),  # unsplit: a bf16 epilogue tile, 4 stages fit
+    (256, 8192, 28672, 4),
+    (64, 8192, 28672, 3),  # split K: float32 partial sums, 4 do not fit
+  ],
+)
+def test_heuristic_counts_the_epilogue_the_call_stores(m, n, k, stages):
+  # An unsplit dense call stores bf16, so its stages are fitted for a bf16
+  # epilogue tile (a float32 one cost 64- and 128-token tiles a stage).
+  cfg = config_lib.heuristic(m, n, k)
+  assert cfg.num_stages == stages
+  assert cfg.smem_bytes(float32_out=False) <= config_lib.SMEM_LIMIT
+  deeper = dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
+  assert deeper.smem_bytes(float32_out=False) > config_lib.SMEM_LIMIT
+
+
 def test_named_pallas_without_a_gpu_says_why(rng):
   layer, _ = test_base.make_layer(rng, 128, 128)
   x = jnp.ones((2, 128), jnp.bfloat16)
