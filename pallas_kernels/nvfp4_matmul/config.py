@@ -276,12 +276,7 @@ def heuristic(
   gets as many stages (up to 4) as shared memory holds, for
   `weights` weight tiles and `scale_tiles` scale tiles per step and the
   epilogue tile the call stores (`Config.smem_bytes`): bf16 when
-  `bf16_out` and K is not split (the dense matmul), else float32. The
-  float32 tile the dense heuristic used to count cost unsplit 64- and
-  128-token tiles a stage, 3 instead of 4 (H200, thirtieth session, 3 ->
-  4: 8192x28672 at M = 64 73.5 -> 71.7 us, 4096x14336 22.6 -> 22.0;
-  28672x8192 at M = 256 180.8 -> 173.5, other layers at 256 and 1024
-  tokens within 1%).
+  `bf16_out` and K is not split (the dense matmul), else float32.
   """
   if block_m is None and m >= PREFILL_TOKENS:
     return PREFILL  # bf16 output: fits in shared memory (smem_bytes)
@@ -330,6 +325,11 @@ def heuristic(
     async_mma=overlaps_mma(cta_rows),
     warp_mma=warp_mma(cta_rows),
   )
+  # Counting a float32 epilogue where the call stores bf16 cost unsplit
+  # 64- and 128-token tiles their fourth stage. H200, 3 -> 4 stages
+  # (thirtieth session): 8192x28672 M = 64 73.5 -> 71.7 us, 4096x14336
+  # 22.6 -> 22.0, 28672x8192 M = 256 180.8 -> 173.5; the other layers at
+  # 256 and 1024 tokens within 1%.
   return fit_stages(config, bf16_out, weights, scale_tiles)
 
 
