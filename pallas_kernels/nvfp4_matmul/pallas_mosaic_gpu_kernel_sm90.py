@@ -639,8 +639,9 @@ def matmul(
   `shared_rows` the activations are one tile of `block_m` rows that every
   token tile multiplies (one token's top-k experts at decode: the
   activation split is then of one tile, not of top_k), and the output
-  still has a tile of rows per `tile_expert`. With `config.persistent`, `used_tiles` (the tiles with an expert, which must
-  come first) bounds the walk: `num_sms` CTAs loop over output tiles.
+  still has a tile of rows per `tile_expert`. With `config.persistent`,
+  `used_tiles` (the tiles with an expert, which must come first) bounds
+  the walk: `num_sms` CTAs loop over output tiles.
 
   Returns bf16 `[M, ceil128(N)]` when `splits == 1` and not
   `float32_out`, else float32 partial sums `[splits, ceil128(N), M]` (the
