@@ -66,7 +66,8 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
   float64 and by implementations from float32 (whose W4A16 scale, alpha *
   input_scale_inv, is also one ulp from weight_scale_2), so an element
   within float32 noise of a bf16 tie may round either way; the slack is what
-  such elements could move the output.
+  such elements could move the output (with nvfp4 activations, through the
+  FP4 codes and block scale that each rounding quantizes to).
   """
   x = np.asarray(x, np.float32)
   logits = np.asarray(logits, np.float32)
@@ -81,12 +82,16 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
       src[prefix + "weight"][e], src[prefix + "weight_scale"][e], np.float32(1)
     ).astype(np.float64)
 
-  def gemm(a, prefix, e):
+  def gemm_input(a, prefix, e):
+    """float64 `a` as the GEMM multiplies it (quantized with nvfp4)."""
     if activation == "nvfp4":
       inp = np.float32(src[prefix + "input_scale"][e].max())
       packed, sf = ref.quantize_activation(a[None], np.float32(1) / inp)
       a = ref.dequantize(packed, sf, np.float32(inp))[0]
-    return a.astype(np.float64) @ weight(prefix, e).T
+    return a.astype(np.float64)
+
+  def gemm(a, prefix, e):
+    return gemm_input(a, prefix, e) @ weight(prefix, e).T
 
   def to_bf16(a):
     return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
@@ -104,9 +109,12 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
       w2_scale = np.float64(src["w2_weight_scale_2"][e])
       y = gemm(np.asarray(to_bf16(act), np.float32), "w2_", e) * w2_scale
       out[t] += wt * y
-      # Elements within float32 noise (2^-18 relative) of a bf16 tie.
+      # Elements within float32 noise (2^-18 relative) of a bf16 tie; with
+      # nvfp4 activations a flipped rounding can flip an FP4 code (or its
+      # block's scale), so the two roundings are compared as quantized.
       either_way = np.abs(
-        to_bf16(act * (1 + 2.0**-18)) - to_bf16(act * (1 - 2.0**-18))
+        gemm_input(to_bf16(act * (1 + 2.0**-18)).astype(np.float32), "w2_", e)
+        - gemm_input(to_bf16(act * (1 - 2.0**-18)).astype(np.float32), "w2_", e)
       )
       slack[t] += abs(wt) * w2_scale * (np.abs(weight("w2_", e)) @ either_way)
   return tolerance.with_slack(out, slack)
