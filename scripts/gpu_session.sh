@@ -593,6 +593,25 @@ case "${1:-tier}" in
       --time-budget 200 --out "$out/matmul_h200_s30_mid.json" 2>&1 \
       | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -30
     ;;
+  async64)
+    # Unsplit four-stage 128-row tiles of <= 64 tokens with wgmmas in
+    # flight across K parts (config.WIDE_ASYNC_*): the tuner against them
+    # off, both layouts, then the matmul GPU tests on the heuristic's
+    # configs and the M = 64 benchmark rows.
+    for layout in sm90 sm90_row_pairs; do
+      timeout 150 python3 -m benchmarks.tune_matmul \
+        --shapes 8192:28672,4096:14336 --tokens 24,40,64 \
+        --configs "async_mma=0" --weight-layout "$layout" \
+        --out "$out/tune_async64_${layout}_h200.json" 2>&1 \
+        | grep -E "TB/s|WRONG|FAILED"
+    done
+    gpu_tests 150 "$out/matmul_tests.log" \
+      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+      -k "matches_numpy_oracle or row_pairs or repeated or configs"
+    timeout 150 python3 -m benchmarks.matmul --tokens 64 \
+      --time-budget 120 --out "$out/matmul_h200_s32_m64.json" 2>&1 \
+      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
+    ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the
     # softmax-routed models on GPU 0 (Qwen3-30B-A3B, Mixtral-8x7B), a

@@ -184,6 +184,31 @@ def overlaps_mma(cta_rows: int) -> bool:
   return cta_rows == WGMMA_ROWS and not WARP_MMA_DECODE
 
 
+# Unsplit 128-row tiles of at most WIDE_ASYNC_MAX_TOKENS tokens in four
+# stages take `async_mma`. H200 (thirty-first session, tuner, whole call,
+# tune_async4_m64_h200.json), M = 64: 8192x28672 70.4 -> 67.9 us,
+# 4096x14336 21.6 -> 20.7; split layers in three stages 1-2% slower
+# (28672x8192 65.7 -> 67.0), as were all in three stages before the
+# fourth (thirtieth session; slots released a step late leave three
+# stages two to prefetch). Thirty-second session, both layouts, off -> on
+# (tune_async64_*_h200.json): M = 64 8192x28672 70.3 -> 67.9 (row pairs
+# 68.5 -> 66.3), 4096x14336 21.6 -> 20.8 (19.6 -> 18.4); M = 40 up to 5%
+# faster or equal; M = 24 within 1.3% either way.
+WIDE_ASYNC_MAX_TOKENS = 64
+WIDE_ASYNC_MIN_STAGES = 4
+
+
+def wide_overlaps_mma(config: Config) -> bool:
+  """Whether a 128-row dense tile takes `async_mma` (WIDE_ASYNC_*)."""
+  return (
+    config.wide
+    and not config.persistent
+    and config.splits == 1
+    and config.block_m <= WIDE_ASYNC_MAX_TOKENS
+    and config.num_stages >= WIDE_ASYNC_MIN_STAGES
+  )
+
+
 def warp_mma(cta_rows: int) -> bool:
   """Whether CTAs of `cta_rows` rows take `Config.warp_mma`."""
   return cta_rows == WGMMA_ROWS and WARP_MMA_DECODE
@@ -330,7 +355,10 @@ def heuristic(
   # (thirtieth session): 8192x28672 M = 64 73.5 -> 71.7 us, 4096x14336
   # 22.6 -> 22.0, 28672x8192 M = 256 180.8 -> 173.5; the other layers at
   # 256 and 1024 tokens within 1%.
-  return fit_stages(config, bf16_out, weights, scale_tiles)
+  config = fit_stages(config, bf16_out, weights, scale_tiles)
+  if wide_overlaps_mma(config):
+    config = dataclasses.replace(config, async_mma=True)
+  return config
 
 
 def fit_stages(

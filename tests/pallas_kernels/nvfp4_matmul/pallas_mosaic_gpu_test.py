@@ -497,9 +497,12 @@ def test_heuristic_tiles_and_fits(m, n, k):
   if m >= config_lib.PREFILL_TOKENS:
     assert cfg == config_lib.PREFILL and cfg.splits == 1  # bf16 epilogue
   # Decode tiles run on 64-row one-warpgroup CTAs (config.heuristic), with
-  # their wgmmas overlapping the next decode.
+  # their wgmmas overlapping the next decode, as do unsplit four-stage
+  # 128-row tiles of few tokens.
   assert cfg.cta_rows == (64 if cfg.block_m <= 16 else 128)
-  assert cfg.async_mma == (cfg.cta_rows == 64)
+  assert cfg.async_mma == (
+    cfg.cta_rows == 64 or config_lib.wide_overlaps_mma(cfg)
+  )
   tiles = -(-n // config_lib.TILE_ROWS) * -(-m // cfg.block_m)
   if tiles >= config_lib.H200_SMS and cfg.block_m > 16:
     assert cfg.splits == 1  # large M: no float32 partial sums
@@ -523,6 +526,23 @@ def test_heuristic_counts_the_epilogue_the_call_stores(m, n, k, stages):
   assert cfg.smem_bytes(float32_out=False) <= config_lib.SMEM_LIMIT
   deeper = dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
   assert deeper.smem_bytes(float32_out=False) > config_lib.SMEM_LIMIT
+
+
+@pytest.mark.parametrize(
+  "m, n, k, overlaps",
+  [
+    (64, 28672, 8192, True),  # unsplit, four stages
+    (40, 14336, 4096, True),
+    (64, 8192, 28672, False),  # split K: three stages
+    (256, 8192, 28672, False),  # 128-token tiles
+    (16, 28672, 8192, True),  # the 64-row decode CTAs' own rule
+  ],
+)
+def test_heuristic_overlaps_mma_in_four_stage_64_token_tiles(m, n, k, overlaps):
+  cfg = config_lib.heuristic(m, n, k)
+  assert cfg.async_mma == overlaps
+  if cfg.wide and overlaps:
+    assert cfg.splits == 1 and cfg.num_stages == 4 and cfg.block_m <= 64
 
 
 def test_named_pallas_without_a_gpu_says_why(rng):
