@@ -612,6 +612,35 @@ case "${1:-tier}" in
       --time-budget 120 --out "$out/matmul_h200_s32_m64.json" 2>&1 \
       | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
     ;;
+  split_partials)
+    # Split-K 128-row tiles store float32 partial sums from registers
+    # (Config.direct_partials), so 64- and 128-token tiles of split layers
+    # take four stages: the tuner against three (the old fit) and with
+    # wgmmas in flight, then the matmul GPU tests and the M = 64 rows.
+    for layout in sm90 sm90_row_pairs; do
+      timeout 170 python3 -m benchmarks.tune_matmul \
+        --shapes 28672:8192,7168:2048,2048:5120 --tokens 24,64,128 \
+        --configs "num_stages=3;async_mma=1" --weight-layout "$layout" \
+        --out "$out/tune_split_partials_${layout}_h200.json" 2>&1 \
+        | grep -E "TB/s|WRONG|FAILED"
+    done
+    gpu_tests 150 "$out/matmul_tests.log" \
+      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+      -k "matches_numpy_oracle or row_pairs or repeated or configs"
+    timeout 150 python3 -m benchmarks.matmul --tokens 64 \
+      --time-budget 120 --out "$out/matmul_h200_s32_split.json" 2>&1 \
+      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
+    ;;
+  split_final)
+    # The split_partials rule's final tree (split 128-row tiles of <= 64
+    # tokens in four stages with wgmmas in flight): the matmul GPU tests
+    # whole, then the M = 64 benchmark rows.
+    gpu_tests 300 "$out/matmul_tests.log" \
+      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py
+    timeout 150 python3 -m benchmarks.matmul --tokens 64 \
+      --time-budget 120 --out "$out/matmul_h200_s32_split.json" 2>&1 \
+      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
+    ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the
     # softmax-routed models on GPU 0 (Qwen3-30B-A3B, Mixtral-8x7B), a

@@ -125,6 +125,16 @@ class Config:
     """128-row CTAs (two compute warpgroups), not 64-row ones."""
     return self.cta_rows == TILE_ROWS
 
+  @property
+  def direct_partials(self) -> bool:
+    """Whether float32 outputs (split-K partial sums, `float32_out`) go to
+    GMEM straight from the accumulator registers, with no SMEM epilogue
+    tile: in non-persistent 128-row CTAs, whose 32 KB float32 tile at 64
+    tokens cost the split layers their fourth stage. Persistent CTAs keep
+    the tile (its TMA store overlaps the next tile's first steps), and so
+    do 64-row CTAs (their tile is small)."""
+    return self.wide and not self.persistent
+
   def smem_bytes(
     self,
     float32_out: bool = True,
@@ -146,8 +156,10 @@ class Config:
       # block scales (whole 128-row tiles)
       + scale_tiles * TILE_ROWS * self.block_k // 16
     )
-    out_bytes = 4 if float32_out or self.splits > 1 else 2
-    epilogue = self.cta_rows * self.block_m * out_bytes
+    if float32_out or self.splits > 1:
+      epilogue = 0 if self.direct_partials else 4 * self.cta_rows * self.block_m
+    else:
+      epilogue = 2 * self.cta_rows * self.block_m
     return self.num_stages * per_stage + epilogue
 
 
@@ -184,16 +196,19 @@ def overlaps_mma(cta_rows: int) -> bool:
   return cta_rows == WGMMA_ROWS and not WARP_MMA_DECODE
 
 
-# Unsplit 128-row tiles of at most WIDE_ASYNC_MAX_TOKENS tokens in four
-# stages take `async_mma`. H200 (thirty-first session, tuner, whole call,
-# tune_async4_m64_h200.json), M = 64: 8192x28672 70.4 -> 67.9 us,
-# 4096x14336 21.6 -> 20.7; split layers in three stages 1-2% slower
-# (28672x8192 65.7 -> 67.0), as were all in three stages before the
-# fourth (thirtieth session; slots released a step late leave three
-# stages two to prefetch). Thirty-second session, both layouts, off -> on
-# (tune_async64_*_h200.json): M = 64 8192x28672 70.3 -> 67.9 (row pairs
-# 68.5 -> 66.3), 4096x14336 21.6 -> 20.8 (19.6 -> 18.4); M = 40 up to 5%
-# faster or equal; M = 24 within 1.3% either way.
+# Non-persistent 128-row tiles of at most WIDE_ASYNC_MAX_TOKENS tokens in
+# four stages take `async_mma`; in three, slots released a step late leave
+# two to prefetch, and it lost 1-2% (thirtieth and thirty-first sessions).
+# H200, tuner, whole call, off -> on: thirty-first/second sessions, unsplit
+# (tune_async4_m64_h200.json, tune_async64_*_h200.json), M = 64 8192x28672
+# 70.3 -> 67.9 us (row pairs 68.5 -> 66.3), 4096x14336 21.6 -> 20.8 (19.6
+# -> 18.4); M = 40 up to 5% faster or equal, M = 24 within 1.3%. Thirty-
+# second session, split K, whose float32 partials from registers
+# (`Config.direct_partials`) gave them the fourth stage
+# (tune_split_partials_*_h200.json), three stages -> four with async:
+# 28672x8192 M = 64 72.3 -> 64.7 (row pairs 71.1 -> 60.4), M = 24 52.0 ->
+# 49.6 (52.8 -> 49.8); 7168x2048 and 2048x5120 within 0.1 us or faster.
+# 128-token tiles stay off: unsplit ones have three stages.
 WIDE_ASYNC_MAX_TOKENS = 64
 WIDE_ASYNC_MIN_STAGES = 4
 
@@ -203,7 +218,6 @@ def wide_overlaps_mma(config: Config) -> bool:
   return (
     config.wide
     and not config.persistent
-    and config.splits == 1
     and config.block_m <= WIDE_ASYNC_MAX_TOKENS
     and config.num_stages >= WIDE_ASYNC_MIN_STAGES
   )

@@ -666,6 +666,7 @@ def matmul(
       f"swiglu needs splits == 1, bf16 output and N % 128 == 0 ({n=})"
     )
   bf16_out = splits == 1 and not float32_out
+  direct_partials = not bf16_out and config.direct_partials
   if planes_out and not bf16_out:
     raise ValueError("planes_out needs splits == 1 and bf16 output")
   row_pairs = config.row_pairs
@@ -752,10 +753,8 @@ def matmul(
   compute_wgs = 1 if single else 2
 
   def kernel(w_gmem, xe_gmem, xo_gmem, s_gmem, e_gmem, v_gmem, *refs):
-    f_gmems, (o_gmem, o_smem, *rest) = (
-      refs[: len(factors)],
-      refs[len(factors) :],
-    )
+    f_gmems, (o_gmem, *rest) = refs[: len(factors)], refs[len(factors) :]
+    o_smem = None if direct_partials else rest.pop(0)
     a_smem = rest[0] if a_in_smem else None
     acc_type = plgpu.ACC((WG_ROWS, cfg.block_m), jnp.float32)
 
@@ -1004,6 +1003,11 @@ def matmul(
         else:
           dst = o_gmem.at[tokens, rows]
         plgpu.copy_smem_to_gmem(o_smem.at[slot], dst)
+      elif direct_partials:
+        # Straight from the accumulator layout: a warp's store writes whole
+        # 32-byte sectors (8 rows of 8 tokens), and nothing waits on it.
+        o_gmem.at[si, rows, tokens][...] = acc
+        return
       else:
         o_smem[slot] = acc
         plgpu.commit_smem()
@@ -1163,7 +1167,7 @@ def matmul(
   else:
     out_type = jax.ShapeDtypeStruct((splits, n_rows, plan.m), jnp.float32)
     o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
-  scratch = [o_smem]
+  scratch = [] if direct_partials else [o_smem]
   if a_in_smem:
     a_tiles = n_accs * plan.parts
     # Two plane tiles of part_k columns, or one natural tile of twice that.

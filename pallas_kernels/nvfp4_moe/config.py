@@ -190,6 +190,21 @@ def configs_for(
   """
   configs = []
   for gemm, (n, k) in enumerate(((2 * inter, hidden), (hidden, inter))):
+    # GEMM 2 returns bf16 unless split; GEMM 1 first as the fused SwiGLU
+    # (two weight tiles, bf16 out), then (`fit`) unfused.
+    fused = dict(
+      bf16_out=True,
+      weights=2 if k == hidden else 1,
+      # Up rows that start mid-tile read two scale tiles (sm90 `swiglu`).
+      scale_tiles=3 if k == hidden and inter % config_lib.TILE_ROWS else None,
+    )
+
+    def fit(config, k=k, fused=fused):
+      config = config_lib.fit_stages(config, **fused)
+      if k == hidden:  # unfused (W4A4 too): one weight tile, float32 out
+        config = config_lib.fit_stages(config, bf16_out=False)
+      return config
+
     config = config_lib.heuristic(
       plan.max_tiles * plan.block_m,
       n,
@@ -197,22 +212,21 @@ def configs_for(
       num_sms,
       block_m=plan.block_m,
       token_tiles=plan.busy_tiles,
-      # GEMM 2 returns bf16 unless split; GEMM 1 first as the fused SwiGLU
-      # (two weight tiles, bf16 out), then (below) unfused.
-      bf16_out=True,
-      weights=2 if k == hidden else 1,
-      # Up rows that start mid-tile read two scale tiles (sm90 `swiglu`).
-      scale_tiles=3 if k == hidden and inter % config_lib.TILE_ROWS else None,
+      **fused,
     )
-    if k == hidden:  # unfused (W4A4 too): one weight tile, float32 out
-      config = config_lib.fit_stages(config, bf16_out=False)
+    config = fit(config)
     rows = cta_rows or config.cta_rows
-    config = dataclasses.replace(
-      config,
-      persistent=persistent and rows == config_lib.TILE_ROWS,
-      cta_rows=rows,
-      async_mma=config_lib.overlaps_mma(rows),
-      warp_mma=config_lib.warp_mma(rows),
+    # Refit: a persistent grid keeps the float32 epilogue tile in SMEM
+    # that the heuristic's non-persistent CTAs do without
+    # (`Config.direct_partials`).
+    config = fit(
+      dataclasses.replace(
+        config,
+        persistent=persistent and rows == config_lib.TILE_ROWS,
+        cta_rows=rows,
+        async_mma=config_lib.overlaps_mma(rows),
+        warp_mma=config_lib.warp_mma(rows),
+      )
     )
     if (
       gemm == 1

@@ -515,17 +515,25 @@ def test_heuristic_tiles_and_fits(m, n, k):
   [
     (64, 28672, 8192, 4),  # unsplit: a bf16 epilogue tile, 4 stages fit
     (256, 8192, 28672, 4),
-    (64, 8192, 28672, 3),  # split K: float32 partial sums, 4 do not fit
+    # Split K: float32 partial sums from registers, no epilogue tile.
+    (64, 8192, 28672, 4),
   ],
 )
 def test_heuristic_counts_the_epilogue_the_call_stores(m, n, k, stages):
   # An unsplit dense call stores bf16, so its stages are fitted for a bf16
-  # epilogue tile (a float32 one cost 64- and 128-token tiles a stage).
+  # epilogue tile (a float32 one cost 64- and 128-token tiles a stage);
+  # a split one's 128-row CTAs store float32 from registers.
   cfg = config_lib.heuristic(m, n, k)
   assert cfg.num_stages == stages
-  assert cfg.smem_bytes(float32_out=False) <= config_lib.SMEM_LIMIT
+  float32_out = cfg.splits > 1
+  assert cfg.direct_partials or not float32_out
+  assert cfg.smem_bytes(float32_out) <= config_lib.SMEM_LIMIT
   deeper = dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
-  assert deeper.smem_bytes(float32_out=False) > config_lib.SMEM_LIMIT
+  assert deeper.smem_bytes(float32_out) > config_lib.SMEM_LIMIT
+  # A persistent grid keeps the float32 tile: a stage less at 64 tokens.
+  if float32_out and cfg.block_m == 64:
+    persistent = dataclasses.replace(cfg, persistent=True, async_mma=False)
+    assert persistent.smem_bytes(float32_out) > config_lib.SMEM_LIMIT
 
 
 @pytest.mark.parametrize(
@@ -533,7 +541,8 @@ def test_heuristic_counts_the_epilogue_the_call_stores(m, n, k, stages):
   [
     (64, 28672, 8192, True),  # unsplit, four stages
     (40, 14336, 4096, True),
-    (64, 8192, 28672, False),  # split K: three stages
+    (64, 8192, 28672, True),  # split K: four stages (partials from registers)
+    (64, 2048, 7168, True),
     (256, 8192, 28672, False),  # 128-token tiles
     (16, 28672, 8192, True),  # the 64-row decode CTAs' own rule
   ],
@@ -542,7 +551,7 @@ def test_heuristic_overlaps_mma_in_four_stage_64_token_tiles(m, n, k, overlaps):
   cfg = config_lib.heuristic(m, n, k)
   assert cfg.async_mma == overlaps
   if cfg.wide and overlaps:
-    assert cfg.splits == 1 and cfg.num_stages == 4 and cfg.block_m <= 64
+    assert cfg.num_stages == 4 and cfg.block_m <= 64 and not cfg.persistent
 
 
 def test_named_pallas_without_a_gpu_says_why(rng):
@@ -601,6 +610,9 @@ class TestOnGPU(test_base.NVFP4MatmulTestBase):
       (256, 4096, 4096, dict(block_k=128, block_m=128)),
       (300, 1024, 1024, dict(block_k=64, block_m=128)),
       (64, 2048, 7168, dict(block_k=128, block_m=64)),
+      # 128-row CTAs of split K: float32 partial sums from registers.
+      (64, 8192, 28672, dict(block_k=256, block_m=64, splits=2)),
+      (40, 2048, 7168, dict(block_k=256, block_m=40, splits=7)),
       (1, 4096, 8192, dict(block_k=256, block_m=8, splits=2, cta_rows=64)),
       (
         16,
