@@ -142,7 +142,8 @@ class Config:
     scale_tiles: int | None = None,
   ) -> int:
     """Shared memory of a CTA; the epilogue tile is float32 with split-K
-    or `float32_out`, else bf16 (by default the larger is assumed).
+    or `float32_out` (none where `direct_partials`), else bf16 (by default
+    the larger is assumed).
     `weights`: weight tiles per step (2: SwiGLU's gate and up), each of
     `row_tiles` blocks of `cta_rows`; `scale_tiles`: 128-row scale tiles
     per step (default those the weight rows lie in; SwiGLU's up rows

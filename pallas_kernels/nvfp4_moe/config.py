@@ -214,10 +214,10 @@ def configs_for(
       token_tiles=plan.busy_tiles,
       **fused,
     )
-    config = fit(config)
     rows = cta_rows or config.cta_rows
-    # Refit: a persistent grid keeps the float32 epilogue tile in SMEM
-    # that the heuristic's non-persistent CTAs do without
+    # Fit the stages to the final CTA shape and grid (unfused GEMM 1's
+    # float32 epilogue tile too): a persistent grid keeps the float32
+    # tile in SMEM that the heuristic's non-persistent CTAs do without
     # (`Config.direct_partials`).
     config = fit(
       dataclasses.replace(
