@@ -207,6 +207,15 @@
 #                                         # and benchmarks.sharded_moe
 #                                         # (per-rank memory, speed against
 #                                         # one GPU), ~5 min
+#   bash scripts/gpu_session.sh async64 | split_partials | split_final
+#                                         # ~5-8 min each: the thirty-
+#                                         # second session's calls (the
+#                                         # 64-token async_mma rule; split
+#                                         # layers' float32 partials from
+#                                         # registers), each tuner run
+#                                         # against the rule off, the
+#                                         # matmul GPU tests and the M = 64
+#                                         # benchmark rows
 # Run from the repo root on the GPU machine; writes under $OUT (or
 # ./gpu_out). Render results here with `python -m benchmarks.report
 # a.json b.json ... --kind matmul|moe` (`--prefer-first` puts a newer,
@@ -233,6 +242,31 @@ gpu_tests() {
   timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu "$@" \
     > "$log" 2>&1
   test_summary "$log"
+}
+# The tuner in both weight layouts, each to tune_NAME_LAYOUT_h200.json:
+#   tune_layouts SECONDS NAME SHAPES TOKENS CONFIGS
+tune_layouts() {
+  local limit=$1 name=$2 shapes=$3 tokens=$4 configs=$5 layout
+  for layout in sm90 sm90_row_pairs; do
+    timeout "$limit" python3 -m benchmarks.tune_matmul \
+      --shapes "$shapes" --tokens "$tokens" --configs "$configs" \
+      --weight-layout "$layout" \
+      --out "$out/tune_${name}_${layout}_h200.json" 2>&1 \
+      | grep -E "TB/s|WRONG|FAILED"
+  done
+}
+# The matmul GPU tests (pytest -k EXPR, or all), then the benchmark's
+# M = 64 rows to JSON:
+#   matmul_tests_m64 SECONDS JSON [EXPR]
+matmul_tests_m64() {
+  local limit=$1 json=$2
+  shift 2
+  gpu_tests "$limit" "$out/matmul_tests.log" \
+    tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
+    ${1:+-k "$1"}
+  timeout 150 python3 -m benchmarks.matmul --tokens 64 \
+    --time-budget 120 --out "$out/$json" 2>&1 \
+    | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
 }
 # The MoE benchmark's rows, Pallas W4A16 and ragged_dot:
 #   moe_rows SECONDS JSON BENCHMARK_ARGS...
@@ -598,48 +632,25 @@ case "${1:-tier}" in
     # flight across K parts (config.WIDE_ASYNC_*): the tuner against them
     # off, both layouts, then the matmul GPU tests on the heuristic's
     # configs and the M = 64 benchmark rows.
-    for layout in sm90 sm90_row_pairs; do
-      timeout 150 python3 -m benchmarks.tune_matmul \
-        --shapes 8192:28672,4096:14336 --tokens 24,40,64 \
-        --configs "async_mma=0" --weight-layout "$layout" \
-        --out "$out/tune_async64_${layout}_h200.json" 2>&1 \
-        | grep -E "TB/s|WRONG|FAILED"
-    done
-    gpu_tests 150 "$out/matmul_tests.log" \
-      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
-      -k "matches_numpy_oracle or row_pairs or repeated or configs"
-    timeout 150 python3 -m benchmarks.matmul --tokens 64 \
-      --time-budget 120 --out "$out/matmul_h200_s32_m64.json" 2>&1 \
-      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
+    tune_layouts 150 async64 8192:28672,4096:14336 24,40,64 "async_mma=0"
+    matmul_tests_m64 150 matmul_h200_s32_m64.json \
+      "matches_numpy_oracle or row_pairs or repeated or configs"
     ;;
   split_partials)
     # Split-K 128-row tiles store float32 partial sums from registers
     # (Config.direct_partials), so 64- and 128-token tiles of split layers
     # take four stages: the tuner against three (the old fit) and with
     # wgmmas in flight, then the matmul GPU tests and the M = 64 rows.
-    for layout in sm90 sm90_row_pairs; do
-      timeout 170 python3 -m benchmarks.tune_matmul \
-        --shapes 28672:8192,7168:2048,2048:5120 --tokens 24,64,128 \
-        --configs "num_stages=3;async_mma=1" --weight-layout "$layout" \
-        --out "$out/tune_split_partials_${layout}_h200.json" 2>&1 \
-        | grep -E "TB/s|WRONG|FAILED"
-    done
-    gpu_tests 150 "$out/matmul_tests.log" \
-      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py \
-      -k "matches_numpy_oracle or row_pairs or repeated or configs"
-    timeout 150 python3 -m benchmarks.matmul --tokens 64 \
-      --time-budget 120 --out "$out/matmul_h200_s32_split.json" 2>&1 \
-      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
+    tune_layouts 170 split_partials 28672:8192,7168:2048,2048:5120 \
+      24,64,128 "num_stages=3;async_mma=1"
+    matmul_tests_m64 150 matmul_h200_s32_split.json \
+      "matches_numpy_oracle or row_pairs or repeated or configs"
     ;;
   split_final)
     # The split_partials rule's final tree (split 128-row tiles of <= 64
     # tokens in four stages with wgmmas in flight): the matmul GPU tests
     # whole, then the M = 64 benchmark rows.
-    gpu_tests 300 "$out/matmul_tests.log" \
-      tests/pallas_kernels/nvfp4_matmul/pallas_mosaic_gpu_test.py
-    timeout 150 python3 -m benchmarks.matmul --tokens 64 \
-      --time-budget 120 --out "$out/matmul_h200_s32_split.json" 2>&1 \
-      | grep -E "xla_bf16 |fp4jax_pallas_w4a16 " | head -20
+    matmul_tests_m64 300 matmul_h200_s32_split.json
     ;;
   placement_rows)
     # The placement tests then the benchmark's prefill rows of the
