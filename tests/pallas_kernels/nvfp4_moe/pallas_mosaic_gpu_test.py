@@ -226,8 +226,9 @@ def test_interpret_two_tile_gemm2(rng, monkeypatch, activation):
   assert row_tiles == [1, 2]
 
 
-@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-@pytest.mark.parametrize("tokens", [1, 5])
+# Each token count and activation once (~22 s a case interpreted; the GPU
+# test takes both activations at each shape).
+@pytest.mark.parametrize("tokens, activation", [(1, "bf16"), (5, "nvfp4")])
 def test_interpret_two_block_decode_gemm2(rng, monkeypatch, activation, tokens):
   # Decode's GEMM 2 (N = H = 384: three 128-row tiles) in 64-row CTAs that
   # each take both halves of one tile.
@@ -369,14 +370,37 @@ class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
     )
 
 
+_MID_TILE_GRIDS = [(1, False, 64), (9, False, 128), (40, True, 128)]
+# (grid, weight layout, unequal gate/up): the GPU takes every combination;
+# the CPU interpreter (~16 s a case) a pairwise cover, in which every value
+# of each factor meets every value of each other factor.
+_MID_TILE_ALL = [
+  (*grid, layout, unequal)
+  for grid in _MID_TILE_GRIDS
+  for layout in ("natural", "sm90")
+  for unequal in (False, True)
+]
+_MID_TILE_PAIRWISE = [
+  (*grid, layout, unequal)
+  for grid, pairs in zip(
+    _MID_TILE_GRIDS,
+    [
+      [("natural", False), ("sm90", True)],
+      [("natural", True), ("sm90", False)],
+      [("natural", False), ("sm90", True)],
+    ],
+    strict=True,
+  )
+  for layout, unequal in pairs
+]
+
+
 @pytest.mark.parametrize(
-  "tokens, persistent, cta_rows",
-  [(1, False, 64), (9, False, 128), (40, True, 128)],
-)
-@pytest.mark.parametrize("weight_layout", ["natural", "sm90"])
-@pytest.mark.parametrize("unequal_gate_up", [False, True])
-@pytest.mark.parametrize(
-  "backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+  "backend, tokens, persistent, cta_rows, weight_layout, unequal_gate_up",
+  [("cpu", *case) for case in _MID_TILE_PAIRWISE]
+  + [
+    pytest.param("gpu", *case, marks=pytest.mark.gpu) for case in _MID_TILE_ALL
+  ],
 )
 def test_fused_swiglu_with_up_rows_mid_tile(
   rng,
