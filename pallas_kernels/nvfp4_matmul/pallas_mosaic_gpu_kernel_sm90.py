@@ -1166,8 +1166,10 @@ def matmul(
     )
   else:
     out_type = jax.ShapeDtypeStruct((splits, n_rows, plan.m), jnp.float32)
-    o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
-  scratch = [] if direct_partials else [o_smem]
+    o_smem = None
+    if not direct_partials:
+      o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
+  scratch = [] if o_smem is None else [o_smem]
   if a_in_smem:
     a_tiles = n_accs * plan.parts
     # Two plane tiles of part_k columns, or one natural tile of twice that.

@@ -191,20 +191,13 @@ def configs_for(
   configs = []
   for gemm, (n, k) in enumerate(((2 * inter, hidden), (hidden, inter))):
     # GEMM 2 returns bf16 unless split; GEMM 1 first as the fused SwiGLU
-    # (two weight tiles, bf16 out), then (`fit`) unfused.
+    # (two weight tiles, bf16 out), then (below) unfused.
     fused = dict(
       bf16_out=True,
       weights=2 if k == hidden else 1,
       # Up rows that start mid-tile read two scale tiles (sm90 `swiglu`).
       scale_tiles=3 if k == hidden and inter % config_lib.TILE_ROWS else None,
     )
-
-    def fit(config, k=k, fused=fused):
-      config = config_lib.fit_stages(config, **fused)
-      if k == hidden:  # unfused (W4A4 too): one weight tile, float32 out
-        config = config_lib.fit_stages(config, bf16_out=False)
-      return config
-
     config = config_lib.heuristic(
       plan.max_tiles * plan.block_m,
       n,
@@ -215,19 +208,19 @@ def configs_for(
       **fused,
     )
     rows = cta_rows or config.cta_rows
-    # Fit the stages to the final CTA shape and grid (unfused GEMM 1's
-    # float32 epilogue tile too): a persistent grid keeps the float32
-    # tile in SMEM that the heuristic's non-persistent CTAs do without
-    # (`Config.direct_partials`).
-    config = fit(
-      dataclasses.replace(
-        config,
-        persistent=persistent and rows == config_lib.TILE_ROWS,
-        cta_rows=rows,
-        async_mma=config_lib.overlaps_mma(rows),
-        warp_mma=config_lib.warp_mma(rows),
-      )
+    config = dataclasses.replace(
+      config,
+      persistent=persistent and rows == config_lib.TILE_ROWS,
+      cta_rows=rows,
+      async_mma=config_lib.overlaps_mma(rows),
+      warp_mma=config_lib.warp_mma(rows),
     )
+    # Stages fitted to the final CTA shape and grid: a persistent grid
+    # keeps the float32 epilogue tile that the heuristic's non-persistent
+    # CTAs do without (`Config.direct_partials`).
+    config = config_lib.fit_stages(config, **fused)
+    if k == hidden:  # unfused (W4A4 too): one weight tile, float32 out
+      config = config_lib.fit_stages(config, bf16_out=False)
     if (
       gemm == 1
       and TWO_TILE_GEMM2

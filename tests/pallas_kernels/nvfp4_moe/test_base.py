@@ -1,5 +1,7 @@
 """The shared NVFP4 MoE suite; each implementation subclasses it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,7 @@ def numpy_moe(x, logits, src, top_k, renormalize, activation, routing=None):
   slack = np.zeros(x.shape, np.float64)
   inter = src["w13_weight"].shape[1] // 2
 
+  @functools.cache  # once per expert, not per (token, expert) pair
   def weight(prefix, e):
     return ref.dequantize(
       src[prefix + "weight"][e], src[prefix + "weight_scale"][e], np.float32(1)
