@@ -77,122 +77,138 @@ def run(x, layer, activation, config=None, interpret=True):
   )
 
 
-@pytest.mark.parametrize("activation", ["bf16", "nvfp4"])
-@pytest.mark.parametrize(
-  "m, n, k, config",
-  [
-    (1, 128, 128, None),
-    (5, 128, 512, None),
-    (16, 256, 512, config_lib.Config(block_k=64, block_m=8, splits=2)),
-    (9, 256, 1024, config_lib.Config(block_k=128, block_m=16, splits=4)),
-    (20, 128, 512, config_lib.Config(block_k=256, block_m=8, num_stages=1)),
-    (4, 320, 192, config_lib.Config(block_k=64, block_m=8, splits=3)),
-    (5, 384, 512, config_lib.Config(block_k=128, block_m=8, persistent=True)),
-    (
-      20,
-      200,
-      512,
-      config_lib.Config(block_k=64, block_m=8, splits=2, persistent=True),
-    ),
-    # One-warpgroup CTAs of 64 rows: both halves of a scale tile, a
-    # partial last tile, split-K.
-    (3, 256, 512, config_lib.Config(block_k=128, block_m=8, cta_rows=64)),
-    (
-      9,
-      200,
-      512,
-      config_lib.Config(block_k=64, block_m=16, splits=2, cta_rows=64),
-    ),
-    (5, 256, 256, config_lib.Config(block_k=128, block_m=8, twiddled=True)),
-    # wgmmas left in flight across K steps, on each CTA shape.
-    *[
-      (m, n, k, config_lib.Config(async_mma=True, **fields))
-      for m, n, k, fields in [
-        (20, 256, 1024, dict(block_k=64, block_m=8)),
-        (9, 200, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
-        (4, 256, 256, dict(block_k=64, block_m=8, num_stages=2)),
-        # Four and eight K parts a step (16 plane columns each at 256).
-        (3, 128, 512, dict(block_k=128, block_m=8, mma_parts=4)),
-        (
-          5,
-          256,
-          512,
-          dict(block_k=256, block_m=8, cta_rows=64, mma_parts=8),
-        ),
-      ]
-    ],
-    # K steps of 512 (config.LONG_STEP_K), split, sm90 bit order.
-    (
-      5,
-      256,
-      2048,
-      config_lib.Config(
-        block_k=512,
-        block_m=8,
-        num_stages=3,
-        splits=2,
-        cta_rows=64,
-        async_mma=True,
-        twiddled=True,
+# (M, N, K, config) at small shapes: each kernel feature, alone and with
+# the others it meets.
+_SMALL_CONFIGS = [
+  (1, 128, 128, None),
+  (5, 128, 512, None),
+  (16, 256, 512, config_lib.Config(block_k=64, block_m=8, splits=2)),
+  (9, 256, 1024, config_lib.Config(block_k=128, block_m=16, splits=4)),
+  (20, 128, 512, config_lib.Config(block_k=256, block_m=8, num_stages=1)),
+  (4, 320, 192, config_lib.Config(block_k=64, block_m=8, splits=3)),
+  (5, 384, 512, config_lib.Config(block_k=128, block_m=8, persistent=True)),
+  (
+    20,
+    200,
+    512,
+    config_lib.Config(block_k=64, block_m=8, splits=2, persistent=True),
+  ),
+  # One-warpgroup CTAs of 64 rows: both halves of a scale tile, a
+  # partial last tile, split-K.
+  (3, 256, 512, config_lib.Config(block_k=128, block_m=8, cta_rows=64)),
+  (
+    9,
+    200,
+    512,
+    config_lib.Config(block_k=64, block_m=16, splits=2, cta_rows=64),
+  ),
+  (5, 256, 256, config_lib.Config(block_k=128, block_m=8, twiddled=True)),
+  # wgmmas left in flight across K steps, on each CTA shape.
+  *[
+    (m, n, k, config_lib.Config(async_mma=True, **fields))
+    for m, n, k, fields in [
+      (20, 256, 1024, dict(block_k=64, block_m=8)),
+      (9, 200, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
+      (4, 256, 256, dict(block_k=64, block_m=8, num_stages=2)),
+      # Four and eight K parts a step (16 plane columns each at 256).
+      (3, 128, 512, dict(block_k=128, block_m=8, mma_parts=4)),
+      (
+        5,
+        256,
+        512,
+        dict(block_k=256, block_m=8, cta_rows=64, mma_parts=8),
       ),
+    ]
+  ],
+  # K steps of 512 (config.LONG_STEP_K), split, sm90 bit order.
+  (
+    5,
+    256,
+    2048,
+    config_lib.Config(
+      block_k=512,
+      block_m=8,
+      num_stages=3,
+      splits=2,
+      cta_rows=64,
+      async_mma=True,
+      twiddled=True,
     ),
-    # Warp-level mma.sync (accumulators carried by the pipeline): plain,
-    # split-K with a partial last tile, sm90 bit order.
-    *[
-      (m, n, k, config_lib.Config(cta_rows=64, warp_mma=True, **fields))
-      for m, n, k, fields in [
-        (3, 256, 512, dict(block_k=128, block_m=8)),
-        (9, 200, 512, dict(block_k=64, block_m=16, splits=2)),
-        (5, 128, 512, dict(block_k=256, block_m=8, twiddled=True)),
-      ]
-    ],
-    # Row-pair weights, natural activations (Config.row_pairs): each CTA
-    # shape, split-K, wgmmas in flight, a persistent grid, prefill tiles.
-    *[
-      (m, n, k, config_lib.Config(row_pairs=True, **fields))
-      for m, n, k, fields in [
-        (5, 256, 512, dict(block_k=128, block_m=8)),
-        (9, 208, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
-        (3, 256, 1024, dict(block_k=256, block_m=8, async_mma=True)),
-        (
-          20,
-          128,
-          512,
-          dict(block_k=64, block_m=8, splits=2, persistent=True),
-        ),
-      ]
-    ],
-    # Two 128-row weight tiles an output tile (Config.row_tiles): whole
-    # tiles, a last tile partly past N, several token tiles, sm90 order.
-    *[
-      (m, n, k, config_lib.Config(persistent=True, row_tiles=2, **fields))
-      for m, n, k, fields in [
-        (20, 256, 512, dict(block_k=64, block_m=8)),
-        (5, 400, 256, dict(block_k=128, block_m=8, num_stages=2)),
-        (40, 512, 384, dict(block_k=128, block_m=16, twiddled=True)),
-      ]
-    ],
-    # Both halves of a 128-row tile in a 64-row CTA (row_tiles=2): bf16 and
-    # split-K float32 outputs, a last tile partly past N, async wgmmas.
-    *[
-      (m, n, k, config_lib.Config(cta_rows=64, row_tiles=2, **fields))
-      for m, n, k, fields in [
-        (5, 256, 512, dict(block_k=128, block_m=8)),
-        (9, 400, 512, dict(block_k=64, block_m=16, splits=2)),
-        (
-          3,
-          256,
-          1024,
-          dict(block_k=256, block_m=8, async_mma=True, twiddled=True),
-        ),
-      ]
-    ],
+  ),
+  # Warp-level mma.sync (accumulators carried by the pipeline): plain,
+  # split-K with a partial last tile, sm90 bit order.
+  *[
+    (m, n, k, config_lib.Config(cta_rows=64, warp_mma=True, **fields))
+    for m, n, k, fields in [
+      (3, 256, 512, dict(block_k=128, block_m=8)),
+      (9, 200, 512, dict(block_k=64, block_m=16, splits=2)),
+      (5, 128, 512, dict(block_k=256, block_m=8, twiddled=True)),
+    ]
+  ],
+  # Row-pair weights, natural activations (Config.row_pairs): each CTA
+  # shape, split-K, wgmmas in flight, a persistent grid, prefill tiles.
+  *[
+    (m, n, k, config_lib.Config(row_pairs=True, **fields))
+    for m, n, k, fields in [
+      (5, 256, 512, dict(block_k=128, block_m=8)),
+      (9, 208, 512, dict(block_k=64, block_m=16, splits=2, cta_rows=64)),
+      (3, 256, 1024, dict(block_k=256, block_m=8, async_mma=True)),
+      (
+        20,
+        128,
+        512,
+        dict(block_k=64, block_m=8, splits=2, persistent=True),
+      ),
+    ]
+  ],
+  # Two 128-row weight tiles an output tile (Config.row_tiles): whole
+  # tiles, a last tile partly past N, several token tiles, sm90 order.
+  *[
+    (m, n, k, config_lib.Config(persistent=True, row_tiles=2, **fields))
+    for m, n, k, fields in [
+      (20, 256, 512, dict(block_k=64, block_m=8)),
+      (5, 400, 256, dict(block_k=128, block_m=8, num_stages=2)),
+      (40, 512, 384, dict(block_k=128, block_m=16, twiddled=True)),
+    ]
+  ],
+  # Both halves of a 128-row tile in a 64-row CTA (row_tiles=2): bf16 and
+  # split-K float32 outputs, a last tile partly past N, async wgmmas.
+  *[
+    (m, n, k, config_lib.Config(cta_rows=64, row_tiles=2, **fields))
+    for m, n, k, fields in [
+      (5, 256, 512, dict(block_k=128, block_m=8)),
+      (9, 400, 512, dict(block_k=64, block_m=16, splits=2)),
+      (
+        3,
+        256,
+        1024,
+        dict(block_k=256, block_m=8, async_mma=True, twiddled=True),
+      ),
+    ]
+  ],
+]
+_ACTIVATIONS = ("bf16", "nvfp4")
+
+
+@pytest.mark.parametrize(
+  "backend, m, n, k, config, activation",
+  # In the interpreter the kernel runs alike for both activations (W4A4
+  # differs in the quantization before the call and in the epilogue's
+  # factor values), so the CPU takes each config once, the activations in
+  # turn (~3.4 s a case); the GPU takes every config with both.
+  [("cpu", *case, _ACTIVATIONS[i % 2]) for i, case in enumerate(_SMALL_CONFIGS)]
+  + [
+    pytest.param("gpu", *case, activation, marks=pytest.mark.gpu)
+    for case in _SMALL_CONFIGS
+    for activation in _ACTIVATIONS
   ],
 )
-def test_interpret_matches_numpy_oracle(rng, m, n, k, config, activation):
+def test_each_config_matches_numpy_oracle(
+  rng, backend, m, n, k, config, activation
+):
   layer, src = test_base.make_layer(rng, n, k)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-  out = run(x, layer, activation, config)
+  out = run(x, layer, activation, config, interpret=backend == "cpu")
   assert out.shape == (m, n) and out.dtype == jnp.bfloat16
   want = test_base.numpy_matmul(x.astype(jnp.float32), src, activation)
   tolerance.assert_close(out, want, RTOL)

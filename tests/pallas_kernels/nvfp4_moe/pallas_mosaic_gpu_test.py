@@ -8,6 +8,7 @@ token tile, skipped tiles), routing and combine are the code the GPU runs.
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from pallas_kernels.nvfp4_moe import base
 from pallas_kernels.nvfp4_moe import config as moe_config
 from pallas_kernels.nvfp4_moe import pallas_mosaic_gpu
 from tests import conftest
+from tests import pairwise
 from tests import tolerance
 from tests.pallas_kernels import jaxpr_checks
 from tests.pallas_kernels.nvfp4_moe import config_test
@@ -370,28 +372,18 @@ class TestInterpretFusedSwiGLU(test_base.NVFP4MoETestBase):
     )
 
 
-_MID_TILE_GRIDS = [(1, False, 64), (9, False, 128), (40, True, 128)]
-# (grid, weight layout, unequal gate/up): the GPU takes every combination;
-# the CPU interpreter (~16 s a case) a pairwise cover, in which every value
-# of each factor meets every value of each other factor.
+_MID_TILE_FACTORS = (
+  [(1, False, 64), (9, False, 128), (40, True, 128)],  # grid
+  ["natural", "sm90"],  # weight layout
+  [False, True],  # unequal gate/up scales
+)
+# The GPU takes every combination; the CPU interpreter (~16 s a case) a
+# pairwise cover.
 _MID_TILE_ALL = [
-  (*grid, layout, unequal)
-  for grid in _MID_TILE_GRIDS
-  for layout in ("natural", "sm90")
-  for unequal in (False, True)
+  (*grid, *rest) for grid, *rest in itertools.product(*_MID_TILE_FACTORS)
 ]
 _MID_TILE_PAIRWISE = [
-  (*grid, layout, unequal)
-  for grid, pairs in zip(
-    _MID_TILE_GRIDS,
-    [
-      [("natural", False), ("sm90", True)],
-      [("natural", True), ("sm90", False)],
-      [("natural", False), ("sm90", True)],
-    ],
-    strict=True,
-  )
-  for layout, unequal in pairs
+  (*grid, *rest) for grid, *rest in pairwise.cover(*_MID_TILE_FACTORS)
 ]
 
 
@@ -616,14 +608,45 @@ def lower_moe_configs(model, tokens):
   return moe_config.configs_for(plan, hidden, inter, 132)
 
 
-@pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize(
-  "persistent, cta_rows", [(False, 128), (True, 128), (False, 64)]
+_MODELS = {
+  "qwen3_30b": QWEN3_30B,
+  "deepseek_v3": DEEPSEEK_V3,
+  "mixtral": MIXTRAL,
+  "gpt_oss": GPT_OSS,
+}
+_LOWERING_FACTORS = (
+  list(_MODELS),
+  [1, 16, 4096],
+  [(False, 128), (True, 128), (False, 64)],  # (persistent, cta_rows)
+  [False, True],  # fused SwiGLU
 )
-@pytest.mark.parametrize("tokens", [1, 16, 4096])
-@pytest.mark.parametrize("model", [QWEN3_30B, DEEPSEEK_V3, MIXTRAL, GPT_OSS])
+
+
+def _lowering_case(backend, model, tokens, ctas, swiglu):
+  persistent, cta_rows = ctas
+  return pytest.param(
+    model,
+    tokens,
+    persistent,
+    cta_rows,
+    swiglu,
+    marks=[pytest.mark.gpu] if backend == "gpu" else [],
+    id=f"{backend}-{model}-{tokens}-{persistent}-{cta_rows}-{swiglu}",
+  )
+
+
+@pytest.mark.parametrize(
+  "model, tokens, persistent, cta_rows, swiglu",
+  # Lowering takes ~1.5 s a case on CPU: a pairwise cover there (12 of 72);
+  # the GPU runners lower them all.
+  [_lowering_case("cpu", *case) for case in pairwise.cover(*_LOWERING_FACTORS)]
+  + [
+    _lowering_case("gpu", *case)
+    for case in itertools.product(*_LOWERING_FACTORS)
+  ],
+)
 def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
-  lower_moe(model, tokens, persistent, cta_rows, swiglu)
+  lower_moe(_MODELS[model], tokens, persistent, cta_rows, swiglu)
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 4096])
