@@ -18,8 +18,8 @@
 #                                         # pytest processes at once, over
 #                                         # the GPUs there are (two on
 #                                         # nvidia-h200-x2; one H200 ran
-#                                         # it all in 570 s as four MoE
-#                                         # parts at d1b988c); each part's
+#                                         # it all in 482 s at c854d0b);
+#                                         # each part's
 #                                         # log comes back as
 #                                         # gpu_tier_PART.log
 #   bash scripts/gpu_session.sh warp_mma  # on nvidia-h200-x2, ~6 min: the
@@ -315,13 +315,16 @@ case "${1:-tier}" in
       [matmul]="tests/pallas_kernels/nvfp4_matmul tests/pallas_kernels/activation_quant_test.py"
       [rest]="tests --ignore=tests/pallas_kernels --ignore=tests/notebooks_test.py"
     )
+    # moe_c's share of the kernel tests outside the two classes; moe_e
+    # takes the rest of them.
+    moe_c_tests="mid_tile or padded_intermediate or 256_token or group_sized or lowers_for_sm90"
     declare -A part_k=(
       [moe_a]="TestOnGPU and not TestOnGPUUnfusedSwiGLU"
       [moe_b]="TestOnGPUUnfusedSwiGLU"
       # Class names match as substrings: this leaves out both classes.
-      [moe_c]="not TestOnGPU and (mid_tile or padded_intermediate or 256_token or group_sized or lowers_for_sm90)"
+      [moe_c]="not TestOnGPU and ($moe_c_tests)"
       [moe_d]="not TestOnGPU"
-      [moe_e]="not TestOnGPU and not (mid_tile or padded_intermediate or 256_token or group_sized or lowers_for_sm90)"
+      [moe_e]="not TestOnGPU and not ($moe_c_tests)"
     )
     # The kernels' parts take one GPU each; the rest sees every GPU, so
     # that the two-GPU tests run where there are two.

@@ -8,6 +8,8 @@ runners import the tests and have no package index.
 import itertools
 from collections.abc import Sequence
 
+import pytest
+
 
 def cover(*factors: Sequence) -> list[tuple]:
   """Rows of the product of `factors` in which every value of each factor
@@ -37,3 +39,12 @@ def _pairs(row: tuple[int, ...]) -> set[tuple[int, int, int, int]]:
     (i, row[i], j, row[j])
     for i, j in itertools.combinations(range(len(row)), 2)
   }
+
+
+def by_backend(cpu_rows, gpu_rows) -> list:
+  """`pytest.mark.parametrize` values whose first field is the backend:
+  ("cpu", *row) for each of `cpu_rows`, ("gpu", *row) marked `gpu` for
+  each of `gpu_rows`."""
+  return [("cpu", *row) for row in cpu_rows] + [
+    pytest.param("gpu", *row, marks=pytest.mark.gpu) for row in gpu_rows
+  ]

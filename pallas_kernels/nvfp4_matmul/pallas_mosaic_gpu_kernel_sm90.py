@@ -1166,9 +1166,11 @@ def matmul(
     )
   else:
     out_type = jax.ShapeDtypeStruct((splits, n_rows, plan.m), jnp.float32)
-    o_smem = None
-    if not direct_partials:
-      o_smem = plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
+    o_smem = (
+      None
+      if direct_partials
+      else plgpu.SMEM((compute_wgs, WG_ROWS, cfg.block_m), jnp.float32)
+    )
   scratch = [] if o_smem is None else [o_smem]
   if a_in_smem:
     a_tiles = n_accs * plan.parts

@@ -22,6 +22,7 @@ from pallas_kernels.nvfp4_matmul import config as config_lib
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu
 from pallas_kernels.nvfp4_matmul import pallas_mosaic_gpu_kernel_sm90 as sm90
 from tests import conftest
+from tests import pairwise
 from tests import tolerance
 from tests.pallas_kernels import jaxpr_checks
 from tests.pallas_kernels.nvfp4_matmul import test_base
@@ -196,12 +197,14 @@ _ACTIVATIONS = ("bf16", "nvfp4")
   # differs in the quantization before the call and in the epilogue's
   # factor values), so the CPU takes each config once, the activations in
   # turn (~3.4 s a case); the GPU takes every config with both.
-  [("cpu", *case, _ACTIVATIONS[i % 2]) for i, case in enumerate(_SMALL_CONFIGS)]
-  + [
-    pytest.param("gpu", *case, activation, marks=pytest.mark.gpu)
-    for case in _SMALL_CONFIGS
-    for activation in _ACTIVATIONS
-  ],
+  pairwise.by_backend(
+    [(*case, _ACTIVATIONS[i % 2]) for i, case in enumerate(_SMALL_CONFIGS)],
+    [
+      (*case, activation)
+      for case in _SMALL_CONFIGS
+      for activation in _ACTIVATIONS
+    ],
+  ),
 )
 def test_each_config_matches_numpy_oracle(
   rng, backend, m, n, k, config, activation

@@ -389,10 +389,7 @@ _MID_TILE_PAIRWISE = [
 
 @pytest.mark.parametrize(
   "backend, tokens, persistent, cta_rows, weight_layout, unequal_gate_up",
-  [("cpu", *case) for case in _MID_TILE_PAIRWISE]
-  + [
-    pytest.param("gpu", *case, marks=pytest.mark.gpu) for case in _MID_TILE_ALL
-  ],
+  pairwise.by_backend(_MID_TILE_PAIRWISE, _MID_TILE_ALL),
 )
 def test_fused_swiglu_with_up_rows_mid_tile(
   rng,
@@ -622,30 +619,23 @@ _LOWERING_FACTORS = (
 )
 
 
-def _lowering_case(backend, model, tokens, ctas, swiglu):
-  persistent, cta_rows = ctas
-  return pytest.param(
-    model,
-    tokens,
-    persistent,
-    cta_rows,
-    swiglu,
-    marks=[pytest.mark.gpu] if backend == "gpu" else [],
-    id=f"{backend}-{model}-{tokens}-{persistent}-{cta_rows}-{swiglu}",
-  )
+def _flat_ctas(rows):
+  return [
+    (model, tokens, *ctas, swiglu) for model, tokens, ctas, swiglu in rows
+  ]
 
 
 @pytest.mark.parametrize(
-  "model, tokens, persistent, cta_rows, swiglu",
+  "backend, model, tokens, persistent, cta_rows, swiglu",
   # Lowering takes ~1.5 s a case on CPU: a pairwise cover there (12 of 72);
   # the GPU runners lower them all.
-  [_lowering_case("cpu", *case) for case in pairwise.cover(*_LOWERING_FACTORS)]
-  + [
-    _lowering_case("gpu", *case)
-    for case in itertools.product(*_LOWERING_FACTORS)
-  ],
+  pairwise.by_backend(
+    _flat_ctas(pairwise.cover(*_LOWERING_FACTORS)),
+    _flat_ctas(itertools.product(*_LOWERING_FACTORS)),
+  ),
 )
-def test_lowers_for_sm90(model, tokens, persistent, cta_rows, swiglu):
+def test_lowers_for_sm90(backend, model, tokens, persistent, cta_rows, swiglu):
+  del backend  # lowering for sm_90 is the same on either host
   lower_moe(_MODELS[model], tokens, persistent, cta_rows, swiglu)
 
 
